@@ -1,0 +1,354 @@
+//! Reading and validating `fleet.yaml`.
+//!
+//! Owns: the document model ([`model`]), source positions ([`span`]), and the
+//! two validation passes: the typed parse (which the JSON schema mirrors) and
+//! the rules a schema cannot state ([`validate`]). No network, no side effects.
+
+pub mod model;
+pub mod span;
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use miette::{Diagnostic, NamedSource, SourceSpan};
+use serde_path_to_error::Segment;
+
+pub use model::*;
+use span::SpanIndex;
+
+/// One problem in a fleet file, with its position.
+#[derive(Debug, thiserror::Error, Diagnostic)]
+#[error("{message}")]
+pub struct ConfigDiagnostic {
+    pub message: String,
+    #[source_code]
+    pub src: NamedSource<Arc<String>>,
+    #[label("{label}")]
+    pub span: SourceSpan,
+    pub label: String,
+    #[help]
+    pub help: Option<String>,
+}
+
+impl ConfigDiagnostic {
+    /// 1-based (line, column) of the error, for tests and machine output.
+    pub fn line_col(&self) -> (usize, usize) {
+        let src = self.src.inner();
+        let off = self.span.offset().min(src.len());
+        let before = &src[..off];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+        (line, col)
+    }
+}
+
+/// Why a fleet file could not be used.
+#[derive(Debug, thiserror::Error, Diagnostic)]
+pub enum ConfigError {
+    #[error("cannot read fleet file `{path}`: {source}")]
+    #[diagnostic(help("pass the fleet file with `-f FILE` (default: `fleet.yaml` in the current folder)"))]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fleet file `{file}` is invalid ({} problem{})", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" })]
+    Invalid {
+        file: String,
+        #[related]
+        diagnostics: Vec<ConfigDiagnostic>,
+    },
+}
+
+/// A fleet file that parsed and passed every rule.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: FleetConfig,
+    /// Path as the user gave it.
+    pub path: PathBuf,
+    /// Folder relative paths in the file are resolved against.
+    pub base_dir: PathBuf,
+    /// The file's text, for hashing (stale plans).
+    pub source: Arc<String>,
+}
+
+impl LoadedConfig {
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+}
+
+/// Reads and validates a fleet file.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let config = parse(&path.display().to_string(), &text)?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
+    Ok(LoadedConfig { config, path: path.to_path_buf(), base_dir, source: Arc::new(text) })
+}
+
+/// Parses and validates fleet file text; `name` is how errors name the file.
+pub fn parse(name: &str, text: &str) -> Result<FleetConfig, ConfigError> {
+    let src = Arc::new(text.to_string());
+    let ctx = Ctx { name: name.to_string(), src: src.clone() };
+    let index = match SpanIndex::build(text) {
+        Ok(i) => i,
+        Err(e) => {
+            return Err(ctx.invalid(vec![ctx.diag(
+                format!("YAML syntax error: {}", e.message),
+                e.span,
+                "here",
+                Some("check the indentation (spaces, not tabs) and that every `key: value` pair is complete".into()),
+            )]));
+        }
+    };
+    if !index.duplicates.is_empty() {
+        let diags = index
+            .duplicates
+            .iter()
+            .map(|d| {
+                let at = if d.path.is_empty() { "the top level".to_string() } else { format!("`{}`", d.path) };
+                ctx.diag(
+                    format!("duplicate key `{}` in {at}", d.key),
+                    d.span,
+                    "written a second time here",
+                    Some("each key may appear once in a mapping; remove or merge the repeated one".into()),
+                )
+            })
+            .collect();
+        return Err(ctx.invalid(diags));
+    }
+    if text.trim().is_empty() {
+        return Err(ctx.invalid(vec![ctx.diag(
+            "the fleet file is empty".into(),
+            SourceSpan::new(0.into(), 0),
+            "nothing here",
+            Some("start from `examples/quickstart/fleet.yaml`, or print the schema with `nimbus schema`".into()),
+        )]));
+    }
+
+    let de = yaml_serde::Deserializer::from_str(text);
+    let config: FleetConfig = match serde_path_to_error::deserialize(de) {
+        Ok(c) => c,
+        Err(e) => return Err(ctx.invalid(vec![serde_diagnostic(&ctx, &index, e)])),
+    };
+    let problems = validate::validate(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        let diags = problems
+            .into_iter()
+            .map(|p| {
+                let span = match p.at {
+                    validate::At::Key => index.key_span(&p.path),
+                    validate::At::Value => index.value_span(&p.path),
+                }
+                .unwrap_or(SourceSpan::new(0.into(), 0));
+                ctx.diag(p.message, span, &p.label, p.hint)
+            })
+            .collect();
+        Err(ctx.invalid(diags))
+    }
+}
+
+struct Ctx {
+    name: String,
+    src: Arc<String>,
+}
+
+impl Ctx {
+    fn diag(&self, message: String, span: SourceSpan, label: &str, help: Option<String>) -> ConfigDiagnostic {
+        ConfigDiagnostic {
+            message,
+            src: NamedSource::new(self.name.clone(), self.src.clone()).with_language("yaml"),
+            span,
+            label: label.to_string(),
+            help,
+        }
+    }
+
+    fn invalid(&self, diagnostics: Vec<ConfigDiagnostic>) -> ConfigError {
+        ConfigError::Invalid { file: self.name.clone(), diagnostics }
+    }
+}
+
+/// Turns a serde error into a positioned diagnostic with a hint.
+fn serde_diagnostic(
+    ctx: &Ctx,
+    index: &SpanIndex,
+    err: serde_path_to_error::Error<yaml_serde::Error>,
+) -> ConfigDiagnostic {
+    let segs: Vec<span::Seg> = err
+        .path()
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(span::Seg::Index(*index)),
+            Segment::Map { key } => Some(span::Seg::Key(key.clone())),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        })
+        .collect();
+    let path = span::path_string(&segs);
+    let inner = err.into_inner();
+    let fallback = inner
+        .location()
+        .map(|l| SourceSpan::new(l.index().into(), 1))
+        .unwrap_or(SourceSpan::new(0.into(), 0));
+    let raw = strip_location(&inner.to_string());
+    // yaml_serde prefixes its own path ("pools[0]: ..."); keep only the message.
+    let msg = match raw.split_once(": ") {
+        Some((head, rest)) if !head.contains(' ') && !head.is_empty() => rest.to_string(),
+        _ => raw,
+    };
+    let field = if path.is_empty() { "the top level".to_string() } else { format!("`{path}`") };
+
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let name = rest.split('`').next().unwrap_or("");
+        let expected = expected_list(&msg);
+        let full = if path.ends_with(name) { path.clone() } else { join(&path, name) };
+        let span = index.key_span(&full).unwrap_or(fallback);
+        let parent = full.strip_suffix(name).map(|p| p.trim_end_matches('.')).unwrap_or("");
+        let in_ = if parent.is_empty() { "at the top level".to_string() } else { format!("in `{parent}`") };
+        let hint = match closest(name, &expected) {
+            Some(s) => format!("did you mean `{s}`? allowed keys here: {}", backticked(&expected)),
+            None => format!("allowed keys here: {}", backticked(&expected)),
+        };
+        return ctx.diag(format!("unknown key `{name}` {in_}"), span, "unknown key", Some(hint));
+    }
+    if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        let name = rest.split('`').next().unwrap_or("");
+        let expected = expected_list(&msg);
+        let span = index.value_span(&path).unwrap_or(fallback);
+        let hint = match closest(name, &expected) {
+            Some(s) => format!("did you mean `{s}`? one of: {}", backticked(&expected)),
+            None => format!("one of: {}", backticked(&expected)),
+        };
+        return ctx.diag(format!("`{name}` is not a valid value for {field}"), span, "not allowed here", Some(hint));
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        let name = rest.split('`').next().unwrap_or("");
+        let span = index.key_span(&path).unwrap_or(fallback);
+        let where_ = if path.is_empty() { "the fleet file".to_string() } else { format!("`{path}`") };
+        return ctx.diag(
+            format!("{where_} is missing the required key `{name}`"),
+            span,
+            &format!("missing `{name}`"),
+            Some(format!("add `{name}:`; `nimbus schema` prints every key and its type")),
+        );
+    }
+    if msg.starts_with(INLINE_SECRET) {
+        let span = index.value_span(&path).unwrap_or(fallback);
+        return ctx.diag(
+            format!("{field}: {INLINE_SECRET}"),
+            span,
+            "secret written inline",
+            Some(
+                "write `{env: VARIABLE}` or `{file: path/to/key.pem}`; keep secrets out of the fleet file and the repository"
+                    .into(),
+            ),
+        );
+    }
+    if msg.starts_with("invalid value: integer `-") {
+        let span = index.value_span(&path).unwrap_or(fallback);
+        return ctx.diag(
+            format!("{field} must not be negative"),
+            span,
+            "negative number",
+            Some(format!("use a whole number of 0 or more, e.g. `{}: 2`", last_key(&path))),
+        );
+    }
+    if msg.starts_with("invalid type: ") {
+        let span = index.value_span(&path).unwrap_or(fallback);
+        let hint = type_hint(&msg, &path);
+        return ctx.diag(format!("wrong type for {field}: {msg}"), span, "wrong type", Some(hint));
+    }
+    let span = if path.is_empty() { fallback } else { index.value_span(&path).unwrap_or(fallback) };
+    ctx.diag(
+        format!("invalid {field}: {msg}"),
+        span,
+        "here",
+        Some("`nimbus schema` prints every key and its type".into()),
+    )
+}
+
+fn type_hint(msg: &str, path: &str) -> String {
+    let key = last_key(path);
+    if msg.contains("expected u32") || msg.contains("expected u64") || msg.contains("expected u16") {
+        format!("`{key}` takes a whole number, e.g. `{key}: 2` (no quotes)")
+    } else if msg.contains("expected a sequence") {
+        format!("`{key}` takes a list, e.g. `{key}: [a, b]`")
+    } else if msg.contains("expected a string") {
+        format!("`{key}` takes text; quote it if it looks like a number, e.g. `{key}: \"1\"`")
+    } else if msg.contains("expected struct") || msg.contains("expected a map") || msg.contains("internally tagged") {
+        format!("`{key}` takes a mapping of keys; `nimbus schema` shows which")
+    } else {
+        "`nimbus schema` prints every key and its type".to_string()
+    }
+}
+
+fn last_key(path: &str) -> &str {
+    path.rsplit('.').next().map(|s| s.split('[').next().unwrap_or(s)).unwrap_or(path)
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+}
+
+fn strip_location(s: &str) -> String {
+    match s.rfind(" at line ") {
+        Some(i) if s[i..].contains(" column ") => s[..i].to_string(),
+        _ => s.to_string(),
+    }
+}
+
+/// Pulls the list out of serde's "expected one of `a`, `b`" / "expected `a` or `b`".
+fn expected_list(msg: &str) -> Vec<String> {
+    let Some(i) = msg.find("expected") else { return Vec::new() };
+    msg[i..].split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+fn backticked(items: &[String]) -> String {
+    items.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// The closest candidate within a small edit distance.
+pub(crate) fn closest<'a>(name: &str, candidates: &'a [String]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(name, c), c))
+        .filter(|(d, c)| *d <= (c.len().max(name.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.as_str())
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The JSON schema of the fleet file, as generated from the model.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(FleetConfig);
+    serde_json::to_value(schema).expect("schema serialises")
+}
+
+/// The schema as it is checked in to `schemas/fleet.schema.json`.
+pub fn json_schema_text() -> String {
+    let mut s = serde_json::to_string_pretty(&json_schema()).expect("schema serialises");
+    s.push('\n');
+    s
+}
+
+/// EC2 Mac instance types (`mac*.metal`) run on dedicated hosts.
+pub fn is_mac_metal_type(instance_type: &str) -> bool {
+    validate::is_mac_metal(instance_type)
+}

@@ -1,0 +1,345 @@
+//! The `fleet.yaml` document model: the serde types the file is read into and
+//! the JSON schema (`schemas/fleet.schema.json`) is generated from.
+//!
+//! Everything here is plain data. Rules a schema cannot state live in
+//! [`super::validate`].
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The root of `fleet.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "nimbus fleet", description = "A declarative description of a CI runner fleet.")]
+pub struct FleetConfig {
+    /// Version of the fleet file format. Only `1` exists.
+    pub version: u32,
+    /// Tenant that owns every resource of this fleet. Resources are tagged `nimbus:tenant=<tenant>`;
+    /// a run never touches another tenant's resources.
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"), length(max = 32))]
+    pub tenant: String,
+    /// Where machines come from, by name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Where runners register.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forge: Option<ForgeConfig>,
+    /// How nimbus reaches machines over SSH (remote providers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshConfig>,
+    /// Named groups of identical machines.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
+/// A machine provider.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// Sandboxes on this computer: the default for trying nimbus and for tests.
+    Local {
+        /// Folder that holds the sandboxes, relative to the fleet file.
+        /// Default: `.nimbus/local` beside the fleet file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_dir: Option<PathBuf>,
+        /// Minimum time between creating and removing a machine's host (default `0s`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_allocation: Option<HumanDuration>,
+    },
+    /// Amazon EC2: Linux instances, and macOS on dedicated hosts.
+    Aws {
+        /// Region; default from the standard AWS configuration chain.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+        /// Minimum time between allocating and releasing a dedicated host.
+        /// Default: `24h` for EC2 Mac (`mac*.metal`) types, as AWS bills them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_allocation: Option<HumanDuration>,
+        /// Subnet to launch instances in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subnet_id: Option<String>,
+        /// Security groups for launched instances.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        security_group_ids: Vec<String>,
+        /// EC2 key pair name for launched instances.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_name: Option<String>,
+    },
+}
+
+impl ProviderConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderConfig::Local { .. } => "local",
+            ProviderConfig::Aws { .. } => "aws",
+        }
+    }
+
+    pub fn min_allocation_override(&self) -> Option<Duration> {
+        match self {
+            ProviderConfig::Local { min_allocation, .. }
+            | ProviderConfig::Aws { min_allocation, .. } => min_allocation.map(|d| d.0),
+        }
+    }
+}
+
+/// The forge runners register with.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ForgeConfig {
+    /// GitHub, through a GitHub App installed on the organisation.
+    Github {
+        /// The GitHub App's id.
+        app_id: u64,
+        /// The installation id of the App on `org`.
+        installation_id: u64,
+        /// The App's private key (PEM): `{env: VAR}` or `{file: path}`, never inline.
+        private_key: SecretRef,
+        /// The organisation runners register with.
+        org: String,
+        /// REST API base URL (GitHub Enterprise Server, or a test peer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_url: Option<String>,
+        /// Runner group to register into (default: the org's default group).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runner_group: Option<String>,
+        /// Where machines download the runner agent from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runner_download_url: Option<String>,
+    },
+}
+
+/// SSH settings for reaching machines.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    /// Login user.
+    pub user: String,
+    /// Private key: `{env: VAR}` or `{file: path}`. Without it, ssh-agent is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<SecretRef>,
+    /// known_hosts file used to verify host keys. Keys first seen are pinned here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<PathBuf>,
+    /// Command whose stdin/stdout is the SSH connection; OpenSSH tokens `%h %p %r %%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_command: Option<String>,
+    /// Jump host, `user@host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump_host: Option<String>,
+    /// Port (default 22).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// A named group of identical machines.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name, unique in the fleet.
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"), length(max = 40))]
+    pub name: String,
+    /// Name of an entry under `providers`.
+    pub provider: String,
+    /// How many machines the pool holds.
+    pub count: u32,
+    /// What each machine is.
+    pub machine: MachineSpecConfig,
+    /// The runner each machine registers, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerConfig>,
+    /// Named setup steps, run in order once per machine (a changed step runs again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setup: Vec<SetupStepConfig>,
+}
+
+/// Operating system of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Os {
+    Macos,
+    Linux,
+}
+
+/// CPU architecture of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Arm64,
+    X86_64,
+}
+
+/// The machine spec of a pool.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSpecConfig {
+    pub os: Os,
+    pub arch: Arch,
+    /// Provider instance type (`mac2.metal`, `t3.large`, …); free text for `local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// Image (an AMI id on AWS; a label for `local`). A change replaces the machine.
+    pub image: String,
+    /// Availability zone (AWS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+}
+
+/// How runners behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerMode {
+    /// One runner that takes job after job.
+    #[default]
+    Persistent,
+    /// A just-in-time runner that takes one job.
+    Ephemeral,
+}
+
+/// The runner registered on each machine of a pool.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// Labels (in addition to the forge's defaults). A change is made in place.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub mode: RunnerMode,
+}
+
+/// A named setup step: a POSIX shell script run on the machine.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetupStepConfig {
+    /// Step name, unique in the pool.
+    pub name: String,
+    /// Shell script.
+    pub run: String,
+}
+
+/// A duration written as `24h`, `90m`, `1h 30m`, `0s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(HumanDuration).map_err(|e| {
+            de::Error::custom(format_args!(
+                "invalid duration `{s}`: {e}; write it like `24h`, `90m` or `1h 30m`"
+            ))
+        })
+    }
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "description": "A duration such as `24h`, `90m` or `1h 30m`.",
+            "pattern": r"^\s*[0-9]+\s*[a-zA-Z]+(\s*[0-9]+\s*[a-zA-Z]+)*\s*$"
+        })
+    }
+}
+
+/// A reference to a secret. Secrets are never written inline in the fleet file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretRef {
+    /// Read from this environment variable.
+    Env(String),
+    /// Read from this file (relative to the fleet file).
+    File(PathBuf),
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(v) => write!(f, "{{env: {v}}}"),
+            SecretRef::File(p) => write!(f, "{{file: {}}}", p.display()),
+        }
+    }
+}
+
+/// The marker nimbus puts in error messages for a secret written inline;
+/// the validator turns it into a diagnostic with a hint.
+pub const INLINE_SECRET: &str = "a secret must not be written inline";
+
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SecretRef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`{env: VAR}` or `{file: path}`")
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretRef, E> {
+                // Never echo the value: it may be the secret itself.
+                Err(E::custom(INLINE_SECRET))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretRef, A::Error> {
+                let mut out: Option<SecretRef> = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: String = map.next_value()?;
+                    if out.is_some() {
+                        return Err(de::Error::custom(
+                            "a secret reference takes exactly one of `env` or `file`",
+                        ));
+                    }
+                    if value.trim().is_empty() {
+                        return Err(de::Error::custom(format_args!("`{key}` must not be empty")));
+                    }
+                    out = Some(match key.as_str() {
+                        "env" => SecretRef::Env(value),
+                        "file" => SecretRef::File(PathBuf::from(value)),
+                        other => {
+                            return Err(de::Error::unknown_field(other, &["env", "file"]));
+                        }
+                    });
+                }
+                out.ok_or_else(|| de::Error::custom("a secret reference needs `env` or `file`"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for SecretRef {
+    fn schema_name() -> Cow<'static, str> {
+        "SecretRef".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A secret, read from the environment or a file; never written inline.",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": { "env": { "type": "string", "minLength": 1 } },
+                    "required": ["env"],
+                    "additionalProperties": false
+                },
+                {
+                    "type": "object",
+                    "properties": { "file": { "type": "string", "minLength": 1 } },
+                    "required": ["file"],
+                    "additionalProperties": false
+                }
+            ]
+        })
+    }
+}

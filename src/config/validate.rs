@@ -1,0 +1,257 @@
+//! Rules a JSON schema cannot state: cross references (a pool names a
+//! provider that exists), uniqueness, provider-specific requirements, and
+//! well-formed names. Each problem names the path of the node it is about.
+
+use std::collections::HashMap;
+
+use super::model::*;
+
+pub(super) enum At {
+    Key,
+    Value,
+}
+
+pub(super) struct Problem {
+    pub path: String,
+    pub at: At,
+    pub message: String,
+    pub label: String,
+    pub hint: Option<String>,
+}
+
+fn problem(path: String, at: At, message: String, label: &str, hint: impl Into<Option<String>>) -> Problem {
+    Problem { path, at, message, label: label.to_string(), hint: hint.into() }
+}
+
+/// Names used for tenants and pools: they end up in tags, runner names and folder names.
+pub fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && !s.ends_with('-')
+        && !s.contains("--")
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if c.version != 1 {
+        out.push(problem(
+            "version".into(),
+            At::Value,
+            format!("unsupported fleet file version {}", c.version),
+            "unsupported version",
+            "this nimbus reads `version: 1`".to_string(),
+        ));
+    }
+    if !is_valid_name(&c.tenant) || c.tenant.len() > 32 {
+        out.push(problem(
+            "tenant".into(),
+            At::Value,
+            format!("invalid tenant name `{}`", c.tenant),
+            "invalid name",
+            "use at most 32 lowercase letters, digits and single hyphens, starting with a letter, e.g. `acme`; it becomes the `nimbus:tenant` tag".to_string(),
+        ));
+    }
+    if c.providers.is_empty() {
+        out.push(problem(
+            "providers".into(),
+            At::Key,
+            "no providers are defined".into(),
+            "empty",
+            "define at least one, e.g. `providers: {local: {type: local}}`".to_string(),
+        ));
+    }
+    for (name, _) in c.providers.iter().filter(|(n, _)| !is_valid_name(n)) {
+        out.push(problem(
+            format!("providers.{name}"),
+            At::Key,
+            format!("invalid provider name `{name}`"),
+            "invalid name",
+            "use lowercase letters, digits and single hyphens, starting with a letter".to_string(),
+        ));
+    }
+
+    if let Some(ForgeConfig::Github { private_key, org, .. }) = &c.forge {
+        secret_rules(&mut out, "forge.private_key", private_key);
+        if org.trim().is_empty() {
+            out.push(problem("forge.org".into(), At::Value, "`forge.org` is empty".into(), "empty", "name the GitHub organisation runners register with".to_string()));
+        }
+    }
+    if let Some(ssh) = &c.ssh {
+        if let Some(k) = &ssh.key {
+            secret_rules(&mut out, "ssh.key", k);
+        }
+        if let Some(pc) = &ssh.proxy_command
+            && let Some(bad) = bad_proxy_token(pc)
+        {
+            out.push(problem(
+                "ssh.proxy_command".into(),
+                At::Value,
+                format!("`ssh.proxy_command` uses the unknown token `{bad}`"),
+                "unknown token",
+                "the tokens are `%h` (host), `%p` (port), `%r` (user) and `%%` (a literal %)".to_string(),
+            ));
+        }
+    }
+
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    let provider_names: Vec<String> = c.providers.keys().cloned().collect();
+    for (i, pool) in c.pools.iter().enumerate() {
+        let at = |k: &str| format!("pools[{i}].{k}");
+        if !is_valid_name(&pool.name) || pool.name.len() > 40 {
+            out.push(problem(
+                at("name"),
+                At::Value,
+                format!("invalid pool name `{}`", pool.name),
+                "invalid name",
+                "use at most 40 lowercase letters, digits and single hyphens, starting with a letter, e.g. `macos-arm`".to_string(),
+            ));
+        }
+        if let Some(first) = first_seen.insert(&pool.name, i) {
+            first_seen.insert(&pool.name, first);
+            out.push(problem(
+                at("name"),
+                At::Value,
+                format!("duplicate pool name `{}`", pool.name),
+                "used again here",
+                format!("pool names must be unique; `pools[{first}]` already uses `{}`", pool.name),
+            ));
+        }
+        match c.providers.get(&pool.provider) {
+            None => {
+                let hint = match super::closest(&pool.provider, &provider_names) {
+                    Some(s) => format!("did you mean `{s}`? defined providers: {}", list(&provider_names)),
+                    None if provider_names.is_empty() => "define it under `providers:`".to_string(),
+                    None => format!("define it under `providers:`, or use one of: {}", list(&provider_names)),
+                };
+                out.push(problem(
+                    at("provider"),
+                    At::Value,
+                    format!("pool `{}` uses provider `{}`, which is not defined", pool.name, pool.provider),
+                    "no such provider",
+                    hint,
+                ));
+            }
+            Some(ProviderConfig::Aws { .. }) => {
+                match &pool.machine.instance_type {
+                    None => out.push(problem(
+                        at("machine"),
+                        At::Key,
+                        format!("pool `{}` is on AWS and needs `machine.instance_type`", pool.name),
+                        "instance_type missing",
+                        "e.g. `instance_type: mac2.metal` for macOS, `t3.large` for Linux".to_string(),
+                    )),
+                    Some(t) if pool.machine.os == Os::Macos && !is_mac_metal(t) => out.push(problem(
+                        at("machine.instance_type"),
+                        At::Value,
+                        format!("macOS on EC2 needs a `mac*.metal` instance type, not `{t}`"),
+                        "not an EC2 Mac type",
+                        "use e.g. `mac2.metal` (Apple silicon) or `mac1.metal` (Intel)".to_string(),
+                    )),
+                    Some(t) if pool.machine.os == Os::Linux && is_mac_metal(t) => out.push(problem(
+                        at("machine.instance_type"),
+                        At::Value,
+                        format!("`{t}` is an EC2 Mac type, but the pool's `os` is `linux`"),
+                        "macOS-only type",
+                        "set `os: macos`, or pick a Linux type such as `t3.large`".to_string(),
+                    )),
+                    Some(_) => {}
+                }
+                if pool.machine.os == Os::Macos && pool.machine.availability_zone.is_none() {
+                    out.push(problem(
+                        at("machine"),
+                        At::Key,
+                        format!("pool `{}` runs macOS on dedicated hosts and needs `machine.availability_zone`", pool.name),
+                        "availability_zone missing",
+                        "dedicated hosts live in one zone, e.g. `availability_zone: us-east-1a`".to_string(),
+                    ));
+                }
+            }
+            Some(ProviderConfig::Local { .. }) => {}
+        }
+        if pool.machine.image.trim().is_empty() {
+            out.push(problem(at("machine.image"), At::Value, format!("pool `{}` has an empty `image`", pool.name), "empty", "name the image, e.g. an AMI id `ami-0123456789abcdef0`".to_string()));
+        }
+        let mut steps: HashMap<&str, usize> = HashMap::new();
+        for (j, step) in pool.setup.iter().enumerate() {
+            if step.name.trim().is_empty() {
+                out.push(problem(format!("pools[{i}].setup[{j}].name"), At::Value, "a setup step has an empty name".into(), "empty", "name every step; names are how progress is tracked on the machine".to_string()));
+            }
+            if let Some(first) = steps.insert(&step.name, j) {
+                steps.insert(&step.name, first);
+                out.push(problem(
+                    format!("pools[{i}].setup[{j}].name"),
+                    At::Value,
+                    format!("duplicate setup step `{}` in pool `{}`", step.name, pool.name),
+                    "used again here",
+                    format!("step names must be unique in a pool (`setup[{first}]` has it); progress on the machine is recorded by name"),
+                ));
+            }
+        }
+        if let Some(r) = &pool.runner {
+            if c.forge.is_none() {
+                out.push(problem(
+                    at("runner"),
+                    At::Key,
+                    format!("pool `{}` declares a runner, but no `forge` is configured", pool.name),
+                    "needs a forge",
+                    "add a `forge:` section (GitHub App), or remove `runner:` from the pool".to_string(),
+                ));
+            }
+            let mut seen = HashMap::new();
+            for (j, l) in r.labels.iter().enumerate() {
+                let lp = format!("pools[{i}].runner.labels[{j}]");
+                if l.trim().is_empty() || l.contains(',') || l.len() > 256 {
+                    out.push(problem(lp, At::Value, format!("invalid runner label `{l}`"), "invalid label", "labels are non-empty, at most 256 characters, without commas".to_string()));
+                } else if seen.insert(l.to_lowercase(), j).is_some() {
+                    out.push(problem(lp, At::Value, format!("duplicate runner label `{l}` in pool `{}`", pool.name), "repeated", "labels are case-insensitive on the forge; list each once".to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn secret_rules(out: &mut Vec<Problem>, path: &str, s: &SecretRef) {
+    if let SecretRef::Env(v) = s
+        && !is_env_name(v)
+    {
+        out.push(problem(
+            format!("{path}.env"),
+            At::Value,
+            format!("`{v}` is not an environment variable name"),
+            "not a variable name",
+            "use letters, digits and `_`, e.g. `{env: NIMBUS_GITHUB_APP_KEY}`".to_string(),
+        ));
+    }
+}
+
+fn list(names: &[String]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// EC2 Mac instance types run on dedicated hosts.
+pub fn is_mac_metal(instance_type: &str) -> bool {
+    instance_type.starts_with("mac") && instance_type.ends_with(".metal")
+}
+
+/// The first token in a proxy command that OpenSSH would not expand.
+fn bad_proxy_token(cmd: &str) -> Option<String> {
+    let mut chars = cmd.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            match chars.next() {
+                Some('h' | 'p' | 'r' | '%') => {}
+                Some(o) => return Some(format!("%{o}")),
+                None => return Some("%".into()),
+            }
+        }
+    }
+    None
+}

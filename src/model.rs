@@ -1,0 +1,361 @@
+//! The unified machine model: what the fleet should be ([`Desired`], from the
+//! config) and what exists ([`Actual`], from discovery). Both are plain data,
+//! serialisable, so a discovery can be recorded (`nimbus discover`) and
+//! planned against offline.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{self, Arch, FleetConfig, Os, RunnerMode};
+
+/// Tag keys nimbus puts on every resource it creates.
+pub mod tags {
+    pub const TENANT: &str = "nimbus:tenant";
+    pub const POOL: &str = "nimbus:pool";
+    pub const MACHINE: &str = "nimbus:machine";
+    pub const MANAGED_BY: &str = "nimbus:managed-by";
+    pub const MANAGED_BY_VALUE: &str = "nimbus";
+}
+
+pub type Tags = BTreeMap<String, String>;
+
+/// True when `tags` mark a resource as nimbus-managed and owned by `tenant`.
+pub fn owned_by(tags: &Tags, tenant: &str) -> bool {
+    tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
+        && tags.get(tags::TENANT).map(String::as_str) == Some(tenant)
+}
+
+/// The deterministic name of machine `index` of `pool`: also its runner name.
+/// Dots separate the parts because tenant and pool names cannot contain them.
+pub fn machine_name(tenant: &str, pool: &str, index: u32) -> String {
+    format!("nimbus.{tenant}.{pool}.{index}")
+}
+
+/// Splits a machine/runner name into `(tenant, pool, index)`.
+pub fn parse_machine_name(name: &str) -> Option<(&str, &str, u32)> {
+    let rest = name.strip_prefix("nimbus.")?;
+    let mut parts = rest.split('.');
+    let (tenant, pool, index) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || tenant.is_empty() || pool.is_empty() {
+        return None;
+    }
+    Some((tenant, pool, index.parse().ok()?))
+}
+
+/// The standard tags for a machine (and its host).
+pub fn machine_tags(tenant: &str, pool: &str, machine: &str) -> Tags {
+    Tags::from([
+        (tags::TENANT.to_string(), tenant.to_string()),
+        (tags::POOL.to_string(), pool.to_string()),
+        (tags::MACHINE.to_string(), machine.to_string()),
+        (tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string()),
+    ])
+}
+
+// ---------------------------------------------------------------- desired
+
+/// What the fleet should be, derived from a validated config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Desired {
+    pub tenant: String,
+    pub providers: BTreeMap<String, ProviderInfo>,
+    /// Whether a forge is configured (runner actions are planned only then).
+    pub forge: bool,
+    pub pools: Vec<DesiredPool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProviderInfo {
+    pub kind: String,
+    /// Explicit minimum allocation window; `None` uses the kind's default.
+    #[serde(with = "opt_secs")]
+    pub min_allocation: Option<Duration>,
+}
+
+impl ProviderInfo {
+    /// The minimum time between allocating and releasing a host of `instance_type`.
+    pub fn min_allocation_for(&self, instance_type: &str) -> Duration {
+        self.min_allocation.unwrap_or_else(|| default_min_allocation(&self.kind, instance_type))
+    }
+
+    /// Whether machines of this type live on a dedicated host.
+    pub fn needs_host(&self, instance_type: Option<&str>) -> bool {
+        self.kind == "aws" && instance_type.is_some_and(config::is_mac_metal_type)
+    }
+}
+
+/// AWS bills EC2 Mac dedicated hosts for at least 24 hours.
+pub fn default_min_allocation(kind: &str, instance_type: &str) -> Duration {
+    if kind == "aws" && config::is_mac_metal_type(instance_type) {
+        Duration::from_secs(24 * 3600)
+    } else {
+        Duration::ZERO
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DesiredPool {
+    pub name: String,
+    pub provider: String,
+    pub count: u32,
+    pub spec: MachineSpec,
+    pub runner: Option<RunnerSpec>,
+    pub setup: Vec<StepSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct MachineSpec {
+    pub os: Os,
+    pub arch: Arch,
+    pub instance_type: Option<String>,
+    pub image: String,
+    pub availability_zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunnerSpec {
+    pub labels: Vec<String>,
+    pub mode: RunnerMode,
+}
+
+/// A setup step as the planner sees it: its name and a hash of its script.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StepSpec {
+    pub name: String,
+    pub hash: String,
+    /// The script itself. Not part of plan output (only name and hash are).
+    pub run: String,
+}
+
+pub fn step_hash(run: &str) -> String {
+    let d = Sha256::digest(run.as_bytes());
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Desired {
+    pub fn from_config(c: &FleetConfig) -> Desired {
+        Desired {
+            tenant: c.tenant.clone(),
+            providers: c
+                .providers
+                .iter()
+                .map(|(n, p)| {
+                    (n.clone(), ProviderInfo { kind: p.kind().to_string(), min_allocation: p.min_allocation_override() })
+                })
+                .collect(),
+            forge: c.forge.is_some(),
+            pools: c
+                .pools
+                .iter()
+                .map(|p| DesiredPool {
+                    name: p.name.clone(),
+                    provider: p.provider.clone(),
+                    count: p.count,
+                    spec: MachineSpec {
+                        os: p.machine.os,
+                        arch: p.machine.arch,
+                        instance_type: p.machine.instance_type.clone(),
+                        image: p.machine.image.clone(),
+                        availability_zone: p.machine.availability_zone.clone(),
+                    },
+                    runner: p.runner.as_ref().map(|r| RunnerSpec { labels: r.labels.clone(), mode: r.mode }),
+                    setup: p
+                        .setup
+                        .iter()
+                        .map(|s| StepSpec { name: s.name.clone(), hash: step_hash(&s.run), run: s.run.clone() })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn provider_kind(&self, name: &str) -> Option<&str> {
+        self.providers.get(name).map(|p| p.kind.as_str())
+    }
+}
+
+// ---------------------------------------------------------------- actual
+
+/// What exists, as discovered (read-only) from providers, the forge and machines.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Actual {
+    pub hosts: Vec<Host>,
+    pub machines: Vec<ActualMachine>,
+    /// Runners registered on the forge; `None` when no forge was read.
+    pub runners: Option<Vec<ForgeRunner>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Available,
+    /// Being scrubbed after an instance stopped; cannot be used or released yet.
+    Pending,
+    UnderAssessment,
+    PermanentFailure,
+    Released,
+}
+
+/// A dedicated host (EC2 Mac).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub provider: String,
+    pub id: String,
+    pub tags: Tags,
+    pub instance_type: String,
+    pub availability_zone: String,
+    pub state: HostState,
+    pub allocated_at: DateTime<Utc>,
+    /// Instances currently placed on the host.
+    #[serde(default)]
+    pub instance_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    Stopping,
+    Stopped,
+    ShuttingDown,
+    Terminated,
+}
+
+impl InstanceState {
+    /// Gone or going: not counted as a machine.
+    pub fn is_gone(self) -> bool {
+        matches!(self, InstanceState::ShuttingDown | InstanceState::Terminated)
+    }
+}
+
+/// One machine: an instance (or sandbox) plus what it says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActualMachine {
+    pub provider: String,
+    /// Provider id (EC2 instance id, sandbox folder).
+    pub instance_id: String,
+    pub tags: Tags,
+    pub state: InstanceState,
+    pub image: String,
+    pub instance_type: Option<String>,
+    pub availability_zone: Option<String>,
+    pub host_id: Option<String>,
+    pub launched_at: DateTime<Utc>,
+    /// Address to reach it on (never used in tests unless loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    pub on_machine: OnMachine,
+}
+
+impl ActualMachine {
+    pub fn name(&self) -> Option<&str> {
+        self.tags.get(tags::MACHINE).map(String::as_str)
+    }
+    pub fn pool(&self) -> Option<&str> {
+        self.tags.get(tags::POOL).map(String::as_str)
+    }
+}
+
+/// What the machine's own state database says, if it could be read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum OnMachine {
+    /// Not read (the instance is not running yet, or discovery skipped it).
+    NotRead,
+    /// Tried and failed: the plan shows the machine as unreachable.
+    Unreachable { reason: String },
+    /// Read successfully.
+    Read { state: MachineState },
+}
+
+/// The on-machine state database, as the planner needs it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MachineState {
+    /// Completed (or failed) setup steps, in the order they ran.
+    pub steps: Vec<StepRecord>,
+    /// The runner the machine believes it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Running,
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub name: String,
+    pub hash: String,
+    pub status: StepStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerRecord {
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+/// A runner registered on the forge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgeRunner {
+    pub id: u64,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub online: bool,
+    pub busy: bool,
+}
+
+/// A recorded discovery, for `nimbus discover -o` / `plan --inventory`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Inventory {
+    pub format_version: String,
+    pub tenant: String,
+    pub observed_at: DateTime<Utc>,
+    pub actual: Actual,
+}
+
+pub const INVENTORY_FORMAT_VERSION: &str = "1.0";
+
+impl Actual {
+    /// A stable fingerprint of what was observed, for refusing stale saved plans.
+    pub fn fingerprint(&self) -> String {
+        let mut a = self.clone();
+        a.hosts.sort_by(|x, y| (&x.provider, &x.id).cmp(&(&y.provider, &y.id)));
+        a.machines.sort_by(|x, y| (&x.provider, &x.instance_id).cmp(&(&y.provider, &y.instance_id)));
+        if let Some(r) = a.runners.as_mut() {
+            r.sort_by_key(|r| r.id);
+            // Online/busy flip constantly and do not change the plan.
+            for x in r.iter_mut() {
+                x.online = false;
+                x.busy = false;
+            }
+        }
+        let bytes = serde_json::to_vec(&a).expect("actual serialises");
+        let d = Sha256::digest(&bytes);
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+mod opt_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_secs))
+    }
+}

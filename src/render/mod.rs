@@ -1,0 +1,161 @@
+//! Plan output. The versioned JSON document ([`PlanDocument`]) is the single
+//! model; the terminal ([`text`]) and Markdown ([`markdown`]) views are drawn
+//! from it. Only this module formats text for people.
+
+pub mod markdown;
+pub mod text;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{Action, Deferred, Plan, ResourceChange, Summary, Warning};
+
+/// `format_version` of the JSON plan. Minor versions only add keys; consumers ignore unknown keys.
+pub const PLAN_FORMAT_VERSION: &str = "1.0";
+
+/// The JSON plan document (`nimbus plan --json`, and the saved plan of `-out`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanDocument {
+    pub format_version: String,
+    pub nimbus_version: String,
+    pub tenant: String,
+    /// The time the plan was made as of (`--at` moves it).
+    pub planned_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<Observed>,
+    pub summary: Summary,
+    pub resource_changes: Vec<ResourceChange>,
+    pub actions: Vec<ActionDoc>,
+    pub deferred: Vec<Deferred>,
+    pub warnings: Vec<Warning>,
+}
+
+/// The fleet file a plan was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetRef {
+    pub path: String,
+    /// sha256 of the file's bytes: a saved plan is refused when the file changed.
+    pub sha256: String,
+}
+
+/// What the plan was compared against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// `discovery` or `inventory`.
+    pub source: String,
+    /// Fingerprint of the observed world: a saved plan is refused when it changed.
+    pub fingerprint: String,
+}
+
+/// An action with its id and dependencies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionDoc {
+    pub id: usize,
+    pub depends_on: Vec<usize>,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+impl PlanDocument {
+    pub fn from_plan(plan: &Plan, fleet: Option<FleetRef>, observed: Option<Observed>) -> Self {
+        PlanDocument {
+            format_version: PLAN_FORMAT_VERSION.to_string(),
+            nimbus_version: env!("CARGO_PKG_VERSION").to_string(),
+            tenant: plan.tenant.clone(),
+            planned_at: plan.planned_at,
+            fleet,
+            observed,
+            summary: plan.summary(),
+            resource_changes: plan.changes.clone(),
+            actions: plan
+                .actions()
+                .map(|(id, a)| ActionDoc { id, depends_on: plan.depends_on(id), action: a.clone() })
+                .collect(),
+            deferred: plan.deferred.clone(),
+            warnings: plan.warnings.clone(),
+        }
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("plan serialises");
+        s.push('\n');
+        s
+    }
+}
+
+/// `2026-11-25T10:00:00Z`
+pub fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// "in 3h 20m" / "now" relative to `now`.
+pub fn until(due: &DateTime<Utc>, now: &DateTime<Utc>) -> String {
+    let secs = (*due - *now).num_seconds();
+    if secs <= 0 {
+        return "now".into();
+    }
+    let (d, h, m) = (secs / 86400, (secs % 86400) / 3600, (secs % 3600) / 60);
+    let mut parts = Vec::new();
+    if d > 0 {
+        parts.push(format!("{d}d"));
+    }
+    if h > 0 {
+        parts.push(format!("{h}h"));
+    }
+    if m > 0 && d == 0 {
+        parts.push(format!("{m}m"));
+    }
+    if parts.is_empty() {
+        parts.push(format!("{secs}s"));
+    }
+    format!("in {}", parts.join(" "))
+}
+
+/// "Plan: 1 to add, 0 to change, 2 to destroy."
+pub fn summary_line(s: &Summary) -> String {
+    format!("Plan: {} to add, {} to change, {} to destroy.", s.add, s.change, s.destroy)
+}
+
+/// A compact rendering of a JSON value for diffs: `"a"`, `["a", "b"]`, `3`.
+pub fn value_str(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => format!("{s:?}"),
+        serde_json::Value::Array(a) => {
+            format!("[{}]", a.iter().map(value_str).collect::<Vec<_>>().join(", "))
+        }
+        serde_json::Value::Null => "null".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Attribute-level differences of a change: (name, before, after, forces replacement).
+pub fn attribute_diff(c: &ResourceChange) -> Vec<(String, Option<String>, Option<String>, bool)> {
+    let empty = serde_json::Map::new();
+    let before = c.before.as_ref().and_then(|v| v.as_object()).unwrap_or(&empty);
+    let after = c.after.as_ref().and_then(|v| v.as_object()).unwrap_or(&empty);
+    let mut keys: Vec<&String> = after.keys().collect();
+    for k in before.keys() {
+        if !after.contains_key(k) {
+            keys.push(k);
+        }
+    }
+    let shown = |v: Option<&serde_json::Value>| v.filter(|v| !v.is_null()).map(value_str);
+    keys.into_iter()
+        .filter_map(|k| {
+            let (b, a) = (shown(before.get(k)), shown(after.get(k)));
+            let forces = c.replace_paths.iter().any(|p| p == k);
+            match (c.before.is_some(), c.after.is_some()) {
+                (false, _) => a.map(|a| (k.clone(), None, Some(a), false)),
+                (_, false) => b.map(|b| (k.clone(), Some(b), None, false)),
+                _ if b != a && after.contains_key(k) => Some((k.clone(), b, a, forces)),
+                _ => None,
+            }
+        })
+        .collect()
+}
