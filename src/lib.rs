@@ -7,3 +7,8 @@ pub mod config;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod discovery;
+pub mod providers;
+pub mod cli;
+pub mod commands;
+pub mod diagnostics;

@@ -1,1 +1,18 @@
-fn main(){}
+//! The `nimbus` binary: parses arguments and hands over to [`nimbus::commands`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = nimbus::cli::normalize_args(std::env::args());
+    let cli = match nimbus::cli::Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version are successes; bad usage is an error (1, not clap's 2, which means "changes").
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    ExitCode::from(nimbus::commands::run(cli))
+}

@@ -91,9 +91,14 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
 
 /// Parses and validates fleet file text; `name` is how errors name the file.
 pub fn parse(name: &str, text: &str) -> Result<FleetConfig, ConfigError> {
-    let src = Arc::new(text.to_string());
-    let ctx = Ctx { name: name.to_string(), src: src.clone() };
-    let index = match SpanIndex::build(text) {
+    let index = SpanIndex::build(text);
+    // Error snippets must never show a secret someone wrote inline.
+    let shown = match &index {
+        Ok(i) => mask_inline_secrets(i, text),
+        Err(_) => text.to_string(),
+    };
+    let ctx = Ctx { name: name.to_string(), src: Arc::new(shown) };
+    let index = match index {
         Ok(i) => i,
         Err(e) => {
             return Err(ctx.invalid(vec![ctx.diag(
@@ -189,7 +194,7 @@ fn serde_diagnostic(
             Segment::Enum { .. } | Segment::Unknown => None,
         })
         .collect();
-    let path = span::path_string(&segs);
+    let mut path = span::path_string(&segs);
     let inner = err.into_inner();
     let fallback = inner
         .location()
@@ -201,6 +206,13 @@ fn serde_diagnostic(
         Some((head, rest)) if !head.contains(' ') && !head.is_empty() => rest.to_string(),
         _ => raw,
     };
+    // Inside an internally tagged enum (`type: ...`) serde loses the position;
+    // find the node the message is about below the path it did keep.
+    if !path.is_empty() && !msg.starts_with("unknown field") && !msg.starts_with("missing field") {
+        if let Some(p) = refine_path(index, text_of(ctx), &path, &msg) {
+            path = p;
+        }
+    }
     let field = if path.is_empty() { "the top level".to_string() } else { format!("`{path}`") };
 
     if let Some(rest) = msg.strip_prefix("unknown field `") {
@@ -237,6 +249,15 @@ fn serde_diagnostic(
             Some(format!("add `{name}:`; `nimbus schema` prints every key and its type")),
         );
     }
+    if msg.contains("secret reference") {
+        let span = index.value_span(&path).unwrap_or(fallback);
+        return ctx.diag(
+            format!("{field}: {msg}"),
+            span,
+            "ambiguous secret",
+            Some("write either `{env: VARIABLE}` or `{file: path/to/key.pem}`".into()),
+        );
+    }
     if msg.starts_with(INLINE_SECRET) {
         let span = index.value_span(&path).unwrap_or(fallback);
         return ctx.diag(
@@ -249,7 +270,16 @@ fn serde_diagnostic(
             ),
         );
     }
-    if msg.starts_with("invalid value: integer `-") {
+    if msg.contains("invalid duration") {
+        let span = index.value_span(&path).unwrap_or(fallback);
+        return ctx.diag(
+            format!("invalid duration for {field}"),
+            span,
+            "not a duration",
+            Some("write a duration like `24h`, `90m` or `1h 30m`".into()),
+        );
+    }
+    if msg.starts_with("invalid value: integer `-") || msg.starts_with("invalid type: integer `-") {
         let span = index.value_span(&path).unwrap_or(fallback);
         return ctx.diag(
             format!("{field} must not be negative"),
@@ -271,6 +301,65 @@ fn serde_diagnostic(
         Some("`nimbus schema` prints every key and its type".into()),
     )
 }
+
+fn text_of(ctx: &Ctx) -> &str {
+    ctx.src.as_str()
+}
+
+/// Finds the node below `path` that an error message is about.
+fn refine_path(index: &SpanIndex, src: &str, path: &str, msg: &str) -> Option<String> {
+    let nodes = index.descendants(path);
+    let text = |n: &span::NodePos| &src[n.value.offset()..n.value.offset() + n.value.len()];
+    if msg.starts_with(INLINE_SECRET) {
+        return nodes
+            .iter()
+            .find(|(p, n)| SECRET_KEYS.iter().any(|k| p.ends_with(&format!(".{k}"))) && !text(n).starts_with('{'))
+            .map(|(p, _)| p.to_string());
+    }
+    if msg.contains("secret reference") || msg.starts_with("`env`") || msg.starts_with("`file`") {
+        return nodes
+            .iter()
+            .find(|(p, _)| SECRET_KEYS.iter().any(|k| p.ends_with(&format!(".{k}"))))
+            .map(|(p, _)| p.to_string());
+    }
+    // The offending value is quoted in the message: `forever`, "two", `-1`.
+    let quoted: Vec<&str> = msg.split(['`', '"']).skip(1).step_by(2).filter(|s| !s.is_empty()).collect();
+    nodes
+        .iter()
+        .find(|(_, n)| {
+            let t = text(n).trim_matches(['"', '\'']);
+            quoted.iter().any(|q| *q == t)
+        })
+        .map(|(p, _)| p.to_string())
+}
+
+/// A copy of `text` with every inline value of a secret key replaced by `*`
+/// (same byte length, so positions stay valid).
+fn mask_inline_secrets(index: &SpanIndex, text: &str) -> String {
+    let nodes = index.descendants("");
+    let mut bytes = text.as_bytes().to_vec();
+    for (i, (p, n)) in nodes.iter().enumerate() {
+        let is_secret = SECRET_KEYS.iter().any(|k| p.ends_with(&format!(".{k}")) || *p == *k);
+        let start = n.value.offset();
+        if !is_secret || text[start..].starts_with('{') {
+            continue;
+        }
+        // A block scalar runs on to the next node.
+        let end = nodes.get(i + 1).map(|(_, m)| m.key.unwrap_or(m.value).offset()).unwrap_or(text.len());
+        let end = end.max(start + n.value.len()).min(text.len());
+        for b in &mut bytes[start..end] {
+            if !b.is_ascii_whitespace() && *b != b'|' && *b != b'>' {
+                *b = b'*';
+            }
+        }
+    }
+    // Only ASCII bytes were written, over whole characters' bytes as well as ASCII ones: a
+    // multi-byte character becomes several `*`, which is still valid UTF-8.
+    String::from_utf8(bytes).unwrap_or_else(|_| text.to_string())
+}
+
+/// Keys whose values are [`SecretRef`]s.
+const SECRET_KEYS: &[&str] = &["private_key", "key"];
 
 fn type_hint(msg: &str, path: &str) -> String {
     let key = last_key(path);

@@ -94,6 +94,22 @@ impl SpanIndex {
         self.lookup(path).map(|n| n.value)
     }
 
+    /// Nodes strictly below `prefix`, in a stable order.
+    pub fn descendants(&self, prefix: &str) -> Vec<(&str, NodePos)> {
+        let mut v: Vec<(&str, NodePos)> = self
+            .nodes
+            .iter()
+            .filter(|(p, _)| {
+                p.len() > prefix.len()
+                    && p.starts_with(prefix)
+                    && (prefix.is_empty() || matches!(p.as_bytes()[prefix.len()], b'.' | b'['))
+            })
+            .map(|(p, n)| (p.as_str(), *n))
+            .collect();
+        v.sort_by_key(|(_, n)| n.value.offset());
+        v
+    }
+
     pub fn exists(&self, path: &str) -> bool {
         self.nodes.contains_key(path)
     }
@@ -143,7 +159,16 @@ impl Receiver<'_> {
     /// Span of a scalar value: from its start to the end of the line, less a trailing comment.
     fn scalar_span(&self, m: Marker, text: &str) -> SourceSpan {
         let off = self.lines.offset(self.src, m.line(), m.col());
-        let line_rest = self.src[off..].split('\n').next().unwrap_or("");
+        let rest = &self.src[off..];
+        if !text.is_empty() && rest.starts_with(text) {
+            return SourceSpan::new(off.into(), text.len());
+        }
+        let line_rest = rest.split('\n').next().unwrap_or("");
+        if let Some(q @ ('"' | '\'')) = line_rest.chars().next()
+            && let Some(end) = line_rest[1..].find(q)
+        {
+            return SourceSpan::new(off.into(), end + 2);
+        }
         let visible = match line_rest.find(" #") {
             Some(i) => &line_rest[..i],
             None => line_rest,

@@ -1,0 +1,92 @@
+//! Command-line arguments (clap). Only parsing lives here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "nimbus", version, about = "Declarative CI runner fleets: plan and apply, the Terraform way")]
+pub struct Cli {
+    /// When to use colour: `auto` honours NO_COLOR and whether output is a terminal.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a fleet file: syntax, types, and cross references. No network.
+    Validate(FleetArg),
+    /// Compare the fleet file with what exists and show what apply would do.
+    Plan(PlanArgs),
+    /// Record what exists (an inventory) for offline planning.
+    Discover(DiscoverArgs),
+    /// Print the JSON schema of the fleet file (for editors).
+    Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArg {
+    /// The fleet file.
+    #[arg(short = 'f', long = "file", default_value = "fleet.yaml", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// Print the versioned JSON plan document.
+    #[arg(long, conflicts_with = "markdown")]
+    pub json: bool,
+    /// Print Markdown for a pull-request comment.
+    #[arg(long)]
+    pub markdown: bool,
+    /// Exit 0 when there are no changes, 1 on error, 2 when there are changes.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    /// Save the plan to FILE, for `nimbus apply FILE` (also spelled `-out FILE`).
+    #[arg(long = "out", value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Plan as of TIME: RFC 3339 (`2026-11-25T12:00:00Z`) or relative (`+25h`, `+2d`).
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Plan against a recorded inventory (`nimbus discover -o`) instead of discovering.
+    #[arg(long, value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// Where to write the inventory (`-` for stdout).
+    #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "-")]
+    pub output: PathBuf,
+}
+
+/// Accepts Terraform's single-dash spellings (`-out FILE`, `-out=FILE`, `-detailed-exitcode`).
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|a| {
+            for long in ["out", "detailed-exitcode", "json", "markdown", "inventory", "at", "auto-approve", "parallelism"] {
+                let single = format!("-{long}");
+                if a == single {
+                    return format!("--{long}");
+                }
+                if let Some(v) = a.strip_prefix(&format!("{single}=")) {
+                    return format!("--{long}={v}");
+                }
+            }
+            a
+        })
+        .collect()
+}

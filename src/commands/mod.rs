@@ -1,0 +1,171 @@
+//! The CLI's commands. Only this module builds real clients (providers,
+//! forge, SSH) and decides exit codes; stdout carries data, stderr status.
+
+mod plan;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use miette::Diagnostic;
+use sha2::{Digest, Sha256};
+
+use crate::cli::{Cli, ColorChoice, Command};
+use crate::config::{self, ConfigError, LoadedConfig, ProviderConfig};
+use crate::providers::{Provider, ProviderError, local::LocalProvider};
+
+/// Exit codes, Terraform's convention.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const CHANGES: u8 = 2;
+}
+
+/// Why a command failed. Every variant exits 1.
+#[derive(Debug, thiserror::Error, Diagnostic)]
+pub enum CommandError {
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("{message}")]
+    Usage {
+        message: String,
+        #[help]
+        hint: Option<String>,
+    },
+    #[error("cannot {what} `{path}`: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CommandError {
+    pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        CommandError::Usage { message: message.into(), hint: Some(hint.into()) }
+    }
+}
+
+/// Output settings shared by commands.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    pub stdout_color: bool,
+    pub stderr_color: bool,
+}
+
+impl Output {
+    pub fn from_choice(c: ColorChoice) -> Self {
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let pick = |tty: bool| match c {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => tty && !no_color,
+        };
+        Output { stdout_color: pick(std::io::stdout().is_terminal()), stderr_color: pick(std::io::stderr().is_terminal()) }
+    }
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> u8 {
+    let out = Output::from_choice(cli.color);
+    let result = match cli.command {
+        Command::Validate(a) => validate(&a.file),
+        Command::Plan(a) => plan::plan(&a, out),
+        Command::Discover(a) => plan::discover(&a),
+        Command::Schema => {
+            print!("{}", config::json_schema_text());
+            Ok(exit::OK)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e, out.stderr_color);
+            exit::ERROR
+        }
+    }
+}
+
+/// Prints an error to stderr. An invalid config prints each problem on its own.
+pub fn report(e: &CommandError, color: bool) {
+    if let CommandError::Config(ConfigError::Invalid { diagnostics, .. }) = e {
+        for d in diagnostics {
+            eprint!("{}", crate::diagnostics::render(d, color));
+        }
+        if diagnostics.len() > 1 {
+            eprintln!("error: {e}");
+        }
+        return;
+    }
+    eprint!("{}", crate::diagnostics::render(e, color));
+}
+
+fn validate(file: &Path) -> Result<u8, CommandError> {
+    let loaded = config::load(file)?;
+    eprintln!(
+        "`{}` is valid: tenant `{}`, {} pool(s), {} machine(s).",
+        file.display(),
+        loaded.config.tenant,
+        loaded.config.pools.len(),
+        loaded.config.pools.iter().map(|p| u64::from(p.count)).sum::<u64>()
+    );
+    Ok(exit::OK)
+}
+
+/// Default data dir of the local provider: `.nimbus/local` beside the fleet file.
+pub fn local_data_dir(loaded: &LoadedConfig, configured: Option<&Path>) -> PathBuf {
+    match configured {
+        Some(p) => loaded.resolve(p),
+        None => loaded.base_dir.join(".nimbus").join("local"),
+    }
+}
+
+/// Builds the providers the fleet file names.
+pub fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Box<dyn Provider>>, CommandError> {
+    let mut out: Vec<Box<dyn Provider>> = Vec::new();
+    for (name, p) in &loaded.config.providers {
+        match p {
+            ProviderConfig::Local { data_dir, .. } => {
+                out.push(Box::new(LocalProvider::new(name.clone(), local_data_dir(loaded, data_dir.as_deref()))));
+            }
+            ProviderConfig::Aws { .. } => {
+                return Err(CommandError::usage(
+                    format!("provider `{name}` is of type `aws`, which this build cannot reach yet"),
+                    "plan it offline with `--inventory FILE`, or use the `local` provider",
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses `--at`: RFC 3339, or `+DURATION` relative to `now` (`+25h`, `+2d`, `+1h30m`).
+pub fn parse_at(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, CommandError> {
+    let bad = || {
+        CommandError::usage(
+            format!("`--at {s}` is not a time"),
+            "write an RFC 3339 time such as `2026-11-25T12:00:00Z`, or a duration from now such as `+25h`",
+        )
+    };
+    if let Some(rel) = s.strip_prefix('+').or_else(|| s.strip_prefix("now+")) {
+        let d = humantime::parse_duration(rel.trim()).map_err(|_| bad())?;
+        return Ok(now + chrono::Duration::from_std(d).map_err(|_| bad())?);
+    }
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|_| bad())
+}
+
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts")
+}

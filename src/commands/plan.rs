@@ -1,0 +1,106 @@
+//! `nimbus plan` and `nimbus discover`.
+
+use std::path::Path;
+
+use chrono::Utc;
+
+use super::{CommandError, Output, build_providers, exit, parse_at, runtime, sha256_hex};
+use crate::cli::{DiscoverArgs, PlanArgs};
+use crate::config::{self, LoadedConfig};
+use crate::model::{Actual, Desired, INVENTORY_FORMAT_VERSION, Inventory};
+use crate::plan::plan as make_plan;
+use crate::render::{FleetRef, Observed, PlanDocument, markdown, text};
+
+/// Discovers what exists for the fleet's tenant.
+pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
+    let providers = build_providers(loaded)?;
+    let tenant = loaded.config.tenant.clone();
+    let actual = runtime().block_on(crate::discovery::discover(&tenant, &providers))?;
+    Ok(actual)
+}
+
+fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CommandError::Io { what: "read inventory", path: path.to_path_buf(), source })?;
+    let inv: Inventory = serde_json::from_str(&text).map_err(|e| {
+        CommandError::usage(
+            format!("`{}` is not a nimbus inventory: {e}", path.display()),
+            "record one with `nimbus discover -f fleet.yaml -o inventory.json`",
+        )
+    })?;
+    if inv.format_version.split('.').next() != INVENTORY_FORMAT_VERSION.split('.').next() {
+        return Err(CommandError::usage(
+            format!("inventory format {} is not supported (this nimbus reads {INVENTORY_FORMAT_VERSION})", inv.format_version),
+            "record it again with this version of `nimbus discover`",
+        ));
+    }
+    if inv.tenant != tenant {
+        return Err(CommandError::usage(
+            format!("inventory `{}` was recorded for tenant `{}`, but the fleet file is for `{tenant}`", path.display(), inv.tenant),
+            "plan with the inventory of the same tenant",
+        ));
+    }
+    Ok(inv)
+}
+
+/// Builds the plan document for a loaded fleet file.
+pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocument, CommandError> {
+    let now = Utc::now();
+    let at = match &args.at {
+        Some(s) => parse_at(s, now)?,
+        None => now,
+    };
+    let (actual, source) = match &args.inventory {
+        Some(p) => (read_inventory(p, &loaded.config.tenant)?.actual, "inventory"),
+        None => (observe(loaded)?, "discovery"),
+    };
+    let desired = Desired::from_config(&loaded.config);
+    let plan = make_plan(&desired, &actual, at);
+    Ok(PlanDocument::from_plan(
+        &plan,
+        Some(FleetRef { path: loaded.path.display().to_string(), sha256: sha256_hex(loaded.source.as_bytes()) }),
+        Some(Observed { source: source.into(), fingerprint: actual.fingerprint() }),
+    ))
+}
+
+pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
+    let loaded = config::load(&args.fleet.file)?;
+    let doc = build_document(&loaded, args)?;
+    if args.json {
+        print!("{}", doc.to_json());
+    } else if args.markdown {
+        print!("{}", markdown::render(&doc));
+    } else {
+        print!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
+    }
+    if let Some(path) = &args.out {
+        std::fs::write(path, doc.to_json()).map_err(|source| CommandError::Io { what: "write plan", path: path.clone(), source })?;
+        eprintln!("Saved the plan to `{}`. Apply it with `nimbus apply {}`.", path.display(), path.display());
+    }
+    Ok(if args.detailed_exitcode && doc.has_changes() { exit::CHANGES } else { exit::OK })
+}
+
+pub fn discover(args: &DiscoverArgs) -> Result<u8, CommandError> {
+    let loaded = config::load(&args.fleet.file)?;
+    let actual = observe(&loaded)?;
+    let inv = Inventory {
+        format_version: INVENTORY_FORMAT_VERSION.into(),
+        tenant: loaded.config.tenant.clone(),
+        observed_at: Utc::now(),
+        actual,
+    };
+    let mut json = serde_json::to_string_pretty(&inv).expect("inventory serialises");
+    json.push('\n');
+    if args.output.as_os_str() == "-" {
+        print!("{json}");
+    } else {
+        std::fs::write(&args.output, json).map_err(|source| CommandError::Io { what: "write inventory", path: args.output.clone(), source })?;
+        eprintln!(
+            "Recorded {} machine(s) and {} host(s) of tenant `{}` in `{}`.",
+            inv.actual.machines.len(),
+            inv.actual.hosts.len(),
+            inv.tenant,
+            args.output.display()
+        );
+    }
+    Ok(exit::OK)
+}
