@@ -12,3 +12,5 @@ pub mod providers;
 pub mod cli;
 pub mod commands;
 pub mod diagnostics;
+#[doc(hidden)]
+pub mod testkit;

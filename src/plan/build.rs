@@ -102,6 +102,13 @@ impl<'a> Builder<'a> {
         }
         let runners = match (&actual.runners, desired.forge) {
             (Some(rs), true) => Some(rs.iter().map(|r| (r.name.as_str(), r)).collect()),
+            (None, true) => {
+                warnings.push(Warning {
+                    address: "forge".into(),
+                    message: "the forge's runners were not read; runner registrations are not planned".into(),
+                });
+                None
+            }
             _ => None,
         };
         Builder {
@@ -364,10 +371,10 @@ impl<'a> Builder<'a> {
             );
             ids.push(last);
         }
-        if let (Some(r), true) = (&pool.runner, self.desired.forge) {
+        if let (Some(r), true) = (&pool.runner, self.runners.is_some()) {
             let mut deps = vec![last];
-            // A stale runner of the same name must go first.
-            if let Some(old) = self.runner(name) {
+            // A stale runner of the same name must go first (unless a teardown already does that).
+            if let Some(old) = self.runner(name).filter(|_| !self.runners_handled.contains(name)) {
                 let d = self.add(addr, ActionKind::DeregisterRunner { runner_id: old.id, runner_name: old.name.clone() }, &[]);
                 ids.push(d);
                 deps.push(d);
@@ -638,11 +645,13 @@ impl<'a> Builder<'a> {
     fn ghost_runners(&mut self) {
         let Some(runners) = self.runners.clone() else { return };
         let tenant = self.desired.tenant.clone();
+        // A runner whose machine exists is never a ghost, even when that machine is unreachable.
+        let live: HashSet<&str> = self.by_pool.values().flatten().filter_map(|m| m.name()).collect();
         let mut ghosts: Vec<&ForgeRunner> = runners
             .values()
             .copied()
             .filter(|r| parse_machine_name(&r.name).is_some_and(|(t, _, _)| t == tenant))
-            .filter(|r| !self.runners_handled.contains(&r.name))
+            .filter(|r| !self.runners_handled.contains(&r.name) && !live.contains(r.name.as_str()))
             .collect();
         ghosts.sort_by_key(|r| (r.name.clone(), r.id));
         for r in ghosts {
