@@ -153,7 +153,8 @@ pub fn attribute_diff(c: &ResourceChange) -> Vec<(String, Option<String>, Option
             match (c.before.is_some(), c.after.is_some()) {
                 (false, _) => a.map(|a| (k.clone(), None, Some(a), false)),
                 (_, false) => b.map(|b| (k.clone(), Some(b), None, false)),
-                _ if b != a && after.contains_key(k) => Some((k.clone(), b, a, forces)),
+                // In-place and replacement: attributes both sides know, that differ.
+                _ if b != a && after.contains_key(k) && before.contains_key(k) => Some((k.clone(), b, a, forces)),
                 _ => None,
             }
         })
