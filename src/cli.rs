@@ -77,7 +77,9 @@ pub struct DiscoverArgs {
 pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
     args.into_iter()
         .map(|a| {
-            for long in ["out", "detailed-exitcode", "json", "markdown", "inventory", "at", "auto-approve", "parallelism"] {
+            for long in
+                ["out", "detailed-exitcode", "json", "markdown", "inventory", "at", "auto-approve", "parallelism"]
+            {
                 let single = format!("-{long}");
                 if a == single {
                     return format!("--{long}");

@@ -144,7 +144,10 @@ impl Desired {
                 .providers
                 .iter()
                 .map(|(n, p)| {
-                    (n.clone(), ProviderInfo { kind: p.kind().to_string(), min_allocation: p.min_allocation_override() })
+                    (
+                        n.clone(),
+                        ProviderInfo { kind: p.kind().to_string(), min_allocation: p.min_allocation_override() },
+                    )
                 })
                 .collect(),
             forge: c.forge.is_some(),

@@ -119,17 +119,31 @@ impl Simulator {
                     let OnMachine::Read { state } = &mut m.on_machine else { panic!("setup on unread machine") };
                     for s in steps {
                         state.steps.retain(|r| r.name != s.name);
-                        state.steps.push(StepRecord { name: s.name.clone(), hash: s.hash.clone(), status: StepStatus::Done });
+                        state.steps.push(StepRecord {
+                            name: s.name.clone(),
+                            hash: s.hash.clone(),
+                            status: StepStatus::Done,
+                        });
                     }
                 }
                 ActionKind::RegisterRunner { machine, labels, .. } => {
                     let runners = world.runners.get_or_insert_with(Vec::new);
                     assert!(!runners.iter().any(|r| &r.name == machine), "runner {machine} registered twice");
                     self.next_id += 1;
-                    runners.push(ForgeRunner { id: self.next_id, name: machine.clone(), labels: labels.clone(), online: true, busy: false });
+                    runners.push(ForgeRunner {
+                        id: self.next_id,
+                        name: machine.clone(),
+                        labels: labels.clone(),
+                        online: true,
+                        busy: false,
+                    });
                 }
                 ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {
-                    let r = world.runners.as_mut().and_then(|rs| rs.iter_mut().find(|r| r.id == *runner_id)).expect("runner exists");
+                    let r = world
+                        .runners
+                        .as_mut()
+                        .and_then(|rs| rs.iter_mut().find(|r| r.id == *runner_id))
+                        .expect("runner exists");
                     r.labels = labels.clone();
                 }
                 ActionKind::DeregisterRunner { runner_id, .. } => {

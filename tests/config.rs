@@ -53,10 +53,10 @@ fn valid_fixtures_and_examples_load() {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         for entry in entries {
             let path = entry.unwrap().path();
-            if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
-                if let Err(e) = config::load(&path) {
-                    panic!("{}: {}", path.display(), nimbus::diagnostics::render(&e, false));
-                }
+            if path.extension().and_then(|e| e.to_str()) == Some("yaml")
+                && let Err(e) = config::load(&path)
+            {
+                panic!("{}: {}", path.display(), nimbus::diagnostics::render(&e, false));
             }
         }
     }
@@ -111,7 +111,8 @@ fn yaml_to_json(path: &Path) -> serde_json::Value {
 /// valid files pass it; files whose only problem is a shape problem fail it.
 #[test]
 fn schema_judges_fixtures_like_the_loader() {
-    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("schemas/fleet.schema.json").unwrap()).unwrap();
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("schemas/fleet.schema.json").unwrap()).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
     for dir in ["fixtures/config/valid", "examples/quickstart"] {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -124,10 +125,20 @@ fn schema_judges_fixtures_like_the_loader() {
     }
     // Shape problems the schema states on its own (cross references and YAML syntax are the loader's).
     for name in [
-        "01-unknown-top-level-key", "02-unknown-pool-key", "03-count-wrong-type", "04-count-negative",
-        "07-inline-secret", "09-invalid-tenant", "10-invalid-duration", "13-missing-machine",
-        "15-unknown-provider-type", "16-invalid-runner-mode", "19-secret-both-env-and-file",
-        "22-invalid-pool-name", "24-unknown-os", "25-inline-secret-block",
+        "01-unknown-top-level-key",
+        "02-unknown-pool-key",
+        "03-count-wrong-type",
+        "04-count-negative",
+        "07-inline-secret",
+        "09-invalid-tenant",
+        "10-invalid-duration",
+        "13-missing-machine",
+        "15-unknown-provider-type",
+        "16-invalid-runner-mode",
+        "19-secret-both-env-and-file",
+        "22-invalid-pool-name",
+        "24-unknown-os",
+        "25-inline-secret-block",
     ] {
         let p = Path::new("fixtures/config/invalid").join(format!("{name}.yaml"));
         assert!(!validator.is_valid(&yaml_to_json(&p)), "{name} passes the schema");

@@ -31,8 +31,16 @@ fn empty_world_gets_full_create_chains_in_dependency_order() {
     assert_eq!(
         kinds(&p),
         [
-            "allocate_host", "launch_instance", "wait_reachable", "run_setup", "register_runner",
-            "allocate_host", "launch_instance", "wait_reachable", "run_setup", "register_runner"
+            "allocate_host",
+            "launch_instance",
+            "wait_reachable",
+            "run_setup",
+            "register_runner",
+            "allocate_host",
+            "launch_instance",
+            "wait_reachable",
+            "run_setup",
+            "register_runner"
         ]
     );
     // Each step waits for the one before it.
@@ -116,7 +124,14 @@ fn image_change_replaces_on_the_same_host() {
     assert_eq!(c.replace_paths, ["image"]);
     assert_eq!(
         kinds(&p),
-        ["deregister_runner", "terminate_instance", "launch_instance", "wait_reachable", "run_setup", "register_runner"]
+        [
+            "deregister_runner",
+            "terminate_instance",
+            "launch_instance",
+            "wait_reachable",
+            "run_setup",
+            "register_runner"
+        ]
     );
     let launch = p.actions().find(|(_, a)| a.kind.name() == "launch_instance").unwrap();
     match &launch.1.kind {
@@ -173,7 +188,8 @@ fn failed_step_resumes_from_that_step() {
 
 #[test]
 fn orphans_are_destroyed_and_ghost_runners_deregistered() {
-    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1"), pool("old", "aws", 1, "t3.large", "ami-1")]);
+    let d =
+        desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1"), pool("old", "aws", 1, "t3.large", "ami-1")]);
     let (mut world, _) = built(&d, t0());
     world.runners.as_mut().unwrap().push(ForgeRunner {
         id: 999,

@@ -25,9 +25,17 @@ struct PoolGen {
 }
 
 fn pool_gen() -> impl Strategy<Value = PoolGen> {
-    (0usize..4, 0u32..5, any::<bool>(), prop::bool::weighted(0.2), 0u8..3, 0u8..3, 0u8..4, prop::bool::weighted(0.8)).prop_map(
-        |(name, count, mac, az_b, image, labels, steps, runner)| PoolGen { name, count, mac, az_b, image, labels, steps, runner },
-    )
+    (0usize..4, 0u32..5, any::<bool>(), prop::bool::weighted(0.2), 0u8..3, 0u8..3, 0u8..4, prop::bool::weighted(0.8))
+        .prop_map(|(name, count, mac, az_b, image, labels, steps, runner)| PoolGen {
+            name,
+            count,
+            mac,
+            az_b,
+            image,
+            labels,
+            steps,
+            runner,
+        })
 }
 
 const POOL_NAMES: [&str; 4] = ["mac", "linux", "build", "ios"];
@@ -39,7 +47,8 @@ fn make_desired(tenant: &str, gens: &[PoolGen]) -> Desired {
         if pools.iter().any(|p: &DesiredPool| p.name == name) {
             continue;
         }
-        let mut p = pool(name, "aws", g.count, if g.mac { "mac2.metal" } else { "t3.large" }, &format!("ami-{}", g.image));
+        let mut p =
+            pool(name, "aws", g.count, if g.mac { "mac2.metal" } else { "t3.large" }, &format!("ami-{}", g.image));
         if g.az_b {
             p.spec.availability_zone = Some("us-east-1b".into());
         }
@@ -77,7 +86,8 @@ fn perturb_gen() -> impl Strategy<Value = Perturb> {
 fn apply_perturbations(world: &mut Actual, ps: &[Perturb]) {
     // Only this tenant's resources are disturbed; the foreign ones must stay as they were.
     for p in ps {
-        let mine: Vec<usize> = (0..world.machines.len()).filter(|i| owned_by(&world.machines[*i].tags, "acme")).collect();
+        let mine: Vec<usize> =
+            (0..world.machines.len()).filter(|i| owned_by(&world.machines[*i].tags, "acme")).collect();
         let n = mine.len();
         match p {
             Perturb::LoseRunner(i) => {
@@ -108,7 +118,8 @@ fn apply_perturbations(world: &mut Actual, ps: &[Perturb]) {
                 }
             }
             // The forge keeps runner names unique.
-            Perturb::Ghost(i) if world.runners.as_ref().is_some_and(|rs| rs.iter().any(|r| r.id == 900_000 + u64::from(*i))) => {}
+            Perturb::Ghost(i)
+                if world.runners.as_ref().is_some_and(|rs| rs.iter().any(|r| r.id == 900_000 + u64::from(*i))) => {}
             Perturb::Ghost(i) => world.runners.get_or_insert_with(Vec::new).push(ForgeRunner {
                 id: 900_000 + u64::from(*i),
                 name: machine_name("acme", "mac", 50 + i),
@@ -124,7 +135,10 @@ fn apply_perturbations(world: &mut Actual, ps: &[Perturb]) {
 /// Resources of another tenant, and untagged ones, sharing the account.
 fn foreign(world: &mut Actual) -> Actual {
     let mut sim = Simulator::default();
-    let other = make_desired("acme-dev", &[PoolGen { name: 0, count: 2, mac: true, az_b: false, image: 0, labels: 1, steps: 1, runner: true }]);
+    let other = make_desired(
+        "acme-dev",
+        &[PoolGen { name: 0, count: 2, mac: true, az_b: false, image: 0, labels: 1, steps: 1, runner: true }],
+    );
     let mut theirs = Actual { runners: Some(vec![]), ..Default::default() };
     let p = plan(&other, &theirs, t0() - Duration::hours(2));
     sim.apply(&other, &mut theirs, &p, t0() - Duration::hours(2));
@@ -149,7 +163,13 @@ fn foreign(world: &mut Actual) -> Actual {
     half_tagged.tags.remove(tags::MANAGED_BY);
     half_tagged.tags.insert(tags::TENANT.into(), "acme".into());
     theirs.machines.push(half_tagged);
-    theirs.runners.as_mut().unwrap().push(ForgeRunner { id: 7_000_000, name: "hand-made-runner".into(), labels: vec![], online: true, busy: false });
+    theirs.runners.as_mut().unwrap().push(ForgeRunner {
+        id: 7_000_000,
+        name: "hand-made-runner".into(),
+        labels: vec![],
+        online: true,
+        busy: false,
+    });
 
     world.hosts.extend(theirs.hosts.clone());
     world.machines.extend(theirs.machines.clone());

@@ -16,13 +16,23 @@ fn t0() -> DateTime<Utc> {
 fn mixed_document() -> PlanDocument {
     let d0 = desired(
         "acme",
-        vec![pool("mac", "aws", 3, "mac2.metal", "ami-1"), pool("linux", "aws", 2, "t3.large", "ami-1"), pool("old", "aws", 1, "t3.large", "ami-1")],
+        vec![
+            pool("mac", "aws", 3, "mac2.metal", "ami-1"),
+            pool("linux", "aws", 2, "t3.large", "ami-1"),
+            pool("old", "aws", 1, "t3.large", "ami-1"),
+        ],
     );
     let mut world = Actual { runners: Some(vec![]), ..Default::default() };
     let mut sim = Simulator::default();
     let p = plan(&d0, &world, t0());
     sim.apply(&d0, &mut world, &p, t0());
-    world.runners.as_mut().unwrap().push(ForgeRunner { id: 77, name: "nimbus.acme.mac.9".into(), labels: vec!["ci".into()], online: false, busy: false });
+    world.runners.as_mut().unwrap().push(ForgeRunner {
+        id: 77,
+        name: "nimbus.acme.mac.9".into(),
+        labels: vec!["ci".into()],
+        online: false,
+        busy: false,
+    });
     let linux1 = world.machines.iter_mut().find(|m| m.name() == Some("nimbus.acme.linux.1")).unwrap();
     linux1.on_machine = OnMachine::Unreachable { reason: "connection timed out".into() };
 
@@ -49,7 +59,13 @@ fn terminal_view_colours_only_when_asked() {
     let coloured = text::render(&doc, text::Style { color: true });
     assert!(coloured.contains("\x1b[32m+\x1b[0m"));
     // The same words without the escapes.
-    let stripped = coloured.replace("\x1b[0m", "").replace("\x1b[1m", "").replace("\x1b[31m", "").replace("\x1b[32m", "").replace("\x1b[33m", "").replace("\x1b[36m", "");
+    let stripped = coloured
+        .replace("\x1b[0m", "")
+        .replace("\x1b[1m", "")
+        .replace("\x1b[31m", "")
+        .replace("\x1b[32m", "")
+        .replace("\x1b[33m", "")
+        .replace("\x1b[36m", "");
     assert_eq!(stripped, text::render(&doc, text::Style { color: false }));
 }
 
@@ -95,16 +111,24 @@ fn markdown_view() {
 #[test]
 fn markdown_stays_under_githubs_comment_limit() {
     for machines in [300u32, 3_000, 40_000] {
-        let pools: Vec<DesiredPool> = (0..40).map(|i| pool(&format!("pool-{i}"), "aws", machines / 40, "t3.large", "ami-1")).collect();
+        let pools: Vec<DesiredPool> =
+            (0..40).map(|i| pool(&format!("pool-{i}"), "aws", machines / 40, "t3.large", "ami-1")).collect();
         let d = desired("acme", pools);
-        let doc = PlanDocument::from_plan(&plan(&d, &Actual { runners: Some(vec![]), ..Default::default() }, t0()), None, None);
+        let doc = PlanDocument::from_plan(
+            &plan(&d, &Actual { runners: Some(vec![]), ..Default::default() }, t0()),
+            None,
+            None,
+        );
         let md = markdown::render(&doc);
         let n = md.chars().count();
         assert!(n < markdown::GITHUB_COMMENT_LIMIT, "{machines} machines: {n} characters");
         let total = machines / 40 * 40;
         assert!(md.contains(&format!("Plan: {total} to add, 0 to change, 0 to destroy.")), "summary kept");
         if machines >= 3_000 {
-            assert!(md.contains("summarised by pool") || md.contains("more change(s) not shown"), "{machines}: no summary note");
+            assert!(
+                md.contains("summarised by pool") || md.contains("more change(s) not shown"),
+                "{machines}: no summary note"
+            );
         }
     }
 }

@@ -65,7 +65,10 @@ impl Output {
             ColorChoice::Never => false,
             ColorChoice::Auto => tty && !no_color,
         };
-        Output { stdout_color: pick(std::io::stdout().is_terminal()), stderr_color: pick(std::io::stderr().is_terminal()) }
+        Output {
+            stdout_color: pick(std::io::stdout().is_terminal()),
+            stderr_color: pick(std::io::stderr().is_terminal()),
+        }
     }
 }
 
@@ -163,9 +166,5 @@ pub fn parse_at(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, CommandErr
 }
 
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("tokio runtime starts")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("tokio runtime starts")
 }

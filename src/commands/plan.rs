@@ -20,7 +20,11 @@ pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
 }
 
 fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CommandError::Io { what: "read inventory", path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| CommandError::Io {
+        what: "read inventory",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let inv: Inventory = serde_json::from_str(&text).map_err(|e| {
         CommandError::usage(
             format!("`{}` is not a nimbus inventory: {e}", path.display()),
@@ -29,13 +33,20 @@ fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> 
     })?;
     if inv.format_version.split('.').next() != INVENTORY_FORMAT_VERSION.split('.').next() {
         return Err(CommandError::usage(
-            format!("inventory format {} is not supported (this nimbus reads {INVENTORY_FORMAT_VERSION})", inv.format_version),
+            format!(
+                "inventory format {} is not supported (this nimbus reads {INVENTORY_FORMAT_VERSION})",
+                inv.format_version
+            ),
             "record it again with this version of `nimbus discover`",
         ));
     }
     if inv.tenant != tenant {
         return Err(CommandError::usage(
-            format!("inventory `{}` was recorded for tenant `{}`, but the fleet file is for `{tenant}`", path.display(), inv.tenant),
+            format!(
+                "inventory `{}` was recorded for tenant `{}`, but the fleet file is for `{tenant}`",
+                path.display(),
+                inv.tenant
+            ),
             "plan with the inventory of the same tenant",
         ));
     }
@@ -73,7 +84,11 @@ pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
         print!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
     }
     if let Some(path) = &args.out {
-        std::fs::write(path, doc.to_json()).map_err(|source| CommandError::Io { what: "write plan", path: path.clone(), source })?;
+        std::fs::write(path, doc.to_json()).map_err(|source| CommandError::Io {
+            what: "write plan",
+            path: path.clone(),
+            source,
+        })?;
         eprintln!("Saved the plan to `{}`. Apply it with `nimbus apply {}`.", path.display(), path.display());
     }
     Ok(if args.detailed_exitcode && doc.has_changes() { exit::CHANGES } else { exit::OK })
@@ -93,7 +108,11 @@ pub fn discover(args: &DiscoverArgs) -> Result<u8, CommandError> {
     if args.output.as_os_str() == "-" {
         print!("{json}");
     } else {
-        std::fs::write(&args.output, json).map_err(|source| CommandError::Io { what: "write inventory", path: args.output.clone(), source })?;
+        std::fs::write(&args.output, json).map_err(|source| CommandError::Io {
+            what: "write inventory",
+            path: args.output.clone(),
+            source,
+        })?;
         eprintln!(
             "Recorded {} machine(s) and {} host(s) of tenant `{}` in `{}`.",
             inv.actual.machines.len(),

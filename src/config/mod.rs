@@ -81,8 +81,8 @@ impl LoadedConfig {
 
 /// Reads and validates a fleet file.
 pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     let config = parse(&path.display().to_string(), &text)?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
@@ -196,10 +196,8 @@ fn serde_diagnostic(
         .collect();
     let mut path = span::path_string(&segs);
     let inner = err.into_inner();
-    let fallback = inner
-        .location()
-        .map(|l| SourceSpan::new(l.index().into(), 1))
-        .unwrap_or(SourceSpan::new(0.into(), 0));
+    let fallback =
+        inner.location().map(|l| SourceSpan::new(l.index().into(), 1)).unwrap_or(SourceSpan::new(0.into(), 0));
     let raw = strip_location(&inner.to_string());
     // yaml_serde prefixes its own path ("pools[0]: ..."); keep only the message.
     let msg = match raw.split_once(": ") {
@@ -208,10 +206,12 @@ fn serde_diagnostic(
     };
     // Inside an internally tagged enum (`type: ...`) serde loses the position;
     // find the node the message is about below the path it did keep.
-    if !path.is_empty() && !msg.starts_with("unknown field") && !msg.starts_with("missing field") {
-        if let Some(p) = refine_path(index, text_of(ctx), &path, &msg) {
-            path = p;
-        }
+    if !path.is_empty()
+        && !msg.starts_with("unknown field")
+        && !msg.starts_with("missing field")
+        && let Some(p) = refine_path(index, text_of(ctx), &path, &msg)
+    {
+        path = p;
     }
     let field = if path.is_empty() { "the top level".to_string() } else { format!("`{path}`") };
 
@@ -328,7 +328,7 @@ fn refine_path(index: &SpanIndex, src: &str, path: &str, msg: &str) -> Option<St
         .iter()
         .find(|(_, n)| {
             let t = text(n).trim_matches(['"', '\'']);
-            quoted.iter().any(|q| *q == t)
+            quoted.contains(&t)
         })
         .map(|(p, _)| p.to_string())
 }

@@ -83,8 +83,9 @@ impl ProviderConfig {
 
     pub fn min_allocation_override(&self) -> Option<Duration> {
         match self {
-            ProviderConfig::Local { min_allocation, .. }
-            | ProviderConfig::Aws { min_allocation, .. } => min_allocation.map(|d| d.0),
+            ProviderConfig::Local { min_allocation, .. } | ProviderConfig::Aws { min_allocation, .. } => {
+                min_allocation.map(|d| d.0)
+            }
         }
     }
 }
@@ -237,9 +238,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map(HumanDuration).map_err(|e| {
-            de::Error::custom(format_args!(
-                "invalid duration `{s}`: {e}; write it like `24h`, `90m` or `1h 30m`"
-            ))
+            de::Error::custom(format_args!("invalid duration `{s}`: {e}; write it like `24h`, `90m` or `1h 30m`"))
         })
     }
 }
@@ -297,9 +296,7 @@ impl<'de> Deserialize<'de> for SecretRef {
                 while let Some(key) = map.next_key::<String>()? {
                     let value: String = map.next_value()?;
                     if out.is_some() {
-                        return Err(de::Error::custom(
-                            "a secret reference takes exactly one of `env` or `file`",
-                        ));
+                        return Err(de::Error::custom("a secret reference takes exactly one of `env` or `file`"));
                     }
                     if value.trim().is_empty() {
                         return Err(de::Error::custom(format_args!("`{key}` must not be empty")));

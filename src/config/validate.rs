@@ -80,7 +80,13 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
     if let Some(ForgeConfig::Github { private_key, org, .. }) = &c.forge {
         secret_rules(&mut out, "forge.private_key", private_key);
         if org.trim().is_empty() {
-            out.push(problem("forge.org".into(), At::Value, "`forge.org` is empty".into(), "empty", "name the GitHub organisation runners register with".to_string()));
+            out.push(problem(
+                "forge.org".into(),
+                At::Value,
+                "`forge.org` is empty".into(),
+                "empty",
+                "name the GitHub organisation runners register with".to_string(),
+            ));
         }
     }
     if let Some(ssh) = &c.ssh {
@@ -110,7 +116,8 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                 At::Value,
                 format!("invalid pool name `{}`", pool.name),
                 "invalid name",
-                "use at most 40 lowercase letters, digits and single hyphens, starting with a letter, e.g. `macos-arm`".to_string(),
+                "use at most 40 lowercase letters, digits and single hyphens, starting with a letter, e.g. `macos-arm`"
+                    .to_string(),
             ));
         }
         if let Some(first) = first_seen.insert(&pool.name, i) {
@@ -167,7 +174,10 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                     out.push(problem(
                         at("machine"),
                         At::Key,
-                        format!("pool `{}` runs macOS on dedicated hosts and needs `machine.availability_zone`", pool.name),
+                        format!(
+                            "pool `{}` runs macOS on dedicated hosts and needs `machine.availability_zone`",
+                            pool.name
+                        ),
                         "availability_zone missing",
                         "dedicated hosts live in one zone, e.g. `availability_zone: us-east-1a`".to_string(),
                     ));
@@ -176,12 +186,24 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
             Some(ProviderConfig::Local { .. }) => {}
         }
         if pool.machine.image.trim().is_empty() {
-            out.push(problem(at("machine.image"), At::Value, format!("pool `{}` has an empty `image`", pool.name), "empty", "name the image, e.g. an AMI id `ami-0123456789abcdef0`".to_string()));
+            out.push(problem(
+                at("machine.image"),
+                At::Value,
+                format!("pool `{}` has an empty `image`", pool.name),
+                "empty",
+                "name the image, e.g. an AMI id `ami-0123456789abcdef0`".to_string(),
+            ));
         }
         let mut steps: HashMap<&str, usize> = HashMap::new();
         for (j, step) in pool.setup.iter().enumerate() {
             if step.name.trim().is_empty() {
-                out.push(problem(format!("pools[{i}].setup[{j}].name"), At::Value, "a setup step has an empty name".into(), "empty", "name every step; names are how progress is tracked on the machine".to_string()));
+                out.push(problem(
+                    format!("pools[{i}].setup[{j}].name"),
+                    At::Value,
+                    "a setup step has an empty name".into(),
+                    "empty",
+                    "name every step; names are how progress is tracked on the machine".to_string(),
+                ));
             }
             if let Some(first) = steps.insert(&step.name, j) {
                 steps.insert(&step.name, first);
@@ -208,9 +230,21 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
             for (j, l) in r.labels.iter().enumerate() {
                 let lp = format!("pools[{i}].runner.labels[{j}]");
                 if l.trim().is_empty() || l.contains(',') || l.len() > 256 {
-                    out.push(problem(lp, At::Value, format!("invalid runner label `{l}`"), "invalid label", "labels are non-empty, at most 256 characters, without commas".to_string()));
+                    out.push(problem(
+                        lp,
+                        At::Value,
+                        format!("invalid runner label `{l}`"),
+                        "invalid label",
+                        "labels are non-empty, at most 256 characters, without commas".to_string(),
+                    ));
                 } else if seen.insert(l.to_lowercase(), j).is_some() {
-                    out.push(problem(lp, At::Value, format!("duplicate runner label `{l}` in pool `{}`", pool.name), "repeated", "labels are case-insensitive on the forge; list each once".to_string()));
+                    out.push(problem(
+                        lp,
+                        At::Value,
+                        format!("duplicate runner label `{l}` in pool `{}`", pool.name),
+                        "repeated",
+                        "labels are case-insensitive on the forge; list each once".to_string(),
+                    ));
                 }
             }
         }

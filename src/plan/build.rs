@@ -9,6 +9,9 @@ use serde_json::{Value, json};
 use super::model::*;
 use crate::model::*;
 
+/// Why a machine must be replaced, and the attributes that force it.
+type Replacement = (String, Vec<String>);
+
 /// Plans the changes that turn `actual` into `desired` as of `now`.
 ///
 /// Pure and deterministic: the same inputs give the same plan.
@@ -29,6 +32,8 @@ struct Builder<'a> {
     hosts: BTreeMap<&'a str, &'a Host>,
     /// Hosts already spoken for (a kept machine runs on it, it is reused, or released).
     claimed_hosts: HashSet<String>,
+    /// Available hosts with no instance, by (provider, type, zone), oldest allocation first.
+    idle_by_kind: HashMap<(String, String, String), Vec<String>>,
     /// Owned, live machines by pool tag.
     by_pool: BTreeMap<&'a str, Vec<&'a ActualMachine>>,
     /// Forge runners by name (only when a forge is configured and was read).
@@ -77,10 +82,7 @@ impl<'a> Builder<'a> {
             if !configured(&m.provider) {
                 warnings.push(Warning {
                     address: machine_address(m),
-                    message: format!(
-                        "provider `{}` is not in the fleet file; this machine is left alone",
-                        m.provider
-                    ),
+                    message: format!("provider `{}` is not in the fleet file; this machine is left alone", m.provider),
                 });
                 continue;
             }
@@ -111,6 +113,16 @@ impl<'a> Builder<'a> {
             }
             _ => None,
         };
+        let mut idle_by_kind: HashMap<(String, String, String), Vec<String>> = HashMap::new();
+        let mut idle: Vec<&&Host> =
+            hosts.values().filter(|h| h.state == HostState::Available && h.instance_ids.is_empty()).collect();
+        idle.sort_by_key(|h| (h.allocated_at, h.id.clone()));
+        for h in idle {
+            idle_by_kind
+                .entry((h.provider.clone(), h.instance_type.clone(), h.availability_zone.clone()))
+                .or_default()
+                .push(h.id.clone());
+        }
         Builder {
             desired,
             now,
@@ -120,6 +132,7 @@ impl<'a> Builder<'a> {
             warnings,
             hosts,
             claimed_hosts: HashSet::new(),
+            idle_by_kind,
             by_pool,
             runners,
             runners_handled: HashSet::new(),
@@ -178,12 +191,15 @@ impl<'a> Builder<'a> {
         let existing: Vec<&'a ActualMachine> = self.by_pool.get(pool.name.as_str()).cloned().unwrap_or_default();
         let (same_provider, moved): (Vec<_>, Vec<_>) = existing.into_iter().partition(|m| m.provider == pool.provider);
         for m in moved {
-            self.destroy(m, format!("pool `{}` moved from provider `{}` to `{}`", pool.name, m.provider, pool.provider));
+            self.destroy(
+                m,
+                format!("pool `{}` moved from provider `{}` to `{}`", pool.name, m.provider, pool.provider),
+            );
         }
 
         // Which machines stay: drop those needing replacement first, then those whose hosts can be released now,
         // then the highest indexes.
-        let mut ranked: Vec<(&'a ActualMachine, Option<(String, Vec<String>)>)> =
+        let mut ranked: Vec<(&'a ActualMachine, Option<Replacement>)> =
             same_provider.into_iter().map(|m| (m, self.replacement_reason(pool, m))).collect();
         let count = pool.count as usize;
         let mut removed = Vec::new();
@@ -191,11 +207,7 @@ impl<'a> Builder<'a> {
             let mut order: Vec<usize> = (0..ranked.len()).collect();
             order.sort_by_key(|&i| {
                 let (m, repl) = &ranked[i];
-                (
-                    repl.is_none(),
-                    !self.host_releasable_now(m.host_id.as_deref()),
-                    std::cmp::Reverse(machine_index(m)),
-                )
+                (repl.is_none(), !self.host_releasable_now(m.host_id.as_deref()), std::cmp::Reverse(machine_index(m)))
             });
             let drop: HashSet<usize> = order.into_iter().take(ranked.len() - count).collect();
             let mut keep = Vec::new();
@@ -227,7 +239,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Why a kept machine must be replaced, and which attributes force it.
-    fn replacement_reason(&self, pool: &DesiredPool, m: &ActualMachine) -> Option<(String, Vec<String>)> {
+    fn replacement_reason(&self, pool: &DesiredPool, m: &ActualMachine) -> Option<Replacement> {
         let s = &pool.spec;
         let mut paths = Vec::new();
         let mut why = Vec::new();
@@ -277,15 +289,18 @@ impl<'a> Builder<'a> {
         let (labels, setup) = match &m.on_machine {
             OnMachine::Read { state } => (
                 state.runner.as_ref().map(|r| json!(r.labels)),
-                json!(state.steps.iter().filter(|s| s.status == StepStatus::Done).map(|s| s.name.clone()).collect::<Vec<_>>()),
+                json!(
+                    state
+                        .steps
+                        .iter()
+                        .filter(|s| s.status == StepStatus::Done)
+                        .map(|s| s.name.clone())
+                        .collect::<Vec<_>>()
+                ),
             ),
             _ => (None, Value::Null),
         };
-        let labels = m
-            .name()
-            .and_then(|n| self.runner(n))
-            .map(|r| json!(r.labels))
-            .or(labels);
+        let labels = m.name().and_then(|n| self.runner(n)).map(|r| json!(r.labels)).or(labels);
         json!({
             "pool": m.pool(),
             "provider": m.provider,
@@ -309,19 +324,14 @@ impl<'a> Builder<'a> {
         let itype = pool.spec.instance_type.clone().unwrap_or_default();
         let az = pool.spec.availability_zone.clone().unwrap_or_default();
         // Reuse an idle host of the same type and zone; prefer the one allocated last (the most paid-for time left).
-        let idle = self
-            .hosts
-            .values()
-            .filter(|h| {
-                h.provider == pool.provider
-                    && h.state == HostState::Available
-                    && h.instance_ids.is_empty()
-                    && h.instance_type == itype
-                    && h.availability_zone == az
-                    && !self.claimed_hosts.contains(&h.id)
-            })
-            .max_by_key(|h| (h.allocated_at, h.id.clone()))
-            .map(|h| h.id.clone());
+        let idle = self.idle_by_kind.get_mut(&(pool.provider.clone(), itype.clone(), az.clone())).and_then(|v| {
+            while let Some(id) = v.pop() {
+                if !self.claimed_hosts.contains(&id) {
+                    return Some(id);
+                }
+            }
+            None
+        });
         if let Some(id) = idle {
             self.claimed_hosts.insert(id.clone());
             return (Some(HostRef::Existing { host_id: id.clone() }), Vec::new(), json!(id));
@@ -341,7 +351,14 @@ impl<'a> Builder<'a> {
     }
 
     /// Launch → wait → setup → register, after `deps`. Returns the action ids.
-    fn bring_up(&mut self, pool: &DesiredPool, name: &str, addr: &str, host: Option<HostRef>, deps: Vec<usize>) -> Vec<usize> {
+    fn bring_up(
+        &mut self,
+        pool: &DesiredPool,
+        name: &str,
+        addr: &str,
+        host: Option<HostRef>,
+        deps: Vec<usize>,
+    ) -> Vec<usize> {
         let mut ids = Vec::new();
         let launch = self.add(
             addr,
@@ -355,7 +372,11 @@ impl<'a> Builder<'a> {
             &deps,
         );
         ids.push(launch);
-        let wait = self.add(addr, ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.to_string() }, &[launch]);
+        let wait = self.add(
+            addr,
+            ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.to_string() },
+            &[launch],
+        );
         ids.push(wait);
         let mut last = wait;
         if !pool.setup.is_empty() {
@@ -375,7 +396,11 @@ impl<'a> Builder<'a> {
             let mut deps = vec![last];
             // A stale runner of the same name must go first (unless a teardown already does that).
             if let Some(old) = self.runner(name).filter(|_| !self.runners_handled.contains(name)) {
-                let d = self.add(addr, ActionKind::DeregisterRunner { runner_id: old.id, runner_name: old.name.clone() }, &[]);
+                let d = self.add(
+                    addr,
+                    ActionKind::DeregisterRunner { runner_id: old.id, runner_name: old.name.clone() },
+                    &[],
+                );
                 ids.push(d);
                 deps.push(d);
                 self.runners_handled.insert(name.to_string());
@@ -430,7 +455,11 @@ impl<'a> Builder<'a> {
         }
         let t = self.add(
             addr,
-            ActionKind::TerminateInstance { provider: m.provider.clone(), machine: name, instance_id: m.instance_id.clone() },
+            ActionKind::TerminateInstance {
+                provider: m.provider.clone(),
+                machine: name,
+                instance_id: m.instance_id.clone(),
+            },
             &deps,
         );
         ids.push(t);
@@ -546,7 +575,11 @@ impl<'a> Builder<'a> {
         let mut why = Vec::new();
         let mut last = None;
         if m.state == InstanceState::Pending {
-            let w = self.add(&addr, ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.clone() }, &[]);
+            let w = self.add(
+                &addr,
+                ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.clone() },
+                &[],
+            );
             ids.push(w);
             last = Some(w);
         }
@@ -556,7 +589,8 @@ impl<'a> Builder<'a> {
         });
         let mut run_steps = Vec::new();
         if let Some(i) = first_todo {
-            let steps: Vec<StepRef> = pool.setup[i..].iter().map(|s| StepRef { name: s.name.clone(), hash: s.hash.clone() }).collect();
+            let steps: Vec<StepRef> =
+                pool.setup[i..].iter().map(|s| StepRef { name: s.name.clone(), hash: s.hash.clone() }).collect();
             for s in &steps {
                 let old = state.steps.iter().find(|r| r.name == s.name);
                 let what = match old {
@@ -570,7 +604,16 @@ impl<'a> Builder<'a> {
                 run_steps.push(s.name.clone());
             }
             let deps: Vec<usize> = last.into_iter().collect();
-            let s = self.add(&addr, ActionKind::RunSetup { provider: pool.provider.clone(), pool: pool.name.clone(), machine: name.clone(), steps }, &deps);
+            let s = self.add(
+                &addr,
+                ActionKind::RunSetup {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.clone(),
+                    steps,
+                },
+                &deps,
+            );
             ids.push(s);
             last = Some(s);
         }
@@ -611,7 +654,11 @@ impl<'a> Builder<'a> {
                 (None, Some(fr)) => {
                     self.runners_handled.insert(name.clone());
                     why.push("the pool no longer has a runner".to_string());
-                    ids.push(self.add(&addr, ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() }, &[]));
+                    ids.push(self.add(
+                        &addr,
+                        ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() },
+                        &[],
+                    ));
                 }
                 (None, None) => {}
             }
@@ -656,7 +703,8 @@ impl<'a> Builder<'a> {
         ghosts.sort_by_key(|r| (r.name.clone(), r.id));
         for r in ghosts {
             let addr = format!("runner.{}", r.name);
-            let id = self.add(&addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
+            let id =
+                self.add(&addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
             self.changes.push(ResourceChange {
                 address: addr,
                 kind: ResourceKind::Runner,
@@ -721,7 +769,7 @@ impl<'a> Builder<'a> {
 
     fn finish(self) -> Plan {
         let mut changes = self.changes;
-        changes.sort_by(|a, b| address_key(&a.address).cmp(&address_key(&b.address)));
+        changes.sort_by_key(|a| address_key(&a.address));
         let mut deferred = self.deferred;
         deferred.sort_by(|a, b| a.address.cmp(&b.address));
         Plan {

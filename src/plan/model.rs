@@ -177,11 +177,8 @@ impl Plan {
     }
 
     pub fn depends_on(&self, id: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = self
-            .graph
-            .neighbors_directed(NodeIndex::new(id), Direction::Incoming)
-            .map(|n| n.index())
-            .collect();
+        let mut v: Vec<usize> =
+            self.graph.neighbors_directed(NodeIndex::new(id), Direction::Incoming).map(|n| n.index()).collect();
         v.sort_unstable();
         v
     }

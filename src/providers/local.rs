@@ -60,7 +60,9 @@ impl LocalProvider {
             let rec = path.join(RECORD_FILE);
             let text = match std::fs::read_to_string(&rec) {
                 Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::NotADirectory => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::NotADirectory => {
+                    continue;
+                }
                 Err(e) => return Err(self.io(e)),
             };
             let record: SandboxRecord = serde_json::from_str(&text).map_err(|e| ProviderError::Failed {

@@ -105,7 +105,8 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
             Detail::Grouped => {
                 let mut groups: BTreeMap<(String, &str), usize> = BTreeMap::new();
                 for c in &doc.resource_changes {
-                    *groups.entry((c.pool.clone().unwrap_or_else(|| "(none)".into()), action_word(c))).or_default() += 1;
+                    *groups.entry((c.pool.clone().unwrap_or_else(|| "(none)".into()), action_word(c))).or_default() +=
+                        1;
                 }
                 let _ = writeln!(o, "The plan is too large to list here, so it is summarised by pool.");
                 let _ = writeln!(o);
@@ -162,7 +163,10 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
         let _ = writeln!(o, "|---|---|---|---|");
         let mut cut = 0usize;
         for d in &doc.deferred {
-            let due = d.due_at.map(|t| format!("{} ({})", ts(&t), until(&t, &doc.planned_at))).unwrap_or_else(|| "when the provider allows".into());
+            let due = d
+                .due_at
+                .map(|t| format!("{} ({})", ts(&t), until(&t, &doc.planned_at)))
+                .unwrap_or_else(|| "when the provider allows".into());
             let row = format!("| {} | {} | {due} | {} |\n", code(&d.address), d.action.name(), escape(&d.reason));
             if o.len() + row.len() > BUDGET - 1_500 {
                 cut += 1;
