@@ -10,6 +10,9 @@ pub struct Cli {
     /// When to use colour: `auto` honours NO_COLOR and whether output is a terminal.
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
+    /// Write structured logs (tracing events such as `nimbus.machine.provision_start`) to stderr.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -21,12 +24,22 @@ pub enum ColorChoice {
     Never,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check a fleet file: syntax, types, and cross references. No network.
     Validate(FleetArg),
     /// Compare the fleet file with what exists and show what apply would do.
     Plan(PlanArgs),
+    /// Carry out a plan: from the fleet file (asks first), or a saved plan file.
+    Apply(ApplyArgs),
+    /// Show past runs, their actions and the event log from the journal.
+    History(HistoryArgs),
     /// Record what exists (an inventory) for offline planning.
     Discover(DiscoverArgs),
     /// Print the JSON schema of the fleet file (for editors).
@@ -62,6 +75,42 @@ pub struct PlanArgs {
     /// Plan against a recorded inventory (`nimbus discover -o`) instead of discovering.
     #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// A plan saved with `nimbus plan -out FILE`. It is refused when the fleet changed since.
+    #[arg(value_name = "PLANFILE")]
+    pub planfile: Option<PathBuf>,
+    /// Apply without asking.
+    #[arg(long)]
+    pub auto_approve: bool,
+    /// How many actions may run at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub parallelism: u32,
+    /// Journal database (default: `.nimbus/journal.db` beside the fleet file).
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// Journal database (default: `.nimbus/journal.db` beside the fleet file).
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
+    /// Show the actions of this run (`latest` for the newest).
+    #[arg(long, value_name = "ID")]
+    pub run: Option<String>,
+    /// How many runs and events to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

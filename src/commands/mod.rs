@@ -1,10 +1,12 @@
 //! The CLI's commands. Only this module builds real clients (providers,
 //! forge, SSH) and decides exit codes; stdout carries data, stderr status.
 
+mod apply;
 mod plan;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use miette::Diagnostic;
@@ -75,7 +77,12 @@ impl Output {
 /// Runs a parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> u8 {
     let out = Output::from_choice(cli.color);
+    if let Some(f) = cli.log_format {
+        crate::telemetry::init(f, out.stderr_color);
+    }
     let result = match cli.command {
+        Command::Apply(a) => apply::apply(&a, out, cli.log_format == Some(crate::cli::LogFormat::Json)),
+        Command::History(a) => apply::history(&a),
         Command::Validate(a) => validate(&a.file),
         Command::Plan(a) => plan::plan(&a, out),
         Command::Discover(a) => plan::discover(&a),
@@ -128,12 +135,14 @@ pub fn local_data_dir(loaded: &LoadedConfig, configured: Option<&Path>) -> PathB
 }
 
 /// Builds the providers the fleet file names.
-pub fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Box<dyn Provider>>, CommandError> {
-    let mut out: Vec<Box<dyn Provider>> = Vec::new();
+pub fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, CommandError> {
+    let mut out: Vec<Arc<dyn Provider>> = Vec::new();
     for (name, p) in &loaded.config.providers {
         match p {
-            ProviderConfig::Local { data_dir, .. } => {
-                out.push(Box::new(LocalProvider::new(name.clone(), local_data_dir(loaded, data_dir.as_deref()))));
+            ProviderConfig::Local { data_dir, action_delay, .. } => {
+                let p = LocalProvider::new(name.clone(), local_data_dir(loaded, data_dir.as_deref()))
+                    .with_delay(action_delay.map(|d| d.0).unwrap_or_default());
+                out.push(Arc::new(p));
             }
             ProviderConfig::Aws { .. } => {
                 return Err(CommandError::usage(

@@ -1,6 +1,7 @@
 //! `nimbus plan` and `nimbus discover`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use chrono::Utc;
 
@@ -9,14 +10,18 @@ use crate::cli::{DiscoverArgs, PlanArgs};
 use crate::config::{self, LoadedConfig};
 use crate::model::{Actual, Desired, INVENTORY_FORMAT_VERSION, Inventory};
 use crate::plan::plan as make_plan;
+use crate::providers::Provider;
 use crate::render::{FleetRef, Observed, PlanDocument, markdown, text};
 
 /// Discovers what exists for the fleet's tenant.
 pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
     let providers = build_providers(loaded)?;
-    let tenant = loaded.config.tenant.clone();
-    let actual = runtime().block_on(crate::discovery::discover(&tenant, &providers))?;
-    Ok(actual)
+    runtime().block_on(observe_with(loaded, &providers))
+}
+
+/// Discovers with providers already built.
+pub async fn observe_with(loaded: &LoadedConfig, providers: &[Arc<dyn Provider>]) -> Result<Actual, CommandError> {
+    Ok(crate::discovery::discover(&loaded.config.tenant, providers).await?)
 }
 
 fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> {

@@ -36,6 +36,24 @@ pub struct FleetConfig {
     /// Named groups of identical machines.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    /// The operator-side journal of runs, actions and events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<JournalConfig>,
+}
+
+/// Where the journal lives and how long it keeps rows.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Journal database, relative to the fleet file (default `.nimbus/journal.db`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// How long runs and their actions are kept (default `30d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_actions: Option<HumanDuration>,
+    /// How long events are kept (default `7d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_events: Option<HumanDuration>,
 }
 
 /// A machine provider.
@@ -51,6 +69,9 @@ pub enum ProviderConfig {
         /// Minimum time between creating and removing a machine's host (default `0s`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         min_allocation: Option<HumanDuration>,
+        /// An artificial delay added to every provider action, to watch an apply unfold (default `0s`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        action_delay: Option<HumanDuration>,
     },
     /// Amazon EC2: Linux instances, and macOS on dedicated hosts.
     Aws {

@@ -5,9 +5,13 @@
 
 pub mod local;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 
-use crate::model::{ActualMachine, Host};
+use crate::model::{ActualMachine, Host, MachineSpec};
+use crate::transport::Transport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -28,10 +32,72 @@ pub struct Discovered {
     pub machines: Vec<ActualMachine>,
 }
 
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchRequest {
+    pub tenant: String,
+    pub pool: String,
+    pub machine: String,
+    pub spec: MachineSpec,
+    pub host_id: Option<String>,
+}
+
+/// What to allocate.
+#[derive(Debug, Clone)]
+pub struct HostRequest {
+    pub tenant: String,
+    pub pool: String,
+    pub machine: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+}
+
+/// A machine as the provider addresses it.
+#[derive(Debug, Clone, Default)]
+pub struct MachineRef {
+    pub name: String,
+    pub instance_id: Option<String>,
+    pub address: Option<String>,
+}
+
 #[async_trait]
 pub trait Provider: Send + Sync {
     /// The provider's name in the fleet file.
     fn name(&self) -> &str;
+
     /// Finds this tenant's resources by their tags. Never returns another tenant's or untagged ones.
     async fn discover(&self, tenant: &str) -> Result<Discovered, ProviderError>;
+
+    /// Allocates a dedicated host, or finds the one already allocated for this machine (by tags).
+    async fn allocate_host(&self, req: &HostRequest) -> Result<String, ProviderError> {
+        Err(self.unsupported(&format!("dedicated hosts (for `{}`)", req.machine)))
+    }
+
+    /// Launches the machine, or finds the one already launched (by its deterministic name). Returns its id.
+    async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError>;
+
+    /// Terminates a machine. Terminating one that is already gone succeeds.
+    async fn terminate(&self, machine: &MachineRef) -> Result<(), ProviderError>;
+
+    /// Releases a dedicated host. The provider re-checks that it is idle and past its window.
+    async fn release_host(&self, host_id: &str) -> Result<(), ProviderError> {
+        Err(self.unsupported(&format!("releasing host `{host_id}`")))
+    }
+
+    /// A shell on the machine.
+    fn transport(&self, machine: &MachineRef) -> Result<Arc<dyn Transport>, ProviderError>;
+
+    /// Called once at the start of an apply, under the apply lock: clean up what a killed run left.
+    async fn prepare(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// How long to wait for a new machine to answer.
+    fn reachable_timeout(&self) -> Duration {
+        Duration::from_secs(600)
+    }
+
+    fn unsupported(&self, what: &str) -> ProviderError {
+        ProviderError::Failed { provider: self.name().to_string(), message: format!("{what} is not supported") }
+    }
 }

@@ -78,6 +78,29 @@ impl PlanDocument {
         }
     }
 
+    /// Rebuilds the action graph of a saved plan.
+    pub fn graph(&self) -> Result<petgraph::graph::DiGraph<Action, ()>, String> {
+        let mut g = petgraph::graph::DiGraph::new();
+        for (i, a) in self.actions.iter().enumerate() {
+            if a.id != i {
+                return Err(format!("action ids are not dense (found {} at position {i})", a.id));
+            }
+            g.add_node(a.action.clone());
+        }
+        for a in &self.actions {
+            for d in &a.depends_on {
+                if *d >= self.actions.len() {
+                    return Err(format!("action {} depends on unknown action {d}", a.id));
+                }
+                g.add_edge(petgraph::graph::NodeIndex::new(*d), petgraph::graph::NodeIndex::new(a.id), ());
+            }
+        }
+        if petgraph::algo::is_cyclic_directed(&g) {
+            return Err("the actions form a cycle".into());
+        }
+        Ok(g)
+    }
+
     pub fn has_changes(&self) -> bool {
         !self.actions.is_empty()
     }

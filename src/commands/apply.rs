@@ -1,0 +1,403 @@
+//! `nimbus apply` and `nimbus history`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::plan::observe_with;
+use super::{CommandError, Output, build_providers, exit, runtime, sha256_hex};
+use crate::apply::Applier;
+use crate::cli::{ApplyArgs, HistoryArgs};
+use crate::config::{self, LoadedConfig};
+use crate::exec::{ExecEvent, Outcome, execute};
+use crate::journal::{ApplyLock, Category, Journal, Retention};
+use crate::model::Desired;
+use crate::plan::{Action, ChangeAction, plan as make_plan};
+use crate::render::{FleetRef, Observed, PlanDocument, text};
+
+/// A saved plan made "as of" a time later than this is refused: it could release hosts early.
+const FUTURE_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+
+fn journal_path(loaded: &LoadedConfig, flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match loaded.config.journal.as_ref().and_then(|j| j.path.as_ref()) {
+        Some(p) => loaded.resolve(p),
+        None => loaded.base_dir.join(".nimbus").join("journal.db"),
+    }
+}
+
+fn retention(loaded: &LoadedConfig) -> Retention {
+    let d = Retention::default();
+    let j = loaded.config.journal.as_ref();
+    Retention {
+        actions: j.and_then(|j| j.retain_actions).map(|x| x.0).unwrap_or(d.actions),
+        events: j.and_then(|j| j.retain_events).map(|x| x.0).unwrap_or(d.events),
+    }
+}
+
+fn stale(message: String) -> CommandError {
+    CommandError::usage(format!("stale plan: {message}"), "run `nimbus plan -out FILE` again and apply the new plan")
+}
+
+fn confirm() -> bool {
+    eprint!("\nDo you want to perform these actions?\n  Only `yes` will be accepted to approve.\n\n  Enter a value: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    match std::io::stdin().lock().read_line(&mut line) {
+        Ok(0) | Err(_) => false,
+        Ok(_) => line.trim() == "yes",
+    }
+}
+
+fn actor() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, CommandError> {
+    // Which fleet file, and which plan.
+    let saved = match &args.planfile {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| CommandError::Io {
+                what: "read plan",
+                path: p.clone(),
+                source,
+            })?;
+            let doc: PlanDocument = serde_json::from_str(&text).map_err(|e| {
+                CommandError::usage(
+                    format!("`{}` is not a nimbus plan: {e}", p.display()),
+                    "save one with `nimbus plan -out FILE`",
+                )
+            })?;
+            if doc.format_version.split('.').next() != Some("1") {
+                return Err(CommandError::usage(
+                    format!("plan format {} is not supported", doc.format_version),
+                    "plan again with this nimbus",
+                ));
+            }
+            Some(doc)
+        }
+        None => None,
+    };
+    let fleet_file = match (&saved, args.fleet.file.as_path()) {
+        (Some(doc), f) if f == Path::new("fleet.yaml") && doc.fleet.is_some() => {
+            PathBuf::from(&doc.fleet.as_ref().expect("checked").path)
+        }
+        (_, f) => f.to_path_buf(),
+    };
+    let loaded = config::load(&fleet_file)?;
+    let journal_file = journal_path(&loaded, args.journal.as_deref());
+    let lock_file = journal_file.with_file_name("apply.lock");
+    let _lock = ApplyLock::acquire(&lock_file).map_err(|e| match e {
+        crate::journal::JournalError::Locked { holder, lock } => CommandError::usage(
+            format!("another apply of this fleet is running ({holder})"),
+            format!("wait for it to finish; the lock is `{}` and is released when that process exits", lock.display()),
+        ),
+        other => CommandError::usage(other.to_string(), "check that the journal folder is writable"),
+    })?;
+
+    let rt = runtime();
+    let providers = build_providers(&loaded)?;
+    rt.block_on(async {
+        for p in &providers {
+            p.prepare().await?;
+        }
+        Ok::<_, CommandError>(())
+    })?;
+    let actual = rt.block_on(observe_with(&loaded, &providers))?;
+    let desired = Desired::from_config(&loaded.config);
+    let now = Utc::now();
+
+    let doc = match saved {
+        Some(doc) => {
+            let fleet_sha = sha256_hex(loaded.source.as_bytes());
+            if doc.fleet.as_ref().map(|f| f.sha256.as_str()) != Some(fleet_sha.as_str()) {
+                return Err(stale(format!("`{}` changed since the plan was made", loaded.path.display())));
+            }
+            if doc.observed.as_ref().map(|o| o.fingerprint.as_str()) != Some(actual.fingerprint().as_str()) {
+                return Err(stale("the fleet's machines, hosts or runners changed since the plan was made".into()));
+            }
+            if doc.planned_at > now + FUTURE_SKEW {
+                return Err(CommandError::usage(
+                    format!("the plan was made as of {}, which is in the future", crate::render::ts(&doc.planned_at)),
+                    "a plan made with `--at` is for review only; plan without `--at` to apply",
+                ));
+            }
+            doc
+        }
+        None => {
+            let p = make_plan(&desired, &actual, now);
+            let doc = PlanDocument::from_plan(
+                &p,
+                Some(FleetRef {
+                    path: loaded.path.display().to_string(),
+                    sha256: sha256_hex(loaded.source.as_bytes()),
+                }),
+                Some(Observed { source: "discovery".into(), fingerprint: actual.fingerprint() }),
+            );
+            print!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
+            let _ = std::io::stdout().flush();
+            if doc.has_changes() && !args.auto_approve && !confirm() {
+                eprintln!("\nApply cancelled.");
+                return Ok(exit::ERROR);
+            }
+            doc
+        }
+    };
+    if !doc.has_changes() {
+        if args.planfile.is_some() {
+            println!("No changes.");
+        }
+        return Ok(exit::OK);
+    }
+
+    let graph = Arc::new(
+        doc.graph().map_err(|e| CommandError::usage(format!("the saved plan is damaged: {e}"), "plan again"))?,
+    );
+    let mut journal = Journal::open(&journal_file)
+        .map_err(|e| CommandError::usage(e.to_string(), "check that the journal folder is writable"))?;
+    let jerr = |e: crate::journal::JournalError| CommandError::usage(e.to_string(), "check the journal database");
+    let orphaned = journal.recover().map_err(jerr)?;
+    if orphaned > 0 {
+        eprintln!("note: {orphaned} action(s) of an interrupted run were marked ORPHANED; see `nimbus history`");
+    }
+    journal.prune(retention(&loaded)).map_err(jerr)?;
+    let run = journal.start_run("apply", &loaded.config.tenant, &loaded.path.display().to_string()).map_err(jerr)?;
+    let rows: Vec<(usize, String, String, serde_json::Value)> = doc
+        .actions
+        .iter()
+        .map(|a| {
+            (
+                a.id,
+                a.action.address.clone(),
+                a.action.kind.name().to_string(),
+                serde_json::to_value(&a.action.kind).unwrap_or_default(),
+            )
+        })
+        .collect();
+    journal.add_actions(run, &rows).map_err(jerr)?;
+    journal
+        .event(
+            Some(run),
+            Category::Audit,
+            "info",
+            &actor(),
+            &format!("apply started: {}", crate::render::summary_line(&doc.summary)),
+            Some(json!({ "run_id": run, "summary": doc.summary, "planfile": args.planfile })),
+        )
+        .map_err(jerr)?;
+    tracing::info!(event = "nimbus.apply.start", tenant = %loaded.config.tenant, run, actions = doc.actions.len(), "nimbus.apply.start");
+
+    let log_dir = journal_file.with_file_name("logs").join(format!("run-{run:05}"));
+    std::fs::create_dir_all(&log_dir).map_err(|source| CommandError::Io {
+        what: "create log folder",
+        path: log_dir.clone(),
+        source,
+    })?;
+    let applier = Arc::new(Applier::new(desired, &actual, providers.clone(), Some(log_dir)));
+
+    // Progress: per action on stderr, with a bar on a terminal.
+    let bar = if std::io::stderr().is_terminal() && !quiet_progress {
+        let b = ProgressBar::new(graph.node_count() as u64);
+        b.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} actions  {elapsed}").expect("template"));
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let started_at: std::cell::RefCell<HashMap<usize, Instant>> = Default::default();
+    let t0 = Instant::now();
+    let say = |line: String| {
+        if quiet_progress {
+            return;
+        }
+        if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
+    };
+    let action_of = |id: usize| -> &Action { &graph[petgraph::graph::NodeIndex::new(id)] };
+    let mut journal_errors = Vec::new();
+    let report = rt.block_on(execute(graph.clone(), applier, args.parallelism as usize, |ev| {
+        let stamp = format!("[{:>6.1}s]", t0.elapsed().as_secs_f64());
+        match ev {
+            ExecEvent::Started { id, log_path } => {
+                started_at.borrow_mut().insert(*id, Instant::now());
+                let a = action_of(*id);
+                say(format!("{stamp} {}: {}…", a.address, a.kind.name()));
+                if let Err(e) = journal.action_started(run, *id, log_path.as_deref()) {
+                    journal_errors.push(e.to_string());
+                }
+            }
+            ExecEvent::Finished { id, outcome, elapsed } => {
+                let a = action_of(*id);
+                let (status, code, error) = match outcome {
+                    Outcome::Success => {
+                        say(format!("{stamp} {}: {} done ({:.1}s)", a.address, a.kind.name(), elapsed.as_secs_f64()));
+                        ("SUCCESS", None, None)
+                    }
+                    Outcome::Failed(e) => {
+                        say(format!(
+                            "{stamp} {}: {} FAILED ({:.1}s): {}",
+                            a.address,
+                            a.kind.name(),
+                            elapsed.as_secs_f64(),
+                            e.message
+                        ));
+                        ("ERROR", e.exit_code, Some(e.message.clone()))
+                    }
+                    Outcome::Skipped { root_cause } => {
+                        say(format!("{stamp} {}: {} skipped (action {root_cause} failed)", a.address, a.kind.name()));
+                        ("SKIPPED", None, Some(format!("skipped: action {root_cause} failed")))
+                    }
+                };
+                bar.inc(1);
+                if let Err(e) = journal.action_finished(run, *id, status, code, error.as_deref()) {
+                    journal_errors.push(e.to_string());
+                }
+                if let Outcome::Failed(e) = outcome {
+                    let _ = journal.event(
+                        Some(run),
+                        Category::Error,
+                        "error",
+                        "nimbus",
+                        &format!("{} {} failed: {}", a.address, a.kind.name(), e.message),
+                        Some(json!({ "action_id": id, "exit_code": e.exit_code })),
+                    );
+                }
+            }
+        }
+    }));
+    bar.finish_and_clear();
+
+    // Which resource changes completed.
+    let mut done = crate::plan::Summary::default();
+    for c in &doc.resource_changes {
+        if c.action_ids.iter().all(|i| report.outcomes.get(i) == Some(&Outcome::Success)) {
+            for a in &c.actions {
+                match a {
+                    ChangeAction::Create => done.add += 1,
+                    ChangeAction::Update => done.change += 1,
+                    ChangeAction::Delete => done.destroy += 1,
+                }
+            }
+        }
+    }
+    let summary = json!({
+        "added": done.add, "changed": done.change, "destroyed": done.destroy,
+        "actions": report.outcomes.len(), "failed": report.root_causes.len(),
+        "skipped": report.count(|o| matches!(o, Outcome::Skipped { .. })),
+        "wall_ms": report.wall.as_millis() as u64,
+    });
+    journal.finish_run(run, report.succeeded(), &summary).map_err(jerr)?;
+    journal
+        .event(
+            Some(run),
+            Category::Audit,
+            "info",
+            &actor(),
+            &format!("apply finished: {}", if report.succeeded() { "success" } else { "error" }),
+            Some(summary.clone()),
+        )
+        .map_err(jerr)?;
+    tracing::info!(event = "nimbus.apply.complete", tenant = %loaded.config.tenant, run, duration_ms = report.wall.as_millis() as u64, success = report.succeeded(), "nimbus.apply.complete");
+    for e in journal_errors.iter().take(3) {
+        eprintln!("warning: journal: {e}");
+    }
+
+    let resources = format!("Resources: {} added, {} changed, {} destroyed.", done.add, done.change, done.destroy);
+    if report.succeeded() {
+        println!("\nApply complete! {resources}");
+        if !doc.deferred.is_empty() {
+            println!("{} action(s) remain deferred; see `nimbus plan`.", doc.deferred.len());
+        }
+        Ok(exit::OK)
+    } else {
+        eprintln!("\nApply failed. {resources}");
+        for id in &report.root_causes {
+            let a = action_of(*id);
+            if let Some(Outcome::Failed(e)) = report.outcomes.get(id) {
+                let skipped = report.count(|o| *o == Outcome::Skipped { root_cause: *id });
+                eprintln!("Error: {} {}: {}", a.address, a.kind.name(), e.message);
+                if skipped > 0 {
+                    eprintln!("  ({skipped} dependent action(s) skipped)");
+                }
+            }
+        }
+        eprintln!(
+            "hint: see `nimbus history --run {run}` and the logs under `{}`",
+            journal_file.with_file_name("logs").display()
+        );
+        Ok(exit::ERROR)
+    }
+}
+
+pub fn history(args: &HistoryArgs) -> Result<u8, CommandError> {
+    let loaded = config::load(&args.fleet.file)?;
+    let path = journal_path(&loaded, args.journal.as_deref());
+    if !path.exists() {
+        return Err(CommandError::usage(
+            format!("no journal at `{}`", path.display()),
+            "the journal is created by the first `nimbus apply`",
+        ));
+    }
+    let j = Journal::open(&path).map_err(|e| CommandError::usage(e.to_string(), "check the journal database"))?;
+    let jerr = |e: crate::journal::JournalError| CommandError::usage(e.to_string(), "check the journal database");
+    if let Some(run) = &args.run {
+        let id = if run == "latest" {
+            j.latest_run()
+                .map_err(jerr)?
+                .ok_or_else(|| CommandError::usage("the journal has no runs", "run `nimbus apply` first"))?
+        } else {
+            run.parse().map_err(|_| {
+                CommandError::usage(
+                    format!("`{run}` is not a run id"),
+                    "use a number from `nimbus history`, or `latest`",
+                )
+            })?
+        };
+        let actions = j.actions(id).map_err(jerr)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&actions).expect("serialises"));
+        } else {
+            println!("Run {id}: {} action(s)", actions.len());
+            for a in actions {
+                println!(
+                    "  {:>4}  {:<9} {:<22} {}{}{}",
+                    a.action_id,
+                    a.status,
+                    a.kind,
+                    a.address,
+                    a.error.map(|e| format!("  error: {e}")).unwrap_or_default(),
+                    a.log_path.map(|p| format!("  log: {p}")).unwrap_or_default()
+                );
+            }
+        }
+        return Ok(exit::OK);
+    }
+    let runs = j.runs(args.limit).map_err(jerr)?;
+    let events = j.events(args.limit).map_err(jerr)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json!({ "runs": runs, "events": events })).expect("serialises"));
+        return Ok(exit::OK);
+    }
+    println!("Runs (newest first):");
+    for r in &runs {
+        println!(
+            "  {:>5}  {:<11} {}  {}  {}",
+            r.id,
+            r.status,
+            r.started_at,
+            r.command,
+            r.summary.clone().unwrap_or_default()
+        );
+    }
+    println!("\nEvents (newest first):");
+    for e in &events {
+        println!("  {}  {:<6} {:<5} {:<10} {}", e.ts, e.category, e.level, e.actor, e.message);
+    }
+    Ok(exit::OK)
+}

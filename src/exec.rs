@@ -1,0 +1,161 @@
+//! The executor: walks a plan's DAG concurrently with bounded parallelism.
+//!
+//! An action starts once everything it depends on succeeded. When one fails,
+//! all its dependents are skipped (with the failed action as their root
+//! cause) and independent branches carry on. Progress flows out as
+//! [`ExecEvent`]s; the executor itself prints nothing.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use petgraph::Direction;
+use petgraph::graph::{DiGraph, NodeIndex};
+use tokio::task::JoinSet;
+
+use crate::plan::Action;
+
+/// Values actions hand to later ones (the host an allocation made, …), by action id.
+pub type Outputs = Arc<Mutex<HashMap<usize, String>>>;
+
+/// Why an action failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionError {
+    pub message: String,
+    /// Exit code of the command that failed, when there was one.
+    pub exit_code: Option<i32>,
+}
+
+impl ActionError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ActionError { message: message.into(), exit_code: None }
+    }
+}
+
+impl<E: std::error::Error> From<E> for ActionError {
+    fn from(e: E) -> Self {
+        ActionError::new(e.to_string())
+    }
+}
+
+/// Carries out single actions.
+#[async_trait]
+pub trait ActionRunner: Send + Sync + 'static {
+    async fn run(&self, id: usize, action: &Action, outputs: &Outputs) -> Result<(), ActionError>;
+    /// The file an action's output is logged to, if any.
+    fn log_path(&self, _id: usize, _action: &Action) -> Option<PathBuf> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failed(ActionError),
+    /// Not run because `root_cause` failed.
+    Skipped {
+        root_cause: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum ExecEvent {
+    Started { id: usize, log_path: Option<PathBuf> },
+    Finished { id: usize, outcome: Outcome, elapsed: Duration },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExecReport {
+    pub outcomes: BTreeMap<usize, Outcome>,
+    /// Failed actions (each reported once; their skipped dependents are not).
+    pub root_causes: Vec<usize>,
+    pub wall: Duration,
+}
+
+impl ExecReport {
+    pub fn succeeded(&self) -> bool {
+        self.root_causes.is_empty()
+    }
+    pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.outcomes.values().filter(|o| f(o)).count()
+    }
+}
+
+/// Runs every action of `graph`, at most `parallelism` at a time.
+pub async fn execute(
+    graph: Arc<DiGraph<Action, ()>>,
+    runner: Arc<dyn ActionRunner>,
+    parallelism: usize,
+    mut on_event: impl FnMut(&ExecEvent),
+) -> ExecReport {
+    let start = Instant::now();
+    let parallelism = parallelism.max(1);
+    let outputs: Outputs = Arc::default();
+    let mut waiting: HashMap<usize, usize> =
+        graph.node_indices().map(|n| (n.index(), graph.neighbors_directed(n, Direction::Incoming).count())).collect();
+    let mut ready: VecDeque<usize> = graph.node_indices().map(|n| n.index()).filter(|i| waiting[i] == 0).collect();
+    let mut report = ExecReport::default();
+    let mut running: JoinSet<(usize, Result<(), ActionError>, Duration)> = JoinSet::new();
+
+    loop {
+        while running.len() < parallelism {
+            let Some(id) = ready.pop_front() else { break };
+            let action = graph[NodeIndex::new(id)].clone();
+            on_event(&ExecEvent::Started { id, log_path: runner.log_path(id, &action) });
+            let (runner, outputs) = (runner.clone(), outputs.clone());
+            running.spawn(async move {
+                let t = Instant::now();
+                let r = runner.run(id, &action, &outputs).await;
+                (id, r, t.elapsed())
+            });
+        }
+        let Some(joined) = running.join_next().await else { break };
+        let (id, result, elapsed) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                // A panicking action: find it by elimination is not possible, so fail loudly.
+                panic!("an action task panicked: {e}");
+            }
+        };
+        match result {
+            Ok(()) => {
+                report.outcomes.insert(id, Outcome::Success);
+                on_event(&ExecEvent::Finished { id, outcome: Outcome::Success, elapsed });
+                for next in graph.neighbors_directed(NodeIndex::new(id), Direction::Outgoing) {
+                    let n = next.index();
+                    if report.outcomes.contains_key(&n) {
+                        continue;
+                    }
+                    let w = waiting.get_mut(&n).expect("node");
+                    *w -= 1;
+                    if *w == 0 {
+                        ready.push_back(n);
+                    }
+                }
+            }
+            Err(e) => {
+                let outcome = Outcome::Failed(e);
+                report.outcomes.insert(id, outcome.clone());
+                report.root_causes.push(id);
+                on_event(&ExecEvent::Finished { id, outcome, elapsed });
+                // Skip everything downstream.
+                let mut stack: Vec<NodeIndex> =
+                    graph.neighbors_directed(NodeIndex::new(id), Direction::Outgoing).collect();
+                while let Some(n) = stack.pop() {
+                    if report.outcomes.contains_key(&n.index()) {
+                        continue;
+                    }
+                    let skipped = Outcome::Skipped { root_cause: id };
+                    report.outcomes.insert(n.index(), skipped.clone());
+                    ready.retain(|r| *r != n.index());
+                    on_event(&ExecEvent::Finished { id: n.index(), outcome: skipped, elapsed: Duration::ZERO });
+                    stack.extend(graph.neighbors_directed(n, Direction::Outgoing));
+                }
+            }
+        }
+    }
+    report.wall = start.elapsed();
+    report
+}

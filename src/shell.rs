@@ -1,0 +1,41 @@
+//! POSIX shell quoting. Every value nimbus puts into a command line goes
+//! through [`quote`]; nothing is interpolated raw.
+
+/// Quotes `s` as one POSIX shell word: `'…'`, with embedded quotes as `'\''`.
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        if c == '\'' {
+            out.push_str("'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// `export NAME='value'` lines for an environment.
+pub fn exports(vars: &[(&str, &str)]) -> String {
+    vars.iter()
+        .map(|(k, v)| {
+            debug_assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            format!("export {k}={}\n", quote(v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_values_stay_one_word() {
+        for v in ["plain", "it's", "$(touch /tmp/x)", "`id`", "a\nb", "'; rm -rf / #", "\"\\$HOME\"", ""] {
+            let out =
+                std::process::Command::new("sh").arg("-c").arg(format!("printf %s {}", quote(v))).output().unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), v);
+        }
+    }
+}

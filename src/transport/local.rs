@@ -1,0 +1,90 @@
+//! The local transport: runs `sh -c` in a sandbox folder on this computer.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use super::{ExecOutput, Transport, TransportError, tail};
+
+pub struct LocalTransport {
+    machine: String,
+    root: PathBuf,
+}
+
+/// The state database's path inside a local sandbox's root.
+pub const LOCAL_STATE_PATH: &str = "var/lib/nimbus/state.db";
+
+impl LocalTransport {
+    /// `root` is the sandbox's file system root; scripts run there.
+    pub fn new(machine: impl Into<String>, root: impl Into<PathBuf>) -> Self {
+        LocalTransport { machine: machine.into(), root: root.into() }
+    }
+
+    fn io(&self, source: std::io::Error) -> TransportError {
+        TransportError::Io { machine: self.machine.clone(), source }
+    }
+}
+
+#[async_trait]
+impl Transport for LocalTransport {
+    fn machine(&self) -> &str {
+        &self.machine
+    }
+
+    fn state_path(&self) -> &str {
+        LOCAL_STATE_PATH
+    }
+
+    async fn exec(&self, script: &str, stdin: &[u8], log: Option<&Path>) -> Result<ExecOutput, TransportError> {
+        if !self.root.is_dir() {
+            return Err(TransportError::Unreachable {
+                machine: self.machine.clone(),
+                message: format!("sandbox `{}` does not exist", self.root.display()),
+            });
+        }
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script).current_dir(&self.root).stdin(Stdio::piped()).kill_on_drop(true);
+        cmd.env("HOME", &self.root);
+        match log {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| self.io(e))?;
+                let f2 = f.try_clone().map_err(|e| self.io(e))?;
+                cmd.stdout(Stdio::from(f)).stderr(Stdio::from(f2));
+            }
+            None => {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+        }
+        let mut child = cmd.spawn().map_err(|e| self.io(e))?;
+        let mut input = child.stdin.take().expect("stdin piped");
+        let data = stdin.to_vec();
+        let writer = tokio::spawn(async move {
+            let _ = input.write_all(&data).await;
+            drop(input);
+        });
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let (mut so, mut se) = (child.stdout.take(), child.stderr.take());
+        let read_out = async {
+            if let Some(s) = so.as_mut() {
+                let _ = s.read_to_end(&mut stdout).await;
+            }
+        };
+        let read_err = async {
+            if let Some(s) = se.as_mut() {
+                let _ = s.read_to_end(&mut stderr).await;
+            }
+        };
+        tokio::join!(read_out, read_err);
+        let status = child.wait().await.map_err(|e| self.io(e))?;
+        let _ = writer.await;
+        let stderr_tail = match log {
+            Some(p) => std::fs::read(p).map(|b| tail(&b, 400)).unwrap_or_default(),
+            None => tail(&stderr, 400),
+        };
+        Ok(ExecOutput { code: status.code().unwrap_or(-1), stdout, stderr_tail })
+    }
+}
