@@ -129,8 +129,17 @@ impl Applier {
                 }
             }
         }
-        // First contact: record who the machine is.
-        if machine_state::read(t.as_ref()).await?.is_none() {
+        // A pool with setup steps records the machine with its first step; otherwise record it now.
+        let has_setup = self.pool_of(machine).is_some_and(|p| !p.setup.is_empty());
+        if !has_setup && machine_state::read(t.as_ref()).await?.is_none() {
+            machine_state::write(t.as_ref(), &self.first_state(provider, machine)).await?;
+        }
+        Ok(())
+    }
+
+    /// The state a machine starts with: who it is, and its image.
+    fn first_state(&self, provider: &str, machine: &str) -> StateDb {
+        {
             let mut db = StateDb::default();
             let (_, pool, _) = parse_machine_name(machine).unwrap_or(("", "", 0));
             for (k, v) in [
@@ -146,9 +155,8 @@ impl Applier {
             if let Some(p) = self.pool_of(machine) {
                 db.images.push((p.spec.image.clone(), crate::render::ts(&chrono::Utc::now())));
             }
-            machine_state::write(t.as_ref(), &db).await?;
+            db
         }
-        Ok(())
     }
 
     async fn run_setup(
@@ -166,7 +174,10 @@ impl Applier {
             .iter()
             .find(|p| p.name == pool)
             .ok_or_else(|| ActionError::new(format!("pool `{pool}` is not in the fleet file")))?;
-        let mut db = machine_state::read(t.as_ref()).await?.unwrap_or_default();
+        let mut db = match machine_state::read(t.as_ref()).await? {
+            Some(db) => db,
+            None => self.first_state(provider, machine),
+        };
         for step in steps {
             let (position, spec) =
                 pool_spec.setup.iter().enumerate().find(|(_, s)| s.name == step.name).ok_or_else(|| {

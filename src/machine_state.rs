@@ -245,12 +245,20 @@ pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
 pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
     let bytes =
         db.to_bytes().map_err(|e| StateError::Corrupt { machine: t.machine().into(), message: e.to_string() })?;
+    let path = t.state_path();
+    let dir = match path.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &path[..i],
+        None => ".",
+    };
+    // Few processes (cat, wc, mv): this runs twice per setup step on every machine.
     let script = format!(
-        "set -e; p={path}; d=$(dirname \"$p\"); mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
+        "set -e; p={path}; d={dir}; [ -d \"$d\" ] || mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
          trap 'rm -f \"$t\"' EXIT; cat > \"$t\"; \
-         n=$(wc -c < \"$t\" | tr -d ' '); if [ \"$n\" != {len} ]; then exit {SHORT_WRITE}; fi; \
+         n=$(($(wc -c < \"$t\"))); if [ \"$n\" -ne {len} ]; then exit {SHORT_WRITE}; fi; \
          mv -f \"$t\" \"$p\"; trap - EXIT",
-        path = quote(t.state_path()),
+        path = quote(path),
+        dir = quote(dir),
         len = bytes.len(),
     );
     let out = t.exec(&script, &bytes, None).await?;

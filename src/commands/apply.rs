@@ -195,7 +195,10 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
         .map_err(jerr)?;
     tracing::info!(event = "nimbus.apply.start", tenant = %loaded.config.tenant, run, actions = doc.actions.len(), "nimbus.apply.start");
 
-    let log_dir = journal_file.with_file_name("logs").join(format!("run-{run:05}"));
+    // Absolute, so the journal's log paths work from any folder.
+    let log_dir = std::path::absolute(journal_file.with_file_name("logs"))
+        .unwrap_or_else(|_| journal_file.with_file_name("logs"))
+        .join(format!("run-{run:05}"));
     std::fs::create_dir_all(&log_dir).map_err(|source| CommandError::Io {
         what: "create log folder",
         path: log_dir.clone(),

@@ -1,0 +1,94 @@
+//! Crash safety: a 5-machine apply is killed (SIGKILL) at many points and
+//! run again. Every time the fleet converges, with no duplicate machine, no
+//! leaked sandbox or temporary file, and the journal explains the crash.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const FLEET: &str = r#"version: 1
+tenant: crash
+providers:
+  local:
+    type: local
+    action_delay: 40ms
+pools:
+  - name: p
+    provider: local
+    count: 5
+    machine: {os: linux, arch: x86_64, image: img}
+    setup:
+      - name: a
+        run: sleep 0.05; echo a >> a.count
+      - name: b
+        run: sleep 0.05; echo b >> b.count
+      - name: c
+        run: sleep 0.05; echo c >> c.count
+"#;
+
+fn nimbus(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nimbus")).args(args).current_dir(dir).env("NO_COLOR", "1").output().unwrap()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn killed_applies_converge_on_rerun() {
+    let mut orphaned_seen = 0;
+    let mut partial_seen = 0;
+    for step in 0..16u64 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fleet.yaml"), FLEET).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(["apply", "--auto-approve", "--parallelism", "2"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20 + step * 45));
+        // SIGKILL: no cleanup runs.
+        let _ = child.kill();
+        let _ = child.wait();
+        let data = dir.path().join(".nimbus/local");
+        let before = entries(&data).iter().filter(|n| !n.starts_with('.')).count();
+        if before < 5 {
+            partial_seen += 1;
+        }
+
+        let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+        assert_eq!(o.status.code(), Some(0), "kill at step {step}: {}", String::from_utf8_lossy(&o.stderr));
+        if String::from_utf8_lossy(&o.stderr).contains("ORPHANED") {
+            orphaned_seen += 1;
+        }
+        // Exactly the five machines; nothing half-built or half-removed.
+        let names = entries(&data);
+        let want: Vec<String> = (0..5).map(|i| format!("nimbus.crash.p.{i}")).collect();
+        assert_eq!(names, want, "kill at step {step}");
+        for m in &want {
+            let root = data.join(m).join("root");
+            for f in ["a.count", "b.count", "c.count"] {
+                assert!(root.join(f).exists(), "kill at step {step}: {m} lacks {f}");
+            }
+            // Orphaned scripts of the killed run may still be finishing; give them a moment.
+            let state_dir = root.join("var/lib/nimbus");
+            for _ in 0..50 {
+                if entries(&state_dir) == ["state.db"] {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(entries(&state_dir), ["state.db"], "kill at step {step}: temporary state file left on {m}");
+        }
+        let plan = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+        assert_eq!(plan.status.code(), Some(0), "kill at step {step}: {}", String::from_utf8_lossy(&plan.stdout));
+    }
+    assert!(partial_seen >= 3, "kills should land mid-run (only {partial_seen} did)");
+    assert!(orphaned_seen >= 1, "no kill left an EXECUTING action to orphan");
+}
