@@ -114,7 +114,11 @@ impl Applier {
 
     async fn wait_reachable(&self, provider: &str, machine: &str) -> Result<(), ActionError> {
         let p = self.provider(provider)?;
-        let t = p.transport(&self.machine_ref(machine))?;
+        let r = self.machine_ref(machine);
+        p.wait_running(&r).await?;
+        let Some(t) = p.transport(&r)? else {
+            return Ok(()); // this fleet does not reach machines (no `ssh:`)
+        };
         let deadline = Instant::now() + p.reachable_timeout();
         let mut delay = Duration::from_millis(100);
         loop {
@@ -167,7 +171,9 @@ impl Applier {
         steps: &[crate::plan::StepRef],
         log: Option<&PathBuf>,
     ) -> Result<(), ActionError> {
-        let t: Arc<dyn Transport> = self.provider(provider)?.transport(&self.machine_ref(machine))?;
+        let t: Arc<dyn Transport> = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+            ActionError::new(format!("`{machine}` cannot be reached to run setup: the fleet file has no `ssh:` section"))
+        })?;
         let pool_spec = self
             .desired
             .pools

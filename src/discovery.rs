@@ -1,14 +1,20 @@
 //! Discovery: builds [`Actual`] from the providers (by tags), the forge's
-//! runner list and the machines' own state, read-only and in parallel.
+//! runner list and the machines' own state databases, read-only and in
+//! parallel (machines a bounded number at a time). A machine that cannot be
+//! reached is recorded as unreachable, never guessed.
 
 use std::sync::Arc;
 
 use futures::future::join_all;
+use futures::stream::{self, StreamExt};
 
-use crate::model::Actual;
-use crate::providers::{Provider, ProviderError};
+use crate::model::{Actual, ActualMachine, InstanceState, MachineState, OnMachine};
+use crate::providers::{MachineRef, Provider, ProviderError};
 
-/// Runs every provider's discovery concurrently and merges the results.
+/// How many machines' state is read at once.
+pub const READ_CONCURRENCY: usize = 16;
+
+/// Runs every provider's discovery concurrently, then reads each running machine's state.
 pub async fn discover(tenant: &str, providers: &[Arc<dyn Provider>]) -> Result<Actual, ProviderError> {
     let results = join_all(providers.iter().map(|p| p.discover(tenant))).await;
     let mut actual = Actual::default();
@@ -17,5 +23,33 @@ pub async fn discover(tenant: &str, providers: &[Arc<dyn Provider>]) -> Result<A
         actual.hosts.extend(d.hosts);
         actual.machines.extend(d.machines);
     }
+    let machines = std::mem::take(&mut actual.machines);
+    actual.machines = stream::iter(machines)
+        .map(|m| read_state(m, providers))
+        .buffered(READ_CONCURRENCY)
+        .collect()
+        .await;
     Ok(actual)
+}
+
+async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>]) -> ActualMachine {
+    if m.state != InstanceState::Running || m.on_machine != OnMachine::NotRead {
+        return m;
+    }
+    let Some(p) = providers.iter().find(|p| p.name() == m.provider) else { return m };
+    let r = MachineRef {
+        name: m.name().unwrap_or(&m.instance_id).to_string(),
+        instance_id: Some(m.instance_id.clone()),
+        address: m.address.clone(),
+    };
+    m.on_machine = match p.transport(&r) {
+        Ok(None) => OnMachine::NotRead,
+        Err(e) => OnMachine::Unreachable { reason: e.to_string() },
+        Ok(Some(t)) => match crate::machine_state::read(t.as_ref()).await {
+            Ok(Some(db)) => OnMachine::Read { state: db.to_model() },
+            Ok(None) => OnMachine::Read { state: MachineState::default() },
+            Err(e) => OnMachine::Unreachable { reason: e.to_string() },
+        },
+    };
+    m
 }

@@ -104,7 +104,7 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     })?;
 
     let rt = runtime();
-    let providers = build_providers(&loaded)?;
+    let providers = rt.block_on(build_providers(&loaded))?;
     rt.block_on(async {
         for p in &providers {
             p.prepare().await?;

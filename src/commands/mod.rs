@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::{Cli, ColorChoice, Command};
 use crate::config::{self, ConfigError, LoadedConfig, ProviderConfig};
+use crate::providers::aws::{AwsProvider, AwsSettings};
 use crate::providers::{Provider, ProviderError, local::LocalProvider};
 
 /// Exit codes, Terraform's convention.
@@ -135,7 +136,7 @@ pub fn local_data_dir(loaded: &LoadedConfig, configured: Option<&Path>) -> PathB
 }
 
 /// Builds the providers the fleet file names.
-pub fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, CommandError> {
+pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, CommandError> {
     let mut out: Vec<Arc<dyn Provider>> = Vec::new();
     for (name, p) in &loaded.config.providers {
         match p {
@@ -144,11 +145,15 @@ pub fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, 
                     .with_delay(action_delay.map(|d| d.0).unwrap_or_default());
                 out.push(Arc::new(p));
             }
-            ProviderConfig::Aws { .. } => {
-                return Err(CommandError::usage(
-                    format!("provider `{name}` is of type `aws`, which this build cannot reach yet"),
-                    "plan it offline with `--inventory FILE`, or use the `local` provider",
-                ));
+            ProviderConfig::Aws { region, min_allocation, subnet_id, security_group_ids, key_name } => {
+                let settings = AwsSettings {
+                    region: region.clone(),
+                    min_allocation: min_allocation.map(|d| d.0),
+                    subnet_id: subnet_id.clone(),
+                    security_group_ids: security_group_ids.clone(),
+                    key_name: key_name.clone(),
+                };
+                out.push(Arc::new(AwsProvider::new(name, &loaded.config.tenant, settings).await?));
             }
         }
     }

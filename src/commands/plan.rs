@@ -15,8 +15,10 @@ use crate::render::{FleetRef, Observed, PlanDocument, markdown, text};
 
 /// Discovers what exists for the fleet's tenant.
 pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
-    let providers = build_providers(loaded)?;
-    runtime().block_on(observe_with(loaded, &providers))
+    runtime().block_on(async {
+        let providers = build_providers(loaded).await?;
+        observe_with(loaded, &providers).await
+    })
 }
 
 /// Discovers with providers already built.

@@ -170,6 +170,15 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                     )),
                     Some(_) => {}
                 }
+                if c.ssh.is_none() && (!pool.setup.is_empty() || pool.runner.is_some()) {
+                    out.push(problem(
+                        at(if pool.setup.is_empty() { "runner" } else { "setup" }),
+                        At::Key,
+                        format!("pool `{}` runs commands on its machines, but the fleet file has no `ssh:` section", pool.name),
+                        "needs ssh",
+                        "add `ssh:` (user, key, known_hosts, and a proxy_command such as SSM) so nimbus can reach AWS machines".to_string(),
+                    ));
+                }
                 if pool.machine.os == Os::Macos && pool.machine.availability_zone.is_none() {
                     out.push(problem(
                         at("machine"),

@@ -16,11 +16,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::{Discovered, LaunchRequest, MachineRef, Provider, ProviderError};
-use crate::model::{ActualMachine, InstanceState, MachineState, OnMachine, Tags, machine_tags, owned_by};
+use crate::model::{ActualMachine, InstanceState, OnMachine, Tags, machine_tags, owned_by};
 use crate::transport::Transport;
 use crate::transport::local::LocalTransport;
 
@@ -36,8 +35,6 @@ pub struct SandboxRecord {
 }
 
 pub const RECORD_FILE: &str = "nimbus.json";
-/// How many machines' state is read at once.
-const READ_CONCURRENCY: usize = 16;
 
 pub struct LocalProvider {
     name: String,
@@ -148,37 +145,22 @@ impl Provider for LocalProvider {
     async fn discover(&self, tenant: &str) -> Result<Discovered, ProviderError> {
         let mine: Vec<(PathBuf, SandboxRecord)> =
             self.records()?.into_iter().filter(|(_, r)| owned_by(&r.tags, tenant)).collect();
-        // Read each machine's own state, a bounded number at a time.
-        let machines: Vec<ActualMachine> = stream::iter(mine)
-            .map(|(path, rec)| async move {
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let on_machine = if rec.state == InstanceState::Running {
-                    let t = LocalTransport::new(name.clone(), path.join("root"));
-                    match crate::machine_state::read(&t).await {
-                        Ok(Some(db)) => OnMachine::Read { state: db.to_model() },
-                        Ok(None) => OnMachine::Read { state: MachineState::default() },
-                        Err(e) => OnMachine::Unreachable { reason: e.to_string() },
-                    }
-                } else {
-                    OnMachine::NotRead
-                };
-                ActualMachine {
-                    provider: self.name.clone(),
-                    instance_id: name,
-                    tags: rec.tags,
-                    state: rec.state,
-                    image: rec.image,
-                    instance_type: rec.instance_type,
-                    availability_zone: None,
-                    host_id: None,
-                    launched_at: rec.launched_at,
-                    address: None,
-                    on_machine,
-                }
+        let machines = mine
+            .into_iter()
+            .map(|(path, rec)| ActualMachine {
+                provider: self.name.clone(),
+                instance_id: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                tags: rec.tags,
+                state: rec.state,
+                image: rec.image,
+                instance_type: rec.instance_type,
+                availability_zone: None,
+                host_id: None,
+                launched_at: rec.launched_at,
+                address: None,
+                on_machine: OnMachine::NotRead,
             })
-            .buffered(READ_CONCURRENCY)
-            .collect()
-            .await;
+            .collect();
         Ok(Discovered { hosts: Vec::new(), machines })
     }
 
@@ -224,9 +206,9 @@ impl Provider for LocalProvider {
         std::fs::remove_dir_all(&trash).map_err(|e| self.io(e))
     }
 
-    fn transport(&self, machine: &MachineRef) -> Result<Arc<dyn Transport>, ProviderError> {
+    fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
         let dir = self.sandbox(&machine.name)?;
-        Ok(Arc::new(LocalTransport::new(machine.name.clone(), dir.join("root"))))
+        Ok(Some(Arc::new(LocalTransport::new(machine.name.clone(), dir.join("root")))))
     }
 
     async fn prepare(&self) -> Result<(), ProviderError> {

@@ -3,6 +3,7 @@
 //! provider actions. The network sits behind this trait; the planner never
 //! sees it.
 
+pub mod aws;
 pub mod local;
 
 use std::sync::Arc;
@@ -84,8 +85,13 @@ pub trait Provider: Send + Sync {
         Err(self.unsupported(&format!("releasing host `{host_id}`")))
     }
 
-    /// A shell on the machine.
-    fn transport(&self, machine: &MachineRef) -> Result<Arc<dyn Transport>, ProviderError>;
+    /// Waits until the provider reports the machine running (before trying to reach it).
+    async fn wait_running(&self, _machine: &MachineRef) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// A shell on the machine; `None` when this fleet cannot reach machines (no `ssh:`).
+    fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError>;
 
     /// Called once at the start of an apply, under the apply lock: clean up what a killed run left.
     async fn prepare(&self) -> Result<(), ProviderError> {
