@@ -1,16 +1,18 @@
 # Test peers, sourced by scripts/test.sh: installs what the tests need on a
-# fresh machine (Debian packages, later a Python venv and npm packages under
-# the ignored .peers/ folder) and starts the peers on 127.0.0.1.
+# fresh machine (Debian packages, a Python venv under the ignored .peers/
+# folder) and starts the peers on 127.0.0.1 only. peers_stop ends them.
 # shellcheck shell=bash
 
 PEERS_DIR="${PEERS_DIR:-$PWD/.peers}"
 APT_UPDATED=0
+PEER_PIDS=()
 
 ensure_apt() {
   local missing=()
   for spec in "$@"; do
-    local cmd="${spec%%:*}" pkg="${spec##*:}"
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    local check="${spec%%:*}" pkg="${spec##*:}"
+    if [[ "$check" == /* ]]; then [ -e "$check" ] || missing+=("$pkg")
+    else command -v "$check" >/dev/null 2>&1 || missing+=("$pkg"); fi
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
@@ -23,12 +25,60 @@ ensure_apt() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_http() { # url, name
+  for _ in $(seq 1 150); do
+    if curl -s -o /dev/null "$1"; then return 0; fi
+    sleep 0.2
+  done
+  echo "peers: $2 did not start" >&2
+  return 1
+}
+
+# moto stands in for EC2. Its DescribeHosts drops every host when a `tag:KEY`
+# filter is given (Host.get_filter_value knows no tags); real EC2 supports
+# that filter, so nimbus uses it, and we teach moto the same.
+start_moto() {
+  local venv="$PEERS_DIR/venv"
+  if [ ! -x "$venv/bin/moto_server" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.*' >/dev/null
+  fi
+  "$venv/bin/python" - <<'PY'
+import pathlib, moto.ec2.models.hosts as h
+p = pathlib.Path(h.__file__)
+s = p.read_text()
+marker = "# nimbus: tag filters"
+if marker not in s:
+    old = '        if filter_name == "instance-type":\n            return self.instance_type\n        return None\n'
+    new = ('        if filter_name == "instance-type":\n            return self.instance_type\n'
+           '        if filter_name.startswith("tag:"):  ' + marker + '\n'
+           '            return super().get_filter_value(filter_name, method_name)\n        return None\n')
+    if old not in s:
+        raise SystemExit("peers: moto's hosts.py changed; cannot apply the tag filter patch")
+    p.write_text(s.replace(old, new))
+PY
+  local port
+  port=$(free_port)
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PEERS_DIR/moto.log" 2>&1 &
+  PEER_PIDS+=($!)
+  wait_http "http://127.0.0.1:$port/" moto
+  export NIMBUS_MOTO_URL="http://127.0.0.1:$port"
+  echo "peers: moto on $NIMBUS_MOTO_URL" >&2
+}
+
 peers_start() {
   mkdir -p "$PEERS_DIR"
-  # The sqlite3 command reads the on-machine state database in tests, as a person would.
-  ensure_apt sqlite3:sqlite3
+  ensure_apt sqlite3:sqlite3 curl:curl
+  start_moto
 }
 
 peers_stop() {
-  :
+  for pid in "${PEER_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
 }

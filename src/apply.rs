@@ -171,9 +171,12 @@ impl Applier {
         steps: &[crate::plan::StepRef],
         log: Option<&PathBuf>,
     ) -> Result<(), ActionError> {
-        let t: Arc<dyn Transport> = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
-            ActionError::new(format!("`{machine}` cannot be reached to run setup: the fleet file has no `ssh:` section"))
-        })?;
+        let t: Arc<dyn Transport> =
+            self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+                ActionError::new(format!(
+                    "`{machine}` cannot be reached to run setup: the fleet file has no `ssh:` section"
+                ))
+            })?;
         let pool_spec = self
             .desired
             .pools

@@ -24,11 +24,8 @@ pub async fn discover(tenant: &str, providers: &[Arc<dyn Provider>]) -> Result<A
         actual.machines.extend(d.machines);
     }
     let machines = std::mem::take(&mut actual.machines);
-    actual.machines = stream::iter(machines)
-        .map(|m| read_state(m, providers))
-        .buffered(READ_CONCURRENCY)
-        .collect()
-        .await;
+    actual.machines =
+        stream::iter(machines).map(|m| read_state(m, providers)).buffered(READ_CONCURRENCY).collect().await;
     Ok(actual)
 }
 

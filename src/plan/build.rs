@@ -563,6 +563,10 @@ impl<'a> Builder<'a> {
             }
             // Launched but never set up (an apply stopped early): continue from the start.
             (OnMachine::NotRead, InstanceState::Pending) => MachineState::default(),
+            // Nothing on the machine to check for this pool.
+            (OnMachine::NotRead, _) if pool.setup.is_empty() && (pool.runner.is_none() || self.runners.is_none()) => {
+                return;
+            }
             (OnMachine::NotRead, _) => {
                 self.warnings.push(Warning {
                     address: addr,

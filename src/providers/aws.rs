@@ -27,9 +27,21 @@ use chrono::{DateTime, Utc};
 
 use super::{Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::model::{
-    ActualMachine, Host, HostState, InstanceState, OnMachine, Tags, default_min_allocation, machine_tags, owned_by, tags,
+    ActualMachine, Host, HostState, InstanceState, OnMachine, Tags, default_min_allocation, machine_tags, owned_by,
+    tags,
 };
 use crate::transport::Transport;
+
+/// Every EC2 operation this provider calls; `examples/aws-mac/iam-policy.json` must allow each.
+pub const EC2_OPERATIONS: &[&str] = &[
+    "DescribeHosts",
+    "DescribeInstances",
+    "AllocateHosts",
+    "RunInstances",
+    "CreateTags",
+    "TerminateInstances",
+    "ReleaseHosts",
+];
 
 /// A token bucket: `capacity` requests at once, refilled at `rate` per second.
 pub struct TokenBucket {
@@ -40,7 +52,11 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(capacity: u32, rate: f64) -> Self {
-        TokenBucket { capacity: f64::from(capacity), rate, state: tokio::sync::Mutex::new((f64::from(capacity), Instant::now())) }
+        TokenBucket {
+            capacity: f64::from(capacity),
+            rate,
+            state: tokio::sync::Mutex::new((f64::from(capacity), Instant::now())),
+        }
     }
 
     pub async fn acquire(&self) {
@@ -196,6 +212,7 @@ impl AwsProvider {
     }
 
     fn count(&self, op: &'static str) {
+        debug_assert!(EC2_OPERATIONS.contains(&op), "{op} is missing from EC2_OPERATIONS");
         *self.calls.lock().expect("lock").entry(op).or_default() += 1;
     }
 
@@ -210,11 +227,18 @@ impl AwsProvider {
     }
 
     fn tenant_filters(&self) -> Vec<Filter> {
-        vec![filter(&format!("tag:{}", tags::TENANT), &[&self.tenant]), filter(&format!("tag:{}", tags::MANAGED_BY), &[tags::MANAGED_BY_VALUE])]
+        vec![
+            filter(&format!("tag:{}", tags::TENANT), &[&self.tenant]),
+            filter(&format!("tag:{}", tags::MANAGED_BY), &[tags::MANAGED_BY_VALUE]),
+        ]
     }
 
     /// This tenant's hosts (paginated; one call per page).
-    async fn list_hosts(&self, extra: Vec<Filter>, ids: Vec<String>) -> Result<Vec<aws_sdk_ec2::types::Host>, ProviderError> {
+    async fn list_hosts(
+        &self,
+        extra: Vec<Filter>,
+        ids: Vec<String>,
+    ) -> Result<Vec<aws_sdk_ec2::types::Host>, ProviderError> {
         let mut out = Vec::new();
         let mut next: Option<String> = None;
         loop {
@@ -222,7 +246,9 @@ impl AwsProvider {
             self.count("DescribeHosts");
             let mut req = self.client.describe_hosts().set_next_token(next.take());
             if ids.is_empty() {
-                req = req.set_filter(Some(self.tenant_filters().into_iter().chain(extra.clone()).collect())).max_results(100);
+                req = req
+                    .set_filter(Some(self.tenant_filters().into_iter().chain(extra.clone()).collect()))
+                    .max_results(100);
             } else {
                 req = req.set_host_ids(Some(ids.clone()));
             }
@@ -271,8 +297,18 @@ impl AwsProvider {
         self.count("DescribeInstances");
         let r = self.client.describe_instances().instance_ids(id).send().await;
         match r {
-            Ok(page) => Ok(page.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(id)).cloned()),
-            Err(e) if format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e)).contains("InvalidInstanceID.NotFound") => Ok(None),
+            Ok(page) => Ok(page
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find(|i| i.instance_id() == Some(id))
+                .cloned()),
+            Err(e)
+                if format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e))
+                    .contains("InvalidInstanceID.NotFound") =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(sdk_err(&self.name, "DescribeInstances", e)),
         }
     }
@@ -341,11 +377,7 @@ impl Provider for AwsProvider {
                 }
                 Host {
                     provider: self.name.clone(),
-                    instance_type: h
-                        .host_properties()
-                        .and_then(|p| p.instance_type())
-                        .unwrap_or_default()
-                        .to_string(),
+                    instance_type: h.host_properties().and_then(|p| p.instance_type()).unwrap_or_default().to_string(),
                     availability_zone: h.availability_zone().unwrap_or_default().to_string(),
                     state: host_state(h.state()),
                     allocated_at: to_chrono(h.allocation_time()),
@@ -395,8 +427,11 @@ impl Provider for AwsProvider {
 
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
         let tags = machine_tags(&req.tenant, &req.pool, &req.machine);
-        let existing =
-            self.list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])]).await?.into_iter().find(|i| {
+        let existing = self
+            .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
+            .await?
+            .into_iter()
+            .find(|i| {
                 tag_map(i.tags()).get(tags::MACHINE) == Some(&req.machine)
                     && !instance_state(i.state().and_then(|s| s.name())).is_gone()
             });
@@ -412,7 +447,8 @@ impl Provider for AwsProvider {
             self.create_tags(h, &tags).await?;
             placement = placement.host_id(h).tenancy(Tenancy::Host);
         }
-        let itype = req.spec.instance_type.clone().ok_or_else(|| err(&self.name, "RunInstances", "no instance_type"))?;
+        let itype =
+            req.spec.instance_type.clone().ok_or_else(|| err(&self.name, "RunInstances", "no instance_type"))?;
         self.limits.run_instances.acquire().await;
         self.count("RunInstances");
         let out = self
@@ -425,9 +461,18 @@ impl Provider for AwsProvider {
             .client_token(self.token("instance", &req.machine))
             .placement(placement.build())
             .set_subnet_id(self.settings.subnet_id.clone())
-            .set_security_group_ids(if self.settings.security_group_ids.is_empty() { None } else { Some(self.settings.security_group_ids.clone()) })
+            .set_security_group_ids(if self.settings.security_group_ids.is_empty() {
+                None
+            } else {
+                Some(self.settings.security_group_ids.clone())
+            })
             .set_key_name(self.settings.key_name.clone())
-            .tag_specifications(TagSpecification::builder().resource_type(ResourceType::Instance).set_tags(Some(aws_tags(&tags))).build())
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(aws_tags(&tags)))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| sdk_err(&self.name, "RunInstances", e))?;
@@ -439,7 +484,10 @@ impl Provider for AwsProvider {
     }
 
     async fn wait_running(&self, machine: &MachineRef) -> Result<(), ProviderError> {
-        let id = machine.instance_id.clone().ok_or_else(|| err(&self.name, "wait", format!("`{}` has no instance id", machine.name)))?;
+        let id = machine
+            .instance_id
+            .clone()
+            .ok_or_else(|| err(&self.name, "wait", format!("`{}` has no instance id", machine.name)))?;
         let deadline = Instant::now() + Duration::from_secs(900);
         let mut delay = Duration::from_millis(200);
         loop {
@@ -455,17 +503,29 @@ impl Provider for AwsProvider {
     }
 
     async fn terminate(&self, machine: &MachineRef) -> Result<(), ProviderError> {
-        let id = machine.instance_id.clone().ok_or_else(|| err(&self.name, "terminate", format!("`{}` has no instance id", machine.name)))?;
+        let id = machine
+            .instance_id
+            .clone()
+            .ok_or_else(|| err(&self.name, "terminate", format!("`{}` has no instance id", machine.name)))?;
         let Some(i) = self.describe_instance(&id).await? else { return Ok(()) };
         if !owned_by(&tag_map(i.tags()), &self.tenant) {
-            return Err(err(&self.name, "TerminateInstances", format!("refusing: instance `{id}` is not tagged for tenant `{}`", self.tenant)));
+            return Err(err(
+                &self.name,
+                "TerminateInstances",
+                format!("refusing: instance `{id}` is not tagged for tenant `{}`", self.tenant),
+            ));
         }
         if instance_state(i.state().and_then(|s| s.name())).is_gone() {
             return Ok(());
         }
         self.limits.mutate.acquire().await;
         self.count("TerminateInstances");
-        self.client.terminate_instances().instance_ids(&id).send().await.map_err(|e| sdk_err(&self.name, "TerminateInstances", e))?;
+        self.client
+            .terminate_instances()
+            .instance_ids(&id)
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "TerminateInstances", e))?;
         Ok(())
     }
 
@@ -473,14 +533,19 @@ impl Provider for AwsProvider {
         // moto enforces none of AWS's host rules, and AWS bills early releases anyway: check them here.
         let host = self.list_hosts(vec![], vec![host_id.to_string()]).await?.into_iter().next();
         let Some(h) = host else {
-            return Err(err(&self.name, "ReleaseHosts", format!("refusing: host `{host_id}` is not tagged for tenant `{}`", self.tenant)));
+            return Err(err(
+                &self.name,
+                "ReleaseHosts",
+                format!("refusing: host `{host_id}` is not tagged for tenant `{}`", self.tenant),
+            ));
         };
         if host_state(h.state()) == HostState::Released {
             return Ok(());
         }
         let busy = !h.instances().is_empty()
             || self.list_instances(vec![]).await?.iter().any(|i| {
-                i.placement().and_then(|p| p.host_id()) == Some(host_id) && !instance_state(i.state().and_then(|s| s.name())).is_gone()
+                i.placement().and_then(|p| p.host_id()) == Some(host_id)
+                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
             });
         if busy {
             return Err(err(&self.name, "ReleaseHosts", format!("refusing: host `{host_id}` still has an instance")));
@@ -491,12 +556,21 @@ impl Provider for AwsProvider {
             return Err(err(
                 &self.name,
                 "ReleaseHosts",
-                format!("refusing: host `{host_id}` is inside its minimum allocation window until {}", crate::render::ts(&due)),
+                format!(
+                    "refusing: host `{host_id}` is inside its minimum allocation window until {}",
+                    crate::render::ts(&due)
+                ),
             ));
         }
         self.limits.mutate.acquire().await;
         self.count("ReleaseHosts");
-        let out = self.client.release_hosts().host_ids(host_id).send().await.map_err(|e| sdk_err(&self.name, "ReleaseHosts", e))?;
+        let out = self
+            .client
+            .release_hosts()
+            .host_ids(host_id)
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "ReleaseHosts", e))?;
         if let Some(u) = out.unsuccessful().first() {
             return Err(err(&self.name, "ReleaseHosts", format!("{:?}", u.error())));
         }

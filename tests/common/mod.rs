@@ -1,0 +1,63 @@
+//! Shared helpers for tests that need a peer (moto, sshd, Prism). A missing
+//! peer skips the test on a developer's machine, and fails it when
+//! `NIMBUS_REQUIRE_PEERS=1` (as `scripts/test.sh` and CI set).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+pub fn require_peers() -> bool {
+    std::env::var("NIMBUS_REQUIRE_PEERS").is_ok_and(|v| v == "1")
+}
+
+/// The peer's URL from `var`, or `None` (skip) when absent outside CI.
+pub fn peer(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) => {
+            // Tests talk to loopback only.
+            let host = url.split("://").nth(1).unwrap_or(&url);
+            assert!(host.starts_with("127.") || host.starts_with("localhost"), "{var}={url} is not on loopback");
+            Some(url)
+        }
+        Err(_) if require_peers() => {
+            panic!("{what} is required (NIMBUS_REQUIRE_PEERS=1) but {var} is not set; run `bash scripts/test.sh`")
+        }
+        Err(_) => {
+            eprintln!("skipping: {what} is not running ({var} unset); `bash scripts/test.sh` starts it");
+            None
+        }
+    }
+}
+
+/// Environment that points the AWS SDK at moto, never at AWS.
+pub fn aws_env(moto: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL_EC2", moto.to_string()),
+        ("AWS_ENDPOINT_URL", moto.to_string()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_CONFIG_FILE", "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+    ]
+}
+
+pub fn nimbus_env(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
+    cmd.args(args).current_dir(dir).env("NO_COLOR", "1").env_remove("AWS_PROFILE").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("nimbus runs")
+}
+
+pub fn text(o: &Output) -> String {
+    format!("--- stdout\n{}--- stderr\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A tenant name no other test uses.
+pub fn unique_tenant(prefix: &str) -> String {
+    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{:x}", n % 0xffff_ffff)
+}
