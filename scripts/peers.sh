@@ -70,10 +70,50 @@ PY
   echo "peers: moto on $NIMBUS_MOTO_URL" >&2
 }
 
+# A real OpenSSH server on 127.0.0.1 stands in for machines.
+start_sshd() {
+  ensure_apt /usr/sbin/sshd:openssh-server nc:netcat-openbsd ssh-keygen:openssh-client
+  local dir="$PEERS_DIR/sshd"
+  mkdir -p "$dir" /run/sshd 2>/dev/null || mkdir -p "$dir"
+  [ -f "$dir/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C nimbus-test-host -f "$dir/host_ed25519"
+  [ -f "$dir/client_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C nimbus-test-client -f "$dir/client_ed25519"
+  cp "$dir/client_ed25519.pub" "$dir/authorized_keys"
+  local port
+  port=$(free_port)
+  cat >"$dir/sshd_config" <<CFG
+Port $port
+ListenAddress 127.0.0.1
+HostKey $dir/host_ed25519
+AuthorizedKeysFile $dir/authorized_keys
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+PidFile $dir/sshd.pid
+LogLevel VERBOSE
+MaxStartups 100:30:200
+MaxSessions 100
+CFG
+  "$(command -v sshd || echo /usr/sbin/sshd)" -D -e -f "$dir/sshd_config" 2>"$dir/sshd.log" &
+  PEER_PIDS+=($!)
+  for _ in $(seq 1 100); do
+    nc -z 127.0.0.1 "$port" 2>/dev/null && break
+    sleep 0.1
+  done
+  export NIMBUS_SSHD_URL="ssh://127.0.0.1:$port"
+  export NIMBUS_SSHD_KEY="$dir/client_ed25519"
+  export NIMBUS_SSHD_HOST_KEY="$dir/host_ed25519.pub"
+  export NIMBUS_SSHD_USER="$(id -un)"
+  echo "peers: sshd on $NIMBUS_SSHD_URL" >&2
+}
+
 peers_start() {
   mkdir -p "$PEERS_DIR"
   ensure_apt sqlite3:sqlite3 curl:curl
   start_moto
+  start_sshd
 }
 
 peers_stop() {

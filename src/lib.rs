@@ -16,6 +16,7 @@ pub mod model;
 pub mod plan;
 pub mod providers;
 pub mod render;
+pub mod secrets;
 pub mod shell;
 pub mod telemetry;
 #[doc(hidden)]

@@ -14,8 +14,10 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::{Cli, ColorChoice, Command};
 use crate::config::{self, ConfigError, LoadedConfig, ProviderConfig};
+use crate::providers::MachineRef;
 use crate::providers::aws::{AwsProvider, AwsSettings};
 use crate::providers::{Provider, ProviderError, local::LocalProvider};
+use crate::transport::ssh::{JumpHost, SshAuth, SshConnector, SshSettings};
 
 /// Exit codes, Terraform's convention.
 pub mod exit {
@@ -135,6 +137,49 @@ pub fn local_data_dir(loaded: &LoadedConfig, configured: Option<&Path>) -> PathB
     }
 }
 
+/// The SSH connector of the fleet file's `ssh:` section, with its key read.
+pub fn ssh_connector(loaded: &LoadedConfig) -> Result<Option<Arc<SshConnector>>, CommandError> {
+    let Some(ssh) = &loaded.config.ssh else { return Ok(None) };
+    let auth = match &ssh.key {
+        None => SshAuth::Agent,
+        Some(r) => {
+            let text = crate::secrets::read("ssh.key", r, &loaded.base_dir)
+                .map_err(|e| CommandError::usage(e.to_string(), "set the variable or fix the path in `ssh.key`"))?;
+            let key = russh::keys::decode_secret_key(&text, None).map_err(|e| {
+                // The error never includes the key.
+                CommandError::usage(
+                    format!("`ssh.key` is not a usable private key: {e}"),
+                    "use an unencrypted OpenSSH or PEM private key",
+                )
+            })?;
+            SshAuth::Key(Arc::new(key))
+        }
+    };
+    let known_hosts = match &ssh.known_hosts {
+        Some(p) => loaded.resolve(&crate::secrets::expand_home(p)),
+        None => loaded.base_dir.join(".nimbus").join("known_hosts"),
+    };
+    let jump = match &ssh.jump_host {
+        Some(j) => Some(JumpHost::parse(j, &ssh.user).ok_or_else(|| {
+            CommandError::usage(
+                format!("`ssh.jump_host` `{j}` is not `user@host:port`"),
+                "e.g. `jump_host: ec2-user@bastion.example.com:22`",
+            )
+        })?),
+        None => None,
+    };
+    Ok(Some(SshConnector::new(SshSettings {
+        user: ssh.user.clone(),
+        port: ssh.port.unwrap_or(22),
+        auth,
+        known_hosts,
+        proxy_command: ssh.proxy_command.clone(),
+        jump,
+        connect_timeout: ssh.connect_timeout.map(|d| d.0).unwrap_or(std::time::Duration::from_secs(20)),
+        state_path: ssh.state_path.clone().unwrap_or_else(|| crate::transport::ssh::REMOTE_STATE_PATH.to_string()),
+    })))
+}
+
 /// Builds the providers the fleet file names.
 pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, CommandError> {
     let mut out: Vec<Arc<dyn Provider>> = Vec::new();
@@ -153,7 +198,16 @@ pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provid
                     security_group_ids: security_group_ids.clone(),
                     key_name: key_name.clone(),
                 };
-                out.push(Arc::new(AwsProvider::new(name, &loaded.config.tenant, settings).await?));
+                let mut aws = AwsProvider::new(name, &loaded.config.tenant, settings).await?;
+                if let Some(ssh) = ssh_connector(loaded)? {
+                    let through_proxy = ssh.settings().proxy_command.is_some();
+                    aws = aws.with_transport(Arc::new(move |m: &MachineRef| {
+                        // Behind a proxy (SSM) `%h` is the instance id; otherwise connect to the address.
+                        let host = if through_proxy { m.instance_id.clone() } else { m.address.clone() }?;
+                        Some(ssh.transport(&m.name, &host))
+                    }));
+                }
+                out.push(Arc::new(aws));
             }
         }
     }

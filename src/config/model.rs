@@ -158,6 +158,13 @@ pub struct SshConfig {
     /// Port (default 22).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Where the state database lives on machines (default `/var/lib/nimbus/state.db`);
+    /// `{machine}` is replaced by the machine's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_path: Option<String>,
+    /// Seconds to wait for one SSH connection (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<HumanDuration>,
 }
 
 /// A named group of identical machines.

@@ -6,6 +6,7 @@
 //! on stdin, never on the command line.
 
 pub mod local;
+pub mod ssh;
 
 use std::path::Path;
 
