@@ -21,4 +21,4 @@ if [ -x scripts/peers.sh ]; then
 fi
 
 cargo fmt --check
-cargo test --locked "$@"
+cargo test --locked --no-fail-fast "$@"

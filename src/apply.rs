@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tracing::Instrument;
 
+use crate::config::{Arch, Os, RunnerMode};
 use crate::exec::{ActionError, ActionRunner, Outputs};
+use crate::forge::{Forge, Registration};
 use crate::machine_state::{self, StateDb};
 use crate::model::{Actual, Desired, StepStatus, parse_machine_name};
 use crate::plan::{Action, ActionKind, HostRef};
@@ -64,7 +66,12 @@ pub struct Applier {
     providers: HashMap<String, Arc<dyn Provider>>,
     machines: Mutex<HashMap<String, MachineRef>>,
     log_dir: Option<PathBuf>,
+    forge: Option<Arc<dyn Forge>>,
+    runner_dir: String,
 }
+
+/// Where the runner agent goes on a machine unless the fleet file says otherwise.
+pub const DEFAULT_RUNNER_DIR: &str = "$HOME/actions-runner";
 
 impl Applier {
     pub fn new(desired: Desired, actual: &Actual, providers: Vec<Arc<dyn Provider>>, log_dir: Option<PathBuf>) -> Self {
@@ -91,7 +98,103 @@ impl Applier {
             desired,
             machines: Mutex::new(machines),
             log_dir,
+            forge: None,
+            runner_dir: DEFAULT_RUNNER_DIR.to_string(),
         }
+    }
+
+    /// Runner actions go to this forge; the agent is installed in `runner_dir` (`{machine}` replaced).
+    pub fn with_forge(mut self, forge: Arc<dyn Forge>, runner_dir: Option<String>) -> Self {
+        self.forge = Some(forge);
+        if let Some(d) = runner_dir {
+            self.runner_dir = d;
+        }
+        self
+    }
+
+    fn forge(&self) -> Result<&Arc<dyn Forge>, ActionError> {
+        self.forge.as_ref().ok_or_else(|| ActionError::new("no forge is configured"))
+    }
+
+    async fn register_runner(
+        &self,
+        provider: &str,
+        machine: &str,
+        labels: &[String],
+        mode: RunnerMode,
+        log: Option<&PathBuf>,
+    ) -> Result<(), ActionError> {
+        let forge = self.forge()?;
+        let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+            ActionError::new(format!(
+                "`{machine}` cannot be reached to install its runner: the fleet file has no `ssh:` section"
+            ))
+        })?;
+        let pool = self.pool_of(machine);
+        let (os, arch) = match pool.map(|p| (p.spec.os, p.spec.arch)) {
+            Some((Os::Macos, a)) => ("osx", a),
+            Some((Os::Linux, a)) => ("linux", a),
+            None => ("linux", Arch::X86_64),
+        };
+        let arch = if arch == Arch::Arm64 { "arm64" } else { "x64" };
+        let ephemeral = mode == RunnerMode::Ephemeral;
+        let registration = forge.register(machine, labels, ephemeral).await?;
+        // A runner dir given with `$HOME` is left to the shell; anything else is quoted.
+        let dir = self.runner_dir.replace("{machine}", machine);
+        let dir_word = match dir.strip_prefix("$HOME/") {
+            Some(rest) => format!("\"$HOME\"/{}", shell::quote(rest)),
+            None => shell::quote(&dir),
+        };
+        let install = format!(
+            "set -e\nIFS= read -r secret\ndir={dir_word}\nif [ ! -x \"$dir/config.sh\" ]; then\n  mkdir -p \"$dir\"; cd \"$dir\"\n  if command -v curl >/dev/null; then curl -fsSL {url} -o runner.tgz; else wget -q -O runner.tgz {url}; fi\n  tar xzf runner.tgz; rm -f runner.tgz\nfi\ncd \"$dir\"\n",
+            url = shell::quote(&forge.runner_download_url(os, arch)),
+        );
+        let (script, secret, runner_id) = match &registration {
+            Registration::Token { url, token } => (
+                format!(
+                    "{install}./config.sh --unattended --replace --url {} --token \"$secret\" --name {} --labels {}\n\
+                     if [ -x ./svc.sh ]; then (sudo -n ./svc.sh install 2>/dev/null || ./svc.sh install) && (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start); fi\n",
+                    shell::quote(url),
+                    shell::quote(machine),
+                    shell::quote(&labels.join(",")),
+                ),
+                token,
+                None,
+            ),
+            Registration::Jit { runner_id, config } => (
+                format!("{install}nohup ./run.sh --jitconfig \"$secret\" >/dev/null 2>&1 &\n"),
+                config,
+                Some(*runner_id),
+            ),
+        };
+        // The token travels on stdin, never on a command line nimbus builds, and is not logged.
+        let stdin = format!("{}\n", secret.expose());
+        let out = t.exec(&script, stdin.as_bytes(), log.map(|p| p.as_path())).await?;
+        if out.code != 0 {
+            if let Some(id) = runner_id {
+                let _ = forge.delete_runner(id).await;
+            }
+            return Err(ActionError {
+                message: format!(
+                    "installing the runner on `{machine}` failed (exit {}): {}",
+                    out.code, out.stderr_tail
+                ),
+                exit_code: Some(out.code),
+            });
+        }
+        let mut db = match machine_state::read(t.as_ref()).await? {
+            Some(db) => db,
+            None => self.first_state(provider, machine),
+        };
+        db.runner = Some(crate::machine_state::RunnerRow {
+            name: machine.to_string(),
+            labels: labels.to_vec(),
+            mode: if ephemeral { "ephemeral".into() } else { "persistent".into() },
+            registered_at: crate::render::ts(&chrono::Utc::now()),
+            runner_id: runner_id.map(|i| i as i64),
+        });
+        machine_state::write(t.as_ref(), &db).await?;
+        Ok(())
     }
 
     fn provider(&self, name: &str) -> Result<&Arc<dyn Provider>, ActionError> {
@@ -288,11 +391,14 @@ impl Applier {
                 let log = self.log_path(id, action);
                 self.run_setup(provider, pool, machine, steps, log.as_ref()).await
             }
-            ActionKind::RegisterRunner { .. }
-            | ActionKind::UpdateRunnerLabels { .. }
-            | ActionKind::DeregisterRunner { .. } => {
-                Err(ActionError::new("no forge client is configured in this build of nimbus"))
+            ActionKind::RegisterRunner { provider, machine, labels, mode, .. } => {
+                let log = self.log_path(id, action);
+                self.register_runner(provider, machine, labels, *mode, log.as_ref()).await
             }
+            ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {
+                Ok(self.forge()?.set_labels(*runner_id, labels).await?)
+            }
+            ActionKind::DeregisterRunner { runner_id, .. } => Ok(self.forge()?.delete_runner(*runner_id).await?),
             ActionKind::TerminateInstance { provider, machine, instance_id } => {
                 let mut r = self.machine_ref(machine);
                 r.instance_id = Some(instance_id.clone());

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 
+use crate::forge::Forge;
 use crate::model::{Actual, ActualMachine, InstanceState, MachineState, OnMachine};
 use crate::providers::{MachineRef, Provider, ProviderError};
 
@@ -16,7 +17,23 @@ pub const READ_CONCURRENCY: usize = 16;
 
 /// Runs every provider's discovery concurrently, then reads each running machine's state.
 pub async fn discover(tenant: &str, providers: &[Arc<dyn Provider>]) -> Result<Actual, ProviderError> {
-    let results = join_all(providers.iter().map(|p| p.discover(tenant))).await;
+    discover_with_forge(tenant, providers, None).await
+}
+
+/// Like [`discover`], also reading the forge's runners.
+pub async fn discover_with_forge(
+    tenant: &str,
+    providers: &[Arc<dyn Provider>],
+    forge: Option<&dyn Forge>,
+) -> Result<Actual, ProviderError> {
+    let runners = async {
+        match forge {
+            Some(f) => f.list_runners(tenant).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (results, runners) = tokio::join!(join_all(providers.iter().map(|p| p.discover(tenant))), runners);
+    let runners = runners.map_err(|e| ProviderError::Failed { provider: "forge".into(), message: e.to_string() })?;
     let mut actual = Actual::default();
     for r in results {
         let d = r?;
@@ -26,6 +43,7 @@ pub async fn discover(tenant: &str, providers: &[Arc<dyn Provider>]) -> Result<A
     let machines = std::mem::take(&mut actual.machines);
     actual.machines =
         stream::iter(machines).map(|m| read_state(m, providers)).buffered(READ_CONCURRENCY).collect().await;
+    actual.runners = runners;
     Ok(actual)
 }
 

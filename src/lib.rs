@@ -10,6 +10,7 @@ pub mod config;
 pub mod diagnostics;
 pub mod discovery;
 pub mod exec;
+pub mod forge;
 pub mod journal;
 pub mod machine_state;
 pub mod model;

@@ -11,7 +11,6 @@ use std::time::Duration;
 use common::peer;
 use nimbus::machine_state::{self, StateDb};
 use nimbus::model::StepStatus;
-use nimbus::transport::Transport;
 use nimbus::transport::ssh::{JumpHost, SshAuth, SshConnector, SshSettings, expand_proxy_command};
 
 struct Sshd {

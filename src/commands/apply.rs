@@ -204,7 +204,11 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
         path: log_dir.clone(),
         source,
     })?;
-    let applier = Arc::new(Applier::new(desired, &actual, providers.clone(), Some(log_dir)));
+    let mut applier = Applier::new(desired, &actual, providers.clone(), Some(log_dir));
+    if let Some(f) = super::build_forge(&loaded)? {
+        applier = applier.with_forge(f, super::runner_dir(&loaded));
+    }
+    let applier = Arc::new(applier);
 
     // Progress: per action on stderr, with a bar on a terminal.
     let bar = if std::io::stderr().is_terminal() && !quiet_progress {

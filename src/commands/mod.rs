@@ -13,7 +13,9 @@ use miette::Diagnostic;
 use sha2::{Digest, Sha256};
 
 use crate::cli::{Cli, ColorChoice, Command};
-use crate::config::{self, ConfigError, LoadedConfig, ProviderConfig};
+use crate::config::{self, ConfigError, ForgeConfig, LoadedConfig, ProviderConfig};
+use crate::forge::Forge;
+use crate::forge::github::GitHubForge;
 use crate::providers::MachineRef;
 use crate::providers::aws::{AwsProvider, AwsSettings};
 use crate::providers::{Provider, ProviderError, local::LocalProvider};
@@ -134,6 +136,44 @@ pub fn local_data_dir(loaded: &LoadedConfig, configured: Option<&Path>) -> PathB
     match configured {
         Some(p) => loaded.resolve(p),
         None => loaded.base_dir.join(".nimbus").join("local"),
+    }
+}
+
+/// The forge of the fleet file's `forge:` section, with the App key read.
+pub fn build_forge(loaded: &LoadedConfig) -> Result<Option<Arc<dyn Forge>>, CommandError> {
+    let Some(ForgeConfig::Github {
+        app_id,
+        installation_id,
+        private_key,
+        org,
+        api_url,
+        runner_group_id,
+        runner_download_url,
+        ..
+    }) = &loaded.config.forge
+    else {
+        return Ok(None);
+    };
+    let pem = crate::secrets::read("forge.private_key", private_key, &loaded.base_dir)
+        .map_err(|e| CommandError::usage(e.to_string(), "set the variable or fix the path in `forge.private_key`"))?;
+    let forge = GitHubForge::new(
+        api_url.as_deref(),
+        *app_id,
+        *installation_id,
+        &pem,
+        org,
+        *runner_group_id,
+        runner_download_url.as_deref(),
+    )
+    .map_err(|e| CommandError::usage(e.to_string(), "use the App's private key as downloaded from GitHub (PEM)"))?;
+    Ok(Some(Arc::new(forge)))
+}
+
+/// Where runners are installed on machines (`forge.runner_dir`).
+pub fn runner_dir(loaded: &LoadedConfig) -> Option<String> {
+    match &loaded.config.forge {
+        Some(ForgeConfig::Github { runner_dir, .. }) => runner_dir.clone(),
+        None => None,
     }
 }
 

@@ -23,7 +23,8 @@ pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
 
 /// Discovers with providers already built.
 pub async fn observe_with(loaded: &LoadedConfig, providers: &[Arc<dyn Provider>]) -> Result<Actual, CommandError> {
-    Ok(crate::discovery::discover(&loaded.config.tenant, providers).await?)
+    let forge = super::build_forge(loaded)?;
+    Ok(crate::discovery::discover_with_forge(&loaded.config.tenant, providers, forge.as_deref()).await?)
 }
 
 fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> {

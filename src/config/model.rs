@@ -128,12 +128,15 @@ pub enum ForgeConfig {
         /// REST API base URL (GitHub Enterprise Server, or a test peer).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         api_url: Option<String>,
-        /// Runner group to register into (default: the org's default group).
+        /// Numeric id of the runner group to register into (default 1, the org's default group).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        runner_group: Option<String>,
-        /// Where machines download the runner agent from.
+        runner_group_id: Option<u64>,
+        /// Where machines download the runner agent; `{os}` (`linux`/`osx`) and `{arch}` (`x64`/`arm64`) are filled in.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         runner_download_url: Option<String>,
+        /// Where the runner agent is installed on machines (default `~/actions-runner`); `{machine}` is replaced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runner_dir: Option<String>,
     },
 }
 
