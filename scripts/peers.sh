@@ -109,11 +109,38 @@ CFG
   echo "peers: sshd on $NIMBUS_SSHD_URL" >&2
 }
 
+# Prism serves GitHub's official OpenAPI description (@octokit/openapi) and
+# validates every request nimbus sends; patched to accept the vnd.github
+# media type (scripts/patch_github_spec.py).
+start_prism() {
+  ensure_apt npm:npm openssl:openssl
+  local node="$PEERS_DIR/node"
+  if [ ! -x "$node/node_modules/.bin/prism" ] || [ ! -f "$node/node_modules/@octokit/openapi/generated/api.github.com.json" ]; then
+    mkdir -p "$node"
+    npm install --prefix "$node" --no-audit --no-fund --loglevel=error @stoplight/prism-cli@5 @octokit/openapi >/dev/null
+  fi
+  [ -f "$PEERS_DIR/github.json" ] || python3 scripts/patch_github_spec.py \
+    "$node/node_modules/@octokit/openapi/generated/api.github.com.json" "$PEERS_DIR/github.json"
+  [ -f "$PEERS_DIR/app-key.pem" ] || openssl genrsa -out "$PEERS_DIR/app-key.pem" 2048 2>/dev/null
+  local port
+  port=$(free_port)
+  "$node/node_modules/.bin/prism" mock -h 127.0.0.1 -p "$port" "$PEERS_DIR/github.json" >"$PEERS_DIR/prism.log" 2>&1 &
+  PEER_PIDS+=($!)
+  for _ in $(seq 1 300); do
+    if curl -s -o /dev/null -H 'Accept: application/vnd.github+json' "http://127.0.0.1:$port/orgs/acme/actions/runners"; then break; fi
+    sleep 0.5
+  done
+  export NIMBUS_PRISM_URL="http://127.0.0.1:$port"
+  export NIMBUS_TEST_APP_KEY="$PEERS_DIR/app-key.pem"
+  echo "peers: prism (GitHub API) on $NIMBUS_PRISM_URL" >&2
+}
+
 peers_start() {
   mkdir -p "$PEERS_DIR"
   ensure_apt sqlite3:sqlite3 curl:curl
   start_moto
   start_sshd
+  start_prism
 }
 
 peers_stop() {

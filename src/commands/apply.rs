@@ -104,6 +104,8 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     })?;
 
     let rt = runtime();
+    // Clients (octocrab) spawn helpers on the runtime when built.
+    let _in_runtime = rt.enter();
     let providers = rt.block_on(build_providers(&loaded))?;
     rt.block_on(async {
         for p in &providers {
