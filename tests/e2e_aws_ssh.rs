@@ -157,3 +157,105 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The whole chain with a forge: AWS (moto) → SSH (proxy_command to sshd) →
+/// setup → runner installed and registered (stateful fake forge, whose
+/// request shapes the Prism contract tests cover) → no changes → scale down →
+/// runner deregistered, instance terminated, host release deferred.
+#[test]
+fn aws_ssh_and_forge_end_to_end() {
+    use std::sync::{Arc, Once};
+
+    use nimbus::apply::Applier;
+    use nimbus::forge::Forge;
+    use nimbus::forge::fake::FakeForge;
+    use nimbus::providers::aws::{AwsProvider, AwsSettings};
+    use nimbus::providers::{MachineRef, Provider};
+    use nimbus::transport::ssh::{SshAuth, SshConnector, SshSettings};
+
+    let Some(p) = peers() else { return };
+    static ENV: Once = Once::new();
+    ENV.call_once(|| {
+        for (k, v) in aws_env(&p.moto) {
+            // SAFETY: set once, before any AWS client exists in this process, same values for all tests.
+            unsafe { std::env::set_var(k, v) };
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = unique_tenant("forge");
+    let d = dir.path().display().to_string();
+    let fleet = |count: u32| {
+        format!(
+            "version: 1\ntenant: {tenant}\nproviders:\n  aws: {{type: aws, region: us-east-1}}\nforge:\n  type: github\n  app_id: 1\n  installation_id: 2\n  private_key: {{env: UNUSED}}\n  org: acme\nssh:\n  user: {u}\n  proxy_command: \"nc 127.0.0.1 {port}\"\npools:\n  - name: mac\n    provider: aws\n    count: {count}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0abc, availability_zone: us-east-1a}}\n    runner: {{labels: [linux, big]}}\n    setup:\n      - name: base\n        run: mkdir -p \"{d}/machines/$NIMBUS_MACHINE\"\n",
+            u = p.ssh_user,
+            port = p.ssh_port
+        )
+    };
+    let desired =
+        |count: u32| nimbus::model::Desired::from_config(&nimbus::config::parse("fleet.yaml", &fleet(count)).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ssh = SshConnector::new(SshSettings {
+        user: p.ssh_user.clone(),
+        port: p.ssh_port,
+        auth: SshAuth::Key(Arc::new(russh::keys::load_secret_key(&p.ssh_key, None).unwrap())),
+        known_hosts: dir.path().join("known_hosts"),
+        proxy_command: Some(format!("nc 127.0.0.1 {}", p.ssh_port)),
+        jump: None,
+        connect_timeout: std::time::Duration::from_secs(5),
+        state_path: format!("{d}/machines/{{machine}}/state.db"),
+    });
+    let provider: Arc<dyn Provider> = Arc::new(
+        rt.block_on(AwsProvider::new(
+            "aws",
+            &tenant,
+            AwsSettings { region: Some("us-east-1".into()), ..Default::default() },
+        ))
+        .unwrap()
+        .with_transport(Arc::new(move |m: &MachineRef| Some(ssh.transport(&m.name, m.instance_id.as_deref()?)))),
+    );
+    let forge = Arc::new(FakeForge::new(fake_runner(dir.path())));
+    let actual = || {
+        rt.block_on(nimbus::discovery::discover_with_forge(
+            &tenant,
+            &[provider.clone()],
+            Some(forge.as_ref() as &dyn Forge),
+        ))
+        .unwrap()
+    };
+    let apply = |want: &nimbus::model::Desired| {
+        let a = actual();
+        let plan = nimbus::plan::plan(want, &a, chrono::Utc::now());
+        let applier = Applier::new(want.clone(), &a, vec![provider.clone()], Some(dir.path().join("logs")))
+            .with_forge(forge.clone(), Some(format!("{d}/machines/{{machine}}/actions-runner")));
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let report = rt.block_on(nimbus::exec::execute(Arc::new(plan.graph.clone()), Arc::new(applier), 10, |_| {}));
+        assert!(report.succeeded(), "{:?}", report.outcomes);
+        // The machine side: configured runners appear on the forge.
+        for entry in std::fs::read_dir(dir.path().join("machines")).unwrap().flatten() {
+            let runner = entry.path().join("actions-runner");
+            if let Ok(cfg) = std::fs::read_to_string(runner.join(".runner-config")) {
+                let lines: Vec<&str> = cfg.lines().collect();
+                let token = std::fs::read_to_string(runner.join(".credentials")).unwrap();
+                let labels: Vec<String> = lines[1].split(',').map(str::to_string).collect();
+                forge.runner_configured(&token, lines[0], &labels).unwrap();
+                std::fs::remove_file(runner.join(".runner-config")).unwrap();
+            }
+        }
+        plan
+    };
+
+    let two = desired(2);
+    let first = apply(&two);
+    assert_eq!(first.summary().add, 2);
+    assert_eq!(forge.runners().len(), 2);
+    let again = nimbus::plan::plan(&two, &actual(), chrono::Utc::now());
+    assert!(again.is_empty() && again.warnings.is_empty(), "{:?} {:?}", again.changes, again.warnings);
+
+    let one = desired(1);
+    let down = apply(&one);
+    let kinds: Vec<&str> = down.actions().map(|(_, a)| a.kind.name()).collect();
+    assert_eq!(kinds, ["deregister_runner", "terminate_instance"]);
+    assert_eq!(forge.runners().iter().map(|r| r.name.clone()).collect::<Vec<_>>(), [format!("nimbus.{tenant}.mac.0")]);
+    let after = nimbus::plan::plan(&one, &actual(), chrono::Utc::now());
+    assert!(after.is_empty(), "{:?}", after.changes);
+}

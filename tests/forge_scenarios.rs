@@ -4,7 +4,11 @@
 //! unregistered machines as drift, ephemeral JIT runners, and no token ever
 //! in plans, logs or on-machine state.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::fake_runner;
 use std::sync::Arc;
 
 use nimbus::apply::Applier;
@@ -16,40 +20,6 @@ use nimbus::plan::plan;
 use nimbus::providers::Provider;
 use nimbus::providers::local::LocalProvider;
 use nimbus::render::PlanDocument;
-
-/// A runner agent tarball whose scripts record how they were called.
-fn fake_runner(dir: &Path) -> String {
-    let src = dir.join("runner-src");
-    std::fs::create_dir_all(&src).unwrap();
-    let config = r#"#!/bin/sh
-# records: name, labels, url, and the token (a real runner keeps its credentials too)
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --name) name="$2"; shift;;
-    --labels) labels="$2"; shift;;
-    --url) url="$2"; shift;;
-    --token) token="$2"; shift;;
-  esac
-  shift
-done
-printf '%s\n%s\n%s\n' "$name" "$labels" "$url" > .runner-config
-printf '%s' "$token" > .credentials
-"#;
-    std::fs::write(src.join("config.sh"), config).unwrap();
-    std::fs::write(src.join("svc.sh"), "#!/bin/sh\necho \"$1\" >> .service\n").unwrap();
-    std::fs::write(src.join("run.sh"), "#!/bin/sh\nprintf '%s' \"$2\" > .jitconfig\n").unwrap();
-    for f in ["config.sh", "svc.sh", "run.sh"] {
-        let p = src.join(f);
-        let mut perm = std::fs::metadata(&p).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-        std::fs::set_permissions(&p, perm).unwrap();
-    }
-    let tgz = dir.join("runner-{os}-{arch}.tgz");
-    let real = dir.join("runner-linux-x64.tgz");
-    let ok = std::process::Command::new("tar").arg("czf").arg(&real).arg("-C").arg(&src).arg(".").status().unwrap();
-    assert!(ok.success());
-    format!("file://{}", tgz.display())
-}
 
 fn fleet(labels: &str, mode: &str) -> String {
     format!(
@@ -70,7 +40,13 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let url = fake_runner(dir.path());
         let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new("local", dir.path().join("sandboxes")));
-        World { forge: Arc::new(FakeForge::new(url)), provider, dir, rt: tokio::runtime::Runtime::new().unwrap(), outputs: String::new() }
+        World {
+            forge: Arc::new(FakeForge::new(url)),
+            provider,
+            dir,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            outputs: String::new(),
+        }
     }
 
     fn desired(&self, labels: &str, mode: &str) -> Desired {
@@ -79,7 +55,11 @@ impl World {
 
     fn actual(&self) -> Actual {
         self.rt
-            .block_on(nimbus::discovery::discover_with_forge("t", &[self.provider.clone()], Some(self.forge.as_ref() as &dyn Forge)))
+            .block_on(nimbus::discovery::discover_with_forge(
+                "t",
+                &[self.provider.clone()],
+                Some(self.forge.as_ref() as &dyn Forge),
+            ))
             .unwrap()
     }
 
@@ -94,7 +74,8 @@ impl World {
         let actual = self.actual();
         let logs = self.dir.path().join("logs");
         std::fs::create_dir_all(&logs).unwrap();
-        let applier = Applier::new(d.clone(), &actual, vec![self.provider.clone()], Some(logs)).with_forge(self.forge.clone(), None);
+        let applier = Applier::new(d.clone(), &actual, vec![self.provider.clone()], Some(logs))
+            .with_forge(self.forge.clone(), None);
         let report = self.rt.block_on(execute(Arc::new(p.graph.clone()), Arc::new(applier), 10, |_| {}));
         assert!(report.succeeded(), "{:?}", report.outcomes);
         // The machine side: each configured runner shows up on the forge.
@@ -153,8 +134,12 @@ fn persistent_runners_register_converge_and_drift() {
     w.rt.block_on(w.forge.delete_runner(gone)).unwrap();
     let p = w.plan(&d2);
     let doc = PlanDocument::from_plan(&p, None, None);
-    let addrs: Vec<(&str, &str)> = doc.resource_changes.iter().map(|c| (c.address.as_str(), c.reason.as_str())).collect();
-    assert_eq!(addrs, [("p[1]", "runner is not registered"), ("runner.nimbus.t.p.7", "runner is registered but has no machine")]);
+    let addrs: Vec<(&str, &str)> =
+        doc.resource_changes.iter().map(|c| (c.address.as_str(), c.reason.as_str())).collect();
+    assert_eq!(
+        addrs,
+        [("p[1]", "runner is not registered"), ("runner.nimbus.t.p.7", "runner is registered but has no machine")]
+    );
     w.apply(&d2);
     assert!(w.plan(&d2).is_empty());
     let names: Vec<String> = w.forge.runners().into_iter().map(|r| r.name).collect();
@@ -174,7 +159,10 @@ fn persistent_runners_register_converge_and_drift() {
         assert!(!haystack.contains(t.as_str()), "a registration token leaked");
     }
     // The runner state on the machine names the runner and its labels, nothing secret.
-    let db = nimbus::machine_state::StateDb::from_bytes(&std::fs::read(w.roots()[0].join("var/lib/nimbus/state.db")).unwrap()).unwrap();
+    let db = nimbus::machine_state::StateDb::from_bytes(
+        &std::fs::read(w.roots()[0].join("var/lib/nimbus/state.db")).unwrap(),
+    )
+    .unwrap();
     let r = db.runner.unwrap();
     assert_eq!((r.name.as_str(), r.mode.as_str()), ("nimbus.t.p.0", "persistent"));
 }
@@ -190,7 +178,10 @@ fn ephemeral_runners_use_jit_config() {
         assert!(jit.starts_with("FAKE-TOKEN-"), "run.sh got the JIT config on its command line");
     }
     assert!(w.plan(&d).is_empty());
-    let db = nimbus::machine_state::StateDb::from_bytes(&std::fs::read(w.roots()[0].join("var/lib/nimbus/state.db")).unwrap()).unwrap();
+    let db = nimbus::machine_state::StateDb::from_bytes(
+        &std::fs::read(w.roots()[0].join("var/lib/nimbus/state.db")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(db.runner.unwrap().mode, "ephemeral");
 }
 

@@ -104,3 +104,40 @@ fn rate_limit_headers_are_honoured() {
     // A plain 403 (no rate-limit headers) is not waited on.
     assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &HeaderMap::new()), None);
 }
+
+/// The CLI with a GitHub App forge pointed at Prism: the App key is read from
+/// its file, discovery lists runners through the validated API, and neither
+/// the key nor a token appears in any output.
+#[test]
+fn cli_plans_with_the_github_forge() {
+    let Some(url) = peer("NIMBUS_PRISM_URL", "Prism (GitHub API)") else { return };
+    let key_path = std::env::var("NIMBUS_TEST_APP_KEY").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = format!(
+        "version: 1\ntenant: acme\nproviders:\n  local: {{type: local}}\nforge:\n  type: github\n  app_id: 12345\n  installation_id: 67890\n  private_key: {{file: {key_path}}}\n  org: acme\n  api_url: {url}\npools:\n  - name: p\n    provider: local\n    count: 1\n    machine: {{os: linux, arch: x86_64, image: img}}\n    runner: {{labels: [linux]}}\n"
+    );
+    std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
+    let mut all = String::new();
+    for args in [vec!["plan", "--json"], vec!["plan", "--markdown"], vec!["--log-format", "json", "plan"]] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        all.push_str(&String::from_utf8_lossy(&o.stdout));
+        all.push_str(&String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(all.contains("register_runner"), "{all}");
+    let key = std::fs::read_to_string(&key_path).unwrap();
+    for line in key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!all.contains(line), "the App key leaked");
+    }
+    // Prism answers with the spec's example tokens.
+    for token in
+        ["ghs_16C7e42F292c6912E7710c838347Ae178B4a", "LLBF3JGZDX3P5PMEXLND6TS6FCWO6", "AABF3JGZDX3P5PMEXLND6TS6FCWO6"]
+    {
+        assert!(!all.contains(token), "a token leaked");
+    }
+}

@@ -61,3 +61,37 @@ pub fn unique_tenant(prefix: &str) -> String {
     let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}-{:x}", n % 0xffff_ffff)
 }
+
+/// A runner agent tarball whose scripts record how they were called.
+pub fn fake_runner(dir: &Path) -> String {
+    let src = dir.join("runner-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let config = r#"#!/bin/sh
+# records: name, labels, url, and the token (a real runner keeps its credentials too)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name) name="$2"; shift;;
+    --labels) labels="$2"; shift;;
+    --url) url="$2"; shift;;
+    --token) token="$2"; shift;;
+  esac
+  shift
+done
+printf '%s\n%s\n%s\n' "$name" "$labels" "$url" > .runner-config
+printf '%s' "$token" > .credentials
+"#;
+    std::fs::write(src.join("config.sh"), config).unwrap();
+    std::fs::write(src.join("svc.sh"), "#!/bin/sh\necho \"$1\" >> .service\n").unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\nprintf '%s' \"$2\" > .jitconfig\n").unwrap();
+    for f in ["config.sh", "svc.sh", "run.sh"] {
+        let p = src.join(f);
+        let mut perm = std::fs::metadata(&p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&p, perm).unwrap();
+    }
+    let tgz = dir.join("runner-{os}-{arch}.tgz");
+    let real = dir.join("runner-linux-x64.tgz");
+    let ok = std::process::Command::new("tar").arg("czf").arg(&real).arg("-C").arg(&src).arg(".").status().unwrap();
+    assert!(ok.success());
+    format!("file://{}", tgz.display())
+}
