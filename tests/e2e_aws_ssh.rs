@@ -217,7 +217,7 @@ fn aws_ssh_and_forge_end_to_end() {
     let actual = || {
         rt.block_on(nimbus::discovery::discover_with_forge(
             &tenant,
-            &[provider.clone()],
+            std::slice::from_ref(&provider),
             Some(forge.as_ref() as &dyn Forge),
         ))
         .unwrap()

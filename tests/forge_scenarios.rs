@@ -57,7 +57,7 @@ impl World {
         self.rt
             .block_on(nimbus::discovery::discover_with_forge(
                 "t",
-                &[self.provider.clone()],
+                std::slice::from_ref(&self.provider),
                 Some(self.forge.as_ref() as &dyn Forge),
             ))
             .unwrap()
