@@ -44,6 +44,13 @@ pub enum Command {
     Discover(DiscoverArgs),
     /// Print the JSON schema of the fleet file (for editors).
     Schema,
+    /// Print a shell completion script (`nimbus completions bash > /etc/bash_completion.d/nimbus`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `nimbus man > nimbus.1`.
+    Man,
 }
 
 #[derive(Debug, Args)]

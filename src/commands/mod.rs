@@ -95,6 +95,22 @@ pub fn run(cli: Cli) -> u8 {
             print!("{}", config::json_schema_text());
             Ok(exit::OK)
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "nimbus", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(cmd).render(&mut out) {
+                Ok(()) => {
+                    print!("{}", String::from_utf8_lossy(&out));
+                    Ok(exit::OK)
+                }
+                Err(source) => Err(CommandError::Io { what: "render", path: "man page".into(), source }),
+            }
+        }
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,106 @@
+//! The example workflows' own command lines, run against the quickstart:
+//! the plan-comment and drift steps produce Markdown and the exit code the
+//! following steps rely on (2 = changes, 0 = none), and every workflow uses a
+//! `concurrency:` group so runs on one fleet never overlap.
+
+use std::path::Path;
+use std::process::Command;
+
+fn steps(file: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let wf: serde_json::Value = yaml_serde::from_str(&text).unwrap();
+    let steps = wf["jobs"].as_object().unwrap().values().flat_map(|j| j["steps"].as_array().unwrap().clone()).collect();
+    (wf, steps)
+}
+
+/// Runs a step's `run:` script with bash, `nimbus` on PATH, in `dir`.
+fn run_step(step: &serde_json::Value, dir: &Path, fleet: &Path) -> (i32, String) {
+    let script = step["run"].as_str().unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_nimbus")).parent().unwrap();
+    let out_file = dir.join("github_output");
+    let _ = std::fs::remove_file(&out_file);
+    let status = Command::new("bash")
+        .arg("-e")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()))
+        .env("FLEET_FILE", fleet)
+        .env("GITHUB_OUTPUT", &out_file)
+        .env("NO_COLOR", "1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "step {} failed", step["name"]);
+    let outputs = std::fs::read_to_string(&out_file).unwrap();
+    let code = outputs.lines().find_map(|l| l.strip_prefix("exitcode=")).unwrap().parse().unwrap();
+    (code, outputs)
+}
+
+#[test]
+fn workflow_commands_work_on_the_quickstart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet.yaml");
+    std::fs::copy("examples/quickstart/fleet.yaml", &fleet).unwrap();
+
+    for (file, id, md) in [
+        (".github/workflows/nimbus-plan-comment.yml", "plan", "plan.md"),
+        (".github/workflows/nimbus-drift.yml", "drift", "drift.md"),
+    ] {
+        let (wf, steps) = steps(file);
+        assert!(wf["concurrency"]["group"].as_str().unwrap().starts_with("nimbus-fleet-"), "{file}");
+        assert_eq!(wf["concurrency"]["cancel-in-progress"], false, "{file}: an apply must never be cancelled halfway");
+        let step = steps.iter().find(|s| s["id"] == id).unwrap_or_else(|| panic!("{file}: no step `{id}`"));
+        let _ = std::fs::remove_dir_all(dir.path().join(".nimbus"));
+        let (code, _) = run_step(step, dir.path(), &fleet);
+        assert_eq!(code, 2, "{file}: a fresh quickstart has changes");
+        let body = std::fs::read_to_string(dir.path().join(md)).unwrap();
+        assert!(body.starts_with("<!-- nimbus-plan -->"), "{file}: the comment marker leads the body");
+        assert!(body.contains("Plan: 2 to add, 0 to change, 0 to destroy."));
+
+        let o = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(["apply", "--auto-approve", "-f"])
+            .arg(&fleet)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let (code, _) = run_step(step, dir.path(), &fleet);
+        assert_eq!(code, 0, "{file}: no drift after apply");
+        assert!(std::fs::read_to_string(dir.path().join(md)).unwrap().contains("No changes."));
+    }
+
+    // A broken fleet file makes the step itself fail (exit 1), never report "drift".
+    std::fs::write(&fleet, "version: 1\ntenant: Bad Name\nproviders: {}\n").unwrap();
+    let (_, steps) = steps(".github/workflows/nimbus-drift.yml");
+    let step = steps.iter().find(|s| s["id"] == "drift").unwrap();
+    let status = Command::new("bash")
+        .arg("-e")
+        .arg("-c")
+        .arg(step["run"].as_str().unwrap())
+        .current_dir(dir.path())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                Path::new(env!("CARGO_BIN_EXE_nimbus")).parent().unwrap().display(),
+                std::env::var("PATH").unwrap()
+            ),
+        )
+        .env("FLEET_FILE", &fleet)
+        .env("GITHUB_OUTPUT", dir.path().join("out"))
+        .status()
+        .unwrap();
+    assert!(!status.success());
+}
+
+#[test]
+fn completions_and_man_page() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_nimbus")).args(["completions", shell]).output().unwrap();
+        assert!(o.status.success());
+        let s = String::from_utf8(o.stdout).unwrap();
+        assert!(s.contains("nimbus") && s.contains("detailed-exitcode"), "{shell}");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_nimbus")).arg("man").output().unwrap();
+    let man = String::from_utf8(o.stdout).unwrap();
+    assert!(man.starts_with(".ie") || man.contains(".TH nimbus"), "{}", &man[..200.min(man.len())]);
+}
