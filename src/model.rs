@@ -132,8 +132,12 @@ pub struct StepSpec {
 }
 
 pub fn step_hash(run: &str) -> String {
-    let d = Sha256::digest(run.as_bytes());
-    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    sha256_hex(run.as_bytes())[..16].to_string()
+}
+
+/// Lowercase hex sha256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Desired {
@@ -342,9 +346,7 @@ impl Actual {
                 x.busy = false;
             }
         }
-        let bytes = serde_json::to_vec(&a).expect("actual serialises");
-        let d = Sha256::digest(&bytes);
-        d.iter().map(|b| format!("{b:02x}")).collect()
+        sha256_hex(&serde_json::to_vec(&a).expect("actual serialises"))
     }
 }
 

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use miette::Diagnostic;
-use sha2::{Digest, Sha256};
 
 use crate::cli::{Cli, ColorChoice, Command};
 use crate::config::{self, ConfigError, ForgeConfig, LoadedConfig, ProviderConfig};
@@ -270,9 +269,7 @@ pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provid
     Ok(out)
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::model::sha256_hex;
 
 /// Parses `--at`: RFC 3339, or `+DURATION` relative to `now` (`+25h`, `+2d`, `+1h30m`).
 pub fn parse_at(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, CommandError> {

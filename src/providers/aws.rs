@@ -222,7 +222,7 @@ impl AwsProvider {
 
     fn token(&self, what: &str, machine: &str) -> String {
         // ≤ 64 ASCII characters.
-        let h = crate::commands::sha256_hex(format!("{}|{what}|{machine}|{}", self.tenant, self.run_token).as_bytes());
+        let h = crate::model::sha256_hex(format!("{}|{what}|{machine}|{}", self.tenant, self.run_token).as_bytes());
         format!("nimbus-{}", &h[..40])
     }
 
