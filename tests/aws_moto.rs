@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Once;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
@@ -16,13 +15,7 @@ use nimbus::providers::aws::{AwsProvider, AwsSettings};
 
 fn moto() -> Option<String> {
     let url = peer("NIMBUS_MOTO_URL", "moto (EC2)")?;
-    static ENV: Once = Once::new();
-    ENV.call_once(|| {
-        for (k, v) in aws_env(&url) {
-            // SAFETY: set once, before this test binary builds any AWS client, with the same values for all.
-            unsafe { std::env::set_var(k, v) };
-        }
-    });
+    use_moto_env(&url);
     Some(url)
 }
 

@@ -164,7 +164,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// runner deregistered, instance terminated, host release deferred.
 #[test]
 fn aws_ssh_and_forge_end_to_end() {
-    use std::sync::{Arc, Once};
+    use std::sync::Arc;
 
     use nimbus::apply::Applier;
     use nimbus::forge::Forge;
@@ -174,13 +174,7 @@ fn aws_ssh_and_forge_end_to_end() {
     use nimbus::transport::ssh::{SshAuth, SshConnector, SshSettings};
 
     let Some(p) = peers() else { return };
-    static ENV: Once = Once::new();
-    ENV.call_once(|| {
-        for (k, v) in aws_env(&p.moto) {
-            // SAFETY: set once, before any AWS client exists in this process, same values for all tests.
-            unsafe { std::env::set_var(k, v) };
-        }
-    });
+    use_moto_env(&p.moto);
     let dir = tempfile::tempdir().unwrap();
     let tenant = unique_tenant("forge");
     let d = dir.path().display().to_string();
@@ -232,14 +226,7 @@ fn aws_ssh_and_forge_end_to_end() {
         assert!(report.succeeded(), "{:?}", report.outcomes);
         // The machine side: configured runners appear on the forge.
         for entry in std::fs::read_dir(dir.path().join("machines")).unwrap().flatten() {
-            let runner = entry.path().join("actions-runner");
-            if let Ok(cfg) = std::fs::read_to_string(runner.join(".runner-config")) {
-                let lines: Vec<&str> = cfg.lines().collect();
-                let token = std::fs::read_to_string(runner.join(".credentials")).unwrap();
-                let labels: Vec<String> = lines[1].split(',').map(str::to_string).collect();
-                forge.runner_configured(&token, lines[0], &labels).unwrap();
-                std::fs::remove_file(runner.join(".runner-config")).unwrap();
-            }
+            runner_comes_online(&forge, &entry.path().join("actions-runner"));
         }
         plan
     };

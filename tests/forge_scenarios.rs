@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::fake_runner;
+use common::{fake_runner, runner_comes_online};
 use std::sync::Arc;
 
 use nimbus::apply::Applier;
@@ -80,14 +80,7 @@ impl World {
         assert!(report.succeeded(), "{:?}", report.outcomes);
         // The machine side: each configured runner shows up on the forge.
         for root in self.roots() {
-            let cfg = root.join("actions-runner/.runner-config");
-            if let Ok(text) = std::fs::read_to_string(&cfg) {
-                let token = std::fs::read_to_string(root.join("actions-runner/.credentials")).unwrap();
-                let lines: Vec<&str> = text.lines().collect();
-                let labels: Vec<String> = lines[1].split(',').filter(|l| !l.is_empty()).map(str::to_string).collect();
-                let _ = self.forge.runner_configured(&token, lines[0], &labels);
-                std::fs::remove_file(cfg).unwrap();
-            }
+            runner_comes_online(&self.forge, &root.join("actions-runner"));
         }
     }
 

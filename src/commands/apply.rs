@@ -18,7 +18,7 @@ use crate::config::{self, LoadedConfig};
 use crate::exec::{ExecEvent, Outcome, execute};
 use crate::journal::{ApplyLock, Category, Journal, Retention};
 use crate::model::Desired;
-use crate::plan::{Action, ChangeAction, plan as make_plan};
+use crate::plan::{Action, plan as make_plan};
 use crate::render::{FleetRef, Observed, PlanDocument, text};
 
 /// A saved plan made "as of" a time later than this is refused: it could release hosts early.
@@ -113,7 +113,9 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
         }
         Ok::<_, CommandError>(())
     })?;
-    let actual = rt.block_on(observe_with(&loaded, &providers))?;
+    // One forge client (and one installation token) for discovery and the actions.
+    let forge = super::build_forge(&loaded)?;
+    let actual = rt.block_on(observe_with(&loaded, &providers, forge.as_deref()))?;
     let desired = Desired::from_config(&loaded.config);
     let now = Utc::now();
 
@@ -207,7 +209,7 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
         source,
     })?;
     let mut applier = Applier::new(desired, &actual, providers.clone(), Some(log_dir));
-    if let Some(f) = super::build_forge(&loaded)? {
+    if let Some(f) = forge {
         applier = applier.with_forge(f, super::runner_dir(&loaded));
     }
     let applier = Arc::new(applier);
@@ -286,13 +288,7 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     let mut done = crate::plan::Summary::default();
     for c in &doc.resource_changes {
         if c.action_ids.iter().all(|i| report.outcomes.get(i) == Some(&Outcome::Success)) {
-            for a in &c.actions {
-                match a {
-                    ChangeAction::Create => done.add += 1,
-                    ChangeAction::Update => done.change += 1,
-                    ChangeAction::Delete => done.destroy += 1,
-                }
-            }
+            done.count(c);
         }
     }
     let summary = json!({

@@ -17,14 +17,18 @@ use crate::render::{FleetRef, Observed, PlanDocument, markdown, text};
 pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
     runtime().block_on(async {
         let providers = build_providers(loaded).await?;
-        observe_with(loaded, &providers).await
+        let forge = super::build_forge(loaded)?;
+        observe_with(loaded, &providers, forge.as_deref()).await
     })
 }
 
-/// Discovers with providers already built.
-pub async fn observe_with(loaded: &LoadedConfig, providers: &[Arc<dyn Provider>]) -> Result<Actual, CommandError> {
-    let forge = super::build_forge(loaded)?;
-    Ok(crate::discovery::discover_with_forge(&loaded.config.tenant, providers, forge.as_deref()).await?)
+/// Discovers with providers and forge already built.
+pub async fn observe_with(
+    loaded: &LoadedConfig,
+    providers: &[Arc<dyn Provider>],
+    forge: Option<&dyn crate::forge::Forge>,
+) -> Result<Actual, CommandError> {
+    Ok(crate::discovery::discover_with_forge(&loaded.config.tenant, providers, forge).await?)
 }
 
 fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> {

@@ -186,14 +186,21 @@ impl Plan {
     pub fn summary(&self) -> Summary {
         let mut s = Summary { deferred: self.deferred.len(), ..Summary::default() };
         for c in &self.changes {
-            for a in &c.actions {
-                match a {
-                    ChangeAction::Create => s.add += 1,
-                    ChangeAction::Update => s.change += 1,
-                    ChangeAction::Delete => s.destroy += 1,
-                }
-            }
+            s.count(c);
         }
         s
+    }
+}
+
+impl Summary {
+    /// Adds a resource change: a replacement counts once to add and once to destroy.
+    pub fn count(&mut self, c: &ResourceChange) {
+        for a in &c.actions {
+            match a {
+                ChangeAction::Create => self.add += 1,
+                ChangeAction::Update => self.change += 1,
+                ChangeAction::Delete => self.destroy += 1,
+            }
+        }
     }
 }

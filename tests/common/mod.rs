@@ -95,3 +95,26 @@ printf '%s' "$token" > .credentials
     assert!(ok.success());
     format!("file://{}", tgz.display())
 }
+
+/// The machine side of registration: each runner the fake runner's config.sh
+/// configured under `runner_dir` shows up on the fake forge (as GitHub would).
+pub fn runner_comes_online(forge: &nimbus::forge::fake::FakeForge, runner_dir: &Path) {
+    let cfg = runner_dir.join(".runner-config");
+    let Ok(text) = std::fs::read_to_string(&cfg) else { return };
+    let token = std::fs::read_to_string(runner_dir.join(".credentials")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let labels: Vec<String> = lines[1].split(',').filter(|l| !l.is_empty()).map(str::to_string).collect();
+    forge.runner_configured(&token, lines[0], &labels).unwrap();
+    std::fs::remove_file(cfg).unwrap();
+}
+
+/// Points this test process's AWS SDK at moto, once (same values for every test).
+pub fn use_moto_env(moto: &str) {
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| {
+        for (k, v) in aws_env(moto) {
+            // SAFETY: set once, before any AWS client exists in this process, with the same values for all tests.
+            unsafe { std::env::set_var(k, v) };
+        }
+    });
+}
