@@ -29,8 +29,10 @@ fn run(n: u32, d_ms: u64, parallelism: usize) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = nimbus::config::parse("bench.yaml", &fleet(n, d_ms)).expect("valid");
     let desired = Desired::from_config(&cfg);
-    let provider: Arc<dyn Provider> =
-        Arc::new(LocalProvider::new("local", dir.path().join("local")).with_delay(Duration::from_millis(d_ms)));
+    let provider: Arc<dyn Provider> = Arc::new(
+        LocalProvider::new("local", cfg.tenant.clone(), dir.path().join("local"))
+            .with_delay(Duration::from_millis(d_ms)),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let p = plan(&desired, &Actual::default(), chrono::Utc::now());
     let graph = Arc::new(p.graph.clone());

@@ -32,6 +32,9 @@ pub fn event_names(kind: &ActionKind) -> (&'static str, &'static str, &'static s
         ActionKind::WaitReachable { .. } => {
             ("nimbus.machine.wait_start", "nimbus.machine.reachable", "nimbus.machine.unreachable")
         }
+        ActionKind::RepairState { .. } => {
+            ("nimbus.machine.repair_start", "nimbus.machine.repaired", "nimbus.machine.repair_failed")
+        }
         ActionKind::RunSetup { .. } => ("nimbus.setup.start", "nimbus.setup.complete", "nimbus.setup.failed"),
         ActionKind::RegisterRunner { .. } => {
             ("nimbus.runner.register_start", "nimbus.runner.registered", "nimbus.runner.register_failed")
@@ -343,7 +346,7 @@ impl Applier {
 
     async fn run_inner(&self, id: usize, action: &Action, outputs: &Outputs) -> Result<(), ActionError> {
         match &action.kind {
-            ActionKind::AllocateHost { provider, pool, machine, instance_type, availability_zone } => {
+            ActionKind::AllocateHost { provider, pool, machine, instance_type, availability_zone, exclude_hosts } => {
                 let host = self
                     .provider(provider)?
                     .allocate_host(&HostRequest {
@@ -352,6 +355,7 @@ impl Applier {
                         machine: machine.clone(),
                         instance_type: instance_type.clone(),
                         availability_zone: availability_zone.clone(),
+                        exclude_hosts: exclude_hosts.clone(),
                     })
                     .await?;
                 outputs.lock().expect("lock").insert(id, host);
@@ -387,6 +391,12 @@ impl Applier {
                 Ok(())
             }
             ActionKind::WaitReachable { provider, machine } => self.wait_reachable(provider, machine).await,
+            ActionKind::RepairState { provider, machine } => {
+                let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+                    ActionError::new(format!("`{machine}` cannot be reached: the fleet file has no `ssh:` section"))
+                })?;
+                Ok(machine_state::write(t.as_ref(), &self.first_state(provider, machine)).await?)
+            }
             ActionKind::RunSetup { provider, pool, machine, steps } => {
                 let log = self.log_path(id, action);
                 self.run_setup(provider, pool, machine, steps, log.as_ref()).await

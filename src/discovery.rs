@@ -39,6 +39,7 @@ pub async fn discover_with_forge(
         let d = r?;
         actual.hosts.extend(d.hosts);
         actual.machines.extend(d.machines);
+        actual.unusable.extend(d.unusable);
     }
     let machines = std::mem::take(&mut actual.machines);
     actual.machines =
@@ -63,6 +64,7 @@ async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>]) -> Ac
         Ok(Some(t)) => match crate::machine_state::read(t.as_ref()).await {
             Ok(Some(db)) => OnMachine::Read { state: db.to_model() },
             Ok(None) => OnMachine::Read { state: MachineState::default() },
+            Err(e) if e.is_bad_state() => OnMachine::BadState { reason: e.to_string() },
             Err(e) => OnMachine::Unreachable { reason: e.to_string() },
         },
     };

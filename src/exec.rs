@@ -72,11 +72,13 @@ pub struct ExecReport {
     /// Failed actions (each reported once; their skipped dependents are not).
     pub root_causes: Vec<usize>,
     pub wall: Duration,
+    /// A stop was asked for: actions not in `outcomes` were never started.
+    pub interrupted: bool,
 }
 
 impl ExecReport {
     pub fn succeeded(&self) -> bool {
-        self.root_causes.is_empty()
+        self.root_causes.is_empty() && !self.interrupted
     }
     pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
         self.outcomes.values().filter(|o| f(o)).count()
@@ -88,6 +90,19 @@ pub async fn execute(
     graph: Arc<DiGraph<Action, ()>>,
     runner: Arc<dyn ActionRunner>,
     parallelism: usize,
+    on_event: impl FnMut(&ExecEvent),
+) -> ExecReport {
+    let (_keep, stop) = tokio::sync::watch::channel(false);
+    execute_until(graph, runner, parallelism, stop, on_event).await
+}
+
+/// Like [`execute`], until `stop` turns true: from then on nothing new starts, the running actions finish,
+/// and the report says it was interrupted.
+pub async fn execute_until(
+    graph: Arc<DiGraph<Action, ()>>,
+    runner: Arc<dyn ActionRunner>,
+    parallelism: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
     mut on_event: impl FnMut(&ExecEvent),
 ) -> ExecReport {
     let start = Instant::now();
@@ -100,6 +115,10 @@ pub async fn execute(
     let mut running: JoinSet<(usize, Result<(), ActionError>, Duration)> = JoinSet::new();
 
     loop {
+        if *stop.borrow() {
+            report.interrupted = true;
+            ready.clear();
+        }
         while running.len() < parallelism {
             let Some(id) = ready.pop_front() else { break };
             let action = graph[NodeIndex::new(id)].clone();
@@ -111,7 +130,22 @@ pub async fn execute(
                 (id, r, t.elapsed())
             });
         }
-        let Some(joined) = running.join_next().await else { break };
+        if running.is_empty() {
+            break;
+        }
+        let joined = if report.interrupted {
+            running.join_next().await
+        } else {
+            tokio::select! {
+                j = running.join_next() => j,
+                // Woken by a stop: go round to stop starting new actions, then wait for the running ones.
+                r = stop.changed() => match r {
+                    Ok(()) => continue,
+                    Err(_) => running.join_next().await, // nobody can stop us any more
+                },
+            }
+        };
+        let Some(joined) = joined else { break };
         let (id, result, elapsed) = match joined {
             Ok(v) => v,
             Err(e) => {

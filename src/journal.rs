@@ -99,6 +99,25 @@ impl Default for Retention {
     }
 }
 
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Success,
+    Error,
+    /// Stopped by a signal (or found RUNNING after a crash).
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Success => "SUCCESS",
+            RunStatus::Error => "ERROR",
+            RunStatus::Interrupted => "INTERRUPTED",
+        }
+    }
+}
+
 pub struct Journal {
     conn: Connection,
     path: PathBuf,
@@ -243,10 +262,15 @@ impl Journal {
     }
 
     pub fn finish_run(&self, run: i64, success: bool, summary: &Value) -> Result<(), JournalError> {
+        self.finish_run_as(run, if success { RunStatus::Success } else { RunStatus::Error }, summary)
+    }
+
+    /// Records how a run ended.
+    pub fn finish_run_as(&self, run: i64, status: RunStatus, summary: &Value) -> Result<(), JournalError> {
         self.conn
             .execute(
                 "UPDATE runs SET status = ?1, finished_at = ?2, summary = ?3 WHERE id = ?4",
-                params![if success { "SUCCESS" } else { "ERROR" }, now(), summary.to_string(), run],
+                params![status.as_str(), now(), summary.to_string(), run],
             )
             .map_err(|e| self.err(e))?;
         Ok(())

@@ -3,6 +3,9 @@
 //! Data flows `config → Desired`, `discovery → Actual`, `plan(Desired, Actual, now) → Plan`,
 //! then `render` (text, JSON, Markdown) or `exec` (apply). Only `commands` builds real clients.
 
+#[macro_use]
+pub mod printer;
+
 pub mod apply;
 pub mod cli;
 pub mod commands;

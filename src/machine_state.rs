@@ -44,12 +44,25 @@ CREATE TABLE IF NOT EXISTS runner_state (
 );
 ";
 
+impl StateError {
+    /// The machine answered, but its database is empty or damaged (as opposed to not reachable at all).
+    pub fn is_bad_state(&self) -> bool {
+        matches!(self, StateError::Empty { .. } | StateError::Corrupt { .. })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("state database on `{machine}` is unreadable: {message}")]
-    Corrupt { machine: String, message: String },
+    #[error("the state database `{path}` on `{machine}` is empty (0 bytes)")]
+    Empty { machine: String, path: String },
+    #[error("the state database `{path}` on `{machine}` is damaged: {message}")]
+    Corrupt { machine: String, path: String, message: String },
+    #[error("reading the state database `{path}` on `{machine}` failed (exit {code}): {stderr}")]
+    ReadFailed { machine: String, path: String, code: i32, stderr: String },
+    #[error("the state database for `{machine}` could not be built: {message}")]
+    Encode { machine: String, message: String },
     #[error("writing the state database on `{machine}` failed (exit {code}): {stderr}")]
     WriteFailed { machine: String, code: i32, stderr: String },
 }
@@ -229,22 +242,28 @@ const SHORT_WRITE: i32 = 45;
 pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
     let script = format!("p={}; if [ -f \"$p\" ]; then cat \"$p\"; else exit {MISSING}; fi", quote(t.state_path()));
     let out = t.exec(&script, b"", None).await?;
+    let (machine, path) = (t.machine().to_string(), t.state_path().to_string());
     match out.code {
-        0 => StateDb::from_bytes(&out.stdout)
-            .map(Some)
-            .map_err(|e| StateError::Corrupt { machine: t.machine().into(), message: e.to_string() }),
-        MISSING => Ok(None),
-        code => Err(StateError::Corrupt {
-            machine: t.machine().into(),
-            message: format!("reading it exited {code}: {}", out.stderr_tail),
+        0 if out.stdout.is_empty() => Err(StateError::Empty { machine, path }),
+        0 => StateDb::from_bytes(&out.stdout).map(Some).map_err(|e| StateError::Corrupt {
+            machine,
+            path,
+            message: match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::OutOfMemory) => {
+                    format!("it is not a SQLite database ({} bytes)", out.stdout.len())
+                }
+                _ => e.to_string(),
+            },
         }),
+        MISSING => Ok(None),
+        code => Err(StateError::ReadFailed { machine, path, code, stderr: out.stderr_tail }),
     }
 }
 
 /// Replaces the state database atomically: a temporary file of the expected size, then a rename.
 pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
     let bytes =
-        db.to_bytes().map_err(|e| StateError::Corrupt { machine: t.machine().into(), message: e.to_string() })?;
+        db.to_bytes().map_err(|e| StateError::Encode { machine: t.machine().into(), message: e.to_string() })?;
     let path = t.state_path();
     let dir = match path.rfind('/') {
         Some(0) => "/",

@@ -17,6 +17,8 @@ pub mod tags {
     pub const TENANT: &str = "nimbus:tenant";
     pub const POOL: &str = "nimbus:pool";
     pub const MACHINE: &str = "nimbus:machine";
+    /// The name (in the fleet file) of the provider a resource belongs to.
+    pub const PROVIDER: &str = "nimbus:provider";
     pub const MANAGED_BY: &str = "nimbus:managed-by";
     pub const MANAGED_BY_VALUE: &str = "nimbus";
 }
@@ -27,6 +29,34 @@ pub type Tags = BTreeMap<String, String>;
 pub fn owned_by(tags: &Tags, tenant: &str) -> bool {
     tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
         && tags.get(tags::TENANT).map(String::as_str) == Some(tenant)
+}
+
+/// Whose a resource is, as one provider sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// Tagged for this tenant and this provider (or adopted, see [`ownership`]).
+    Mine,
+    /// Tagged for this tenant but for another provider: invisible to this one.
+    OtherProvider,
+    /// Tagged for this tenant, with no `nimbus:provider` tag (made before nimbus recorded providers), and
+    /// this provider may not adopt it because another provider of the same kind could own it.
+    Unattributed,
+    /// Not this tenant's, or not nimbus-managed.
+    NotOurs,
+}
+
+/// Classifies `tags` for `provider` of `tenant`. A resource without a provider tag is adopted when
+/// `adopt_legacy` (the provider is the only one of its kind in the fleet).
+pub fn ownership(tags: &Tags, tenant: &str, provider: &str, adopt_legacy: bool) -> Ownership {
+    if !owned_by(tags, tenant) {
+        return Ownership::NotOurs;
+    }
+    match tags.get(tags::PROVIDER) {
+        Some(p) if p == provider => Ownership::Mine,
+        Some(_) => Ownership::OtherProvider,
+        None if adopt_legacy => Ownership::Mine,
+        None => Ownership::Unattributed,
+    }
 }
 
 /// The deterministic name of machine `index` of `pool`: also its runner name.
@@ -47,9 +77,10 @@ pub fn parse_machine_name(name: &str) -> Option<(&str, &str, u32)> {
 }
 
 /// The standard tags for a machine (and its host).
-pub fn machine_tags(tenant: &str, pool: &str, machine: &str) -> Tags {
+pub fn machine_tags(tenant: &str, provider: &str, pool: &str, machine: &str) -> Tags {
     Tags::from([
         (tags::TENANT.to_string(), tenant.to_string()),
+        (tags::PROVIDER.to_string(), provider.to_string()),
         (tags::POOL.to_string(), pool.to_string()),
         (tags::MACHINE.to_string(), machine.to_string()),
         (tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string()),
@@ -194,6 +225,26 @@ pub struct Actual {
     pub machines: Vec<ActualMachine>,
     /// Runners registered on the forge; `None` when no forge was read.
     pub runners: Option<Vec<ForgeRunner>>,
+    /// Resources of this tenant that a provider found but could not read or attribute. They are left alone,
+    /// and their machine names are never reused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unusable: Vec<Unusable>,
+}
+
+/// A resource that carries this tenant's name but cannot be used: a damaged record, or a resource that
+/// no provider can claim as its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unusable {
+    pub provider: String,
+    /// Provider id (instance id, host id, sandbox folder).
+    pub id: String,
+    /// The machine name it stands for, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+    /// How to fix it.
+    pub hint: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +327,8 @@ pub enum OnMachine {
     NotRead,
     /// Tried and failed: the plan shows the machine as unreachable.
     Unreachable { reason: String },
+    /// The machine answered, but its state database is empty or damaged. The plan repairs it.
+    BadState { reason: String },
     /// Read successfully.
     Read { state: MachineState },
 }
@@ -338,6 +391,7 @@ impl Actual {
         let mut a = self.clone();
         a.hosts.sort_by(|x, y| (&x.provider, &x.id).cmp(&(&y.provider, &y.id)));
         a.machines.sort_by(|x, y| (&x.provider, &x.instance_id).cmp(&(&y.provider, &y.instance_id)));
+        a.unusable.sort_by(|x, y| (&x.provider, &x.id).cmp(&(&y.provider, &y.id)));
         if let Some(r) = a.runners.as_mut() {
             r.sort_by_key(|r| r.id);
             // Online/busy flip constantly and do not change the plan.

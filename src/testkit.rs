@@ -62,18 +62,52 @@ impl Simulator {
     }
 
     pub fn apply(&mut self, desired: &Desired, world: &mut Actual, plan: &Plan, now: DateTime<Utc>) {
+        self.apply_prefix(desired, world, plan, now, usize::MAX);
+    }
+
+    /// Applies only the first `limit` actions (in a dependency order), as an apply killed at that point
+    /// would leave the world.
+    pub fn apply_prefix(
+        &mut self,
+        desired: &Desired,
+        world: &mut Actual,
+        plan: &Plan,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) {
         let order = toposort(&plan.graph, None).expect("the plan is a DAG");
         let mut allocated: HashMap<usize, String> = HashMap::new();
-        for idx in order {
+        for idx in order.into_iter().take(limit) {
             let action = &plan.graph[idx];
             match &action.kind {
-                ActionKind::AllocateHost { provider, pool, machine, instance_type, availability_zone } => {
+                ActionKind::AllocateHost {
+                    provider,
+                    pool,
+                    machine,
+                    instance_type,
+                    availability_zone,
+                    exclude_hosts,
+                } => {
+                    // As the provider does: a host already tagged for this machine (a killed run's) is found by
+                    // its tag, unless the plan excluded it.
+                    let found = world.hosts.iter().find(|h| {
+                        h.provider == *provider
+                            && owned_by(&h.tags, &desired.tenant)
+                            && h.tags.get(tags::MACHINE) == Some(machine)
+                            && h.instance_ids.is_empty()
+                            && matches!(h.state, HostState::Available | HostState::Pending)
+                            && !exclude_hosts.contains(&h.id)
+                    });
+                    if let Some(h) = found {
+                        allocated.insert(idx.index(), h.id.clone());
+                        continue;
+                    }
                     let id = self.id("h");
                     allocated.insert(idx.index(), id.clone());
                     world.hosts.push(Host {
                         provider: provider.clone(),
                         id,
-                        tags: machine_tags(&desired.tenant, pool, machine),
+                        tags: machine_tags(&desired.tenant, provider, pool, machine),
                         instance_type: instance_type.clone(),
                         availability_zone: availability_zone.clone(),
                         state: HostState::Available,
@@ -97,12 +131,12 @@ impl Simulator {
                         assert_eq!(h.state, HostState::Available, "host {hid} is not available");
                         assert_eq!(Some(&h.instance_type), spec.instance_type.as_ref());
                         h.instance_ids.push(instance_id.clone());
-                        h.tags = machine_tags(&desired.tenant, pool, machine);
+                        h.tags = machine_tags(&desired.tenant, provider, pool, machine);
                     }
                     world.machines.push(ActualMachine {
                         provider: provider.clone(),
                         instance_id,
-                        tags: machine_tags(&desired.tenant, pool, machine),
+                        tags: machine_tags(&desired.tenant, provider, pool, machine),
                         state: InstanceState::Running,
                         image: spec.image.clone(),
                         instance_type: spec.instance_type.clone(),
@@ -114,6 +148,9 @@ impl Simulator {
                     });
                 }
                 ActionKind::WaitReachable { .. } => {}
+                ActionKind::RepairState { machine, .. } => {
+                    live_mut(world, machine).on_machine = OnMachine::Read { state: MachineState::default() };
+                }
                 ActionKind::RunSetup { machine, steps, .. } => {
                     let m = live_mut(world, machine);
                     let OnMachine::Read { state } = &mut m.on_machine else { panic!("setup on unread machine") };

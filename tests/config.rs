@@ -68,6 +68,8 @@ fn inline_secrets_are_masked_in_errors() {
         ("fixtures/config/invalid/07-inline-secret.yaml", "MIIEsecret"),
         ("fixtures/config/invalid/25-inline-secret-block.yaml", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ"),
         ("fixtures/config/invalid/25-inline-secret-block.yaml", "BEGIN OPENSSH"),
+        // A secret YAML reads as a number (issue 9.4): masked, and the error points at the key, not `forge`.
+        ("fixtures/config/invalid/27-inline-secret-number.yaml", "86753091234"),
     ] {
         let rendered: String = invalid_diagnostics(Path::new(file))
             .iter()
@@ -76,6 +78,38 @@ fn inline_secrets_are_masked_in_errors() {
         assert!(!rendered.contains(secret), "{file}: secret shown in\n{rendered}");
         assert!(rendered.contains("must not be written inline"), "{rendered}");
     }
+}
+
+#[test]
+fn a_numeric_inline_secret_points_at_its_key() {
+    let diags = invalid_diagnostics(Path::new("fixtures/config/invalid/27-inline-secret-number.yaml"));
+    assert_eq!(diags.len(), 1);
+    assert_eq!(diags[0].line_col(), (10, 16), "{}", diags[0].message);
+    assert!(diags[0].message.contains("forge.private_key"), "{}", diags[0].message);
+}
+
+/// Issue 9.5: editors on Windows write a byte order mark; it is not part of the YAML.
+#[test]
+fn a_utf8_bom_is_accepted() {
+    let text = std::fs::read_to_string("examples/quickstart/fleet.yaml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("fleet.yaml");
+    std::fs::write(&p, format!("\u{feff}{text}")).unwrap();
+    let loaded = config::load(&p).unwrap_or_else(|e| panic!("{}", nimbus::diagnostics::render(&e, false)));
+    assert_eq!(loaded.config.tenant, config::load(Path::new("examples/quickstart/fleet.yaml")).unwrap().config.tenant);
+    // Errors still point at the right line and column after the mark.
+    std::fs::write(&p, "\u{feff}version: 1\ntenant: acme\nproviders:\n  local: {type: local}\nbogus: 1\n").unwrap();
+    let Err(ConfigError::Invalid { diagnostics, .. }) = config::load(&p) else { panic!("accepted") };
+    assert_eq!(diagnostics[0].line_col(), (5, 1), "{}", diagnostics[0].message);
+}
+
+/// Issue 9.9: a zero connect timeout can never work.
+#[test]
+fn a_zero_connect_timeout_is_refused() {
+    let diags = invalid_diagnostics(Path::new("fixtures/config/invalid/28-connect-timeout-zero.yaml"));
+    assert_eq!(diags.len(), 1);
+    assert_eq!(diags[0].line_col(), (8, 20), "{}", diags[0].message);
+    assert!(diags[0].help.as_deref().unwrap_or("").contains("20s"));
 }
 
 #[test]

@@ -39,7 +39,7 @@ impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
         let url = fake_runner(dir.path());
-        let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new("local", dir.path().join("sandboxes")));
+        let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new("local", "t", dir.path().join("sandboxes")));
         World {
             forge: Arc::new(FakeForge::new(url)),
             provider,

@@ -15,10 +15,10 @@ use super::{CommandError, Output, build_providers, exit, runtime, sha256_hex};
 use crate::apply::Applier;
 use crate::cli::{ApplyArgs, HistoryArgs};
 use crate::config::{self, LoadedConfig};
-use crate::exec::{ExecEvent, Outcome, execute};
-use crate::journal::{ApplyLock, Category, Journal, Retention};
+use crate::exec::{ExecEvent, ExecReport, Outcome, execute_until};
+use crate::journal::{ApplyLock, Category, Journal, Retention, RunStatus};
 use crate::model::Desired;
-use crate::plan::{Action, plan as make_plan};
+use crate::plan::{Action, ActionKind, ChangeAction, ResourceKind, Summary, plan as make_plan};
 use crate::render::{FleetRef, Observed, PlanDocument, text};
 
 /// A saved plan made "as of" a time later than this is refused: it could release hosts early.
@@ -47,8 +47,15 @@ fn stale(message: String) -> CommandError {
     CommandError::usage(format!("stale plan: {message}"), "run `nimbus plan -out FILE` again and apply the new plan")
 }
 
+fn tampered(why: &str) -> CommandError {
+    CommandError::usage(
+        format!("refusing to apply the saved plan: {why}"),
+        "a saved plan is carried out only as nimbus plans it; run `nimbus plan -out FILE` again and apply that file unedited",
+    )
+}
+
 fn confirm() -> bool {
-    eprint!("\nDo you want to perform these actions?\n  Only `yes` will be accepted to approve.\n\n  Enter a value: ");
+    err!("\nDo you want to perform these actions?\n  Only `yes` will be accepted to approve.\n\n  Enter a value: ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     match std::io::stdin().lock().read_line(&mut line) {
@@ -106,6 +113,16 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     let rt = runtime();
     // Clients (octocrab) spawn helpers on the runtime when built.
     let _in_runtime = rt.enter();
+    // Every apply opens (and so creates) the journal and records its run, even one with nothing to do.
+    let mut journal = Journal::open(&journal_file)
+        .map_err(|e| CommandError::usage(e.to_string(), "check that the journal folder is writable"))?;
+    let jerr = |e: crate::journal::JournalError| CommandError::usage(e.to_string(), "check the journal database");
+    let orphaned = journal.recover().map_err(jerr)?;
+    if orphaned > 0 {
+        errln!("note: {orphaned} action(s) of an interrupted run were marked ORPHANED; see `nimbus history`");
+    }
+    journal.prune(retention(&loaded)).map_err(jerr)?;
+
     let providers = rt.block_on(build_providers(&loaded))?;
     rt.block_on(async {
         for p in &providers {
@@ -118,12 +135,28 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     let actual = rt.block_on(observe_with(&loaded, &providers, forge.as_deref()))?;
     let desired = Desired::from_config(&loaded.config);
     let now = Utc::now();
+    let document = |at| {
+        PlanDocument::from_plan(
+            &make_plan(&desired, &actual, at),
+            Some(FleetRef {
+                path: loaded.path.display().to_string(),
+                sha256: sha256_hex(loaded.source.as_bytes()),
+                content: None,
+            }),
+            Some(Observed { source: "discovery".into(), fingerprint: actual.fingerprint() }),
+        )
+    };
 
     let doc = match saved {
         Some(doc) => {
             let fleet_sha = sha256_hex(loaded.source.as_bytes());
             if doc.fleet.as_ref().map(|f| f.sha256.as_str()) != Some(fleet_sha.as_str()) {
                 return Err(stale(format!("`{}` changed since the plan was made", loaded.path.display())));
+            }
+            if let Some(content) = doc.fleet.as_ref().and_then(|f| f.content.as_deref())
+                && sha256_hex(content.as_bytes()) != fleet_sha
+            {
+                return Err(tampered("the fleet file stored in it does not match its own checksum"));
             }
             if doc.observed.as_ref().map(|o| o.fingerprint.as_str()) != Some(actual.fingerprint().as_str()) {
                 return Err(stale("the fleet's machines, hosts or runners changed since the plan was made".into()));
@@ -134,30 +167,41 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
                     "a plan made with `--at` is for review only; plan without `--at` to apply",
                 ));
             }
-            doc
+            // Never carry out the file's actions as written: plan again from the same fleet file and the
+            // same world (the planner is deterministic) and go on only if the result is identical.
+            let fresh = document(doc.planned_at);
+            if fresh.tenant != doc.tenant {
+                return Err(tampered(&format!(
+                    "it names tenant `{}`, but the fleet file is for tenant `{}`",
+                    doc.tenant, fresh.tenant
+                )));
+            }
+            if fresh.actions != doc.actions || fresh.resource_changes != doc.resource_changes {
+                return Err(tampered(
+                    "its actions differ from what nimbus plans for the same fleet file and the same fleet",
+                ));
+            }
+            fresh
         }
         None => {
-            let p = make_plan(&desired, &actual, now);
-            let doc = PlanDocument::from_plan(
-                &p,
-                Some(FleetRef {
-                    path: loaded.path.display().to_string(),
-                    sha256: sha256_hex(loaded.source.as_bytes()),
-                }),
-                Some(Observed { source: "discovery".into(), fingerprint: actual.fingerprint() }),
-            );
-            print!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
-            let _ = std::io::stdout().flush();
+            let doc = document(now);
+            out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
             if doc.has_changes() && !args.auto_approve && !confirm() {
-                eprintln!("\nApply cancelled.");
+                errln!("\nApply cancelled.");
                 return Ok(exit::ERROR);
             }
             doc
         }
     };
+    let run = journal.start_run("apply", &loaded.config.tenant, &loaded.path.display().to_string()).map_err(jerr)?;
     if !doc.has_changes() {
+        let summary = json!({ "added": 0, "changed": 0, "destroyed": 0, "actions": 0, "failed": 0, "skipped": 0 });
+        journal.finish_run(run, true, &summary).map_err(jerr)?;
+        journal
+            .event(Some(run), Category::Audit, "info", &actor(), "apply finished: no changes", Some(summary))
+            .map_err(jerr)?;
         if args.planfile.is_some() {
-            println!("No changes.");
+            outln!("No changes.");
         }
         return Ok(exit::OK);
     }
@@ -165,15 +209,6 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     let graph = Arc::new(
         doc.graph().map_err(|e| CommandError::usage(format!("the saved plan is damaged: {e}"), "plan again"))?,
     );
-    let mut journal = Journal::open(&journal_file)
-        .map_err(|e| CommandError::usage(e.to_string(), "check that the journal folder is writable"))?;
-    let jerr = |e: crate::journal::JournalError| CommandError::usage(e.to_string(), "check the journal database");
-    let orphaned = journal.recover().map_err(jerr)?;
-    if orphaned > 0 {
-        eprintln!("note: {orphaned} action(s) of an interrupted run were marked ORPHANED; see `nimbus history`");
-    }
-    journal.prune(retention(&loaded)).map_err(jerr)?;
-    let run = journal.start_run("apply", &loaded.config.tenant, &loaded.path.display().to_string()).map_err(jerr)?;
     let rows: Vec<(usize, String, String, serde_json::Value)> = doc
         .actions
         .iter()
@@ -228,11 +263,36 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
         if quiet_progress {
             return;
         }
-        if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
+        if bar.is_hidden() { errln!("{line}") } else { bar.println(line) }
     };
     let action_of = |id: usize| -> &Action { &graph[petgraph::graph::NodeIndex::new(id)] };
     let mut journal_errors = Vec::new();
-    let report = rt.block_on(execute(graph.clone(), applier, args.parallelism as usize, |ev| {
+    // The first SIGINT or SIGTERM stops new actions and lets running ones finish; a second exits at once.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        let mut received = 0;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            received += 1;
+            if received == 1 {
+                errln!(
+                    "\nInterrupt received: no new actions start; waiting for the running ones to finish. Interrupt again to exit at once."
+                );
+                let _ = stop_tx.send(true);
+            } else {
+                errln!("\nSecond interrupt: exiting now. Run `nimbus apply` again to continue.");
+                std::process::exit(i32::from(exit::INTERRUPTED));
+            }
+        }
+    });
+    let report = rt.block_on(execute_until(graph.clone(), applier, args.parallelism as usize, stop_rx, |ev| {
         let stamp = format!("[{:>6.1}s]", t0.elapsed().as_secs_f64());
         match ev {
             ExecEvent::Started { id, log_path } => {
@@ -284,59 +344,151 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     }));
     bar.finish_and_clear();
 
-    // Which resource changes completed.
-    let mut done = crate::plan::Summary::default();
-    for c in &doc.resource_changes {
-        if c.action_ids.iter().all(|i| report.outcomes.get(i) == Some(&Outcome::Success)) {
-            done.count(c);
-        }
-    }
+    // What was done: a resource counts once the action that makes or removes it succeeded, even when a later
+    // step of the same change did not (that change is named as incomplete).
+    let tally = Tally::of(&doc, &report);
+    let done = tally.done;
+    let not_started = doc.actions.len() - report.outcomes.len();
     let summary = json!({
         "added": done.add, "changed": done.change, "destroyed": done.destroy,
+        "incomplete": tally.incomplete.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(),
         "actions": report.outcomes.len(), "failed": report.root_causes.len(),
         "skipped": report.count(|o| matches!(o, Outcome::Skipped { .. })),
+        "not_started": not_started,
         "wall_ms": report.wall.as_millis() as u64,
     });
-    journal.finish_run(run, report.succeeded(), &summary).map_err(jerr)?;
+    let status = if report.interrupted {
+        RunStatus::Interrupted
+    } else if report.succeeded() {
+        RunStatus::Success
+    } else {
+        RunStatus::Error
+    };
+    journal.finish_run_as(run, status, &summary).map_err(jerr)?;
     journal
         .event(
             Some(run),
             Category::Audit,
             "info",
             &actor(),
-            &format!("apply finished: {}", if report.succeeded() { "success" } else { "error" }),
+            &format!(
+                "apply finished: {}",
+                match status {
+                    RunStatus::Success => "success",
+                    RunStatus::Error => "error",
+                    RunStatus::Interrupted => "interrupted",
+                }
+            ),
             Some(summary.clone()),
         )
         .map_err(jerr)?;
     tracing::info!(event = "nimbus.apply.complete", tenant = %loaded.config.tenant, run, duration_ms = report.wall.as_millis() as u64, success = report.succeeded(), "nimbus.apply.complete");
     for e in journal_errors.iter().take(3) {
-        eprintln!("warning: journal: {e}");
+        errln!("warning: journal: {e}");
     }
 
     let resources = format!("Resources: {} added, {} changed, {} destroyed.", done.add, done.change, done.destroy);
+    let incomplete = || {
+        for (address, why) in &tally.incomplete {
+            errln!("Incomplete: {address}: {why}; `nimbus apply` continues it");
+        }
+    };
+    if report.interrupted {
+        errln!("\nApply interrupted. {resources}");
+        incomplete();
+        errln!("{not_started} action(s) were not started. Run `nimbus apply` again to continue.");
+        for id in &report.root_causes {
+            if let Some(Outcome::Failed(e)) = report.outcomes.get(id) {
+                let a = action_of(*id);
+                errln!("Error: {} {}: {}", a.address, a.kind.name(), e.message);
+            }
+        }
+        return Ok(exit::INTERRUPTED);
+    }
     if report.succeeded() {
-        println!("\nApply complete! {resources}");
+        outln!("\nApply complete! {resources}");
         if !doc.deferred.is_empty() {
-            println!("{} action(s) remain deferred; see `nimbus plan`.", doc.deferred.len());
+            outln!("{} action(s) remain deferred; see `nimbus plan`.", doc.deferred.len());
         }
         Ok(exit::OK)
     } else {
-        eprintln!("\nApply failed. {resources}");
+        errln!("\nApply failed. {resources}");
+        incomplete();
         for id in &report.root_causes {
             let a = action_of(*id);
             if let Some(Outcome::Failed(e)) = report.outcomes.get(id) {
                 let skipped = report.count(|o| *o == Outcome::Skipped { root_cause: *id });
-                eprintln!("Error: {} {}: {}", a.address, a.kind.name(), e.message);
+                errln!("Error: {} {}: {}", a.address, a.kind.name(), e.message);
                 if skipped > 0 {
-                    eprintln!("  ({skipped} dependent action(s) skipped)");
+                    errln!("  ({skipped} dependent action(s) skipped)");
                 }
             }
         }
-        eprintln!(
+        errln!(
             "hint: see `nimbus history --run {run}` and the logs under `{}`",
             journal_file.with_file_name("logs").display()
         );
         Ok(exit::ERROR)
+    }
+}
+
+/// What an apply did, counted per resource change.
+pub struct Tally {
+    pub done: Summary,
+    /// Changes that were begun but not finished: (address, what is missing).
+    pub incomplete: Vec<(String, String)>,
+}
+
+impl Tally {
+    pub fn of(doc: &PlanDocument, report: &ExecReport) -> Tally {
+        let ok = |i: &usize| report.outcomes.get(i) == Some(&Outcome::Success);
+        let kind_of = |i: &usize| doc.actions.get(*i).map(|a| &a.action.kind);
+        let mut done = Summary::default();
+        let mut incomplete = Vec::new();
+        for c in &doc.resource_changes {
+            if c.action_ids.iter().all(ok) {
+                done.count(c);
+                continue;
+            }
+            // The action that makes the resource exist, and the one that makes it go.
+            let made =
+                c.action_ids.iter().any(|i| ok(i) && matches!(kind_of(i), Some(ActionKind::LaunchInstance { .. })));
+            let gone = c.action_ids.iter().any(|i| {
+                ok(i)
+                    && matches!(
+                        (kind_of(i), c.kind),
+                        (Some(ActionKind::TerminateInstance { .. }), ResourceKind::Machine)
+                            | (Some(ActionKind::ReleaseHost { .. }), ResourceKind::Host)
+                            | (Some(ActionKind::DeregisterRunner { .. }), ResourceKind::Runner)
+                    )
+            });
+            let any = c.action_ids.iter().any(ok);
+            for a in &c.actions {
+                match a {
+                    ChangeAction::Create if made => done.add += 1,
+                    ChangeAction::Delete if gone => done.destroy += 1,
+                    ChangeAction::Update if any => done.change += 1,
+                    _ => {}
+                }
+            }
+            if any {
+                let failed: Vec<String> = c
+                    .action_ids
+                    .iter()
+                    .filter(|i| !ok(i))
+                    .filter_map(|i| {
+                        let k = kind_of(i)?.name();
+                        Some(match report.outcomes.get(i) {
+                            Some(Outcome::Failed(_)) => format!("{k} failed"),
+                            Some(Outcome::Skipped { .. }) => format!("{k} skipped"),
+                            _ => format!("{k} not started"),
+                        })
+                    })
+                    .collect();
+                incomplete.push((format!("{} ({})", c.address, c.name), failed.join(", ")));
+            }
+        }
+        Tally { done, incomplete }
     }
 }
 
@@ -366,11 +518,11 @@ pub fn history(args: &HistoryArgs) -> Result<u8, CommandError> {
         };
         let actions = j.actions(id).map_err(jerr)?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&actions).expect("serialises"));
+            outln!("{}", serde_json::to_string_pretty(&actions).expect("serialises"));
         } else {
-            println!("Run {id}: {} action(s)", actions.len());
+            outln!("Run {id}: {} action(s)", actions.len());
             for a in actions {
-                println!(
+                outln!(
                     "  {:>4}  {:<9} {:<22} {}{}{}",
                     a.action_id,
                     a.status,
@@ -386,12 +538,12 @@ pub fn history(args: &HistoryArgs) -> Result<u8, CommandError> {
     let runs = j.runs(args.limit).map_err(jerr)?;
     let events = j.events(args.limit).map_err(jerr)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "runs": runs, "events": events })).expect("serialises"));
+        outln!("{}", serde_json::to_string_pretty(&json!({ "runs": runs, "events": events })).expect("serialises"));
         return Ok(exit::OK);
     }
-    println!("Runs (newest first):");
+    outln!("Runs (newest first):");
     for r in &runs {
-        println!(
+        outln!(
             "  {:>5}  {:<11} {}  {}  {}",
             r.id,
             r.status,
@@ -400,9 +552,9 @@ pub fn history(args: &HistoryArgs) -> Result<u8, CommandError> {
             r.summary.clone().unwrap_or_default()
         );
     }
-    println!("\nEvents (newest first):");
+    outln!("\nEvents (newest first):");
     for e in &events {
-        println!("  {}  {:<6} {:<5} {:<10} {}", e.ts, e.category, e.level, e.actor, e.message);
+        outln!("  {}  {:<6} {:<5} {:<10} {}", e.ts, e.category, e.level, e.actor, e.message);
     }
     Ok(exit::OK)
 }

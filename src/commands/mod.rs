@@ -25,6 +25,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
     pub const CHANGES: u8 = 2;
+    /// Stopped by SIGINT or SIGTERM (128 + 2, as shells report it).
+    pub const INTERRUPTED: u8 = 130;
 }
 
 /// Why a command failed. Every variant exits 1.
@@ -91,7 +93,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::Plan(a) => plan::plan(&a, out),
         Command::Discover(a) => plan::discover(&a),
         Command::Schema => {
-            print!("{}", config::json_schema_text());
+            out!("{}", config::json_schema_text());
             Ok(exit::OK)
         }
         Command::Completions { shell } => {
@@ -104,7 +106,7 @@ pub fn run(cli: Cli) -> u8 {
             let mut out = Vec::new();
             match clap_mangen::Man::new(cmd).render(&mut out) {
                 Ok(()) => {
-                    print!("{}", String::from_utf8_lossy(&out));
+                    out!("{}", String::from_utf8_lossy(&out));
                     Ok(exit::OK)
                 }
                 Err(source) => Err(CommandError::Io { what: "render", path: "man page".into(), source }),
@@ -124,19 +126,19 @@ pub fn run(cli: Cli) -> u8 {
 pub fn report(e: &CommandError, color: bool) {
     if let CommandError::Config(ConfigError::Invalid { diagnostics, .. }) = e {
         for d in diagnostics {
-            eprint!("{}", crate::diagnostics::render(d, color));
+            err!("{}", crate::diagnostics::render(d, color));
         }
         if diagnostics.len() > 1 {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
         }
         return;
     }
-    eprint!("{}", crate::diagnostics::render(e, color));
+    err!("{}", crate::diagnostics::render(e, color));
 }
 
 fn validate(file: &Path) -> Result<u8, CommandError> {
     let loaded = config::load(file)?;
-    eprintln!(
+    errln!(
         "`{}` is valid: tenant `{}`, {} pool(s), {} machine(s).",
         file.display(),
         loaded.config.tenant,
@@ -238,11 +240,15 @@ pub fn ssh_connector(loaded: &LoadedConfig) -> Result<Option<Arc<SshConnector>>,
 /// Builds the providers the fleet file names.
 pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, CommandError> {
     let mut out: Vec<Arc<dyn Provider>> = Vec::new();
+    let tenant = &loaded.config.tenant;
+    // Resources made before nimbus tagged providers belong to the only provider of their kind, if there is one.
+    let sole = |kind: &str| loaded.config.providers.values().filter(|p| p.kind() == kind).count() == 1;
     for (name, p) in &loaded.config.providers {
         match p {
             ProviderConfig::Local { data_dir, action_delay, .. } => {
-                let p = LocalProvider::new(name.clone(), local_data_dir(loaded, data_dir.as_deref()))
-                    .with_delay(action_delay.map(|d| d.0).unwrap_or_default());
+                let p = LocalProvider::new(name.clone(), tenant.clone(), local_data_dir(loaded, data_dir.as_deref()))
+                    .with_delay(action_delay.map(|d| d.0).unwrap_or_default())
+                    .adopting_legacy(sole("local"));
                 out.push(Arc::new(p));
             }
             ProviderConfig::Aws { region, min_allocation, subnet_id, security_group_ids, key_name } => {
@@ -253,7 +259,7 @@ pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provid
                     security_group_ids: security_group_ids.clone(),
                     key_name: key_name.clone(),
                 };
-                let mut aws = AwsProvider::new(name, &loaded.config.tenant, settings).await?;
+                let mut aws = AwsProvider::new(name, tenant, settings).await?.adopting_legacy(sole("aws"));
                 if let Some(ssh) = ssh_connector(loaded)? {
                     let through_proxy = ssh.settings().proxy_command.is_some();
                     aws = aws.with_transport(Arc::new(move |m: &MachineRef| {

@@ -80,7 +80,11 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
     let plan = make_plan(&desired, &actual, at);
     Ok(PlanDocument::from_plan(
         &plan,
-        Some(FleetRef { path: loaded.path.display().to_string(), sha256: sha256_hex(loaded.source.as_bytes()) }),
+        Some(FleetRef {
+            path: loaded.path.display().to_string(),
+            sha256: sha256_hex(loaded.source.as_bytes()),
+            content: None,
+        }),
         Some(Observed { source: source.into(), fingerprint: actual.fingerprint() }),
     ))
 }
@@ -89,19 +93,37 @@ pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
     let loaded = config::load(&args.fleet.file)?;
     let doc = build_document(&loaded, args)?;
     if args.json {
-        print!("{}", doc.to_json());
+        out!("{}", doc.to_json());
     } else if args.markdown {
-        print!("{}", markdown::render(&doc));
+        out!("{}", markdown::render(&doc));
     } else {
-        print!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
+        out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
     }
     if let Some(path) = &args.out {
-        std::fs::write(path, doc.to_json()).map_err(|source| CommandError::Io {
+        // The saved plan carries the fleet file it was made from: apply plans again from it.
+        let mut saved = doc.clone();
+        if let Some(f) = saved.fleet.as_mut() {
+            f.content = Some(loaded.source.to_string());
+        }
+        std::fs::write(path, saved.to_json()).map_err(|source| CommandError::Io {
             what: "write plan",
             path: path.clone(),
             source,
         })?;
-        eprintln!("Saved the plan to `{}`. Apply it with `nimbus apply {}`.", path.display(), path.display());
+        errln!("Saved the plan to `{}`. Apply it with `nimbus apply {}`.", path.display(), path.display());
+    }
+    let unchecked = doc.unchecked();
+    if args.detailed_exitcode && !unchecked.is_empty() {
+        // "No changes" (0) or "changes" (2) cannot be known while part of the fleet went unchecked: an error.
+        return Err(CommandError::usage(
+            format!(
+                "{} part(s) of the fleet could not be checked: {}",
+                unchecked.len(),
+                unchecked.iter().map(|w| format!("{}: {}", w.address, w.message)).collect::<Vec<_>>().join("; ")
+            ),
+            "fix what the warnings name (network, SSH host key, damaged records) and plan again; \
+             with --detailed-exitcode an unchecked machine is an error (exit 1), never \"no changes\"",
+        ));
     }
     Ok(if args.detailed_exitcode && doc.has_changes() { exit::CHANGES } else { exit::OK })
 }
@@ -118,14 +140,14 @@ pub fn discover(args: &DiscoverArgs) -> Result<u8, CommandError> {
     let mut json = serde_json::to_string_pretty(&inv).expect("inventory serialises");
     json.push('\n');
     if args.output.as_os_str() == "-" {
-        print!("{json}");
+        out!("{json}");
     } else {
         std::fs::write(&args.output, json).map_err(|source| CommandError::Io {
             what: "write inventory",
             path: args.output.clone(),
             source,
         })?;
-        eprintln!(
+        errln!(
             "Recorded {} machine(s) and {} host(s) of tenant `{}` in `{}`.",
             inv.actual.machines.len(),
             inv.actual.hosts.len(),

@@ -86,11 +86,16 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     let config = parse(&path.display().to_string(), &text)?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
+    // Absolute, so every path derived from it (sandboxes, keys, the journal) works from any folder and on
+    // any machine nimbus hands it to.
+    let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
     Ok(LoadedConfig { config, path: path.to_path_buf(), base_dir, source: Arc::new(text) })
 }
 
 /// Parses and validates fleet file text; `name` is how errors name the file.
 pub fn parse(name: &str, text: &str) -> Result<FleetConfig, ConfigError> {
+    // Editors on Windows start UTF-8 files with a byte order mark; it is not part of the YAML.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let index = SpanIndex::build(text);
     // Error snippets must never show a secret someone wrote inline.
     let shown = match &index {

@@ -322,6 +322,26 @@ impl<'de> Deserialize<'de> for SecretRef {
                 // Never echo the value: it may be the secret itself.
                 Err(E::custom(INLINE_SECRET))
             }
+            // A secret that YAML reads as a number or a boolean is still a secret written inline, and the
+            // default error ("invalid type: integer `8675309…`") would echo it.
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<SecretRef, E> {
+                Err(E::custom(INLINE_SECRET))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<SecretRef, E> {
+                Err(E::custom(INLINE_SECRET))
+            }
+            fn visit_i128<E: de::Error>(self, _: i128) -> Result<SecretRef, E> {
+                Err(E::custom(INLINE_SECRET))
+            }
+            fn visit_u128<E: de::Error>(self, _: u128) -> Result<SecretRef, E> {
+                Err(E::custom(INLINE_SECRET))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretRef, E> {
+                Err(E::custom(INLINE_SECRET))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretRef, E> {
+                Err(E::custom(INLINE_SECRET))
+            }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretRef, A::Error> {
                 let mut out: Option<SecretRef> = None;
                 while let Some(key) = map.next_key::<String>()? {

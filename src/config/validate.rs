@@ -104,6 +104,24 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                 "the tokens are `%h` (host), `%p` (port), `%r` (user) and `%%` (a literal %)".to_string(),
             ));
         }
+        if ssh.connect_timeout.is_some_and(|d| d.0.is_zero()) {
+            out.push(problem(
+                "ssh.connect_timeout".into(),
+                At::Value,
+                "`ssh.connect_timeout` is zero: no connection could ever be made".into(),
+                "zero",
+                "give the time to wait for a machine to answer, e.g. `connect_timeout: 20s`".to_string(),
+            ));
+        }
+        if ssh.port == Some(0) {
+            out.push(problem(
+                "ssh.port".into(),
+                At::Value,
+                "`ssh.port` is 0, which no SSH server listens on".into(),
+                "port 0",
+                "use the port sshd listens on, e.g. `port: 22`".to_string(),
+            ));
+        }
     }
 
     let mut first_seen: HashMap<&str, usize> = HashMap::new();

@@ -40,6 +40,12 @@ struct Builder<'a> {
     runners: Option<HashMap<&'a str, &'a ForgeRunner>>,
     /// Runner names handled by some chain.
     runners_handled: HashSet<String>,
+    /// Machine indexes held by unusable resources, by pool: never reused, never created again.
+    occupied: HashMap<String, BTreeSet<u32>>,
+    /// The terminate action of each machine being torn down, by name: a new machine of the same name waits for it.
+    teardowns: HashMap<String, usize>,
+    /// Known hosts by the machine their tag names.
+    hosts_by_machine_tag: HashMap<&'a str, Vec<&'a str>>,
 }
 
 fn window_end(desired: &Desired, host: &Host) -> DateTime<Utc> {
@@ -83,6 +89,7 @@ impl<'a> Builder<'a> {
                 warnings.push(Warning {
                     address: machine_address(m),
                     message: format!("provider `{}` is not in the fleet file; this machine is left alone", m.provider),
+                    kind: WarningKind::Other,
                 });
                 continue;
             }
@@ -96,6 +103,7 @@ impl<'a> Builder<'a> {
                         m.instance_id,
                         tags::MACHINE
                     ),
+                    kind: WarningKind::Other,
                 }),
             }
         }
@@ -108,11 +116,33 @@ impl<'a> Builder<'a> {
                 warnings.push(Warning {
                     address: "forge".into(),
                     message: "the forge's runners were not read; runner registrations are not planned".into(),
+                    kind: WarningKind::Other,
                 });
                 None
             }
             _ => None,
         };
+        let mut occupied: HashMap<String, BTreeSet<u32>> = HashMap::new();
+        for u in &actual.unusable {
+            let named = u.machine.as_deref().and_then(parse_machine_name).filter(|(t, _, _)| *t == tenant);
+            if let Some((_, pool, index)) = named {
+                occupied.entry(pool.to_string()).or_default().insert(index);
+            }
+            warnings.push(Warning {
+                address: match named {
+                    Some((_, pool, index)) => address(pool, index),
+                    None => format!("unusable.{}", u.id),
+                },
+                message: format!("{}; it is left alone and its name is not reused ({})", u.reason, u.hint),
+                kind: WarningKind::Unusable,
+            });
+        }
+        let mut hosts_by_machine_tag: HashMap<&str, Vec<&str>> = HashMap::new();
+        for h in hosts.values() {
+            if let Some(m) = h.tags.get(tags::MACHINE) {
+                hosts_by_machine_tag.entry(m.as_str()).or_default().push(h.id.as_str());
+            }
+        }
         let mut idle_by_kind: HashMap<(String, String, String), Vec<String>> = HashMap::new();
         let mut idle: Vec<&&Host> =
             hosts.values().filter(|h| h.state == HostState::Available && h.instance_ids.is_empty()).collect();
@@ -136,6 +166,9 @@ impl<'a> Builder<'a> {
             by_pool,
             runners,
             runners_handled: HashSet::new(),
+            occupied,
+            teardowns: HashMap::new(),
+            hosts_by_machine_tag,
         }
     }
 
@@ -193,7 +226,10 @@ impl<'a> Builder<'a> {
         for m in moved {
             self.destroy(
                 m,
-                format!("pool `{}` moved from provider `{}` to `{}`", pool.name, m.provider, pool.provider),
+                format!(
+                    "pool `{}` moved from provider `{}` to `{}` in the fleet file: this machine is destroyed on `{}` and created again on `{}`",
+                    pool.name, m.provider, pool.provider, m.provider, pool.provider
+                ),
             );
         }
 
@@ -221,13 +257,17 @@ impl<'a> Builder<'a> {
             self.destroy(m, format!("pool `{}` scales from {} to {}", pool.name, total, pool.count));
         }
         let mut used: BTreeSet<u32> = ranked.iter().filter_map(|(m, _)| machine_index(m)).collect();
+        // Unusable machines of this pool exist: they count, and their names stay theirs.
+        let held: BTreeSet<u32> = self.occupied.get(&pool.name).cloned().unwrap_or_default();
+        let held_only = held.difference(&used).count();
+        used.extend(held);
         for (m, repl) in ranked.iter().cloned() {
             match repl {
                 Some((reason, paths)) => self.replace(pool, m, reason, paths),
                 None => self.converge(pool, m),
             }
         }
-        let missing = count.saturating_sub(ranked.len());
+        let missing = count.saturating_sub(ranked.len() + held_only);
         let mut next = 0u32;
         for _ in 0..missing {
             while used.contains(&next) {
@@ -323,15 +363,23 @@ impl<'a> Builder<'a> {
         }
         let itype = pool.spec.instance_type.clone().unwrap_or_default();
         let az = pool.spec.availability_zone.clone().unwrap_or_default();
-        // Reuse an idle host of the same type and zone; prefer the one allocated last (the most paid-for time left).
-        let idle = self.idle_by_kind.get_mut(&(pool.provider.clone(), itype.clone(), az.clone())).and_then(|v| {
-            while let Some(id) = v.pop() {
-                if !self.claimed_hosts.contains(&id) {
-                    return Some(id);
-                }
-            }
-            None
+        let kind = (pool.provider.clone(), itype.clone(), az.clone());
+        // An idle host left tagged for this very machine (a killed apply allocated it) comes first.
+        let tagged = self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find(|id| {
+            !self.claimed_hosts.contains(*id) && self.idle_by_kind.get(&kind).is_some_and(|v| v.iter().any(|x| x == id))
         });
+        // Then an idle host of the same type and zone; the one allocated last (the most paid-for time left).
+        let idle = match tagged {
+            Some(id) => Some(id.to_string()),
+            None => self.idle_by_kind.get_mut(&kind).and_then(|v| {
+                while let Some(id) = v.pop() {
+                    if !self.claimed_hosts.contains(&id) {
+                        return Some(id);
+                    }
+                }
+                None
+            }),
+        };
         if let Some(id) = idle {
             self.claimed_hosts.insert(id.clone());
             return (Some(HostRef::Existing { host_id: id.clone() }), Vec::new(), json!(id));
@@ -344,6 +392,12 @@ impl<'a> Builder<'a> {
                 machine: name.to_string(),
                 instance_type: itype,
                 availability_zone: az,
+                exclude_hosts: {
+                    let mut v: Vec<String> =
+                        self.hosts_by_machine_tag.get(name).into_iter().flatten().map(|h| h.to_string()).collect();
+                    v.sort();
+                    v
+                },
             },
             &[],
         );
@@ -360,6 +414,13 @@ impl<'a> Builder<'a> {
         deps: Vec<usize>,
     ) -> Vec<usize> {
         let mut ids = Vec::new();
+        let mut deps = deps;
+        // A machine of the same name going away (its pool moved provider) must be gone first.
+        if let Some(t) = self.teardowns.get(name).copied()
+            && !deps.contains(&t)
+        {
+            deps.push(t);
+        }
         let launch = self.add(
             addr,
             ActionKind::LaunchInstance {
@@ -463,6 +524,9 @@ impl<'a> Builder<'a> {
             &deps,
         );
         ids.push(t);
+        if let Some(n) = m.name() {
+            self.teardowns.insert(n.to_string(), t);
+        }
         (ids, t)
     }
 
@@ -552,14 +616,21 @@ impl<'a> Builder<'a> {
     fn converge(&mut self, pool: &DesiredPool, m: &'a ActualMachine) {
         let addr = machine_address(m);
         let name = m.name().unwrap_or(&m.instance_id).to_string();
+        let mut bad_state = None;
         let state = match (&m.on_machine, m.state) {
             (OnMachine::Read { state }, _) => state.clone(),
             (OnMachine::Unreachable { reason }, _) => {
                 self.warnings.push(Warning {
                     address: addr,
                     message: format!("`{name}` is unreachable ({reason}); its setup and runner cannot be checked"),
+                    kind: WarningKind::Unreachable,
                 });
                 return;
+            }
+            // The machine answered but its state database is empty or damaged: rewrite it, then set up again.
+            (OnMachine::BadState { reason }, _) => {
+                bad_state = Some(reason.clone());
+                MachineState::default()
             }
             // Launched but never set up (an apply stopped early): continue from the start.
             (OnMachine::NotRead, InstanceState::Pending) => MachineState::default(),
@@ -571,6 +642,7 @@ impl<'a> Builder<'a> {
                 self.warnings.push(Warning {
                     address: addr,
                     message: format!("the state of `{name}` was not read; its setup and runner were not checked"),
+                    kind: WarningKind::Other,
                 });
                 return;
             }
@@ -586,6 +658,17 @@ impl<'a> Builder<'a> {
             );
             ids.push(w);
             last = Some(w);
+        }
+        if let Some(reason) = &bad_state {
+            why.push(format!("{reason}; it is replaced by a fresh one and every setup step runs again from the first"));
+            let deps: Vec<usize> = last.into_iter().collect();
+            let r = self.add(
+                &addr,
+                ActionKind::RepairState { provider: pool.provider.clone(), machine: name.clone() },
+                &deps,
+            );
+            ids.push(r);
+            last = Some(r);
         }
         // Resume from the first step that is not done with the same script.
         let first_todo = pool.setup.iter().position(|s| {
@@ -765,6 +848,7 @@ impl<'a> Builder<'a> {
                 HostState::UnderAssessment | HostState::PermanentFailure => self.warnings.push(Warning {
                     address: addr,
                     message: format!("host `{}` is {:?}; nimbus leaves it to the provider", h.id, h.state),
+                    kind: WarningKind::Other,
                 }),
                 HostState::Released => {}
             }

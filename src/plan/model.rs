@@ -38,15 +38,65 @@ pub struct StepRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ActionKind {
-    AllocateHost { provider: String, pool: String, machine: String, instance_type: String, availability_zone: String },
-    LaunchInstance { provider: String, pool: String, machine: String, spec: MachineSpec, host: Option<HostRef> },
-    WaitReachable { provider: String, machine: String },
-    RunSetup { provider: String, pool: String, machine: String, steps: Vec<StepRef> },
-    RegisterRunner { provider: String, pool: String, machine: String, labels: Vec<String>, mode: RunnerMode },
-    UpdateRunnerLabels { machine: String, runner_id: u64, labels: Vec<String>, previous: Vec<String> },
-    DeregisterRunner { runner_id: u64, runner_name: String },
-    TerminateInstance { provider: String, machine: String, instance_id: String },
-    ReleaseHost { provider: String, host_id: String },
+    AllocateHost {
+        provider: String,
+        pool: String,
+        machine: String,
+        instance_type: String,
+        availability_zone: String,
+        /// Known hosts tagged for this machine that the plan has already decided about; the provider's
+        /// lookup by tag must not return them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exclude_hosts: Vec<String>,
+    },
+    LaunchInstance {
+        provider: String,
+        pool: String,
+        machine: String,
+        spec: MachineSpec,
+        host: Option<HostRef>,
+    },
+    WaitReachable {
+        provider: String,
+        machine: String,
+    },
+    /// Replaces an empty or damaged on-machine state database with a fresh one (setup then runs again).
+    RepairState {
+        provider: String,
+        machine: String,
+    },
+    RunSetup {
+        provider: String,
+        pool: String,
+        machine: String,
+        steps: Vec<StepRef>,
+    },
+    RegisterRunner {
+        provider: String,
+        pool: String,
+        machine: String,
+        labels: Vec<String>,
+        mode: RunnerMode,
+    },
+    UpdateRunnerLabels {
+        machine: String,
+        runner_id: u64,
+        labels: Vec<String>,
+        previous: Vec<String>,
+    },
+    DeregisterRunner {
+        runner_id: u64,
+        runner_name: String,
+    },
+    TerminateInstance {
+        provider: String,
+        machine: String,
+        instance_id: String,
+    },
+    ReleaseHost {
+        provider: String,
+        host_id: String,
+    },
 }
 
 impl ActionKind {
@@ -56,6 +106,7 @@ impl ActionKind {
             ActionKind::AllocateHost { .. } => "allocate_host",
             ActionKind::LaunchInstance { .. } => "launch_instance",
             ActionKind::WaitReachable { .. } => "wait_reachable",
+            ActionKind::RepairState { .. } => "repair_state",
             ActionKind::RunSetup { .. } => "run_setup",
             ActionKind::RegisterRunner { .. } => "register_runner",
             ActionKind::UpdateRunnerLabels { .. } => "update_runner_labels",
@@ -71,6 +122,7 @@ impl ActionKind {
             ActionKind::AllocateHost { machine, .. }
             | ActionKind::LaunchInstance { machine, .. }
             | ActionKind::WaitReachable { machine, .. }
+            | ActionKind::RepairState { machine, .. }
             | ActionKind::RunSetup { machine, .. }
             | ActionKind::RegisterRunner { machine, .. }
             | ActionKind::UpdateRunnerLabels { machine, .. }
@@ -144,6 +196,28 @@ pub struct Deferred {
 pub struct Warning {
     pub address: String,
     pub message: String,
+    #[serde(default)]
+    pub kind: WarningKind,
+}
+
+/// What a warning is about. `unreachable` and `unusable` mean part of the fleet could not be checked:
+/// `plan --detailed-exitcode` then exits 1, never 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningKind {
+    /// A machine that could not be reached: its setup and runner were not checked.
+    Unreachable,
+    /// A resource of this tenant that cannot be read or attributed: left alone.
+    Unusable,
+    #[default]
+    Other,
+}
+
+impl WarningKind {
+    /// Whether part of the fleet went unchecked.
+    pub fn is_unchecked(self) -> bool {
+        matches!(self, WarningKind::Unreachable | WarningKind::Unusable)
+    }
 }
 
 /// The result of planning.

@@ -27,8 +27,8 @@ use chrono::{DateTime, Utc};
 
 use super::{Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::model::{
-    ActualMachine, Host, HostState, InstanceState, OnMachine, Tags, default_min_allocation, machine_tags, owned_by,
-    tags,
+    ActualMachine, Host, HostState, InstanceState, OnMachine, Ownership, Tags, Unusable, default_min_allocation,
+    machine_tags, owned_by, ownership, tags,
 };
 use crate::transport::Transport;
 
@@ -120,18 +120,67 @@ pub struct AwsProvider {
     transport: Option<TransportFactory>,
     /// Part of every ClientToken: one run's retries share a token, a later run never reuses it.
     run_token: String,
+    adopt_legacy: bool,
 }
 
 fn err(provider: &str, op: &str, e: impl std::fmt::Display) -> ProviderError {
     ProviderError::Failed { provider: provider.to_string(), message: format!("{op}: {e}") }
 }
 
-fn sdk_err<E: std::error::Error + 'static, R: std::fmt::Debug>(
-    provider: &str,
-    op: &str,
-    e: aws_sdk_ec2::error::SdkError<E, R>,
-) -> ProviderError {
-    err(provider, op, aws_sdk_ec2::error::DisplayErrorContext(e))
+/// The service's error code and message (`InsufficientHostCapacity: ...`); the SDK's raw form, with its
+/// HTTP headers, goes to the debug log only.
+fn sdk_err<E, R>(provider: &str, op: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> ProviderError
+where
+    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    tracing::debug!(provider, op, error = %aws_sdk_ec2::error::DisplayErrorContext(&e), "EC2 call failed");
+    err(provider, op, describe_sdk_error(&e))
+}
+
+/// A one-line description of an SDK error, without HTTP details.
+pub fn describe_sdk_error<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
+where
+    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_ec2::error::SdkError;
+    match e {
+        SdkError::ServiceError(s) => {
+            let inner = s.err();
+            match (inner.code(), inner.message()) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                (Some(c), None) => c.to_string(),
+                (None, Some(m)) => m.to_string(),
+                (None, None) => "the service returned an error without a code".to_string(),
+            }
+        }
+        SdkError::TimeoutError(_) => "the request to EC2 timed out".to_string(),
+        SdkError::DispatchFailure(d) => {
+            let why = if d.is_io() {
+                "a network error"
+            } else if d.is_timeout() {
+                "a timeout"
+            } else {
+                "a connection error"
+            };
+            let mut msg = format!("cannot reach the EC2 endpoint ({why})");
+            // The innermost cause is short and says what happened ("Connection refused").
+            let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+            let mut last = None;
+            while let Some(s) = src {
+                last = Some(s.to_string());
+                src = s.source();
+            }
+            if let Some(l) = last {
+                msg.push_str(&format!(": {}", l.chars().take(200).collect::<String>()));
+            }
+            msg
+        }
+        SdkError::ResponseError(_) => "EC2 sent a response nimbus could not read".to_string(),
+        SdkError::ConstructionFailure(_) => "the request could not be built".to_string(),
+        _ => "the EC2 call failed".to_string(),
+    }
 }
 
 fn tag_map(ts: &[Tag]) -> Tags {
@@ -197,7 +246,38 @@ impl AwsProvider {
             calls: Mutex::new(BTreeMap::new()),
             transport: None,
             run_token,
+            adopt_legacy: false,
         })
+    }
+
+    /// Resources without a `nimbus:provider` tag (made before nimbus recorded providers) are this
+    /// provider's. Set it only when this is the fleet's one `aws` provider.
+    pub fn adopting_legacy(mut self, adopt: bool) -> Self {
+        self.adopt_legacy = adopt;
+        self
+    }
+
+    fn ownership(&self, t: &Tags) -> Ownership {
+        ownership(t, &self.tenant, &self.name, self.adopt_legacy)
+    }
+
+    fn mine(&self, t: &Tags) -> bool {
+        self.ownership(t) == Ownership::Mine
+    }
+
+    fn not_mine(&self, what: &str, id: &str, t: &Tags) -> ProviderError {
+        let why = match self.ownership(t) {
+            Ownership::OtherProvider => {
+                format!("it belongs to provider `{}`", t.get(tags::PROVIDER).map(String::as_str).unwrap_or("?"))
+            }
+            Ownership::Unattributed => "it has no `nimbus:provider` tag".to_string(),
+            _ => "it is not tagged for this tenant".to_string(),
+        };
+        err(
+            &self.name,
+            what,
+            format!("refusing: `{id}` is not tenant `{}`'s resource of provider `{}` ({why})", self.tenant, self.name),
+        )
     }
 
     /// Machines are reached through this factory (SSH).
@@ -338,6 +418,32 @@ impl Provider for AwsProvider {
             return Err(err(&self.name, "discover", format!("provider was built for tenant `{}`", self.tenant)));
         }
         let (hosts, instances) = tokio::try_join!(self.list_hosts(vec![], vec![]), self.list_instances(vec![]))?;
+        let mut unusable = Vec::new();
+        let mut keep = |id: &str, t: &Tags| match self.ownership(t) {
+            Ownership::Mine => true,
+            Ownership::Unattributed => {
+                unusable.push(Unusable {
+                    provider: self.name.clone(),
+                    id: id.to_string(),
+                    machine: t.get(tags::MACHINE).cloned(),
+                    reason: format!(
+                        "`{id}` has no `{}` tag, and the fleet has more than one `aws` provider",
+                        tags::PROVIDER
+                    ),
+                    hint: format!(
+                        "tag it `{}={}` or with the name of the provider it belongs to",
+                        tags::PROVIDER,
+                        self.name
+                    ),
+                });
+                false
+            }
+            Ownership::OtherProvider | Ownership::NotOurs => false,
+        };
+        let hosts: Vec<_> =
+            hosts.into_iter().filter(|h| keep(h.host_id().unwrap_or_default(), &tag_map(h.tags()))).collect();
+        let instances: Vec<_> =
+            instances.into_iter().filter(|i| keep(i.instance_id().unwrap_or_default(), &tag_map(i.tags()))).collect();
         // Which instance runs on which host: from the host, and from the instance's placement.
         let mut on_host: HashMap<String, Vec<String>> = HashMap::new();
         let mut machines = Vec::new();
@@ -388,7 +494,7 @@ impl Provider for AwsProvider {
             })
             .filter(|h| h.state != HostState::Released)
             .collect();
-        Ok(Discovered { hosts, machines })
+        Ok(Discovered { hosts, machines, unusable })
     }
 
     async fn allocate_host(&self, req: &HostRequest) -> Result<String, ProviderError> {
@@ -398,7 +504,13 @@ impl Provider for AwsProvider {
             .await?
             .into_iter()
             .find(|h| {
-                tag_map(h.tags()).get(tags::MACHINE) == Some(&req.machine)
+                let t = tag_map(h.tags());
+                // Hosts the plan knows about are decided already (kept, reused, or released): a stale tag on
+                // one of them must not promise it to this machine too.
+                !req.exclude_hosts.iter().any(|x| Some(x.as_str()) == h.host_id())
+                    && self.mine(&t)
+                    && t.get(tags::MACHINE) == Some(&req.machine)
+                    && h.instances().is_empty()
                     && matches!(host_state(h.state()), HostState::Available | HostState::Pending)
             });
         if let Some(h) = existing {
@@ -416,7 +528,7 @@ impl Provider for AwsProvider {
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::DedicatedHost)
-                    .set_tags(Some(aws_tags(&machine_tags(&req.tenant, &req.pool, &req.machine))))
+                    .set_tags(Some(aws_tags(&machine_tags(&self.tenant, &self.name, &req.pool, &req.machine))))
                     .build(),
             )
             .send()
@@ -426,17 +538,42 @@ impl Provider for AwsProvider {
     }
 
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
-        let tags = machine_tags(&req.tenant, &req.pool, &req.machine);
+        let tags = machine_tags(&self.tenant, &self.name, &req.pool, &req.machine);
         let existing = self
             .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
             .await?
             .into_iter()
             .find(|i| {
-                tag_map(i.tags()).get(tags::MACHINE) == Some(&req.machine)
+                let t = tag_map(i.tags());
+                self.mine(&t)
+                    && t.get(tags::MACHINE) == Some(&req.machine)
                     && !instance_state(i.state().and_then(|s| s.name())).is_gone()
             });
         if let Some(i) = existing {
             return Ok(i.instance_id().unwrap_or_default().to_string());
+        }
+        if let Some(h) = &req.host_id {
+            // EC2 places one instance on a Mac host (moto allows more): never ask for a second.
+            let host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
+            match host {
+                Some(host) if self.mine(&tag_map(host.tags())) => {}
+                Some(host) => return Err(self.not_mine("RunInstances", h, &tag_map(host.tags()))),
+                None => return Err(err(&self.name, "RunInstances", format!("host `{h}` is not this tenant's"))),
+            }
+            let occupied = self.list_instances(vec![]).await?.into_iter().find(|i| {
+                i.placement().and_then(|p| p.host_id()) == Some(h.as_str())
+                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
+            });
+            if let Some(i) = occupied {
+                return Err(err(
+                    &self.name,
+                    "RunInstances",
+                    format!(
+                        "refusing: host `{h}` already runs instance `{}`; plan again",
+                        i.instance_id().unwrap_or_default()
+                    ),
+                ));
+            }
         }
         let mut placement = Placement::builder();
         if let Some(az) = &req.spec.availability_zone {
@@ -508,12 +645,8 @@ impl Provider for AwsProvider {
             .clone()
             .ok_or_else(|| err(&self.name, "terminate", format!("`{}` has no instance id", machine.name)))?;
         let Some(i) = self.describe_instance(&id).await? else { return Ok(()) };
-        if !owned_by(&tag_map(i.tags()), &self.tenant) {
-            return Err(err(
-                &self.name,
-                "TerminateInstances",
-                format!("refusing: instance `{id}` is not tagged for tenant `{}`", self.tenant),
-            ));
+        if !self.mine(&tag_map(i.tags())) {
+            return Err(self.not_mine("TerminateInstances", &id, &tag_map(i.tags())));
         }
         if instance_state(i.state().and_then(|s| s.name())).is_gone() {
             return Ok(());
@@ -539,6 +672,9 @@ impl Provider for AwsProvider {
                 format!("refusing: host `{host_id}` is not tagged for tenant `{}`", self.tenant),
             ));
         };
+        if !self.mine(&tag_map(h.tags())) {
+            return Err(self.not_mine("ReleaseHosts", host_id, &tag_map(h.tags())));
+        }
         if host_state(h.state()) == HostState::Released {
             return Ok(());
         }

@@ -19,7 +19,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Discovered, LaunchRequest, MachineRef, Provider, ProviderError};
-use crate::model::{ActualMachine, InstanceState, OnMachine, Tags, machine_tags, owned_by};
+use crate::model::{
+    ActualMachine, InstanceState, OnMachine, Ownership, Tags, Unusable, machine_tags, ownership, parse_machine_name,
+};
 use crate::transport::Transport;
 use crate::transport::local::LocalTransport;
 
@@ -38,13 +40,36 @@ pub const RECORD_FILE: &str = "nimbus.json";
 
 pub struct LocalProvider {
     name: String,
+    tenant: String,
     data_dir: PathBuf,
     delay: Duration,
+    adopt_legacy: bool,
+}
+
+/// A sandbox folder as discovery found it.
+pub enum SandboxEntry {
+    Record(PathBuf, SandboxRecord),
+    /// A folder with a `nimbus.json` that cannot be read.
+    Damaged {
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl LocalProvider {
-    pub fn new(name: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
-        LocalProvider { name: name.into(), data_dir: data_dir.into(), delay: Duration::ZERO }
+    /// A provider named `name` (in the fleet file) for `tenant`, with its sandboxes under `data_dir`. The data
+    /// dir is made absolute: every path handed to a machine is.
+    pub fn new(name: impl Into<String>, tenant: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir: PathBuf = data_dir.into();
+        let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
+        LocalProvider { name: name.into(), tenant: tenant.into(), data_dir, delay: Duration::ZERO, adopt_legacy: false }
+    }
+
+    /// Sandboxes without a `nimbus:provider` tag (made by nimbus before it recorded providers) are this
+    /// provider's. Set it only when this is the fleet's one `local` provider.
+    pub fn adopting_legacy(mut self, adopt: bool) -> Self {
+        self.adopt_legacy = adopt;
+        self
     }
 
     /// Adds an artificial delay to every action.
@@ -78,8 +103,9 @@ impl LocalProvider {
         }
     }
 
-    /// Reads every sandbox record, skipping folders that are not sandboxes.
-    pub fn records(&self) -> Result<Vec<(PathBuf, SandboxRecord)>, ProviderError> {
+    /// Reads every sandbox record, skipping folders that are not sandboxes. A damaged record is returned
+    /// as such, naming its file; it never fails the whole listing.
+    pub fn records(&self) -> Result<Vec<SandboxEntry>, ProviderError> {
         let entries = match std::fs::read_dir(&self.data_dir) {
             Ok(e) => e,
             // No data dir yet: nothing was ever created.
@@ -94,21 +120,66 @@ impl LocalProvider {
             }
             let path = entry.path();
             let rec = path.join(RECORD_FILE);
-            let text = match std::fs::read_to_string(&rec) {
+            let bytes = match std::fs::read(&rec) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::NotADirectory => {
                     continue;
                 }
-                Err(e) => return Err(self.io(e)),
+                Err(e) => {
+                    out.push(SandboxEntry::Damaged { path, reason: format!("cannot read `{}`: {e}", rec.display()) });
+                    continue;
+                }
             };
-            let record: SandboxRecord = serde_json::from_str(&text).map_err(|e| ProviderError::Failed {
+            match serde_json::from_slice::<SandboxRecord>(&bytes) {
+                Ok(record) => out.push(SandboxEntry::Record(path, record)),
+                Err(e) => out.push(SandboxEntry::Damaged {
+                    path,
+                    reason: format!("`{}` is not a sandbox record: {e}", rec.display()),
+                }),
+            }
+        }
+        out.sort_by(|a, b| a.path().cmp(b.path()));
+        Ok(out)
+    }
+
+    fn ownership(&self, tags: &Tags) -> Ownership {
+        ownership(tags, &self.tenant, &self.name, self.adopt_legacy)
+    }
+
+    /// The record of sandbox `dir`, if it is one. Errors when the record is unreadable.
+    fn record_of(&self, dir: &Path) -> Result<Option<SandboxRecord>, ProviderError> {
+        let rec = dir.join(RECORD_FILE);
+        match std::fs::read(&rec) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| ProviderError::Failed {
                 provider: self.name.clone(),
                 message: format!("`{}` is not a sandbox record: {e}", rec.display()),
-            })?;
-            out.push((path, record));
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(e)),
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+    }
+
+    /// Refuses unless the sandbox is this tenant's and this provider's.
+    fn check_owned(&self, machine: &str, rec: &SandboxRecord, what: &str) -> Result<(), ProviderError> {
+        match self.ownership(&rec.tags) {
+            Ownership::Mine => Ok(()),
+            other => Err(ProviderError::Failed {
+                provider: self.name.clone(),
+                message: format!(
+                    "refusing to {what} `{machine}`: it is not tagged for tenant `{}` and provider `{}` ({})",
+                    self.tenant,
+                    self.name,
+                    match other {
+                        Ownership::OtherProvider => format!(
+                            "it belongs to provider `{}`",
+                            rec.tags.get(crate::model::tags::PROVIDER).map(String::as_str).unwrap_or("?")
+                        ),
+                        Ownership::Unattributed => "it has no `nimbus:provider` tag".to_string(),
+                        _ => "another tenant's, or not managed by nimbus".to_string(),
+                    }
+                ),
+            }),
+        }
     }
 
     /// Removes half-built and half-removed sandboxes left by a killed run. Call it only while holding the
@@ -131,6 +202,14 @@ impl LocalProvider {
     }
 }
 
+impl SandboxEntry {
+    pub fn path(&self) -> &Path {
+        match self {
+            SandboxEntry::Record(p, _) | SandboxEntry::Damaged { path: p, .. } => p,
+        }
+    }
+}
+
 fn unique_suffix() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{}-{nanos}", std::process::id())
@@ -143,8 +222,54 @@ impl Provider for LocalProvider {
     }
 
     async fn discover(&self, tenant: &str) -> Result<Discovered, ProviderError> {
-        let mine: Vec<(PathBuf, SandboxRecord)> =
-            self.records()?.into_iter().filter(|(_, r)| owned_by(&r.tags, tenant)).collect();
+        if tenant != self.tenant {
+            return Err(ProviderError::Failed {
+                provider: self.name.clone(),
+                message: format!("provider was built for tenant `{}`", self.tenant),
+            });
+        }
+        let folder = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut mine = Vec::new();
+        let mut unusable = Vec::new();
+        for entry in self.records()? {
+            match entry {
+                SandboxEntry::Record(path, rec) => match self.ownership(&rec.tags) {
+                    Ownership::Mine => mine.push((path, rec)),
+                    Ownership::Unattributed => unusable.push(Unusable {
+                        provider: self.name.clone(),
+                        id: folder(&path),
+                        machine: rec.tags.get(crate::model::tags::MACHINE).cloned(),
+                        reason: format!(
+                            "sandbox `{}` has no `nimbus:provider` tag, and more than one `local` provider shares its folder",
+                            path.display()
+                        ),
+                        hint: format!(
+                            "add `\"{}\": \"PROVIDER\"` to the tags in `{}`, naming the provider it belongs to",
+                            crate::model::tags::PROVIDER,
+                            path.join(RECORD_FILE).display()
+                        ),
+                    }),
+                    Ownership::OtherProvider | Ownership::NotOurs => {}
+                },
+                // Only a folder named for one of this tenant's machines is reported; others are not ours to judge.
+                SandboxEntry::Damaged { path, reason } => {
+                    let name = folder(&path);
+                    if parse_machine_name(&name).is_some_and(|(t, _, _)| t == tenant) {
+                        unusable.push(Unusable {
+                            provider: self.name.clone(),
+                            id: name.clone(),
+                            machine: Some(name),
+                            reason,
+                            hint: format!(
+                                "repair `{}`, or remove the folder `{}` to let nimbus create the machine again",
+                                path.join(RECORD_FILE).display(),
+                                path.display()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
         let machines = mine
             .into_iter()
             .map(|(path, rec)| ActualMachine {
@@ -161,20 +286,22 @@ impl Provider for LocalProvider {
                 on_machine: OnMachine::NotRead,
             })
             .collect();
-        Ok(Discovered { hosts: Vec::new(), machines })
+        Ok(Discovered { hosts: Vec::new(), machines, unusable })
     }
 
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
         self.pause().await;
         let dir = self.sandbox(&req.machine)?;
-        if dir.join(RECORD_FILE).exists() {
-            return Ok(req.machine.clone()); // launched before: idempotent
+        if let Some(rec) = self.record_of(&dir)? {
+            // Launched before (idempotent), but only if it is ours.
+            self.check_owned(&req.machine, &rec, "reuse")?;
+            return Ok(req.machine.clone());
         }
         std::fs::create_dir_all(&self.data_dir).map_err(|e| self.io(e))?;
         let tmp = self.data_dir.join(format!(".tmp-{}-{}", req.machine, unique_suffix()));
         std::fs::create_dir_all(tmp.join("root")).map_err(|e| self.io(e))?;
         let rec = SandboxRecord {
-            tags: machine_tags(&req.tenant, &req.pool, &req.machine),
+            tags: machine_tags(&self.tenant, &self.name, &req.pool, &req.machine),
             image: req.spec.image.clone(),
             instance_type: req.spec.instance_type.clone(),
             state: InstanceState::Running,
@@ -200,6 +327,24 @@ impl Provider for LocalProvider {
         let dir = self.sandbox(&machine.name)?;
         if !dir.exists() {
             return Ok(());
+        }
+        // Destroy only what is provably this tenant's and this provider's: a saved plan may have been edited.
+        match self.record_of(&dir)? {
+            Some(rec) => self.check_owned(&machine.name, &rec, "terminate")?,
+            None => {
+                return Err(ProviderError::Failed {
+                    provider: self.name.clone(),
+                    message: format!("refusing to terminate `{}`: `{}` is not a sandbox", machine.name, dir.display()),
+                });
+            }
+        }
+        if let Some(id) = &machine.instance_id
+            && id != &machine.name
+        {
+            return Err(ProviderError::Failed {
+                provider: self.name.clone(),
+                message: format!("refusing to terminate `{}`: the plan names sandbox `{id}`", machine.name),
+            });
         }
         let trash = self.data_dir.join(format!(".trash-{}-{}", machine.name, unique_suffix()));
         std::fs::rename(&dir, &trash).map_err(|e| self.io(e))?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::model::{ActualMachine, Host, MachineSpec};
+use crate::model::{ActualMachine, Host, MachineSpec, Unusable};
 use crate::transport::Transport;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,8 @@ pub enum ProviderError {
 pub struct Discovered {
     pub hosts: Vec<Host>,
     pub machines: Vec<ActualMachine>,
+    /// This tenant's resources that could not be read or attributed to this provider.
+    pub unusable: Vec<Unusable>,
 }
 
 /// What to launch.
@@ -51,6 +53,9 @@ pub struct HostRequest {
     pub machine: String,
     pub instance_type: String,
     pub availability_zone: String,
+    /// Hosts the plan already knows (and has decided about): a lookup by tag must never return one of
+    /// them, so one host is never promised to two machines.
+    pub exclude_hosts: Vec<String>,
 }
 
 /// A machine as the provider addresses it.

@@ -38,6 +38,10 @@ pub struct FleetRef {
     pub path: String,
     /// sha256 of the file's bytes: a saved plan is refused when the file changed.
     pub sha256: String,
+    /// The file's text, in a saved plan (`-out`): `apply PLANFILE` plans again from it and the world, and
+    /// carries out the plan only if the result is the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// What the plan was compared against.
@@ -103,6 +107,12 @@ impl PlanDocument {
 
     pub fn has_changes(&self) -> bool {
         !self.actions.is_empty()
+    }
+
+    /// Warnings about parts of the fleet that could not be checked (unreachable machines, unusable
+    /// resources). While there are any, `plan --detailed-exitcode` exits 1: "no changes" cannot be known.
+    pub fn unchecked(&self) -> Vec<&Warning> {
+        self.warnings.iter().filter(|w| w.kind.is_unchecked()).collect()
     }
 
     pub fn to_json(&self) -> String {
