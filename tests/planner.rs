@@ -314,3 +314,131 @@ fn planning_is_deterministic() {
     assert_eq!(format!("{:?}", p1.changes), format!("{:?}", p2.changes));
     assert_eq!(kinds(&p1), kinds(&p2));
 }
+
+// ---------------------------------------------------------------- issue 9 regressions
+
+/// A host a killed apply allocated for `nimbus.acme.mac.1`, never used.
+fn leftover_host(machine: &str, id: &str) -> Host {
+    Host {
+        provider: "aws".into(),
+        id: id.into(),
+        tags: machine_tags("acme", "aws", "mac", machine),
+        instance_type: "mac2.metal".into(),
+        availability_zone: "us-east-1a".into(),
+        state: HostState::Available,
+        allocated_at: t0() - Duration::hours(1),
+        instance_ids: vec![],
+    }
+}
+
+/// Issue 9.2: the rerun reuses the leftover host once, and the other machine's allocation may not find it
+/// again by its stale tag.
+#[test]
+fn a_leftover_host_is_never_promised_to_two_machines() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let mut world = Actual { runners: Some(vec![]), ..Default::default() };
+    world.hosts.push(leftover_host("nimbus.acme.mac.1", "h-left"));
+    let p = plan(&d, &world, t0());
+    let reused: Vec<&str> = p
+        .actions()
+        .filter_map(|(_, a)| match &a.kind {
+            ActionKind::LaunchInstance { host: Some(HostRef::Existing { host_id }), .. } => Some(host_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reused, ["h-left"], "the leftover host is reused exactly once");
+    let allocs: Vec<(String, Vec<String>)> = p
+        .actions()
+        .filter_map(|(_, a)| match &a.kind {
+            ActionKind::AllocateHost { machine, exclude_hosts, .. } => Some((machine.clone(), exclude_hosts.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(allocs.len(), 1);
+    // mac[0] took the leftover host; mac[1]'s lookup by tag must not find it again.
+    assert_eq!(allocs[0], ("nimbus.acme.mac.1".to_string(), vec!["h-left".to_string()]));
+    // A scrubbing host tagged for a machine cannot be reused, and its allocation must not find it either.
+    let mut scrubbing = Actual { runners: Some(vec![]), ..Default::default() };
+    scrubbing.hosts.push(leftover_host("nimbus.acme.mac.0", "h-scrub"));
+    scrubbing.hosts[0].state = HostState::Pending;
+    let p2 = plan(&d, &scrubbing, t0());
+    let excl: Vec<(String, Vec<String>)> = p2
+        .actions()
+        .filter_map(|(_, a)| match &a.kind {
+            ActionKind::AllocateHost { machine, exclude_hosts, .. } => Some((machine.clone(), exclude_hosts.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        excl,
+        [("nimbus.acme.mac.0".to_string(), vec!["h-scrub".to_string()]), ("nimbus.acme.mac.1".to_string(), vec![])]
+    );
+    Simulator::default().apply(&d, &mut scrubbing, &p2, t0());
+    // The simulator models the provider's lookup by tag; it panics on a second instance on one host.
+    let mut sim = Simulator::default();
+    sim.apply(&d, &mut world, &p, t0());
+    assert!(plan(&d, &world, t0()).is_empty());
+    let on_hosts: Vec<usize> = world.hosts.iter().map(|h| h.instance_ids.len()).collect();
+    assert_eq!(on_hosts, [1, 1]);
+}
+
+/// Issue 9.1: a pool moved between providers is destroyed on one and created on the other, and the new
+/// machine of the same name waits until the old one is gone.
+#[test]
+fn a_moved_pool_says_so_and_waits_for_the_old_machine() {
+    let mut d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    d.providers.insert("other".into(), ProviderInfo { kind: "aws".into(), min_allocation: None });
+    let (world, _) = built(&d, t0());
+    d.pools[0].provider = "other".into();
+    let p = plan(&d, &world, t0());
+    let reasons: Vec<&str> = p.changes.iter().map(|c| c.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("moved from provider `aws` to `other`") && r.contains("destroyed on `aws`")),
+        "{reasons:?}"
+    );
+    let terminate = p.actions().find(|(_, a)| a.kind.name() == "terminate_instance").unwrap().0;
+    let launch = p.actions().find(|(_, a)| a.kind.name() == "launch_instance").unwrap().0;
+    assert!(p.depends_on(launch).contains(&terminate), "launch must wait for the old machine's terminate");
+}
+
+/// Issue 9.7: an unusable resource keeps its name and counts; it is a warning of kind `unusable`.
+#[test]
+fn an_unusable_machine_is_left_alone_and_keeps_its_name() {
+    let d = desired("acme", vec![pool("linux", "aws", 2, "t3.large", "ami-1")]);
+    let mut world = Actual { runners: Some(vec![]), ..Default::default() };
+    world.unusable.push(Unusable {
+        provider: "aws".into(),
+        id: "nimbus.acme.linux.0".into(),
+        machine: Some("nimbus.acme.linux.0".into()),
+        reason: "`x/nimbus.json` is not a sandbox record".into(),
+        hint: "repair it".into(),
+    });
+    let p = plan(&d, &world, t0());
+    let created: Vec<&str> = p.changes.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(created, ["nimbus.acme.linux.1"], "the broken machine's name is not reused, and it counts");
+    assert_eq!(p.warnings.len(), 1);
+    assert_eq!(p.warnings[0].kind, nimbus::plan::WarningKind::Unusable);
+    assert_eq!(p.warnings[0].address, "linux[0]");
+    assert!(p.warnings[0].message.contains("not a sandbox record") && p.warnings[0].message.contains("repair it"));
+    // Another tenant's broken folder is not ours to count.
+    world.unusable[0].machine = Some("nimbus.other.linux.0".into());
+    assert_eq!(plan(&d, &world, t0()).changes.len(), 2);
+}
+
+/// Issue 9.6: an empty or damaged state database is drift with a repair, not an unreachable machine.
+#[test]
+fn a_damaged_state_database_is_repaired_and_setup_runs_again() {
+    let mut d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    d.pools[0].setup = vec![step("a", "echo a"), step("b", "echo b")];
+    let (mut world, mut sim) = built(&d, t0());
+    assert!(plan(&d, &world, t0()).is_empty());
+    world.machines[0].on_machine = OnMachine::BadState { reason: "the state database is empty (0 bytes)".into() };
+    let p = plan(&d, &world, t0());
+    assert_eq!(kinds(&p), ["repair_state", "run_setup"]);
+    assert!(p.warnings.is_empty());
+    assert_eq!(p.changes[0].actions, [ChangeAction::Update]);
+    assert!(p.changes[0].reason.contains("empty (0 bytes)"), "{}", p.changes[0].reason);
+    assert_eq!(p.changes[0].run_steps, ["a", "b"]);
+    sim.apply(&d, &mut world, &p, t0());
+    assert!(plan(&d, &world, t0()).is_empty());
+}
