@@ -364,3 +364,102 @@ fn discovery_filters_even_when_the_server_does_not() {
         assert!(found.machines.iter().all(|m| m.tags["nimbus:tenant"] == f.tenant));
     });
 }
+
+// ---------------------------------------------------------------- issue 9 regressions
+
+fn two_providers_fleet(tenant: &str, second_region: &str, second_az: &str, linux: u32) -> String {
+    format!(
+        "version: 1\ntenant: {tenant}\nproviders:\n  mac:\n    type: aws\n    region: us-east-1\n  linux:\n    type: aws\n    region: {second_region}\n    key_name: linux-key\npools:\n  - name: mac\n    provider: mac\n    count: 1\n    machine: {{os: macos, arch: arm64, instance_type: mac2.metal, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: linux\n    count: {linux}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: {second_az}}}\n"
+    )
+}
+
+/// Issue 9.1: two `aws` providers in one region, and in two regions, each see and change only their own.
+#[test]
+fn two_aws_providers_keep_their_own_machines() {
+    let Some(url) = moto() else { return };
+    for (region, az) in [("us-east-1", "us-east-1a"), ("us-west-2", "us-west-2a")] {
+        let f = Fleet::new(&url, "twoprov");
+        std::fs::write(f.dir.path().join("fleet.yaml"), two_providers_fleet(&f.tenant, region, az, 2)).unwrap();
+        f.ok(&["apply", "--auto-approve"]);
+        let o = f.run(&["plan", "--detailed-exitcode"]);
+        assert_eq!(o.status.code(), Some(0), "{region}: the next plan has nothing to do\n{}", text(&o));
+        let o = f.ok(&["apply", "--auto-approve"]);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("No changes."), "{}", text(&o));
+        // Scaling one provider's pool touches only that provider's machines.
+        std::fs::write(f.dir.path().join("fleet.yaml"), two_providers_fleet(&f.tenant, region, az, 1)).unwrap();
+        let plan = f.plan_json(&[]);
+        assert_eq!(kinds(&plan), ["terminate_instance"], "{region}: {plan}");
+        assert_eq!(plan["actions"][0]["provider"], "linux");
+        f.ok(&["apply", "--auto-approve"]);
+        assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0), "{region}");
+        rt().block_on(async {
+            let p = AwsProvider::new(
+                "mac",
+                &f.tenant,
+                AwsSettings { region: Some("us-east-1".into()), ..Default::default() },
+            )
+            .await
+            .unwrap();
+            let found = p.discover(&f.tenant).await.unwrap();
+            assert_eq!(found.machines.len(), 1, "{region}: the `mac` provider sees its own machine only");
+            assert!(found.machines.iter().all(|m| m.tags["nimbus:provider"] == "mac"));
+            assert_eq!(found.hosts.len(), 1);
+            assert!(found.unusable.is_empty());
+        });
+    }
+}
+
+/// Issue 9.2: a host a killed apply left tagged for `mac.1` is reused once; `mac.1`'s allocation does not
+/// find it again by its stale tag, and no host gets two instances.
+#[test]
+fn a_leftover_host_is_not_doubled_up() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "leftover");
+    f.write(2, 0, None);
+    let host = rt().block_on(async {
+        let c = sdk().await;
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::DedicatedHost);
+        for (k, v) in nimbus::model::machine_tags(&f.tenant, "aws", "mac", &format!("nimbus.{}.mac.1", f.tenant)) {
+            spec = spec.tags(Tag::builder().key(k).value(v).build());
+        }
+        let h = c
+            .allocate_hosts()
+            .instance_type("mac2.metal")
+            .availability_zone("us-east-1a")
+            .quantity(1)
+            .tag_specifications(spec.build())
+            .send()
+            .await
+            .unwrap();
+        h.host_ids()[0].clone()
+    });
+    f.ok(&["apply", "--auto-approve"]);
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
+    rt().block_on(async {
+        let (hosts, instances) = tenant_resources(&sdk().await, &f.tenant).await;
+        assert_eq!(hosts.len(), 2, "{hosts:?}");
+        assert!(hosts.contains_key(&host), "the leftover host was reused");
+        let mut on: Vec<&String> = instances.values().flatten().collect();
+        on.sort();
+        on.dedup();
+        assert_eq!((instances.len(), on.len()), (2, 2), "one instance per host: {instances:?}");
+    });
+}
+
+/// Issue 9.9: an EC2 error shows the service's code and message, not the SDK's debug dump.
+#[test]
+fn aws_errors_show_code_and_message_only() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "awserr");
+    let text_ = fleet(&f.tenant, 0, 1, None)
+        .replace("    region: us-east-1\n", "    region: us-east-1\n    subnet_id: subnet-0doesnotexist\n");
+    std::fs::write(f.dir.path().join("fleet.yaml"), text_).unwrap();
+    let o = f.run(&["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("RunInstances: InvalidSubnetID.NotFound"), "{err}");
+    for noise in ["headers", "x-amzn", "HttpResponse", "SdkBody", "ServiceError {"] {
+        assert!(!err.contains(noise), "raw SDK output ({noise}) in: {err}");
+    }
+    assert!(err.lines().all(|l| l.len() < 400), "{err}");
+}

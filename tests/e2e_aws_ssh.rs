@@ -131,6 +131,27 @@ fn aws_fleet_over_ssh_end_to_end() {
     let warnings = v["warnings"].to_string();
     assert!(warnings.contains("unreachable"), "{warnings}");
     assert!(v["actions"].as_array().unwrap().is_empty());
+    // Issue 9.6: a drift check never says "no changes" while a machine cannot be reached.
+    let o = ok(&["plan", "--detailed-exitcode"], 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("could not be checked"), "{}", text(&o));
+
+    // A changed host key is refused, and is not "no changes" either.
+    std::fs::write(dir.path().join("fleet.yaml"), &f).unwrap();
+    ok(&["plan", "--detailed-exitcode"], 0);
+    let kh = dir.path().join("known_hosts");
+    let pinned = std::fs::read_to_string(&kh).unwrap();
+    let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    let forged: String = pinned
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some((host, _)) => format!("{host} {other}\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&kh, forged).unwrap();
+    let o = ok(&["plan", "--detailed-exitcode"], 1);
+    assert!(text(&o).contains("could not be checked"), "{}", text(&o));
+    std::fs::write(&kh, pinned).unwrap();
 
     // The SSH private key never shows up anywhere.
     let key = std::fs::read_to_string(&p.ssh_key).unwrap();
