@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nimbus::apply::Applier;
-use nimbus::exec::{ExecEvent, execute};
-use nimbus::model::{Actual, Desired};
-use nimbus::plan::plan;
+use nimbus::core::model::{Actual, Desired};
+use nimbus::core::plan::plan;
+use nimbus::engine::actions::Applier;
+use nimbus::engine::walk::{ExecEvent, execute};
 use nimbus::providers::Provider;
 use nimbus::providers::local::LocalProvider;
 use petgraph::Direction;

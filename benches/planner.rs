@@ -8,9 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use nimbus::model::*;
-use nimbus::plan::plan;
-use nimbus::testkit::{Simulator, desired, pool};
+use nimbus::core::model::*;
+use nimbus::core::plan::plan;
+use nimbus::testing::{Simulator, desired, pool};
 
 fn status_kb(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -1,4 +1,4 @@
-//! The `nimbus` binary: parses arguments and hands over to [`nimbus::commands`].
+//! The `nimbus` binary: parses arguments and hands over to [`nimbus::cli::commands`].
 
 use std::process::ExitCode;
 
@@ -14,5 +14,5 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
-    ExitCode::from(nimbus::commands::run(cli))
+    ExitCode::from(nimbus::cli::commands::run(cli))
 }

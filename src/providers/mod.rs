@@ -11,19 +11,66 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::model::{ActualMachine, Host, MachineSpec, Unusable};
+use crate::core::model::{ActualMachine, Host, MachineSpec, Unusable};
 use crate::transport::Transport;
 
+/// Why a provider call failed, by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
+    /// The resource does not exist (any more).
     #[error("provider `{provider}`: {message}")]
-    Failed { provider: String, message: String },
-    #[error("provider `{provider}`: {source}")]
-    Io {
+    NotFound { provider: String, message: String },
+    /// The provider is limiting requests (EC2 `RequestLimitExceeded`); retried with backoff before this.
+    #[error("provider `{provider}`: throttled: {message}")]
+    Throttled { provider: String, message: String },
+    /// Credentials missing, wrong, or without permission.
+    #[error("provider `{provider}`: not authorised: {message}")]
+    Auth { provider: String, message: String },
+    /// No capacity of that kind now (EC2 `InsufficientHostCapacity`, a host limit).
+    #[error("provider `{provider}`: no capacity: {message}")]
+    Capacity { provider: String, message: String },
+    /// The resource is not in a state that allows it, or not this fleet's: nimbus refused, or the provider did.
+    #[error("provider `{provider}`: {message}")]
+    Conflict { provider: String, message: String },
+    #[error("provider `{provider}`: {message}")]
+    Other {
         provider: String,
+        message: String,
         #[source]
-        source: std::io::Error,
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+impl ProviderError {
+    pub fn other(provider: &str, message: impl Into<String>) -> Self {
+        ProviderError::Other { provider: provider.into(), message: message.into(), source: None }
+    }
+
+    pub fn conflict(provider: &str, message: impl Into<String>) -> Self {
+        ProviderError::Conflict { provider: provider.into(), message: message.into() }
+    }
+
+    pub fn io(provider: &str, source: std::io::Error) -> Self {
+        ProviderError::Other { provider: provider.into(), message: source.to_string(), source: Some(Box::new(source)) }
+    }
+
+    /// What to do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ProviderError::NotFound { .. } => "it was removed outside nimbus, or never made; plan again",
+            ProviderError::Throttled { .. } => {
+                "the provider is limiting requests and nimbus already retried with backoff; try again later, or lower `--parallelism`"
+            }
+            ProviderError::Auth { .. } => {
+                "check the credentials (for AWS: the standard chain, AWS_PROFILE, the IAM policy in examples/aws-mac/iam-policy.json)"
+            }
+            ProviderError::Capacity { .. } => {
+                "the provider has no capacity of this kind now; try again later, or another zone or instance type"
+            }
+            ProviderError::Conflict { .. } => "what exists changed, or the resource is not this fleet's; plan again",
+            ProviderError::Other { .. } => "RUST_LOG=debug with `--log-format json` shows the provider's raw response",
+        }
+    }
 }
 
 /// What a provider found for one tenant.
@@ -109,6 +156,6 @@ pub trait Provider: Send + Sync {
     }
 
     fn unsupported(&self, what: &str) -> ProviderError {
-        ProviderError::Failed { provider: self.name().to_string(), message: format!("{what} is not supported") }
+        ProviderError::other(self.name(), format!("{what} is not supported"))
     }
 }

@@ -23,7 +23,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use tokio::io::AsyncWriteExt;
 
 use super::{ExecOutput, Transport, TransportError, tail};
-use crate::shell::quote;
+use crate::util::shell::quote;
 
 /// Where the state database lives on real machines.
 pub const REMOTE_STATE_PATH: &str = "/var/lib/nimbus/state.db";

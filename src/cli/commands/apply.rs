@@ -1,0 +1,151 @@
+//! `nimbus apply`: parse → plan (or check a saved plan) → confirm → engine → view.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use super::plan::observe_with;
+use super::{CommandError, Output, build_providers, document, exit, journal_path, retention, runtime, sha256_hex};
+use crate::cli::ApplyArgs;
+use crate::cli::views::apply_progress::{self, Progress};
+use crate::cli::views::plan_text as text;
+use crate::config;
+use crate::core::model::Desired;
+use crate::core::plan::planfile::{self, Current};
+use crate::engine::actions::Applier;
+use crate::engine::apply::Session;
+use crate::state::journal::RunStatus;
+
+fn confirm() -> bool {
+    err!("\nDo you want to perform these actions?\n  Only `yes` will be accepted to approve.\n\n  Enter a value: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    match std::io::stdin().lock().read_line(&mut line) {
+        Ok(0) | Err(_) => false,
+        Ok(_) => line.trim() == "yes",
+    }
+}
+
+/// The first SIGINT or SIGTERM turns the returned flag on (nothing new starts, running actions finish); a
+/// second exits at once.
+fn stop_on_signals(rt: &tokio::runtime::Runtime) -> tokio::sync::watch::Receiver<bool> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        let mut received = 0;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            received += 1;
+            if received == 1 {
+                errln!(
+                    "\nInterrupt received: no new actions start; waiting for the running ones to finish. Interrupt again to exit at once."
+                );
+                let _ = stop_tx.send(true);
+            } else {
+                errln!("\nSecond interrupt: exiting now. Run `nimbus apply` again to continue.");
+                std::process::exit(i32::from(exit::INTERRUPTED));
+            }
+        }
+    });
+    stop_rx
+}
+
+pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, CommandError> {
+    // Which fleet file, and which plan.
+    let saved = args.planfile.as_deref().map(planfile::load).transpose()?;
+    let fleet_file = match (&saved, args.fleet.file.as_path()) {
+        (Some(doc), f) if f == Path::new("fleet.yaml") && doc.fleet.is_some() => {
+            PathBuf::from(&doc.fleet.as_ref().expect("checked").path)
+        }
+        (_, f) => f.to_path_buf(),
+    };
+    let loaded = config::load(&fleet_file)?;
+    // The lock, then the journal (created if missing: every apply records its run).
+    let mut session = Session::open(&journal_path(&loaded, args.journal.as_deref()), retention(&loaded))?;
+    if session.orphaned > 0 {
+        errln!("note: {} action(s) of an interrupted run were marked ORPHANED; see `nimbus history`", session.orphaned);
+    }
+
+    let rt = runtime();
+    // Clients (octocrab) spawn helpers on the runtime when built.
+    let _in_runtime = rt.enter();
+    let providers = rt.block_on(build_providers(&loaded))?;
+    rt.block_on(async {
+        for p in &providers {
+            p.prepare().await?;
+        }
+        Ok::<_, CommandError>(())
+    })?;
+    // One forge client (and one installation token) for discovery and the actions.
+    let forge = super::build_forge(&loaded)?;
+    let actual = rt.block_on(observe_with(&loaded, &providers, forge.as_deref()))?;
+    let desired = Desired::from_config(&loaded.config);
+    let now = Utc::now();
+    let fleet_path = loaded.path.display().to_string();
+
+    let doc = match saved {
+        Some(saved) => {
+            let current = Current {
+                fleet_sha256: &sha256_hex(loaded.source.as_bytes()),
+                fleet_path: &loaded.path,
+                fingerprint: &actual.fingerprint(),
+                now,
+            };
+            planfile::check(&saved, &current, |at| document(&loaded, &desired, &actual, at, "discovery"))?
+        }
+        None => {
+            let doc = document(&loaded, &desired, &actual, now, "discovery");
+            out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
+            if doc.has_changes() && !args.auto_approve && !confirm() {
+                errln!("\nApply cancelled.");
+                return Ok(exit::ERROR);
+            }
+            doc
+        }
+    };
+    if !doc.has_changes() {
+        session.record_noop(&loaded.config.tenant, &fleet_path)?;
+        if args.planfile.is_some() {
+            outln!("No changes.");
+        }
+        return Ok(exit::OK);
+    }
+
+    let run = session.start(&doc, &fleet_path, args.planfile.as_deref())?;
+    let log_dir = session.log_dir(run);
+    std::fs::create_dir_all(&log_dir).map_err(|source| CommandError::Io {
+        what: "create log folder",
+        path: log_dir.clone(),
+        source,
+    })?;
+    let mut applier = Applier::new(desired, &actual, providers, Some(log_dir.clone()));
+    if let Some(f) = forge {
+        applier = applier.with_forge(f, super::runner_dir(&loaded));
+    }
+    let stop = stop_on_signals(&rt);
+    let mut progress = Progress::new(doc.actions.len(), std::io::stderr().is_terminal(), quiet_progress);
+    let outcome = rt.block_on(session.execute(
+        run,
+        &doc,
+        Arc::new(applier),
+        args.parallelism as usize,
+        stop,
+        &mut [&mut progress],
+    ))?;
+    progress.finish();
+    let logs = log_dir.parent().map(Path::to_path_buf).unwrap_or(log_dir);
+    apply_progress::summary(&outcome, doc.deferred.len(), |id| doc.actions[id].action.clone(), &logs);
+    Ok(match outcome.status {
+        RunStatus::Success => exit::OK,
+        RunStatus::Error => exit::ERROR,
+        RunStatus::Interrupted => exit::INTERRUPTED,
+    })
+}

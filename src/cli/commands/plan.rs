@@ -1,0 +1,111 @@
+//! `nimbus plan` and `nimbus discover`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use super::{CommandError, Output, build_providers, exit, parse_at, runtime};
+use crate::cli::PlanArgs;
+use crate::cli::views::{plan_markdown as markdown, plan_text as text};
+use crate::config::{self, LoadedConfig};
+use crate::core::model::{Actual, Desired, INVENTORY_FORMAT_VERSION, Inventory};
+use crate::core::plan::document::PlanDocument;
+use crate::providers::Provider;
+
+/// Discovers what exists for the fleet's tenant.
+pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
+    runtime().block_on(async {
+        let providers = build_providers(loaded).await?;
+        let forge = super::build_forge(loaded)?;
+        observe_with(loaded, &providers, forge.as_deref()).await
+    })
+}
+
+/// Discovers with providers and forge already built.
+pub async fn observe_with(
+    loaded: &LoadedConfig,
+    providers: &[Arc<dyn Provider>],
+    forge: Option<&dyn crate::forges::Forge>,
+) -> Result<Actual, CommandError> {
+    Ok(crate::engine::discovery::discover_with_forge(&loaded.config.tenant, providers, forge).await?)
+}
+
+fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CommandError::Io {
+        what: "read inventory",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let inv: Inventory = serde_json::from_str(&text).map_err(|e| {
+        CommandError::usage(
+            format!("`{}` is not a nimbus inventory: {e}", path.display()),
+            "record one with `nimbus discover -f fleet.yaml -o inventory.json`",
+        )
+    })?;
+    if inv.format_version.split('.').next() != INVENTORY_FORMAT_VERSION.split('.').next() {
+        return Err(CommandError::usage(
+            format!(
+                "inventory format {} is not supported (this nimbus reads {INVENTORY_FORMAT_VERSION})",
+                inv.format_version
+            ),
+            "record it again with this version of `nimbus discover`",
+        ));
+    }
+    if inv.tenant != tenant {
+        return Err(CommandError::usage(
+            format!(
+                "inventory `{}` was recorded for tenant `{}`, but the fleet file is for `{tenant}`",
+                path.display(),
+                inv.tenant
+            ),
+            "plan with the inventory of the same tenant",
+        ));
+    }
+    Ok(inv)
+}
+
+/// Builds the plan document for a loaded fleet file.
+pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocument, CommandError> {
+    let now = Utc::now();
+    let at = match &args.at {
+        Some(s) => parse_at(s, now)?,
+        None => now,
+    };
+    let (actual, source) = match &args.inventory {
+        Some(p) => (read_inventory(p, &loaded.config.tenant)?.actual, "inventory"),
+        None => (observe(loaded)?, "discovery"),
+    };
+    Ok(super::document(loaded, &Desired::from_config(&loaded.config), &actual, at, source))
+}
+
+pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
+    let loaded = config::load(&args.fleet.file)?;
+    let doc = build_document(&loaded, args)?;
+    if args.json {
+        out!("{}", doc.to_json());
+    } else if args.markdown {
+        out!("{}", markdown::render(&doc));
+    } else {
+        out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
+    }
+    if let Some(path) = &args.out {
+        // The saved plan carries the fleet file it was made from: apply plans again from it.
+        crate::core::plan::planfile::write(path, &doc, &loaded.source)?;
+        errln!("Saved the plan to `{}`. Apply it with `nimbus apply {}`.", path.display(), path.display());
+    }
+    let unchecked = doc.unchecked();
+    if args.detailed_exitcode && !unchecked.is_empty() {
+        // "No changes" (0) or "changes" (2) cannot be known while part of the fleet went unchecked: an error.
+        return Err(CommandError::usage(
+            format!(
+                "{} part(s) of the fleet could not be checked: {}",
+                unchecked.len(),
+                unchecked.iter().map(|w| format!("{}: {}", w.address, w.message)).collect::<Vec<_>>().join("; ")
+            ),
+            "fix what the warnings name (network, SSH host key, damaged records) and plan again; \
+             with --detailed-exitcode an unchecked machine is an error (exit 1), never \"no changes\"",
+        ));
+    }
+    Ok(if args.detailed_exitcode && doc.has_changes() { exit::CHANGES } else { exit::OK })
+}

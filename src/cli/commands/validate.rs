@@ -1,0 +1,18 @@
+//! `nimbus validate`: checks a fleet file; no network.
+
+use std::path::Path;
+
+use super::{CommandError, exit};
+use crate::config;
+
+pub fn validate(file: &Path) -> Result<u8, CommandError> {
+    let loaded = config::load(file)?;
+    errln!(
+        "`{}` is valid: tenant `{}`, {} pool(s), {} machine(s).",
+        file.display(),
+        loaded.config.tenant,
+        loaded.config.pools.len(),
+        loaded.config.pools.iter().map(|p| u64::from(p.count)).sum::<u64>()
+    );
+    Ok(exit::OK)
+}

@@ -1,0 +1,134 @@
+//! The terminal view of a plan, in Terraform's vocabulary: `+` create,
+//! `-` destroy, `~` update in place, `-/+` replace; then deferred actions,
+//! warnings, and "Plan: N to add, N to change, N to destroy." Reads well
+//! without colour; colour is only added when asked for.
+
+use std::fmt::Write;
+
+use super::summary_line;
+use crate::core::plan::diff::attribute_diff;
+use crate::core::plan::document::PlanDocument;
+use crate::core::plan::{ActionKind, ChangeAction, ResourceChange, ResourceKind};
+use crate::util::time::{ts, until};
+
+/// ANSI styling, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    }
+    pub fn green(&self, s: &str) -> String {
+        self.paint("32", s)
+    }
+    pub fn red(&self, s: &str) -> String {
+        self.paint("31", s)
+    }
+    pub fn yellow(&self, s: &str) -> String {
+        self.paint("33", s)
+    }
+    pub fn bold(&self, s: &str) -> String {
+        self.paint("1", s)
+    }
+    pub fn cyan(&self, s: &str) -> String {
+        self.paint("36", s)
+    }
+}
+
+fn symbol(c: &ResourceChange, st: Style) -> String {
+    if c.is_replace() {
+        return format!("{}/{}", st.red("-"), st.green("+"));
+    }
+    match c.actions.first() {
+        Some(ChangeAction::Create) => format!("  {}", st.green("+")),
+        Some(ChangeAction::Delete) => format!("  {}", st.red("-")),
+        _ => format!("  {}", st.yellow("~")),
+    }
+}
+
+fn verb(c: &ResourceChange) -> &'static str {
+    if c.is_replace() {
+        return "must be replaced";
+    }
+    match c.actions.first() {
+        Some(ChangeAction::Create) => "will be created",
+        Some(ChangeAction::Delete) => "will be destroyed",
+        _ => "will be updated in-place",
+    }
+}
+
+fn kind_word(k: ResourceKind) -> &'static str {
+    match k {
+        ResourceKind::Machine => "machine",
+        ResourceKind::Host => "host",
+        ResourceKind::Runner => "runner",
+    }
+}
+
+/// Renders the plan for a terminal.
+pub fn render(doc: &PlanDocument, st: Style) -> String {
+    let mut o = String::new();
+    if doc.resource_changes.is_empty() {
+        let _ = writeln!(o, "{}", st.bold("No changes."));
+        let _ = writeln!(o, "The fleet of tenant `{}` matches the fleet file.", doc.tenant);
+    } else {
+        let _ = writeln!(o, "nimbus will perform the following actions for tenant `{}`:", doc.tenant);
+        for c in &doc.resource_changes {
+            let _ = writeln!(o);
+            let _ = writeln!(o, "  {}", st.bold(&format!("# {} {}", c.address, verb(c))));
+            let _ = writeln!(o, "  # ({})", c.reason);
+            let _ = writeln!(o, "{} {} {:?} {{", symbol(c, st), kind_word(c.kind), c.name);
+            let diff = attribute_diff(c);
+            let width = diff.iter().map(|d| d.0.len()).max().unwrap_or(0);
+            for (k, b, a, forces) in diff {
+                let line = match (b, a) {
+                    (None, Some(a)) => format!("      {} {k:width$} = {a}", st.green("+")),
+                    (Some(b), None) => format!("      {} {k:width$} = {b}", st.red("-")),
+                    (Some(b), Some(a)) => format!("      {} {k:width$} = {b} -> {a}", st.yellow("~")),
+                    (None, None) => continue,
+                };
+                let note = if forces { format!(" {}", st.red("# forces replacement")) } else { String::new() };
+                let _ = writeln!(o, "{line}{note}");
+            }
+            if !c.run_steps.is_empty() && !c.actions.contains(&ChangeAction::Create) {
+                let _ = writeln!(o, "      {} run setup: {}", st.yellow("~"), c.run_steps.join(", "));
+            }
+            let _ = writeln!(o, "    }}");
+        }
+    }
+    if !doc.deferred.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "{}", st.bold("Deferred (not possible yet):"));
+        for d in &doc.deferred {
+            let what = match &d.action {
+                ActionKind::ReleaseHost { .. } => "release",
+                other => other.name(),
+            };
+            let when = match &d.due_at {
+                Some(t) => format!("due {} ({})", ts(t), until(t, &doc.planned_at)),
+                None => "due when the provider allows".to_string(),
+            };
+            let _ = writeln!(o, "  {} {} {what}, {when}", st.cyan("⏲"), d.address);
+            let _ = writeln!(o, "      {}", d.reason);
+        }
+    }
+    if !doc.warnings.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "{}", st.bold("Warnings:"));
+        for w in &doc.warnings {
+            let _ = writeln!(o, "  {} {}: {}", st.yellow("!"), w.address, w.message);
+        }
+    }
+    if !doc.resource_changes.is_empty() || !doc.deferred.is_empty() {
+        let _ = writeln!(o);
+        let mut line = st.bold(&summary_line(&doc.summary));
+        if doc.summary.deferred > 0 {
+            line.push_str(&format!(" {} deferred.", doc.summary.deferred));
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    o
+}

@@ -1,0 +1,120 @@
+//! The versioned JSON plan document ([`PlanDocument`]): the single model of a
+//! plan for output. The terminal and Markdown views (`cli::views`) are drawn
+//! from it; the saved plan (`planfile`) is this document plus the fleet file.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::core::plan::{Action, Deferred, Plan, ResourceChange, Summary, Warning};
+
+/// `format_version` of the JSON plan. Minor versions only add keys; consumers ignore unknown keys.
+pub const PLAN_FORMAT_VERSION: &str = "1.1";
+
+/// The JSON plan document (`nimbus plan --json`, and the saved plan of `-out`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanDocument {
+    pub format_version: String,
+    pub nimbus_version: String,
+    pub tenant: String,
+    /// The time the plan was made as of (`--at` moves it).
+    pub planned_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<Observed>,
+    pub summary: Summary,
+    pub resource_changes: Vec<ResourceChange>,
+    pub actions: Vec<ActionDoc>,
+    pub deferred: Vec<Deferred>,
+    pub warnings: Vec<Warning>,
+}
+
+/// The fleet file a plan was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetRef {
+    pub path: String,
+    /// sha256 of the file's bytes: a saved plan is refused when the file changed.
+    pub sha256: String,
+    /// The file's text, in a saved plan (`-out`): `apply PLANFILE` plans again from it and the world, and
+    /// carries out the plan only if the result is the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// What the plan was compared against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// `discovery` or `inventory`.
+    pub source: String,
+    /// Fingerprint of the observed world: a saved plan is refused when it changed.
+    pub fingerprint: String,
+}
+
+/// An action with its id and dependencies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionDoc {
+    pub id: usize,
+    pub depends_on: Vec<usize>,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+impl PlanDocument {
+    pub fn from_plan(plan: &Plan, fleet: Option<FleetRef>, observed: Option<Observed>) -> Self {
+        PlanDocument {
+            format_version: PLAN_FORMAT_VERSION.to_string(),
+            nimbus_version: env!("CARGO_PKG_VERSION").to_string(),
+            tenant: plan.tenant.clone(),
+            planned_at: plan.planned_at,
+            fleet,
+            observed,
+            summary: plan.summary(),
+            resource_changes: plan.changes.clone(),
+            actions: plan
+                .actions()
+                .map(|(id, a)| ActionDoc { id, depends_on: plan.depends_on(id), action: a.clone() })
+                .collect(),
+            deferred: plan.deferred.clone(),
+            warnings: plan.warnings.clone(),
+        }
+    }
+
+    /// Rebuilds the action graph of a saved plan.
+    pub fn graph(&self) -> Result<petgraph::graph::DiGraph<Action, ()>, String> {
+        let mut g = petgraph::graph::DiGraph::new();
+        for (i, a) in self.actions.iter().enumerate() {
+            if a.id != i {
+                return Err(format!("action ids are not dense (found {} at position {i})", a.id));
+            }
+            g.add_node(a.action.clone());
+        }
+        for a in &self.actions {
+            for d in &a.depends_on {
+                if *d >= self.actions.len() {
+                    return Err(format!("action {} depends on unknown action {d}", a.id));
+                }
+                g.add_edge(petgraph::graph::NodeIndex::new(*d), petgraph::graph::NodeIndex::new(a.id), ());
+            }
+        }
+        if petgraph::algo::is_cyclic_directed(&g) {
+            return Err("the actions form a cycle".into());
+        }
+        Ok(g)
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    /// Warnings about parts of the fleet that could not be checked (unreachable machines, unusable
+    /// resources). While there are any, `plan --detailed-exitcode` exits 1: "no changes" cannot be known.
+    pub fn unchecked(&self) -> Vec<&Warning> {
+        self.warnings.iter().filter(|w| w.kind.is_unchecked()).collect()
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("plan serialises");
+        s.push('\n');
+        s
+    }
+}

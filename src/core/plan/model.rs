@@ -1,0 +1,280 @@
+//! The plan's data: actions in a dependency graph, the resource changes they
+//! add up to, deferred actions and warnings.
+
+use chrono::{DateTime, Utc};
+use petgraph::Direction;
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunnerMode;
+use crate::core::model::MachineSpec;
+
+/// One step of an apply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    /// The resource this step belongs to (`macos[2]`, `host.h-0123`, `runner.NAME`).
+    pub address: String,
+    #[serde(flatten)]
+    pub kind: ActionKind,
+}
+
+/// Where a launch places its instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HostRef {
+    /// A host that exists now (kept, or idle and reused).
+    Existing { host_id: String },
+    /// The host allocated by the action with this id.
+    Allocated { action: usize },
+}
+
+/// A setup step to run, by name and script hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRef {
+    pub name: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ActionKind {
+    AllocateHost {
+        provider: String,
+        pool: String,
+        machine: String,
+        instance_type: String,
+        availability_zone: String,
+        /// Known hosts tagged for this machine that the plan has already decided about; the provider's
+        /// lookup by tag must not return them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exclude_hosts: Vec<String>,
+    },
+    LaunchInstance {
+        provider: String,
+        pool: String,
+        machine: String,
+        spec: MachineSpec,
+        host: Option<HostRef>,
+    },
+    WaitReachable {
+        provider: String,
+        machine: String,
+    },
+    /// Replaces an empty or damaged on-machine state database with a fresh one (setup then runs again).
+    RepairState {
+        provider: String,
+        machine: String,
+    },
+    RunSetup {
+        provider: String,
+        pool: String,
+        machine: String,
+        steps: Vec<StepRef>,
+    },
+    RegisterRunner {
+        provider: String,
+        pool: String,
+        machine: String,
+        labels: Vec<String>,
+        mode: RunnerMode,
+    },
+    UpdateRunnerLabels {
+        machine: String,
+        runner_id: u64,
+        labels: Vec<String>,
+        previous: Vec<String>,
+    },
+    DeregisterRunner {
+        runner_id: u64,
+        runner_name: String,
+    },
+    TerminateInstance {
+        provider: String,
+        machine: String,
+        instance_id: String,
+    },
+    ReleaseHost {
+        provider: String,
+        host_id: String,
+    },
+}
+
+impl ActionKind {
+    /// Short snake_case name, as in JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActionKind::AllocateHost { .. } => "allocate_host",
+            ActionKind::LaunchInstance { .. } => "launch_instance",
+            ActionKind::WaitReachable { .. } => "wait_reachable",
+            ActionKind::RepairState { .. } => "repair_state",
+            ActionKind::RunSetup { .. } => "run_setup",
+            ActionKind::RegisterRunner { .. } => "register_runner",
+            ActionKind::UpdateRunnerLabels { .. } => "update_runner_labels",
+            ActionKind::DeregisterRunner { .. } => "deregister_runner",
+            ActionKind::TerminateInstance { .. } => "terminate_instance",
+            ActionKind::ReleaseHost { .. } => "release_host",
+        }
+    }
+
+    /// The machine the action is about, if any.
+    pub fn machine(&self) -> Option<&str> {
+        match self {
+            ActionKind::AllocateHost { machine, .. }
+            | ActionKind::LaunchInstance { machine, .. }
+            | ActionKind::WaitReachable { machine, .. }
+            | ActionKind::RepairState { machine, .. }
+            | ActionKind::RunSetup { machine, .. }
+            | ActionKind::RegisterRunner { machine, .. }
+            | ActionKind::UpdateRunnerLabels { machine, .. }
+            | ActionKind::TerminateInstance { machine, .. } => Some(machine),
+            ActionKind::DeregisterRunner { runner_name, .. } => Some(runner_name),
+            ActionKind::ReleaseHost { .. } => None,
+        }
+    }
+}
+
+/// What happens to a resource, in Terraform's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeAction {
+    Create,
+    Update,
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    Machine,
+    Host,
+    Runner,
+}
+
+/// A change to one resource: the unit of the summary line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceChange {
+    pub address: String,
+    pub kind: ResourceKind,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// `["create"]`, `["update"]`, `["delete"]`, or `["delete", "create"]` for a replacement.
+    pub actions: Vec<ChangeAction>,
+    pub reason: String,
+    /// Attributes before (null for a create).
+    pub before: Option<serde_json::Value>,
+    /// Attributes after (null for a delete).
+    pub after: Option<serde_json::Value>,
+    /// Attributes whose change forces the replacement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replace_paths: Vec<String>,
+    /// Setup steps that will run, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub run_steps: Vec<String>,
+    /// Ids of the actions that carry out this change.
+    pub action_ids: Vec<usize>,
+}
+
+impl ResourceChange {
+    pub fn is_replace(&self) -> bool {
+        self.actions == [ChangeAction::Delete, ChangeAction::Create]
+    }
+}
+
+/// An action that may not run yet, and when it may.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deferred {
+    pub address: String,
+    pub action: ActionKind,
+    /// When it becomes possible; `None` when that depends on the provider (host scrubbing).
+    pub due_at: Option<DateTime<Utc>>,
+    pub reason: String,
+}
+
+/// Something the plan cannot act on but the operator should know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warning {
+    pub address: String,
+    pub message: String,
+    #[serde(default)]
+    pub kind: WarningKind,
+}
+
+/// What a warning is about. `unreachable` and `unusable` mean part of the fleet could not be checked:
+/// `plan --detailed-exitcode` then exits 1, never 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningKind {
+    /// A machine that could not be reached: its setup and runner were not checked.
+    Unreachable,
+    /// A resource of this tenant that cannot be read or attributed: left alone.
+    Unusable,
+    #[default]
+    Other,
+}
+
+impl WarningKind {
+    /// Whether part of the fleet went unchecked.
+    pub fn is_unchecked(self) -> bool {
+        matches!(self, WarningKind::Unreachable | WarningKind::Unusable)
+    }
+}
+
+/// The result of planning.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub tenant: String,
+    pub planned_at: DateTime<Utc>,
+    /// Actions; an edge `a → b` means `b` waits for `a`.
+    pub graph: DiGraph<Action, ()>,
+    pub changes: Vec<ResourceChange>,
+    pub deferred: Vec<Deferred>,
+    pub warnings: Vec<Warning>,
+}
+
+/// The summary line's numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub add: usize,
+    pub change: usize,
+    pub destroy: usize,
+    pub deferred: usize,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.graph.node_count() == 0
+    }
+
+    pub fn actions(&self) -> impl Iterator<Item = (usize, &Action)> {
+        self.graph.node_indices().map(|i| (i.index(), &self.graph[i]))
+    }
+
+    pub fn depends_on(&self, id: usize) -> Vec<usize> {
+        let mut v: Vec<usize> =
+            self.graph.neighbors_directed(NodeIndex::new(id), Direction::Incoming).map(|n| n.index()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary { deferred: self.deferred.len(), ..Summary::default() };
+        for c in &self.changes {
+            s.count(c);
+        }
+        s
+    }
+}
+
+impl Summary {
+    /// Adds a resource change: a replacement counts once to add and once to destroy.
+    pub fn count(&mut self, c: &ResourceChange) {
+        for a in &c.actions {
+            match a {
+                ChangeAction::Create => self.add += 1,
+                ChangeAction::Update => self.change += 1,
+                ChangeAction::Delete => self.destroy += 1,
+            }
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! Carrying out plan actions against real providers, machines and (later)
+//! the forge: the [`ActionRunner`] that `nimbus apply` hands to the executor.
+//! Emits the telemetry events (`nimbus.machine.provision_start`, …).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tracing::Instrument;
+
+use crate::config::{Arch, Os, RunnerMode};
+use crate::core::model::{Actual, Desired, StepStatus, parse_machine_name};
+use crate::core::plan::{Action, ActionKind, HostRef};
+use crate::engine::walk::{ActionError, ActionRunner, Outputs};
+use crate::forges::{Forge, Registration};
+use crate::providers::{HostRequest, LaunchRequest, MachineRef, Provider};
+use crate::state::machine_db::{self, StateDb};
+use crate::transport::Transport;
+use crate::util::shell;
+
+/// Telemetry event names, per action kind: (start, success, failure).
+pub fn event_names(kind: &ActionKind) -> (&'static str, &'static str, &'static str) {
+    match kind {
+        ActionKind::AllocateHost { .. } => {
+            ("nimbus.host.allocate_start", "nimbus.host.allocated", "nimbus.host.allocate_failed")
+        }
+        ActionKind::LaunchInstance { .. } => {
+            ("nimbus.machine.provision_start", "nimbus.machine.provision_complete", "nimbus.machine.provision_failed")
+        }
+        ActionKind::WaitReachable { .. } => {
+            ("nimbus.machine.wait_start", "nimbus.machine.reachable", "nimbus.machine.unreachable")
+        }
+        ActionKind::RepairState { .. } => {
+            ("nimbus.machine.repair_start", "nimbus.machine.repaired", "nimbus.machine.repair_failed")
+        }
+        ActionKind::RunSetup { .. } => ("nimbus.setup.start", "nimbus.setup.complete", "nimbus.setup.failed"),
+        ActionKind::RegisterRunner { .. } => {
+            ("nimbus.runner.register_start", "nimbus.runner.registered", "nimbus.runner.register_failed")
+        }
+        ActionKind::UpdateRunnerLabels { .. } => {
+            ("nimbus.runner.labels_start", "nimbus.runner.labels_updated", "nimbus.runner.labels_failed")
+        }
+        ActionKind::DeregisterRunner { .. } => {
+            ("nimbus.runner.deregister_start", "nimbus.runner.deregistered", "nimbus.runner.deregister_failed")
+        }
+        ActionKind::TerminateInstance { .. } => {
+            ("nimbus.machine.terminate_start", "nimbus.machine.terminated", "nimbus.machine.terminate_failed")
+        }
+        ActionKind::ReleaseHost { .. } => {
+            ("nimbus.host.release_start", "nimbus.host.released", "nimbus.host.release_failed")
+        }
+    }
+}
+
+fn emit(event: &str, tenant: &str, machine: &str, duration: Option<Duration>, error: Option<&str>) {
+    let duration_ms = duration.map(|d| d.as_millis() as u64);
+    match error {
+        None => tracing::info!(event, tenant, machine, duration_ms, "{event}"),
+        Some(error) => tracing::warn!(event, tenant, machine, duration_ms, error, "{event}"),
+    }
+}
+
+/// Runs plan actions.
+pub struct Applier {
+    tenant: String,
+    desired: Desired,
+    providers: HashMap<String, Arc<dyn Provider>>,
+    machines: Mutex<HashMap<String, MachineRef>>,
+    log_dir: Option<PathBuf>,
+    forge: Option<Arc<dyn Forge>>,
+    runner_dir: String,
+}
+
+/// Where the runner agent goes on a machine unless the fleet file says otherwise.
+pub const DEFAULT_RUNNER_DIR: &str = "$HOME/actions-runner";
+
+impl Applier {
+    pub fn new(desired: Desired, actual: &Actual, providers: Vec<Arc<dyn Provider>>, log_dir: Option<PathBuf>) -> Self {
+        let machines = actual
+            .machines
+            .iter()
+            .filter(|m| !m.state.is_gone())
+            .filter_map(|m| {
+                m.name().map(|n| {
+                    (
+                        n.to_string(),
+                        MachineRef {
+                            name: n.to_string(),
+                            instance_id: Some(m.instance_id.clone()),
+                            address: m.address.clone(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        Applier {
+            tenant: desired.tenant.clone(),
+            providers: providers.into_iter().map(|p| (p.name().to_string(), p)).collect(),
+            desired,
+            machines: Mutex::new(machines),
+            log_dir,
+            forge: None,
+            runner_dir: DEFAULT_RUNNER_DIR.to_string(),
+        }
+    }
+
+    /// Runner actions go to this forge; the agent is installed in `runner_dir` (`{machine}` replaced).
+    pub fn with_forge(mut self, forge: Arc<dyn Forge>, runner_dir: Option<String>) -> Self {
+        self.forge = Some(forge);
+        if let Some(d) = runner_dir {
+            self.runner_dir = d;
+        }
+        self
+    }
+
+    fn forge(&self) -> Result<&Arc<dyn Forge>, ActionError> {
+        self.forge.as_ref().ok_or_else(|| ActionError::new("no forge is configured"))
+    }
+
+    async fn register_runner(
+        &self,
+        provider: &str,
+        machine: &str,
+        labels: &[String],
+        mode: RunnerMode,
+        log: Option<&PathBuf>,
+    ) -> Result<(), ActionError> {
+        let forge = self.forge()?;
+        let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+            ActionError::new(format!(
+                "`{machine}` cannot be reached to install its runner: the fleet file has no `ssh:` section"
+            ))
+        })?;
+        let pool = self.pool_of(machine);
+        let (os, arch) = match pool.map(|p| (p.spec.os, p.spec.arch)) {
+            Some((Os::Macos, a)) => ("osx", a),
+            Some((Os::Linux, a)) => ("linux", a),
+            None => ("linux", Arch::X86_64),
+        };
+        let arch = if arch == Arch::Arm64 { "arm64" } else { "x64" };
+        let ephemeral = mode == RunnerMode::Ephemeral;
+        let registration = forge.register(machine, labels, ephemeral).await?;
+        // A runner dir given with `$HOME` is left to the shell; anything else is quoted.
+        let dir = self.runner_dir.replace("{machine}", machine);
+        let dir_word = match dir.strip_prefix("$HOME/") {
+            Some(rest) => format!("\"$HOME\"/{}", shell::quote(rest)),
+            None => shell::quote(&dir),
+        };
+        let install = format!(
+            "set -e\nIFS= read -r secret\ndir={dir_word}\nif [ ! -x \"$dir/config.sh\" ]; then\n  mkdir -p \"$dir\"; cd \"$dir\"\n  if command -v curl >/dev/null; then curl -fsSL {url} -o runner.tgz; else wget -q -O runner.tgz {url}; fi\n  tar xzf runner.tgz; rm -f runner.tgz\nfi\ncd \"$dir\"\n",
+            url = shell::quote(&forge.runner_download_url(os, arch)),
+        );
+        let (script, secret, runner_id) = match &registration {
+            Registration::Token { url, token } => (
+                format!(
+                    "{install}./config.sh --unattended --replace --url {} --token \"$secret\" --name {} --labels {}\n\
+                     if [ -x ./svc.sh ]; then (sudo -n ./svc.sh install 2>/dev/null || ./svc.sh install) && (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start); fi\n",
+                    shell::quote(url),
+                    shell::quote(machine),
+                    shell::quote(&labels.join(",")),
+                ),
+                token,
+                None,
+            ),
+            Registration::Jit { runner_id, config } => (
+                format!("{install}nohup ./run.sh --jitconfig \"$secret\" >/dev/null 2>&1 &\n"),
+                config,
+                Some(*runner_id),
+            ),
+        };
+        // The token travels on stdin, never on a command line nimbus builds, and is not logged.
+        let stdin = format!("{}\n", secret.expose());
+        let out = t.exec(&script, stdin.as_bytes(), log.map(|p| p.as_path())).await?;
+        if out.code != 0 {
+            if let Some(id) = runner_id {
+                let _ = forge.delete_runner(id).await;
+            }
+            return Err(ActionError::exit(
+                format!("installing the runner on `{machine}` failed (exit {}): {}", out.code, out.stderr_tail),
+                out.code,
+            ));
+        }
+        let mut db = match machine_db::read(t.as_ref()).await? {
+            Some(db) => db,
+            None => self.first_state(provider, machine),
+        };
+        db.runner = Some(crate::state::machine_db::RunnerRow {
+            name: machine.to_string(),
+            labels: labels.to_vec(),
+            mode: if ephemeral { "ephemeral".into() } else { "persistent".into() },
+            registered_at: crate::util::time::ts(&chrono::Utc::now()),
+            runner_id: runner_id.map(|i| i as i64),
+        });
+        machine_db::write(t.as_ref(), &db).await?;
+        Ok(())
+    }
+
+    fn provider(&self, name: &str) -> Result<&Arc<dyn Provider>, ActionError> {
+        self.providers.get(name).ok_or_else(|| ActionError::new(format!("provider `{name}` is not configured")))
+    }
+
+    fn machine_ref(&self, name: &str) -> MachineRef {
+        self.machines
+            .lock()
+            .expect("lock")
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| MachineRef { name: name.to_string(), ..MachineRef::default() })
+    }
+
+    fn pool_of(&self, machine: &str) -> Option<&crate::core::model::DesiredPool> {
+        let (_, pool, _) = parse_machine_name(machine)?;
+        self.desired.pools.iter().find(|p| p.name == pool)
+    }
+
+    async fn wait_reachable(&self, provider: &str, machine: &str) -> Result<(), ActionError> {
+        let p = self.provider(provider)?;
+        let r = self.machine_ref(machine);
+        p.wait_running(&r).await?;
+        let Some(t) = p.transport(&r)? else {
+            return Ok(()); // this fleet does not reach machines (no `ssh:`)
+        };
+        let deadline = Instant::now() + p.reachable_timeout();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match t.probe().await {
+                Ok(()) => break,
+                Err(e) if Instant::now() + delay > deadline => {
+                    return Err(ActionError::new(format!("`{machine}` did not become reachable: {e}")));
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // A pool with setup steps records the machine with its first step; otherwise record it now.
+        let has_setup = self.pool_of(machine).is_some_and(|p| !p.setup.is_empty());
+        if !has_setup && machine_db::read(t.as_ref()).await?.is_none() {
+            machine_db::write(t.as_ref(), &self.first_state(provider, machine)).await?;
+        }
+        Ok(())
+    }
+
+    /// The state a machine starts with: who it is, and its image.
+    fn first_state(&self, provider: &str, machine: &str) -> StateDb {
+        {
+            let mut db = StateDb::default();
+            let (_, pool, _) = parse_machine_name(machine).unwrap_or(("", "", 0));
+            for (k, v) in [
+                ("machine", machine),
+                ("tenant", self.tenant.as_str()),
+                ("pool", pool),
+                ("provider", provider),
+                ("nimbus_version", env!("CARGO_PKG_VERSION")),
+            ] {
+                db.machine.insert(k.into(), v.into());
+            }
+            db.machine.insert("created_at".into(), crate::util::time::ts(&chrono::Utc::now()));
+            if let Some(p) = self.pool_of(machine) {
+                db.images.push((p.spec.image.clone(), crate::util::time::ts(&chrono::Utc::now())));
+            }
+            db
+        }
+    }
+
+    async fn run_setup(
+        &self,
+        provider: &str,
+        pool: &str,
+        machine: &str,
+        steps: &[crate::core::plan::StepRef],
+        log: Option<&PathBuf>,
+    ) -> Result<(), ActionError> {
+        let t: Arc<dyn Transport> =
+            self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+                ActionError::new(format!(
+                    "`{machine}` cannot be reached to run setup: the fleet file has no `ssh:` section"
+                ))
+            })?;
+        let pool_spec = self
+            .desired
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| ActionError::new(format!("pool `{pool}` is not in the fleet file")))?;
+        let mut db = match machine_db::read(t.as_ref()).await? {
+            Some(db) => db,
+            None => self.first_state(provider, machine),
+        };
+        for step in steps {
+            let (position, spec) =
+                pool_spec.setup.iter().enumerate().find(|(_, s)| s.name == step.name).ok_or_else(|| {
+                    ActionError::new(format!("setup step `{}` is no longer in pool `{pool}`", step.name))
+                })?;
+            if spec.hash != step.hash {
+                return Err(ActionError::new(format!(
+                    "setup step `{}` changed since the plan was made; plan again",
+                    step.name
+                )));
+            }
+            let started = Instant::now();
+            emit("nimbus.setup.step_start", &self.tenant, machine, None, None);
+            db.set_step(position as i64, &spec.name, &spec.hash, StepStatus::Running, None);
+            machine_db::write(t.as_ref(), &db).await?;
+            if let Some(path) = log {
+                use std::io::Write;
+                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                    let _ = writeln!(f, "==> step {} ({})", spec.name, spec.hash);
+                }
+            }
+            let script = format!(
+                "{}{}",
+                shell::exports(&[
+                    ("NIMBUS_TENANT", &self.tenant),
+                    ("NIMBUS_POOL", pool),
+                    ("NIMBUS_MACHINE", machine),
+                    ("NIMBUS_STEP", &spec.name),
+                ]),
+                spec.run
+            );
+            let out = t.exec(&script, b"", log.map(|p| p.as_path())).await?;
+            let ok = out.code == 0;
+            db.set_step(
+                position as i64,
+                &spec.name,
+                &spec.hash,
+                if ok { StepStatus::Done } else { StepStatus::Failed },
+                Some(i64::from(out.code)),
+            );
+            machine_db::write(t.as_ref(), &db).await?;
+            if !ok {
+                let msg = format!("setup step `{}` failed with exit code {}: {}", spec.name, out.code, out.stderr_tail);
+                emit("nimbus.setup.step_failed", &self.tenant, machine, Some(started.elapsed()), Some(&msg));
+                return Err(ActionError::exit(msg, out.code));
+            }
+            emit("nimbus.setup.step_complete", &self.tenant, machine, Some(started.elapsed()), None);
+        }
+        Ok(())
+    }
+
+    async fn run_inner(&self, id: usize, action: &Action, outputs: &Outputs) -> Result<(), ActionError> {
+        match &action.kind {
+            ActionKind::AllocateHost { provider, pool, machine, instance_type, availability_zone, exclude_hosts } => {
+                let host = self
+                    .provider(provider)?
+                    .allocate_host(&HostRequest {
+                        tenant: self.tenant.clone(),
+                        pool: pool.clone(),
+                        machine: machine.clone(),
+                        instance_type: instance_type.clone(),
+                        availability_zone: availability_zone.clone(),
+                        exclude_hosts: exclude_hosts.clone(),
+                    })
+                    .await?;
+                outputs.lock().expect("lock").insert(id, host);
+                Ok(())
+            }
+            ActionKind::LaunchInstance { provider, pool, machine, spec, host } => {
+                let host_id = match host {
+                    None => None,
+                    Some(HostRef::Existing { host_id }) => Some(host_id.clone()),
+                    Some(HostRef::Allocated { action }) => Some(
+                        outputs
+                            .lock()
+                            .expect("lock")
+                            .get(action)
+                            .cloned()
+                            .ok_or_else(|| ActionError::new("the host allocation left no host id"))?,
+                    ),
+                };
+                let instance = self
+                    .provider(provider)?
+                    .launch(&LaunchRequest {
+                        tenant: self.tenant.clone(),
+                        pool: pool.clone(),
+                        machine: machine.clone(),
+                        spec: spec.clone(),
+                        host_id,
+                    })
+                    .await?;
+                self.machines.lock().expect("lock").insert(
+                    machine.clone(),
+                    MachineRef { name: machine.clone(), instance_id: Some(instance), address: None },
+                );
+                Ok(())
+            }
+            ActionKind::WaitReachable { provider, machine } => self.wait_reachable(provider, machine).await,
+            ActionKind::RepairState { provider, machine } => {
+                let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+                    ActionError::new(format!("`{machine}` cannot be reached: the fleet file has no `ssh:` section"))
+                })?;
+                Ok(machine_db::write(t.as_ref(), &self.first_state(provider, machine)).await?)
+            }
+            ActionKind::RunSetup { provider, pool, machine, steps } => {
+                let log = self.log_path(id, action);
+                self.run_setup(provider, pool, machine, steps, log.as_ref()).await
+            }
+            ActionKind::RegisterRunner { provider, machine, labels, mode, .. } => {
+                let log = self.log_path(id, action);
+                self.register_runner(provider, machine, labels, *mode, log.as_ref()).await
+            }
+            ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {
+                Ok(self.forge()?.set_labels(*runner_id, labels).await?)
+            }
+            ActionKind::DeregisterRunner { runner_id, .. } => Ok(self.forge()?.delete_runner(*runner_id).await?),
+            ActionKind::TerminateInstance { provider, machine, instance_id } => {
+                let mut r = self.machine_ref(machine);
+                r.instance_id = Some(instance_id.clone());
+                self.provider(provider)?.terminate(&r).await?;
+                Ok(())
+            }
+            ActionKind::ReleaseHost { provider, host_id } => Ok(self.provider(provider)?.release_host(host_id).await?),
+        }
+    }
+}
+
+#[async_trait]
+impl ActionRunner for Applier {
+    async fn run(&self, id: usize, action: &Action, outputs: &Outputs) -> Result<(), ActionError> {
+        let (start, done, failed) = event_names(&action.kind);
+        let machine = action.kind.machine().unwrap_or(&action.address).to_string();
+        let span = tracing::info_span!("nimbus.action", id, kind = action.kind.name(), address = %action.address, tenant = %self.tenant);
+        async {
+            emit(start, &self.tenant, &machine, None, None);
+            let t = Instant::now();
+            let r = self.run_inner(id, action, outputs).await;
+            match &r {
+                Ok(()) => emit(done, &self.tenant, &machine, Some(t.elapsed()), None),
+                Err(e) => emit(failed, &self.tenant, &machine, Some(t.elapsed()), Some(&e.message)),
+            }
+            r
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn log_path(&self, id: usize, action: &Action) -> Option<PathBuf> {
+        match action.kind {
+            ActionKind::RunSetup { .. } | ActionKind::RegisterRunner { .. } => {
+                self.log_dir.as_ref().map(|d| d.join(format!("{id:04}-{}.log", action.kind.name())))
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! An apply, start to end: the lock, the journal, the walk of the plan's DAG, and the report.
+//!
+//! [`Session::open`] takes the fleet's apply lock and opens (creating) the journal, recovering what a killed
+//! run left. [`Session::execute`] records the run and its actions, walks the graph with bounded parallelism
+//! until done or stopped, and counts what was done ([`Tally`]). Progress goes to [`Hook`]s: the journal's own
+//! hook is built in; the CLI adds its progress view.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::walk::{ActionRunner, ExecEvent, ExecReport, Outcome, execute_until};
+use crate::core::plan::document::PlanDocument;
+use crate::core::plan::{Action, ActionKind, ChangeAction, ResourceKind, Summary};
+use crate::state::journal::{Category, Journal, JournalError, Retention, RunStatus};
+use crate::state::lock::ApplyLock;
+
+/// Sees every action start and finish, in order.
+pub trait Hook {
+    fn event(&mut self, action: &Action, event: &ExecEvent);
+}
+
+/// An open apply: holds the lock for its lifetime.
+pub struct Session {
+    journal: Journal,
+    _lock: ApplyLock,
+    /// Actions a killed run left EXECUTING, now marked ORPHANED.
+    pub orphaned: usize,
+}
+
+/// What an apply did.
+pub struct ApplyOutcome {
+    pub run: i64,
+    pub report: ExecReport,
+    pub tally: Tally,
+    pub status: RunStatus,
+    /// Actions never started (the apply was stopped).
+    pub not_started: usize,
+    /// Journal writes that failed during the walk (the apply went on).
+    pub journal_errors: Vec<String>,
+}
+
+/// Who runs the apply, for the audit log.
+pub fn actor() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
+}
+
+impl Session {
+    /// Takes the lock beside `journal_path` (`apply.lock`), then opens the journal, recovers and prunes it.
+    pub fn open(journal_path: &Path, retention: Retention) -> Result<Session, JournalError> {
+        let lock = ApplyLock::acquire(&journal_path.with_file_name("apply.lock"))?;
+        let journal = Journal::open(journal_path)?;
+        let orphaned = journal.recover()?;
+        journal.prune(retention)?;
+        Ok(Session { journal, _lock: lock, orphaned })
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Where action logs of `run` go: beside the journal, absolute so the paths work from any folder.
+    pub fn log_dir(&self, run: i64) -> PathBuf {
+        let p = self.journal.path().with_file_name("logs");
+        std::path::absolute(&p).unwrap_or(p).join(format!("run-{run:05}"))
+    }
+
+    /// Records an apply that had nothing to do.
+    pub fn record_noop(&mut self, tenant: &str, fleet_path: &str) -> Result<i64, JournalError> {
+        let run = self.journal.start_run("apply", tenant, fleet_path)?;
+        let summary = json!({ "added": 0, "changed": 0, "destroyed": 0, "actions": 0, "failed": 0, "skipped": 0 });
+        self.journal.finish_run(run, true, &summary)?;
+        self.journal.event(
+            Some(run),
+            Category::Audit,
+            "info",
+            &actor(),
+            "apply finished: no changes",
+            Some(summary),
+        )?;
+        Ok(run)
+    }
+
+    /// Starts a run of `doc` in the journal; returns its id (for the log folder).
+    pub fn start(
+        &mut self,
+        doc: &PlanDocument,
+        fleet_path: &str,
+        planfile: Option<&Path>,
+    ) -> Result<i64, JournalError> {
+        let run = self.journal.start_run("apply", &doc.tenant, fleet_path)?;
+        let rows: Vec<(usize, String, String, serde_json::Value)> = doc
+            .actions
+            .iter()
+            .map(|a| {
+                (
+                    a.id,
+                    a.action.address.clone(),
+                    a.action.kind.name().to_string(),
+                    serde_json::to_value(&a.action.kind).unwrap_or_default(),
+                )
+            })
+            .collect();
+        self.journal.add_actions(run, &rows)?;
+        self.journal.event(
+            Some(run),
+            Category::Audit,
+            "info",
+            &actor(),
+            &format!("apply started: {}", crate::cli::views::summary_line(&doc.summary)),
+            Some(json!({ "run_id": run, "summary": doc.summary, "planfile": planfile })),
+        )?;
+        tracing::info!(event = "nimbus.apply.start", tenant = %doc.tenant, run, actions = doc.actions.len(), "nimbus.apply.start");
+        Ok(run)
+    }
+
+    /// Walks `doc`'s actions (run `run`) with `runner`, at most `parallelism` at a time, until done or until
+    /// `stop` turns true (then nothing new starts and running actions finish). Records the end of the run.
+    pub async fn execute(
+        &mut self,
+        run: i64,
+        doc: &PlanDocument,
+        runner: Arc<dyn ActionRunner>,
+        parallelism: usize,
+        stop: tokio::sync::watch::Receiver<bool>,
+        hooks: &mut [&mut dyn Hook],
+    ) -> Result<ApplyOutcome, JournalError> {
+        // The document came from the planner (a saved plan is always planned again), so it is a DAG.
+        let graph = Arc::new(doc.graph().expect("a plan made by the planner is a DAG"));
+        let mut journal_errors = Vec::new();
+        let journal = &self.journal;
+        let report = execute_until(graph.clone(), runner, parallelism, stop, |ev| {
+            let id = match ev {
+                ExecEvent::Started { id, .. } | ExecEvent::Finished { id, .. } => *id,
+            };
+            let action = &graph[petgraph::graph::NodeIndex::new(id)];
+            if let Err(e) = journal_event(journal, run, action, ev) {
+                journal_errors.push(e.to_string());
+            }
+            for h in hooks.iter_mut() {
+                h.event(action, ev);
+            }
+        })
+        .await;
+
+        let tally = Tally::of(doc, &report);
+        let done = tally.done;
+        let not_started = doc.actions.len() - report.outcomes.len();
+        let summary = json!({
+            "added": done.add, "changed": done.change, "destroyed": done.destroy,
+            "incomplete": tally.incomplete.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(),
+            "actions": report.outcomes.len(), "failed": report.root_causes.len(),
+            "skipped": report.count(|o| matches!(o, Outcome::Skipped { .. })),
+            "not_started": not_started,
+            "wall_ms": report.wall.as_millis() as u64,
+        });
+        let status = if report.interrupted {
+            RunStatus::Interrupted
+        } else if report.succeeded() {
+            RunStatus::Success
+        } else {
+            RunStatus::Error
+        };
+        self.journal.finish_run_as(run, status, &summary)?;
+        self.journal.event(
+            Some(run),
+            Category::Audit,
+            "info",
+            &actor(),
+            &format!("apply finished: {}", status.as_str().to_lowercase()),
+            Some(summary),
+        )?;
+        tracing::info!(event = "nimbus.apply.complete", tenant = %doc.tenant, run, duration_ms = report.wall.as_millis() as u64, success = report.succeeded(), "nimbus.apply.complete");
+        Ok(ApplyOutcome { run, report, tally, status, not_started, journal_errors })
+    }
+}
+
+/// The journal's own record of each action.
+fn journal_event(journal: &Journal, run: i64, a: &Action, ev: &ExecEvent) -> Result<(), JournalError> {
+    match ev {
+        ExecEvent::Started { id, log_path } => journal.action_started(run, *id, log_path.as_deref()),
+        ExecEvent::Finished { id, outcome, .. } => {
+            let (status, code, error) = match outcome {
+                Outcome::Success => ("SUCCESS", None, None),
+                Outcome::Failed(e) => ("ERROR", e.exit_code, Some(e.to_string())),
+                Outcome::Skipped { root_cause } => {
+                    ("SKIPPED", None, Some(format!("skipped: action {root_cause} failed")))
+                }
+            };
+            journal.action_finished(run, *id, status, code, error.as_deref())?;
+            if let Outcome::Failed(e) = outcome {
+                journal.event(
+                    Some(run),
+                    Category::Error,
+                    "error",
+                    "nimbus",
+                    &format!("{} {} failed: {e}", a.address, a.kind.name()),
+                    Some(json!({ "action_id": id, "exit_code": e.exit_code })),
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What an apply did, counted per resource change.
+pub struct Tally {
+    pub done: Summary,
+    /// Changes that were begun but not finished: (address, what is missing).
+    pub incomplete: Vec<(String, String)>,
+}
+
+impl Tally {
+    /// A resource counts once the action that makes or removes it succeeded, even when a later step of the
+    /// same change did not (that change is listed as incomplete).
+    pub fn of(doc: &PlanDocument, report: &ExecReport) -> Tally {
+        let ok = |i: &usize| report.outcomes.get(i) == Some(&Outcome::Success);
+        let kind_of = |i: &usize| doc.actions.get(*i).map(|a| &a.action.kind);
+        let mut done = Summary::default();
+        let mut incomplete = Vec::new();
+        for c in &doc.resource_changes {
+            if c.action_ids.iter().all(ok) {
+                done.count(c);
+                continue;
+            }
+            let made =
+                c.action_ids.iter().any(|i| ok(i) && matches!(kind_of(i), Some(ActionKind::LaunchInstance { .. })));
+            let gone = c.action_ids.iter().any(|i| {
+                ok(i)
+                    && matches!(
+                        (kind_of(i), c.kind),
+                        (Some(ActionKind::TerminateInstance { .. }), ResourceKind::Machine)
+                            | (Some(ActionKind::ReleaseHost { .. }), ResourceKind::Host)
+                            | (Some(ActionKind::DeregisterRunner { .. }), ResourceKind::Runner)
+                    )
+            });
+            let any = c.action_ids.iter().any(ok);
+            for a in &c.actions {
+                match a {
+                    ChangeAction::Create if made => done.add += 1,
+                    ChangeAction::Delete if gone => done.destroy += 1,
+                    ChangeAction::Update if any => done.change += 1,
+                    _ => {}
+                }
+            }
+            if any {
+                let missing: Vec<String> = c
+                    .action_ids
+                    .iter()
+                    .filter(|i| !ok(i))
+                    .filter_map(|i| {
+                        let k = kind_of(i)?.name();
+                        Some(match report.outcomes.get(i) {
+                            Some(Outcome::Failed(_)) => format!("{k} failed"),
+                            Some(Outcome::Skipped { .. }) => format!("{k} skipped"),
+                            _ => format!("{k} not started"),
+                        })
+                    })
+                    .collect();
+                incomplete.push((format!("{} ({})", c.address, c.name), missing.join(", ")));
+            }
+        }
+        Tally { done, incomplete }
+    }
+}

@@ -1,0 +1,81 @@
+//! Discovery: builds [`Actual`] from the providers (by tags), the forge's
+//! runner list and the machines' own state databases, read-only and in
+//! parallel (machines a bounded number at a time). A machine that cannot be
+//! reached is recorded as unreachable, never guessed.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use futures::stream::{self, StreamExt};
+
+use crate::core::model::{Actual, ActualMachine, InstanceState, MachineState, OnMachine};
+use crate::forges::Forge;
+use crate::providers::{MachineRef, Provider, ProviderError};
+
+/// How many machines' state is read at once.
+pub const READ_CONCURRENCY: usize = 16;
+
+/// Runs every provider's discovery concurrently, then reads each running machine's state.
+/// Why discovery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Forge(#[from] crate::forges::ForgeError),
+}
+
+pub async fn discover(tenant: &str, providers: &[Arc<dyn Provider>]) -> Result<Actual, DiscoveryError> {
+    discover_with_forge(tenant, providers, None).await
+}
+
+/// Like [`discover`], also reading the forge's runners.
+pub async fn discover_with_forge(
+    tenant: &str,
+    providers: &[Arc<dyn Provider>],
+    forge: Option<&dyn Forge>,
+) -> Result<Actual, DiscoveryError> {
+    let runners = async {
+        match forge {
+            Some(f) => f.list_runners(tenant).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (results, runners) = tokio::join!(join_all(providers.iter().map(|p| p.discover(tenant))), runners);
+    let runners = runners.map_err(DiscoveryError::Forge)?;
+    let mut actual = Actual::default();
+    for r in results {
+        let d = r?;
+        actual.hosts.extend(d.hosts);
+        actual.machines.extend(d.machines);
+        actual.unusable.extend(d.unusable);
+    }
+    let machines = std::mem::take(&mut actual.machines);
+    actual.machines =
+        stream::iter(machines).map(|m| read_state(m, providers)).buffered(READ_CONCURRENCY).collect().await;
+    actual.runners = runners;
+    Ok(actual)
+}
+
+async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>]) -> ActualMachine {
+    if m.state != InstanceState::Running || m.on_machine != OnMachine::NotRead {
+        return m;
+    }
+    let Some(p) = providers.iter().find(|p| p.name() == m.provider) else { return m };
+    let r = MachineRef {
+        name: m.name().unwrap_or(&m.instance_id).to_string(),
+        instance_id: Some(m.instance_id.clone()),
+        address: m.address.clone(),
+    };
+    m.on_machine = match p.transport(&r) {
+        Ok(None) => OnMachine::NotRead,
+        Err(e) => OnMachine::Unreachable { reason: e.to_string() },
+        Ok(Some(t)) => match crate::state::machine_db::read(t.as_ref()).await {
+            Ok(Some(db)) => OnMachine::Read { state: db.to_model() },
+            Ok(None) => OnMachine::Read { state: MachineState::default() },
+            Err(e) if e.is_bad_state() => OnMachine::BadState { reason: e.to_string() },
+            Err(e) => OnMachine::Unreachable { reason: e.to_string() },
+        },
+    };
+    m
+}

@@ -1,0 +1,7 @@
+//! The engine: discovery (read-only, parallel), the DAG walk with bounded parallelism, and the actions
+//! that carry a plan out against providers, forges and machines.
+
+pub mod actions;
+pub mod apply;
+pub mod discovery;
+pub mod walk;

@@ -1,0 +1,115 @@
+//! A stateful, strict in-memory forge for scenario tests. Every request shape
+//! it stands for is covered against GitHub's OpenAPI description by the
+//! Prism contract tests (`tests/github_prism.rs`). It records calls.
+
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{Forge, ForgeError, Registration, Secret, tenant_runners};
+use crate::core::model::ForgeRunner;
+
+#[derive(Default)]
+pub struct FakeForge {
+    state: Mutex<State>,
+    pub download_url: String,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    runners: Vec<ForgeRunner>,
+    calls: Vec<String>,
+    tokens_issued: Vec<String>,
+}
+
+impl FakeForge {
+    pub fn new(download_url: impl Into<String>) -> Self {
+        FakeForge { state: Mutex::new(State { next_id: 100, ..Default::default() }), download_url: download_url.into() }
+    }
+    pub fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+    pub fn runners(&self) -> Vec<ForgeRunner> {
+        self.state.lock().unwrap().runners.clone()
+    }
+    /// Tokens handed out, so tests can grep outputs for them.
+    pub fn tokens_issued(&self) -> Vec<String> {
+        self.state.lock().unwrap().tokens_issued.clone()
+    }
+    /// The machine side: a runner configured with `token` appears on the forge.
+    pub fn runner_configured(&self, token: &str, name: &str, labels: &[String]) -> Result<u64, ForgeError> {
+        let mut s = self.state.lock().unwrap();
+        if !s.tokens_issued.iter().any(|t| t == token) {
+            return Err(ForgeError::Auth("unknown registration token".into()));
+        }
+        if s.runners.iter().any(|r| r.name == name) {
+            return Err(ForgeError::Conflict(format!("a runner named {name} exists")));
+        }
+        s.next_id += 1;
+        let id = s.next_id;
+        s.runners.push(ForgeRunner { id, name: name.into(), labels: labels.to_vec(), online: true, busy: false });
+        Ok(id)
+    }
+    pub fn add_runner(&self, name: &str, labels: &[&str]) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.runners.push(ForgeRunner {
+            id,
+            name: name.into(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            online: false,
+            busy: false,
+        });
+        id
+    }
+}
+
+#[async_trait]
+impl Forge for FakeForge {
+    async fn list_runners(&self, tenant: &str) -> Result<Vec<ForgeRunner>, ForgeError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push("GET /orgs/{org}/actions/runners".into());
+        Ok(tenant_runners(s.runners.clone(), tenant))
+    }
+
+    async fn register(&self, name: &str, labels: &[String], ephemeral: bool) -> Result<Registration, ForgeError> {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let token = format!("FAKE-TOKEN-{}-{}", s.next_id, name.len());
+        s.tokens_issued.push(token.clone());
+        if ephemeral {
+            s.calls.push("POST /orgs/{org}/actions/runners/generate-jitconfig".into());
+            if s.runners.iter().any(|r| r.name == name) {
+                return Err(ForgeError::Conflict(format!("409: a runner named {name} exists")));
+            }
+            let id = s.next_id;
+            s.runners.push(ForgeRunner { id, name: name.into(), labels: labels.to_vec(), online: false, busy: false });
+            Ok(Registration::Jit { runner_id: id, config: Secret::new(token) })
+        } else {
+            s.calls.push("POST /orgs/{org}/actions/runners/registration-token".into());
+            Ok(Registration::Token { url: "https://github.com/acme".into(), token: Secret::new(token) })
+        }
+    }
+
+    async fn delete_runner(&self, id: u64) -> Result<(), ForgeError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push("DELETE /orgs/{org}/actions/runners/{runner_id}".into());
+        s.runners.retain(|r| r.id != id);
+        Ok(())
+    }
+
+    async fn set_labels(&self, id: u64, labels: &[String]) -> Result<(), ForgeError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push("PUT /orgs/{org}/actions/runners/{runner_id}/labels".into());
+        let r =
+            s.runners.iter_mut().find(|r| r.id == id).ok_or_else(|| ForgeError::NotFound(format!("runner {id}")))?;
+        r.labels = labels.to_vec();
+        Ok(())
+    }
+
+    fn runner_download_url(&self, os: &str, arch: &str) -> String {
+        self.download_url.replace("{os}", os).replace("{arch}", arch)
+    }
+}

@@ -1,0 +1,265 @@
+//! GitHub through octocrab, authenticated as a GitHub App installation: a
+//! JWT signed with the App key is exchanged for an installation token, which
+//! octocrab caches until it expires. Every request carries
+//! `Accept: application/vnd.github+json` and `X-GitHub-Api-Version`.
+//! Rate limits are honoured: a 403/429 with `x-ratelimit-remaining: 0` waits
+//! until `x-ratelimit-reset`, and `retry-after` is obeyed (bounded).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::header::{ACCEPT, HeaderMap};
+use http::{HeaderName, Method, StatusCode};
+use octocrab::Octocrab;
+use octocrab::models::{AppId, InstallationId};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Forge, ForgeError, Registration, Secret, tenant_runners};
+use crate::core::model::ForgeRunner;
+
+pub const API_VERSION: &str = "2022-11-28";
+/// The runner agent used when the fleet file names none.
+pub const DEFAULT_RUNNER_URL: &str =
+    "https://github.com/actions/runner/releases/download/v2.321.0/actions-runner-{os}-{arch}-2.321.0.tar.gz";
+const PAGE: usize = 100;
+/// The longest nimbus waits for a rate limit to reset before giving up.
+const MAX_RATE_WAIT: Duration = Duration::from_secs(120);
+
+pub struct GitHubForge {
+    octo: Octocrab,
+    org: String,
+    web_url: String,
+    runner_group_id: u64,
+    download_url: String,
+}
+
+#[derive(Deserialize)]
+struct RunnerList {
+    #[serde(default)]
+    total_count: usize,
+    #[serde(default)]
+    runners: Vec<RunnerJson>,
+}
+
+#[derive(Deserialize)]
+struct RunnerJson {
+    id: u64,
+    name: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    busy: bool,
+    #[serde(default)]
+    labels: Vec<LabelJson>,
+}
+
+#[derive(Deserialize)]
+struct LabelJson {
+    name: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TokenJson {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct JitJson {
+    runner: JitRunner,
+    encoded_jit_config: String,
+}
+
+#[derive(Deserialize)]
+struct JitRunner {
+    id: u64,
+}
+
+fn failed(e: impl std::fmt::Display) -> ForgeError {
+    ForgeError::other(e.to_string())
+}
+
+impl GitHubForge {
+    /// `key_pem` is the App's private key; it is used to sign JWTs and dropped.
+    pub fn new(
+        api_url: Option<&str>,
+        app_id: u64,
+        installation_id: u64,
+        key_pem: &str,
+        org: &str,
+        runner_group_id: Option<u64>,
+        download_url: Option<&str>,
+    ) -> Result<Self, ForgeError> {
+        let key = octocrab::jsonwebtoken::EncodingKey::from_rsa_pem(key_pem.as_bytes())
+            .map_err(|e| failed(format!("the GitHub App private key is not an RSA PEM key ({e})")))?;
+        let mut b = Octocrab::builder()
+            .app(AppId(app_id), key)
+            .add_header(ACCEPT, "application/vnd.github+json".to_string())
+            .add_header(HeaderName::from_static("x-github-api-version"), API_VERSION.to_string());
+        if let Some(u) = api_url {
+            b = b.base_uri(u).map_err(failed)?;
+        }
+        let app = b.build().map_err(failed)?;
+        let octo = app.installation(InstallationId(installation_id)).map_err(failed)?;
+        let web_url = match api_url {
+            // GitHub Enterprise Server: https://HOST/api/v3 → https://HOST
+            Some(u) if u.trim_end_matches('/').ends_with("/api/v3") => {
+                format!("{}/{org}", u.trim_end_matches('/').trim_end_matches("/api/v3"))
+            }
+            _ => format!("https://github.com/{org}"),
+        };
+        Ok(GitHubForge {
+            octo,
+            org: org.to_string(),
+            web_url,
+            runner_group_id: runner_group_id.unwrap_or(1),
+            download_url: download_url.unwrap_or(DEFAULT_RUNNER_URL).to_string(),
+        })
+    }
+
+    /// Sends one request, waiting out rate limits; returns status and body.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(StatusCode, String), ForgeError> {
+        let mut waited = Duration::ZERO;
+        loop {
+            let resp = match method {
+                Method::GET => self.octo._get(path).await,
+                Method::POST => self.octo._post(path, body.as_ref()).await,
+                Method::PUT => self.octo._put(path, body.as_ref()).await,
+                Method::DELETE => self.octo._delete(path, body.as_ref()).await,
+                _ => return Err(failed(format!("unsupported method {method}"))),
+            }
+            .map_err(|e| failed(format!("{method} {path}: {e}")))?;
+            let status = resp.status();
+            let wait = rate_limit_wait(status, resp.headers());
+            let text = self.octo.body_to_string(resp).await.map_err(failed)?;
+            match wait {
+                Some(w) if waited + w <= MAX_RATE_WAIT => {
+                    tracing::warn!(
+                        event = "nimbus.forge.rate_limited",
+                        wait_s = w.as_secs(),
+                        "GitHub rate limit; waiting {}s",
+                        w.as_secs()
+                    );
+                    tokio::time::sleep(w).await;
+                    waited += w;
+                }
+                Some(_) => {
+                    return Err(ForgeError::Throttled(format!(
+                        "{method} {path}: rate limited for longer than {}s",
+                        MAX_RATE_WAIT.as_secs()
+                    )));
+                }
+                None => return Ok((status, text)),
+            }
+        }
+    }
+
+    async fn ok_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ForgeError> {
+        let (status, text) = self.call(method.clone(), path, body).await?;
+        if !status.is_success() {
+            return Err(ForgeError::from_status(
+                status.as_u16(),
+                format!("{method} {path}: HTTP {status}: {}", first_line(&text)),
+            ));
+        }
+        serde_json::from_str(&text).map_err(|e| failed(format!("{method} {path}: unexpected response: {e}")))
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("").get(..200).unwrap_or(s.lines().next().unwrap_or(""))
+}
+
+/// How long a rate-limited response asks us to wait, if it is one.
+pub fn rate_limit_wait(status: StatusCode, h: &HeaderMap) -> Option<Duration> {
+    if status != StatusCode::FORBIDDEN && status != StatusCode::TOO_MANY_REQUESTS {
+        return None;
+    }
+    let num = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(s) = num("retry-after") {
+        return Some(Duration::from_secs(s.max(1)));
+    }
+    if num("x-ratelimit-remaining") == Some(0) {
+        let reset = num("x-ratelimit-reset")?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        return Some(Duration::from_secs(reset.saturating_sub(now).max(1)));
+    }
+    None
+}
+
+#[async_trait]
+impl Forge for GitHubForge {
+    async fn list_runners(&self, tenant: &str) -> Result<Vec<ForgeRunner>, ForgeError> {
+        let mut all = Vec::new();
+        for page in 1.. {
+            let path = format!("/orgs/{}/actions/runners?per_page={PAGE}&page={page}", self.org);
+            let list: RunnerList = self.ok_json(Method::GET, &path, None).await?;
+            let n = list.runners.len();
+            all.extend(list.runners.into_iter().map(|r| ForgeRunner {
+                id: r.id,
+                name: r.name,
+                // Only custom labels: the read-only ones (self-hosted, OS, arch) are the forge's own.
+                labels:
+                    r.labels.into_iter().filter(|l| l.kind.as_deref() != Some("read-only")).map(|l| l.name).collect(),
+                online: r.status == "online",
+                busy: r.busy,
+            }));
+            if n < PAGE || all.len() >= list.total_count {
+                break;
+            }
+        }
+        Ok(tenant_runners(all, tenant))
+    }
+
+    async fn register(&self, name: &str, labels: &[String], ephemeral: bool) -> Result<Registration, ForgeError> {
+        if ephemeral {
+            let mut labels = labels.to_vec();
+            if labels.is_empty() {
+                labels.push("self-hosted".into());
+            }
+            let body = json!({ "name": name, "runner_group_id": self.runner_group_id, "labels": labels, "work_folder": "_work" });
+            let path = format!("/orgs/{}/actions/runners/generate-jitconfig", self.org);
+            let jit: JitJson = self.ok_json(Method::POST, &path, Some(body)).await?;
+            Ok(Registration::Jit { runner_id: jit.runner.id, config: Secret::new(jit.encoded_jit_config) })
+        } else {
+            let path = format!("/orgs/{}/actions/runners/registration-token", self.org);
+            let t: TokenJson = self.ok_json(Method::POST, &path, None).await?;
+            Ok(Registration::Token { url: self.web_url.clone(), token: Secret::new(t.token) })
+        }
+    }
+
+    async fn delete_runner(&self, id: u64) -> Result<(), ForgeError> {
+        let path = format!("/orgs/{}/actions/runners/{id}", self.org);
+        let (status, text) = self.call(Method::DELETE, &path, None).await?;
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(ForgeError::from_status(
+                status.as_u16(),
+                format!("DELETE {path}: HTTP {status}: {}", first_line(&text)),
+            ))
+        }
+    }
+
+    async fn set_labels(&self, id: u64, labels: &[String]) -> Result<(), ForgeError> {
+        let path = format!("/orgs/{}/actions/runners/{id}/labels", self.org);
+        let _: serde_json::Value = self.ok_json(Method::PUT, &path, Some(json!({ "labels": labels }))).await?;
+        Ok(())
+    }
+
+    fn runner_download_url(&self, os: &str, arch: &str) -> String {
+        self.download_url.replace("{os}", os).replace("{arch}", arch)
+    }
+}

@@ -1,0 +1,123 @@
+//! Forges: where runners register. The network sits behind [`Forge`]; the
+//! GitHub implementation uses octocrab with GitHub App authentication.
+//! Registration tokens and JIT configs are [`Secret`]s: never printed,
+//! logged, planned or stored.
+
+#[cfg(feature = "testing")]
+pub mod fake;
+pub mod github;
+
+use async_trait::async_trait;
+
+use crate::core::model::ForgeRunner;
+
+/// Why a forge call failed, by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgeError {
+    #[error("forge: {0} not found")]
+    NotFound(String),
+    /// Rate limited for longer than nimbus waits.
+    #[error("forge: rate limited: {0}")]
+    Throttled(String),
+    /// The App's credentials or permissions.
+    #[error("forge: not authorised: {0}")]
+    Auth(String),
+    /// The forge cannot take more (a runner group or org limit).
+    #[error("forge: no capacity: {0}")]
+    Capacity(String),
+    /// The runner is in a state that does not allow it (busy, a name taken).
+    #[error("forge: {0}")]
+    Conflict(String),
+    #[error("forge: {message}")]
+    Other {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl ForgeError {
+    pub fn other(message: impl Into<String>) -> Self {
+        ForgeError::Other { message: message.into(), source: None }
+    }
+
+    /// Classifies an HTTP status from the forge's API.
+    pub fn from_status(status: u16, message: String) -> Self {
+        match status {
+            401 | 403 => ForgeError::Auth(message),
+            404 => ForgeError::NotFound(message),
+            409 | 422 => ForgeError::Conflict(message),
+            429 => ForgeError::Throttled(message),
+            _ => ForgeError::other(message),
+        }
+    }
+
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ForgeError::NotFound(_) => "it was removed outside nimbus; plan again",
+            ForgeError::Throttled(_) => "the forge's rate limit is exhausted; try again after it resets",
+            ForgeError::Auth(_) => {
+                "check `app_id`, `installation_id`, `org`, the App key, and that the App may manage self-hosted runners"
+            }
+            ForgeError::Capacity(_) => "the forge refuses more runners; check the runner group's limits",
+            ForgeError::Conflict(_) => "the runner changed since the plan was made; plan again",
+            ForgeError::Other { .. } => "RUST_LOG=debug with `--log-format json` shows more",
+        }
+    }
+}
+
+/// A value that must never be shown. `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The value, for handing to the machine (on stdin) and nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// What a machine needs to start its runner.
+#[derive(Debug, Clone)]
+pub enum Registration {
+    /// `config.sh --url URL --token TOKEN`, then the service.
+    Token { url: String, token: Secret },
+    /// `run.sh --jitconfig CONFIG` for an ephemeral runner; the forge already knows the runner.
+    Jit { runner_id: u64, config: Secret },
+}
+
+#[async_trait]
+pub trait Forge: Send + Sync {
+    /// Runners whose names belong to `tenant` (`nimbus.<tenant>.…`), all pages.
+    async fn list_runners(&self, tenant: &str) -> Result<Vec<ForgeRunner>, ForgeError>;
+    /// A registration for a persistent runner, or a JIT config for an ephemeral one.
+    async fn register(&self, name: &str, labels: &[String], ephemeral: bool) -> Result<Registration, ForgeError>;
+    /// Deletes a runner; one already gone is not an error.
+    async fn delete_runner(&self, id: u64) -> Result<(), ForgeError>;
+    /// Replaces a runner's custom labels.
+    async fn set_labels(&self, id: u64, labels: &[String]) -> Result<(), ForgeError>;
+    /// Where machines download the runner agent for `os` (`linux`/`osx`) and `arch` (`x64`/`arm64`).
+    fn runner_download_url(&self, os: &str, arch: &str) -> String;
+}
+
+/// Only this tenant's runners.
+pub fn tenant_runners(all: Vec<ForgeRunner>, tenant: &str) -> Vec<ForgeRunner> {
+    all.into_iter()
+        .filter(|r| crate::core::model::parse_machine_name(&r.name).is_some_and(|(t, _, _)| t == tenant))
+        .collect()
+}

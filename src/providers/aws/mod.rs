@@ -1,0 +1,767 @@
+//! The `aws` provider: EC2 Mac dedicated hosts and Linux instances through
+//! aws-sdk-ec2.
+//!
+//! - Credentials and region come from the standard AWS chain; the endpoint
+//!   from `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_EC2` (how tests reach moto).
+//! - Discovery is one paginated DescribeHosts and one paginated
+//!   DescribeInstances per page of results, filtered by the tenant's tags on
+//!   the server and again here, so another tenant's resources never get
+//!   through even when a server ignores a filter.
+//! - Every create first looks for the resource by its deterministic tags, so
+//!   a re-run never allocates or launches twice; a ClientToken covers SDK retries.
+//! - nimbus enforces its own rules before releasing a host: it must be ours,
+//!   idle, and past its minimum allocation window.
+//! - Throttling (`RequestLimitExceeded`) is retried with backoff by the SDK;
+//!   a client-side token bucket keeps within EC2's request buckets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::types::{Filter, Placement, ResourceType, Tag, TagSpecification, Tenancy};
+use chrono::{DateTime, Utc};
+
+use super::{Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
+use crate::core::model::{
+    ActualMachine, Host, HostState, InstanceState, OnMachine, Ownership, Tags, Unusable, default_min_allocation,
+    machine_tags, owned_by, ownership, tags,
+};
+use crate::transport::Transport;
+
+/// Every EC2 operation this provider calls; `examples/aws-mac/iam-policy.json` must allow each.
+pub const EC2_OPERATIONS: &[&str] = &[
+    "DescribeHosts",
+    "DescribeInstances",
+    "AllocateHosts",
+    "RunInstances",
+    "CreateTags",
+    "TerminateInstances",
+    "ReleaseHosts",
+];
+
+/// A token bucket: `capacity` requests at once, refilled at `rate` per second.
+pub struct TokenBucket {
+    capacity: f64,
+    rate: f64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(capacity: u32, rate: f64) -> Self {
+        TokenBucket {
+            capacity: f64::from(capacity),
+            rate,
+            state: tokio::sync::Mutex::new((f64::from(capacity), Instant::now())),
+        }
+    }
+
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().await;
+                let now = Instant::now();
+                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.capacity);
+                s.1 = now;
+                if s.0 >= 1.0 {
+                    s.0 -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - s.0) / self.rate)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// EC2's documented request buckets (per account and region).
+pub struct Limits {
+    /// Non-mutating (Describe*): 100 burst, 20 per second.
+    pub describe: TokenBucket,
+    /// RunInstances: 5 burst, 2 per second.
+    pub run_instances: TokenBucket,
+    /// Other mutating actions: 200 burst, 5 per second.
+    pub mutate: TokenBucket,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            describe: TokenBucket::new(100, 20.0),
+            run_instances: TokenBucket::new(5, 2.0),
+            mutate: TokenBucket::new(200, 5.0),
+        }
+    }
+}
+
+/// Provider settings from the fleet file.
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    pub region: Option<String>,
+    pub min_allocation: Option<Duration>,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Vec<String>,
+    pub key_name: Option<String>,
+}
+
+/// Builds a transport to a machine (SSH, in issue 5's terms); `None` when machines cannot be reached.
+pub type TransportFactory = Arc<dyn Fn(&MachineRef) -> Option<Arc<dyn Transport>> + Send + Sync>;
+
+pub struct AwsProvider {
+    name: String,
+    tenant: String,
+    client: Client,
+    settings: AwsSettings,
+    limits: Limits,
+    calls: Mutex<BTreeMap<&'static str, u64>>,
+    transport: Option<TransportFactory>,
+    /// Part of every ClientToken: one run's retries share a token, a later run never reuses it.
+    run_token: String,
+    adopt_legacy: bool,
+}
+
+fn err(provider: &str, op: &str, e: impl std::fmt::Display) -> ProviderError {
+    let message = format!("{op}: {e}");
+    if message.contains("refusing") {
+        ProviderError::conflict(provider, message)
+    } else {
+        ProviderError::other(provider, message)
+    }
+}
+
+/// The service's error code and message (`InsufficientHostCapacity: ...`); the SDK's raw form, with its
+/// HTTP headers, goes to the debug log only.
+fn sdk_err<E, R>(provider: &str, op: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> ProviderError
+where
+    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    tracing::debug!(provider, op, error = %aws_sdk_ec2::error::DisplayErrorContext(&e), "EC2 call failed");
+    let message = format!("{op}: {}", describe_sdk_error(&e));
+    let provider = provider.to_string();
+    match e.as_service_error().and_then(|s| s.code()).map(classify) {
+        Some(Class::NotFound) => ProviderError::NotFound { provider, message },
+        Some(Class::Throttled) => ProviderError::Throttled { provider, message },
+        Some(Class::Auth) => ProviderError::Auth { provider, message },
+        Some(Class::Capacity) => ProviderError::Capacity { provider, message },
+        Some(Class::Conflict) => ProviderError::Conflict { provider, message },
+        _ => ProviderError::Other { provider, message, source: Some(Box::new(e)) },
+    }
+}
+
+enum Class {
+    NotFound,
+    Throttled,
+    Auth,
+    Capacity,
+    Conflict,
+    Other,
+}
+
+/// EC2 error codes by what the caller can do about them.
+fn classify(code: &str) -> Class {
+    match code {
+        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => Class::Throttled,
+        "AuthFailure"
+        | "UnauthorizedOperation"
+        | "InvalidClientTokenId"
+        | "SignatureDoesNotMatch"
+        | "OptInRequired" => Class::Auth,
+        "InsufficientHostCapacity"
+        | "InsufficientInstanceCapacity"
+        | "HostLimitExceeded"
+        | "InstanceLimitExceeded"
+        | "InsufficientCapacity" => Class::Capacity,
+        "IncorrectState" | "IncorrectInstanceState" | "IdempotentParameterMismatch" | "InvalidHost.Occupied" => {
+            Class::Conflict
+        }
+        c if c.ends_with(".NotFound") || c.ends_with(".Malformed") && c.starts_with("InvalidInstanceID") => {
+            Class::NotFound
+        }
+        _ => Class::Other,
+    }
+}
+
+/// A one-line description of an SDK error, without HTTP details.
+pub fn describe_sdk_error<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
+where
+    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_ec2::error::SdkError;
+    match e {
+        SdkError::ServiceError(s) => {
+            let inner = s.err();
+            match (inner.code(), inner.message()) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                (Some(c), None) => c.to_string(),
+                (None, Some(m)) => m.to_string(),
+                (None, None) => "the service returned an error without a code".to_string(),
+            }
+        }
+        SdkError::TimeoutError(_) => "the request to EC2 timed out".to_string(),
+        SdkError::DispatchFailure(d) => {
+            let why = if d.is_io() {
+                "a network error"
+            } else if d.is_timeout() {
+                "a timeout"
+            } else {
+                "a connection error"
+            };
+            let mut msg = format!("cannot reach the EC2 endpoint ({why})");
+            // The innermost cause is short and says what happened ("Connection refused").
+            let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+            let mut last = None;
+            while let Some(s) = src {
+                last = Some(s.to_string());
+                src = s.source();
+            }
+            if let Some(l) = last {
+                msg.push_str(&format!(": {}", l.chars().take(200).collect::<String>()));
+            }
+            msg
+        }
+        SdkError::ResponseError(_) => "EC2 sent a response nimbus could not read".to_string(),
+        SdkError::ConstructionFailure(_) => "the request could not be built".to_string(),
+        _ => "the EC2 call failed".to_string(),
+    }
+}
+
+fn tag_map(ts: &[Tag]) -> Tags {
+    ts.iter().filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))).collect()
+}
+
+fn aws_tags(t: &Tags) -> Vec<Tag> {
+    t.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+}
+
+fn filter(name: &str, values: &[&str]) -> Filter {
+    Filter::builder().name(name).set_values(Some(values.iter().map(|v| v.to_string()).collect())).build()
+}
+
+fn to_chrono(t: Option<&aws_smithy_types::DateTime>) -> DateTime<Utc> {
+    t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+fn host_state(s: Option<&aws_sdk_ec2::types::AllocationState>) -> HostState {
+    use aws_sdk_ec2::types::AllocationState as A;
+    match s {
+        Some(A::Available) => HostState::Available,
+        Some(A::Pending) => HostState::Pending,
+        Some(A::UnderAssessment) => HostState::UnderAssessment,
+        Some(A::PermanentFailure) => HostState::PermanentFailure,
+        _ => HostState::Released,
+    }
+}
+
+fn instance_state(s: Option<&aws_sdk_ec2::types::InstanceStateName>) -> InstanceState {
+    use aws_sdk_ec2::types::InstanceStateName as I;
+    match s {
+        Some(I::Pending) => InstanceState::Pending,
+        Some(I::Running) => InstanceState::Running,
+        Some(I::Stopping) => InstanceState::Stopping,
+        Some(I::Stopped) => InstanceState::Stopped,
+        Some(I::ShuttingDown) => InstanceState::ShuttingDown,
+        _ => InstanceState::Terminated,
+    }
+}
+
+const LIVE_STATES: &[&str] = &["pending", "running", "stopping", "stopped", "shutting-down"];
+
+impl AwsProvider {
+    /// Loads the AWS configuration (credentials, region, endpoint) from the standard chain.
+    pub async fn new(name: &str, tenant: &str, settings: AwsSettings) -> Result<Self, ProviderError> {
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::standard().with_max_attempts(8));
+        if let Some(r) = &settings.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        let sdk = loader.load().await;
+        if sdk.region().is_none() {
+            return Err(err(name, "configuration", "no AWS region: set `region:` on the provider, or AWS_REGION"));
+        }
+        let run_token = format!("{:x}", Utc::now().timestamp_millis());
+        Ok(AwsProvider {
+            name: name.to_string(),
+            tenant: tenant.to_string(),
+            client: Client::new(&sdk),
+            settings,
+            limits: Limits::default(),
+            calls: Mutex::new(BTreeMap::new()),
+            transport: None,
+            run_token,
+            adopt_legacy: false,
+        })
+    }
+
+    /// Resources without a `nimbus:provider` tag (made before nimbus recorded providers) are this
+    /// provider's. Set it only when this is the fleet's one `aws` provider.
+    pub fn adopting_legacy(mut self, adopt: bool) -> Self {
+        self.adopt_legacy = adopt;
+        self
+    }
+
+    fn ownership(&self, t: &Tags) -> Ownership {
+        ownership(t, &self.tenant, &self.name, self.adopt_legacy)
+    }
+
+    fn mine(&self, t: &Tags) -> bool {
+        self.ownership(t) == Ownership::Mine
+    }
+
+    fn not_mine(&self, what: &str, id: &str, t: &Tags) -> ProviderError {
+        let why = match self.ownership(t) {
+            Ownership::OtherProvider => {
+                format!("it belongs to provider `{}`", t.get(tags::PROVIDER).map(String::as_str).unwrap_or("?"))
+            }
+            Ownership::Unattributed => "it has no `nimbus:provider` tag".to_string(),
+            _ => "it is not tagged for this tenant".to_string(),
+        };
+        err(
+            &self.name,
+            what,
+            format!("refusing: `{id}` is not tenant `{}`'s resource of provider `{}` ({why})", self.tenant, self.name),
+        )
+    }
+
+    /// Machines are reached through this factory (SSH).
+    pub fn with_transport(mut self, f: TransportFactory) -> Self {
+        self.transport = Some(f);
+        self
+    }
+
+    /// How many calls of each EC2 operation this provider made.
+    pub fn calls(&self) -> BTreeMap<&'static str, u64> {
+        self.calls.lock().expect("lock").clone()
+    }
+
+    fn count(&self, op: &'static str) {
+        debug_assert!(EC2_OPERATIONS.contains(&op), "{op} is missing from EC2_OPERATIONS");
+        *self.calls.lock().expect("lock").entry(op).or_default() += 1;
+    }
+
+    fn window(&self, instance_type: &str) -> Duration {
+        self.settings.min_allocation.unwrap_or_else(|| default_min_allocation("aws", instance_type))
+    }
+
+    fn token(&self, what: &str, machine: &str) -> String {
+        // ≤ 64 ASCII characters.
+        let h =
+            crate::core::model::sha256_hex(format!("{}|{what}|{machine}|{}", self.tenant, self.run_token).as_bytes());
+        format!("nimbus-{}", &h[..40])
+    }
+
+    fn tenant_filters(&self) -> Vec<Filter> {
+        vec![
+            filter(&format!("tag:{}", tags::TENANT), &[&self.tenant]),
+            filter(&format!("tag:{}", tags::MANAGED_BY), &[tags::MANAGED_BY_VALUE]),
+        ]
+    }
+
+    /// This tenant's hosts (paginated; one call per page).
+    async fn list_hosts(
+        &self,
+        extra: Vec<Filter>,
+        ids: Vec<String>,
+    ) -> Result<Vec<aws_sdk_ec2::types::Host>, ProviderError> {
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            self.limits.describe.acquire().await;
+            self.count("DescribeHosts");
+            let mut req = self.client.describe_hosts().set_next_token(next.take());
+            if ids.is_empty() {
+                req = req
+                    .set_filter(Some(self.tenant_filters().into_iter().chain(extra.clone()).collect()))
+                    .max_results(100);
+            } else {
+                req = req.set_host_ids(Some(ids.clone()));
+            }
+            let page = req.send().await.map_err(|e| sdk_err(&self.name, "DescribeHosts", e))?;
+            out.extend(page.hosts().iter().filter(|h| owned_by(&tag_map(h.tags()), &self.tenant)).cloned());
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// This tenant's live instances (paginated; one call per page).
+    async fn list_instances(&self, extra: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Instance>, ProviderError> {
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            self.limits.describe.acquire().await;
+            self.count("DescribeInstances");
+            let mut filters = self.tenant_filters();
+            filters.push(filter("instance-state-name", LIVE_STATES));
+            filters.extend(extra.clone());
+            let page = self
+                .client
+                .describe_instances()
+                .set_filters(Some(filters))
+                .max_results(1000)
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(|e| sdk_err(&self.name, "DescribeInstances", e))?;
+            for r in page.reservations() {
+                out.extend(r.instances().iter().filter(|i| owned_by(&tag_map(i.tags()), &self.tenant)).cloned());
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn describe_instance(&self, id: &str) -> Result<Option<aws_sdk_ec2::types::Instance>, ProviderError> {
+        self.limits.describe.acquire().await;
+        self.count("DescribeInstances");
+        let r = self.client.describe_instances().instance_ids(id).send().await;
+        match r {
+            Ok(page) => Ok(page
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find(|i| i.instance_id() == Some(id))
+                .cloned()),
+            Err(e)
+                if format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e))
+                    .contains("InvalidInstanceID.NotFound") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(sdk_err(&self.name, "DescribeInstances", e)),
+        }
+    }
+
+    async fn create_tags(&self, id: &str, t: &Tags) -> Result<(), ProviderError> {
+        self.limits.mutate.acquire().await;
+        self.count("CreateTags");
+        self.client
+            .create_tags()
+            .resources(id)
+            .set_tags(Some(aws_tags(t)))
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "CreateTags", e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for AwsProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn discover(&self, tenant: &str) -> Result<Discovered, ProviderError> {
+        if tenant != self.tenant {
+            return Err(err(&self.name, "discover", format!("provider was built for tenant `{}`", self.tenant)));
+        }
+        let (hosts, instances) = tokio::try_join!(self.list_hosts(vec![], vec![]), self.list_instances(vec![]))?;
+        let mut unusable = Vec::new();
+        let mut keep = |id: &str, t: &Tags| match self.ownership(t) {
+            Ownership::Mine => true,
+            Ownership::Unattributed => {
+                unusable.push(Unusable {
+                    provider: self.name.clone(),
+                    id: id.to_string(),
+                    machine: t.get(tags::MACHINE).cloned(),
+                    reason: format!(
+                        "`{id}` has no `{}` tag, and the fleet has more than one `aws` provider",
+                        tags::PROVIDER
+                    ),
+                    hint: format!(
+                        "tag it `{}={}` or with the name of the provider it belongs to",
+                        tags::PROVIDER,
+                        self.name
+                    ),
+                });
+                false
+            }
+            Ownership::OtherProvider | Ownership::NotOurs => false,
+        };
+        let hosts: Vec<_> =
+            hosts.into_iter().filter(|h| keep(h.host_id().unwrap_or_default(), &tag_map(h.tags()))).collect();
+        let instances: Vec<_> =
+            instances.into_iter().filter(|i| keep(i.instance_id().unwrap_or_default(), &tag_map(i.tags()))).collect();
+        // Which instance runs on which host: from the host, and from the instance's placement.
+        let mut on_host: HashMap<String, Vec<String>> = HashMap::new();
+        let mut machines = Vec::new();
+        for i in &instances {
+            let id = i.instance_id().unwrap_or_default().to_string();
+            let host_id = i.placement().and_then(|p| p.host_id()).map(str::to_string);
+            let state = instance_state(i.state().and_then(|s| s.name()));
+            if let Some(h) = &host_id
+                && !state.is_gone()
+            {
+                on_host.entry(h.clone()).or_default().push(id.clone());
+            }
+            machines.push(ActualMachine {
+                provider: self.name.clone(),
+                instance_id: id,
+                tags: tag_map(i.tags()),
+                state,
+                image: i.image_id().unwrap_or_default().to_string(),
+                instance_type: i.instance_type().map(|t| t.as_str().to_string()),
+                availability_zone: i.placement().and_then(|p| p.availability_zone()).map(str::to_string),
+                host_id,
+                launched_at: to_chrono(i.launch_time()),
+                address: i.private_ip_address().map(str::to_string),
+                on_machine: OnMachine::NotRead,
+            });
+        }
+        let hosts = hosts
+            .into_iter()
+            .map(|h| {
+                let id = h.host_id().unwrap_or_default().to_string();
+                let mut instance_ids: Vec<String> =
+                    h.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+                for i in on_host.remove(&id).unwrap_or_default() {
+                    if !instance_ids.contains(&i) {
+                        instance_ids.push(i);
+                    }
+                }
+                Host {
+                    provider: self.name.clone(),
+                    instance_type: h.host_properties().and_then(|p| p.instance_type()).unwrap_or_default().to_string(),
+                    availability_zone: h.availability_zone().unwrap_or_default().to_string(),
+                    state: host_state(h.state()),
+                    allocated_at: to_chrono(h.allocation_time()),
+                    tags: tag_map(h.tags()),
+                    instance_ids,
+                    id,
+                }
+            })
+            .filter(|h| h.state != HostState::Released)
+            .collect();
+        Ok(Discovered { hosts, machines, unusable })
+    }
+
+    async fn allocate_host(&self, req: &HostRequest) -> Result<String, ProviderError> {
+        // Found by its tags first: a re-run never allocates twice.
+        let existing = self
+            .list_hosts(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])], vec![])
+            .await?
+            .into_iter()
+            .find(|h| {
+                let t = tag_map(h.tags());
+                // Hosts the plan knows about are decided already (kept, reused, or released): a stale tag on
+                // one of them must not promise it to this machine too.
+                !req.exclude_hosts.iter().any(|x| Some(x.as_str()) == h.host_id())
+                    && self.mine(&t)
+                    && t.get(tags::MACHINE) == Some(&req.machine)
+                    && h.instances().is_empty()
+                    && matches!(host_state(h.state()), HostState::Available | HostState::Pending)
+            });
+        if let Some(h) = existing {
+            return Ok(h.host_id().unwrap_or_default().to_string());
+        }
+        self.limits.mutate.acquire().await;
+        self.count("AllocateHosts");
+        let out = self
+            .client
+            .allocate_hosts()
+            .instance_type(&req.instance_type)
+            .availability_zone(&req.availability_zone)
+            .quantity(1)
+            .client_token(self.token("host", &req.machine))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::DedicatedHost)
+                    .set_tags(Some(aws_tags(&machine_tags(&self.tenant, &self.name, &req.pool, &req.machine))))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "AllocateHosts", e))?;
+        out.host_ids().first().cloned().ok_or_else(|| err(&self.name, "AllocateHosts", "no host id returned"))
+    }
+
+    async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
+        let tags = machine_tags(&self.tenant, &self.name, &req.pool, &req.machine);
+        let existing = self
+            .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
+            .await?
+            .into_iter()
+            .find(|i| {
+                let t = tag_map(i.tags());
+                self.mine(&t)
+                    && t.get(tags::MACHINE) == Some(&req.machine)
+                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
+            });
+        if let Some(i) = existing {
+            return Ok(i.instance_id().unwrap_or_default().to_string());
+        }
+        if let Some(h) = &req.host_id {
+            // EC2 places one instance on a Mac host (moto allows more): never ask for a second.
+            let host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
+            match host {
+                Some(host) if self.mine(&tag_map(host.tags())) => {}
+                Some(host) => return Err(self.not_mine("RunInstances", h, &tag_map(host.tags()))),
+                None => return Err(err(&self.name, "RunInstances", format!("host `{h}` is not this tenant's"))),
+            }
+            let occupied = self.list_instances(vec![]).await?.into_iter().find(|i| {
+                i.placement().and_then(|p| p.host_id()) == Some(h.as_str())
+                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
+            });
+            if let Some(i) = occupied {
+                return Err(err(
+                    &self.name,
+                    "RunInstances",
+                    format!(
+                        "refusing: host `{h}` already runs instance `{}`; plan again",
+                        i.instance_id().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        let mut placement = Placement::builder();
+        if let Some(az) = &req.spec.availability_zone {
+            placement = placement.availability_zone(az);
+        }
+        if let Some(h) = &req.host_id {
+            // A reused host now belongs to this machine.
+            self.create_tags(h, &tags).await?;
+            placement = placement.host_id(h).tenancy(Tenancy::Host);
+        }
+        let itype =
+            req.spec.instance_type.clone().ok_or_else(|| err(&self.name, "RunInstances", "no instance_type"))?;
+        self.limits.run_instances.acquire().await;
+        self.count("RunInstances");
+        let out = self
+            .client
+            .run_instances()
+            .image_id(&req.spec.image)
+            .instance_type(aws_sdk_ec2::types::InstanceType::from(itype.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(self.token("instance", &req.machine))
+            .placement(placement.build())
+            .set_subnet_id(self.settings.subnet_id.clone())
+            .set_security_group_ids(if self.settings.security_group_ids.is_empty() {
+                None
+            } else {
+                Some(self.settings.security_group_ids.clone())
+            })
+            .set_key_name(self.settings.key_name.clone())
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(aws_tags(&tags)))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "RunInstances", e))?;
+        out.instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .map(str::to_string)
+            .ok_or_else(|| err(&self.name, "RunInstances", "no instance returned"))
+    }
+
+    async fn wait_running(&self, machine: &MachineRef) -> Result<(), ProviderError> {
+        let id = machine
+            .instance_id
+            .clone()
+            .ok_or_else(|| err(&self.name, "wait", format!("`{}` has no instance id", machine.name)))?;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let state = self.describe_instance(&id).await?.map(|i| instance_state(i.state().and_then(|s| s.name())));
+            match state {
+                Some(InstanceState::Running) => return Ok(()),
+                Some(InstanceState::Pending) | None if Instant::now() < deadline => {}
+                other => return Err(err(&self.name, "wait", format!("instance `{id}` is {other:?}, not running"))),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn terminate(&self, machine: &MachineRef) -> Result<(), ProviderError> {
+        let id = machine
+            .instance_id
+            .clone()
+            .ok_or_else(|| err(&self.name, "terminate", format!("`{}` has no instance id", machine.name)))?;
+        let Some(i) = self.describe_instance(&id).await? else { return Ok(()) };
+        if !self.mine(&tag_map(i.tags())) {
+            return Err(self.not_mine("TerminateInstances", &id, &tag_map(i.tags())));
+        }
+        if instance_state(i.state().and_then(|s| s.name())).is_gone() {
+            return Ok(());
+        }
+        self.limits.mutate.acquire().await;
+        self.count("TerminateInstances");
+        self.client
+            .terminate_instances()
+            .instance_ids(&id)
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "TerminateInstances", e))?;
+        Ok(())
+    }
+
+    async fn release_host(&self, host_id: &str) -> Result<(), ProviderError> {
+        // moto enforces none of AWS's host rules, and AWS bills early releases anyway: check them here.
+        let host = self.list_hosts(vec![], vec![host_id.to_string()]).await?.into_iter().next();
+        let Some(h) = host else {
+            return Err(err(
+                &self.name,
+                "ReleaseHosts",
+                format!("refusing: host `{host_id}` is not tagged for tenant `{}`", self.tenant),
+            ));
+        };
+        if !self.mine(&tag_map(h.tags())) {
+            return Err(self.not_mine("ReleaseHosts", host_id, &tag_map(h.tags())));
+        }
+        if host_state(h.state()) == HostState::Released {
+            return Ok(());
+        }
+        let busy = !h.instances().is_empty()
+            || self.list_instances(vec![]).await?.iter().any(|i| {
+                i.placement().and_then(|p| p.host_id()) == Some(host_id)
+                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
+            });
+        if busy {
+            return Err(err(&self.name, "ReleaseHosts", format!("refusing: host `{host_id}` still has an instance")));
+        }
+        let itype = h.host_properties().and_then(|p| p.instance_type()).unwrap_or_default();
+        let due = to_chrono(h.allocation_time()) + chrono::Duration::from_std(self.window(itype)).unwrap_or_default();
+        if due > Utc::now() {
+            return Err(err(
+                &self.name,
+                "ReleaseHosts",
+                format!(
+                    "refusing: host `{host_id}` is inside its minimum allocation window until {}",
+                    crate::util::time::ts(&due)
+                ),
+            ));
+        }
+        self.limits.mutate.acquire().await;
+        self.count("ReleaseHosts");
+        let out = self
+            .client
+            .release_hosts()
+            .host_ids(host_id)
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "ReleaseHosts", e))?;
+        if let Some(u) = out.unsuccessful().first() {
+            return Err(err(&self.name, "ReleaseHosts", format!("{:?}", u.error())));
+        }
+        Ok(())
+    }
+
+    fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
+        Ok(self.transport.as_ref().and_then(|f| f(machine)))
+    }
+}

@@ -1,0 +1,430 @@
+//! The operator-side journal: a SQLite database (`.nimbus/journal.db` beside
+//! the fleet file) that records every run and action and an audit/event log.
+//! It is how an interrupted apply is understood afterwards: actions left
+//! EXECUTING by a killed run become ORPHANED when the next run opens it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::Utc;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+pub use super::lock::ApplyLock;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+  id          INTEGER PRIMARY KEY,
+  started_at  TEXT NOT NULL,
+  finished_at TEXT,
+  status      TEXT NOT NULL CHECK (status IN ('RUNNING', 'SUCCESS', 'ERROR', 'INTERRUPTED')),
+  command     TEXT NOT NULL,
+  tenant      TEXT NOT NULL,
+  fleet_path  TEXT NOT NULL,
+  summary     TEXT
+);
+CREATE TABLE IF NOT EXISTS actions (
+  id          INTEGER PRIMARY KEY,
+  run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+  action_id   INTEGER NOT NULL,
+  address     TEXT NOT NULL,
+  kind        TEXT NOT NULL,
+  status      TEXT NOT NULL CHECK (status IN ('PENDING', 'EXECUTING', 'SUCCESS', 'ERROR', 'SKIPPED', 'TIMEOUT', 'ORPHANED')),
+  created_at  TEXT NOT NULL,
+  started_at  TEXT,
+  finished_at TEXT,
+  exit_code   INTEGER,
+  error       TEXT,
+  log_path    TEXT,
+  details     TEXT,
+  UNIQUE (run_id, action_id)
+);
+CREATE INDEX IF NOT EXISTS actions_status ON actions(status);
+CREATE TABLE IF NOT EXISTS event_log (
+  id       INTEGER PRIMARY KEY,
+  ts       TEXT NOT NULL,
+  run_id   INTEGER,
+  category TEXT NOT NULL CHECK (category IN ('audit', 'system', 'error')),
+  level    TEXT NOT NULL CHECK (level IN ('debug', 'info', 'warn', 'error')),
+  actor    TEXT NOT NULL,
+  message  TEXT NOT NULL,
+  details  TEXT
+);
+CREATE INDEX IF NOT EXISTS event_log_ts ON event_log(ts);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal `{path}`: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("journal `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another apply of this fleet is running ({holder})")]
+    Locked { holder: String, lock: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    Audit,
+    System,
+    Error,
+}
+
+impl Category {
+    fn as_str(self) -> &'static str {
+        match self {
+            Category::Audit => "audit",
+            Category::System => "system",
+            Category::Error => "error",
+        }
+    }
+}
+
+/// How long rows are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub actions: Duration,
+    pub events: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { actions: Duration::from_secs(30 * 86400), events: Duration::from_secs(7 * 86400) }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Success,
+    Error,
+    /// Stopped by a signal (or found RUNNING after a crash).
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Success => "SUCCESS",
+            RunStatus::Error => "ERROR",
+            RunStatus::Interrupted => "INTERRUPTED",
+        }
+    }
+}
+
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+}
+
+pub(crate) fn now() -> String {
+    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A row of `runs`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub status: String,
+    pub command: String,
+    pub tenant: String,
+    pub summary: Option<String>,
+}
+
+/// A row of `actions`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActionRow {
+    pub run_id: i64,
+    pub action_id: i64,
+    pub address: String,
+    pub kind: String,
+    pub status: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    pub log_path: Option<String>,
+}
+
+/// A row of `event_log`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventRow {
+    pub ts: String,
+    pub run_id: Option<i64>,
+    pub category: String,
+    pub level: String,
+    pub actor: String,
+    pub message: String,
+    pub details: Option<String>,
+}
+
+impl Journal {
+    /// Opens (creating) the journal, and turns actions a killed run left EXECUTING into ORPHANED.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| JournalError::Io { path: path.into(), source })?;
+        }
+        let conn = Connection::open(path).map_err(|source| JournalError::Sqlite { path: path.into(), source })?;
+        let j = Journal { conn, path: path.to_path_buf() };
+        j.exec_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")?;
+        j.exec_batch(SCHEMA)?;
+        Ok(j)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> JournalError {
+        JournalError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn exec_batch(&self, sql: &str) -> Result<(), JournalError> {
+        self.conn.execute_batch(sql).map_err(|e| self.err(e))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Marks what a killed run left behind. Returns the number of orphaned actions.
+    pub fn recover(&self) -> Result<usize, JournalError> {
+        let orphaned: Vec<(i64, i64, String)> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT run_id, action_id, address FROM actions WHERE status = 'EXECUTING'")
+                .map_err(|e| self.err(e))?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| self.err(e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?
+        };
+        let ts = now();
+        self.conn
+            .execute("UPDATE actions SET status = 'ORPHANED', finished_at = ?1 WHERE status = 'EXECUTING'", params![ts])
+            .map_err(|e| self.err(e))?;
+        let interrupted = self
+            .conn
+            .execute("UPDATE runs SET status = 'INTERRUPTED', finished_at = ?1 WHERE status = 'RUNNING'", params![ts])
+            .map_err(|e| self.err(e))?;
+        for (run, action, address) in &orphaned {
+            self.event(
+                Some(*run),
+                Category::System,
+                "warn",
+                "nimbus",
+                &format!("action {action} ({address}) was executing when run {run} stopped; marked ORPHANED"),
+                Some(serde_json::json!({ "run_id": run, "action_id": action, "address": address })),
+            )?;
+        }
+        if interrupted > 0 {
+            self.event(
+                None,
+                Category::System,
+                "warn",
+                "nimbus",
+                &format!("{interrupted} run(s) had been interrupted"),
+                None,
+            )?;
+        }
+        Ok(orphaned.len())
+    }
+
+    /// Deletes actions (with their runs) and events older than the retention.
+    pub fn prune(&self, r: Retention) -> Result<(usize, usize), JournalError> {
+        let cut = |d: Duration| {
+            (Utc::now() - chrono::Duration::from_std(d).unwrap_or_default())
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        let runs = self
+            .conn
+            .execute("DELETE FROM runs WHERE status != 'RUNNING' AND started_at < ?1", params![cut(r.actions)])
+            .map_err(|e| self.err(e))?;
+        let events = self
+            .conn
+            .execute("DELETE FROM event_log WHERE ts < ?1", params![cut(r.events)])
+            .map_err(|e| self.err(e))?;
+        Ok((runs, events))
+    }
+
+    pub fn start_run(&self, command: &str, tenant: &str, fleet_path: &str) -> Result<i64, JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO runs (started_at, status, command, tenant, fleet_path) VALUES (?1, 'RUNNING', ?2, ?3, ?4)",
+                params![now(), command, tenant, fleet_path],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn finish_run(&self, run: i64, success: bool, summary: &Value) -> Result<(), JournalError> {
+        self.finish_run_as(run, if success { RunStatus::Success } else { RunStatus::Error }, summary)
+    }
+
+    /// Records how a run ended.
+    pub fn finish_run_as(&self, run: i64, status: RunStatus, summary: &Value) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "UPDATE runs SET status = ?1, finished_at = ?2, summary = ?3 WHERE id = ?4",
+                params![status.as_str(), now(), summary.to_string(), run],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Records every action of a run as PENDING, in one transaction.
+    pub fn add_actions(&mut self, run: i64, actions: &[(usize, String, String, Value)]) -> Result<(), JournalError> {
+        let ts = now();
+        let tx = self.conn.transaction().map_err(|source| JournalError::Sqlite { path: self.path.clone(), source })?;
+        for (id, address, kind, details) in actions {
+            tx.execute(
+                "INSERT INTO actions (run_id, action_id, address, kind, status, created_at, details) VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6)",
+                params![run, *id as i64, address, kind, ts, details.to_string()],
+            )
+            .map_err(|source| JournalError::Sqlite { path: self.path.clone(), source })?;
+        }
+        tx.commit().map_err(|source| JournalError::Sqlite { path: self.path.clone(), source })
+    }
+
+    pub fn action_started(&self, run: i64, id: usize, log_path: Option<&Path>) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "UPDATE actions SET status = 'EXECUTING', started_at = ?1, log_path = ?2 WHERE run_id = ?3 AND action_id = ?4",
+                params![now(), log_path.map(|p| p.display().to_string()), run, id as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn action_finished(
+        &self,
+        run: i64,
+        id: usize,
+        status: &str,
+        exit_code: Option<i32>,
+        error: Option<&str>,
+    ) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "UPDATE actions SET status = ?1, finished_at = ?2, exit_code = ?3, error = ?4 WHERE run_id = ?5 AND action_id = ?6",
+                params![status, now(), exit_code, error, run, id as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn event(
+        &self,
+        run: Option<i64>,
+        category: Category,
+        level: &str,
+        actor: &str,
+        message: &str,
+        details: Option<Value>,
+    ) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO event_log (ts, run_id, category, level, actor, message, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![now(), run, category.as_str(), level, actor, message, details.map(|d| d.to_string())],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRow>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, started_at, finished_at, status, command, tenant, summary FROM runs ORDER BY id DESC LIMIT ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![limit as i64], |r| {
+                Ok(RunRow {
+                    id: r.get(0)?,
+                    started_at: r.get(1)?,
+                    finished_at: r.get(2)?,
+                    status: r.get(3)?,
+                    command: r.get(4)?,
+                    tenant: r.get(5)?,
+                    summary: r.get(6)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn actions(&self, run: i64) -> Result<Vec<ActionRow>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT run_id, action_id, address, kind, status, started_at, finished_at, exit_code, error, log_path FROM actions WHERE run_id = ?1 ORDER BY action_id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![run], |r| {
+                Ok(ActionRow {
+                    run_id: r.get(0)?,
+                    action_id: r.get(1)?,
+                    address: r.get(2)?,
+                    kind: r.get(3)?,
+                    status: r.get(4)?,
+                    started_at: r.get(5)?,
+                    finished_at: r.get(6)?,
+                    exit_code: r.get(7)?,
+                    error: r.get(8)?,
+                    log_path: r.get(9)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn events(&self, limit: usize) -> Result<Vec<EventRow>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT ts, run_id, category, level, actor, message, details FROM event_log ORDER BY id DESC LIMIT ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![limit as i64], |r| {
+                Ok(EventRow {
+                    ts: r.get(0)?,
+                    run_id: r.get(1)?,
+                    category: r.get(2)?,
+                    level: r.get(3)?,
+                    actor: r.get(4)?,
+                    message: r.get(5)?,
+                    details: r.get(6)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn latest_run(&self) -> Result<Option<i64>, JournalError> {
+        self.conn
+            .query_row("SELECT max(id) FROM runs", [], |r| r.get(0))
+            .optional()
+            .map(Option::flatten)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Backdates a run (tests of retention).
+    #[cfg(feature = "testing")]
+    pub fn backdate(&self, run: i64, to: chrono::DateTime<Utc>) -> Result<(), JournalError> {
+        let ts = to.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        self.conn
+            .execute("UPDATE runs SET started_at = ?1 WHERE id = ?2", params![ts, run])
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute("UPDATE event_log SET ts = ?1 WHERE run_id = ?2", params![ts, run])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}

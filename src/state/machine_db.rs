@@ -1,0 +1,289 @@
+//! The state database on each machine (`/var/lib/nimbus/state.db`).
+//!
+//! A SQLite file with the tables `machine_state`, `image_state`,
+//! `setup_steps` and `runner_state`, readable by a person with the `sqlite3`
+//! command. nimbus needs nothing on the machine but a POSIX shell: it builds
+//! the file here (rusqlite, in memory), sends the bytes on stdin to
+//! `cat > tmp && mv tmp state.db` (an atomic rename, after checking the size),
+//! and reads it back with `cat`. It never holds secrets: no tokens, no keys.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, params};
+
+use crate::core::model::{MachineState, RunnerRecord, StepRecord, StepStatus};
+use crate::transport::{Transport, TransportError};
+use crate::util::shell::quote;
+
+pub const SCHEMA_VERSION: &str = "1";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS machine_state (
+  key   TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_state (
+  image      TEXT NOT NULL,
+  applied_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS setup_steps (
+  position    INTEGER NOT NULL,
+  name        TEXT PRIMARY KEY,
+  hash        TEXT NOT NULL,
+  status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+  started_at  TEXT,
+  finished_at TEXT,
+  exit_code   INTEGER
+);
+CREATE TABLE IF NOT EXISTS runner_state (
+  name          TEXT PRIMARY KEY,
+  labels        TEXT NOT NULL,
+  mode          TEXT NOT NULL,
+  registered_at TEXT NOT NULL,
+  runner_id     INTEGER
+);
+";
+
+impl StateError {
+    /// The machine answered, but its database is empty or damaged (as opposed to not reachable at all).
+    pub fn is_bad_state(&self) -> bool {
+        matches!(self, StateError::Empty { .. } | StateError::Corrupt { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the state database `{path}` on `{machine}` is empty (0 bytes)")]
+    Empty { machine: String, path: String },
+    #[error("the state database `{path}` on `{machine}` is damaged: {message}")]
+    Corrupt { machine: String, path: String, message: String },
+    #[error("reading the state database `{path}` on `{machine}` failed (exit {code}): {stderr}")]
+    ReadFailed { machine: String, path: String, code: i32, stderr: String },
+    #[error("the state database for `{machine}` could not be built: {message}")]
+    Encode { machine: String, message: String },
+    #[error("writing the state database on `{machine}` failed (exit {code}): {stderr}")]
+    WriteFailed { machine: String, code: i32, stderr: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRow {
+    pub position: i64,
+    pub name: String,
+    pub hash: String,
+    pub status: StepStatus,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerRow {
+    pub name: String,
+    pub labels: Vec<String>,
+    pub mode: String,
+    pub registered_at: String,
+    pub runner_id: Option<i64>,
+}
+
+/// The whole state database, as rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateDb {
+    pub machine: BTreeMap<String, String>,
+    pub images: Vec<(String, String)>,
+    pub steps: Vec<StepRow>,
+    pub runner: Option<RunnerRow>,
+}
+
+fn status_str(s: StepStatus) -> &'static str {
+    match s {
+        StepStatus::Running => "running",
+        StepStatus::Done => "done",
+        StepStatus::Failed => "failed",
+    }
+}
+
+fn parse_status(s: &str) -> StepStatus {
+    match s {
+        "done" => StepStatus::Done,
+        "failed" => StepStatus::Failed,
+        _ => StepStatus::Running,
+    }
+}
+
+impl StateDb {
+    /// Serialises to SQLite file bytes.
+    pub fn to_bytes(&self) -> rusqlite::Result<Vec<u8>> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        let mut kv = self.machine.clone();
+        kv.insert("schema_version".into(), SCHEMA_VERSION.into());
+        for (k, v) in &kv {
+            conn.execute("INSERT INTO machine_state (key, value) VALUES (?1, ?2)", params![k, v])?;
+        }
+        for (image, at) in &self.images {
+            conn.execute("INSERT INTO image_state (image, applied_at) VALUES (?1, ?2)", params![image, at])?;
+        }
+        for s in &self.steps {
+            conn.execute(
+                "INSERT INTO setup_steps (position, name, hash, status, started_at, finished_at, exit_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![s.position, s.name, s.hash, status_str(s.status), s.started_at, s.finished_at, s.exit_code],
+            )?;
+        }
+        if let Some(r) = &self.runner {
+            conn.execute(
+                "INSERT INTO runner_state (name, labels, mode, registered_at, runner_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    r.name,
+                    serde_json::to_string(&r.labels).unwrap_or_default(),
+                    r.mode,
+                    r.registered_at,
+                    r.runner_id
+                ],
+            )?;
+        }
+        Ok(conn.serialize("main")?.to_vec())
+    }
+
+    /// Parses SQLite file bytes.
+    pub fn from_bytes(bytes: &[u8]) -> rusqlite::Result<StateDb> {
+        let mut conn = Connection::open_in_memory()?;
+        conn.deserialize_read_exact("main", bytes, bytes.len(), true)?;
+        let mut db = StateDb::default();
+        let mut st = conn.prepare("SELECT key, value FROM machine_state")?;
+        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (k, v) = row?;
+            db.machine.insert(k, v);
+        }
+        let mut st = conn.prepare("SELECT image, applied_at FROM image_state ORDER BY rowid")?;
+        for row in st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+            db.images.push(row?);
+        }
+        let mut st = conn.prepare(
+            "SELECT position, name, hash, status, started_at, finished_at, exit_code FROM setup_steps ORDER BY position, name",
+        )?;
+        for row in st.query_map([], |r| {
+            Ok(StepRow {
+                position: r.get(0)?,
+                name: r.get(1)?,
+                hash: r.get(2)?,
+                status: parse_status(&r.get::<_, String>(3)?),
+                started_at: r.get(4)?,
+                finished_at: r.get(5)?,
+                exit_code: r.get(6)?,
+            })
+        })? {
+            db.steps.push(row?);
+        }
+        let mut st = conn.prepare("SELECT name, labels, mode, registered_at, runner_id FROM runner_state LIMIT 1")?;
+        let mut rows = st.query([])?;
+        if let Some(r) = rows.next()? {
+            db.runner = Some(RunnerRow {
+                name: r.get(0)?,
+                labels: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+                mode: r.get(2)?,
+                registered_at: r.get(3)?,
+                runner_id: r.get(4)?,
+            });
+        }
+        db.machine.remove("schema_version");
+        Ok(db)
+    }
+
+    /// What the planner needs.
+    pub fn to_model(&self) -> MachineState {
+        MachineState {
+            steps: self
+                .steps
+                .iter()
+                .map(|s| StepRecord { name: s.name.clone(), hash: s.hash.clone(), status: s.status })
+                .collect(),
+            runner: self.runner.as_ref().map(|r| RunnerRecord { name: r.name.clone(), labels: r.labels.clone() }),
+        }
+    }
+
+    /// Records a step's progress, keeping one row per step name.
+    pub fn set_step(&mut self, position: i64, name: &str, hash: &str, status: StepStatus, exit_code: Option<i64>) {
+        let now = crate::util::time::ts(&chrono::Utc::now());
+        let row = match self.steps.iter_mut().find(|s| s.name == name) {
+            Some(r) => r,
+            None => {
+                self.steps.push(StepRow {
+                    position,
+                    name: name.into(),
+                    hash: hash.into(),
+                    status,
+                    started_at: None,
+                    finished_at: None,
+                    exit_code: None,
+                });
+                self.steps.last_mut().expect("just pushed")
+            }
+        };
+        row.position = position;
+        row.hash = hash.into();
+        row.status = status;
+        row.exit_code = exit_code;
+        match status {
+            StepStatus::Running => {
+                row.started_at = Some(now);
+                row.finished_at = None;
+            }
+            _ => row.finished_at = Some(now),
+        }
+    }
+}
+
+const MISSING: i32 = 44;
+const SHORT_WRITE: i32 = 45;
+
+/// Reads the state database; `None` when the machine has none yet.
+pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
+    let script = format!("p={}; if [ -f \"$p\" ]; then cat \"$p\"; else exit {MISSING}; fi", quote(t.state_path()));
+    let out = t.exec(&script, b"", None).await?;
+    let (machine, path) = (t.machine().to_string(), t.state_path().to_string());
+    match out.code {
+        0 if out.stdout.is_empty() => Err(StateError::Empty { machine, path }),
+        0 => StateDb::from_bytes(&out.stdout).map(Some).map_err(|e| StateError::Corrupt {
+            machine,
+            path,
+            message: match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::OutOfMemory) => {
+                    format!("it is not a SQLite database ({} bytes)", out.stdout.len())
+                }
+                _ => e.to_string(),
+            },
+        }),
+        MISSING => Ok(None),
+        code => Err(StateError::ReadFailed { machine, path, code, stderr: out.stderr_tail }),
+    }
+}
+
+/// Replaces the state database atomically: a temporary file of the expected size, then a rename.
+pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
+    let bytes =
+        db.to_bytes().map_err(|e| StateError::Encode { machine: t.machine().into(), message: e.to_string() })?;
+    let path = t.state_path();
+    let dir = match path.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &path[..i],
+        None => ".",
+    };
+    // Few processes (cat, wc, mv): this runs twice per setup step on every machine.
+    let script = format!(
+        "set -e; p={path}; d={dir}; [ -d \"$d\" ] || mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
+         trap 'rm -f \"$t\"' EXIT; cat > \"$t\"; \
+         n=$(($(wc -c < \"$t\"))); if [ \"$n\" -ne {len} ]; then exit {SHORT_WRITE}; fi; \
+         mv -f \"$t\" \"$p\"; trap - EXIT",
+        path = quote(path),
+        dir = quote(dir),
+        len = bytes.len(),
+    );
+    let out = t.exec(&script, &bytes, None).await?;
+    if out.code == 0 {
+        Ok(())
+    } else {
+        Err(StateError::WriteFailed { machine: t.machine().into(), code: out.code, stderr: out.stderr_tail })
+    }
+}

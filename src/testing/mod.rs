@@ -1,0 +1,226 @@
+//! A simulated world for tests and benchmarks: builds fleets and applies a
+//! plan's actions to an [`Actual`] the way a faithful provider and forge
+//! would. Strict: an action that a real provider would refuse panics.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use petgraph::algo::toposort;
+
+use crate::config::{Arch, Os, RunnerMode};
+use crate::core::model::*;
+use crate::core::plan::{ActionKind, HostRef, Plan};
+
+/// A pool with sensible defaults for tests.
+pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: &str) -> DesiredPool {
+    let mac = crate::config::is_mac_metal_type(instance_type);
+    DesiredPool {
+        name: name.into(),
+        provider: provider.into(),
+        count,
+        spec: MachineSpec {
+            os: if mac { Os::Macos } else { Os::Linux },
+            arch: Arch::Arm64,
+            instance_type: Some(instance_type.into()),
+            image: image.into(),
+            availability_zone: Some("us-east-1a".into()),
+        },
+        runner: Some(RunnerSpec { labels: vec!["ci".into()], mode: RunnerMode::Persistent }),
+        setup: vec![step("base", "echo base")],
+    }
+}
+
+pub fn step(name: &str, run: &str) -> StepSpec {
+    StepSpec { name: name.into(), hash: step_hash(run), run: run.into() }
+}
+
+/// A desired fleet on one `aws` provider (24 h window for mac types) with a forge.
+pub fn desired(tenant: &str, pools: Vec<DesiredPool>) -> Desired {
+    Desired {
+        tenant: tenant.into(),
+        providers: [("aws".to_string(), ProviderInfo { kind: "aws".into(), min_allocation: None })].into(),
+        forge: true,
+        pools,
+    }
+}
+
+/// Applies `plan` to `world` as of `now`, the way real peers would.
+pub struct Simulator {
+    next_id: u64,
+}
+
+impl Default for Simulator {
+    fn default() -> Self {
+        Simulator { next_id: 1 }
+    }
+}
+
+impl Simulator {
+    fn id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}-sim{:05}", self.next_id)
+    }
+
+    pub fn apply(&mut self, desired: &Desired, world: &mut Actual, plan: &Plan, now: DateTime<Utc>) {
+        self.apply_prefix(desired, world, plan, now, usize::MAX);
+    }
+
+    /// Applies only the first `limit` actions (in a dependency order), as an apply killed at that point
+    /// would leave the world.
+    pub fn apply_prefix(
+        &mut self,
+        desired: &Desired,
+        world: &mut Actual,
+        plan: &Plan,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) {
+        let order = toposort(&plan.graph, None).expect("the plan is a DAG");
+        let mut allocated: HashMap<usize, String> = HashMap::new();
+        for idx in order.into_iter().take(limit) {
+            let action = &plan.graph[idx];
+            match &action.kind {
+                ActionKind::AllocateHost {
+                    provider,
+                    pool,
+                    machine,
+                    instance_type,
+                    availability_zone,
+                    exclude_hosts,
+                } => {
+                    // As the provider does: a host already tagged for this machine (a killed run's) is found by
+                    // its tag, unless the plan excluded it.
+                    let found = world.hosts.iter().find(|h| {
+                        h.provider == *provider
+                            && owned_by(&h.tags, &desired.tenant)
+                            && h.tags.get(tags::MACHINE) == Some(machine)
+                            && h.instance_ids.is_empty()
+                            && matches!(h.state, HostState::Available | HostState::Pending)
+                            && !exclude_hosts.contains(&h.id)
+                    });
+                    if let Some(h) = found {
+                        allocated.insert(idx.index(), h.id.clone());
+                        continue;
+                    }
+                    let id = self.id("h");
+                    allocated.insert(idx.index(), id.clone());
+                    world.hosts.push(Host {
+                        provider: provider.clone(),
+                        id,
+                        tags: machine_tags(&desired.tenant, provider, pool, machine),
+                        instance_type: instance_type.clone(),
+                        availability_zone: availability_zone.clone(),
+                        state: HostState::Available,
+                        allocated_at: now,
+                        instance_ids: vec![],
+                    });
+                }
+                ActionKind::LaunchInstance { provider, pool, machine, spec, host } => {
+                    assert!(
+                        !world.machines.iter().any(|m| m.name() == Some(machine) && !m.state.is_gone()),
+                        "duplicate machine {machine}"
+                    );
+                    let instance_id = self.id("i");
+                    let host_id = host.as_ref().map(|h| match h {
+                        HostRef::Existing { host_id } => host_id.clone(),
+                        HostRef::Allocated { action } => allocated[action].clone(),
+                    });
+                    if let Some(hid) = &host_id {
+                        let h = world.hosts.iter_mut().find(|h| &h.id == hid).expect("host exists");
+                        assert!(h.instance_ids.is_empty(), "host {hid} already has an instance");
+                        assert_eq!(h.state, HostState::Available, "host {hid} is not available");
+                        assert_eq!(Some(&h.instance_type), spec.instance_type.as_ref());
+                        h.instance_ids.push(instance_id.clone());
+                        h.tags = machine_tags(&desired.tenant, provider, pool, machine);
+                    }
+                    world.machines.push(ActualMachine {
+                        provider: provider.clone(),
+                        instance_id,
+                        tags: machine_tags(&desired.tenant, provider, pool, machine),
+                        state: InstanceState::Running,
+                        image: spec.image.clone(),
+                        instance_type: spec.instance_type.clone(),
+                        availability_zone: spec.availability_zone.clone(),
+                        host_id,
+                        launched_at: now,
+                        address: None,
+                        on_machine: OnMachine::Read { state: MachineState::default() },
+                    });
+                }
+                ActionKind::WaitReachable { .. } => {}
+                ActionKind::RepairState { machine, .. } => {
+                    live_mut(world, machine).on_machine = OnMachine::Read { state: MachineState::default() };
+                }
+                ActionKind::RunSetup { machine, steps, .. } => {
+                    let m = live_mut(world, machine);
+                    let OnMachine::Read { state } = &mut m.on_machine else { panic!("setup on unread machine") };
+                    for s in steps {
+                        state.steps.retain(|r| r.name != s.name);
+                        state.steps.push(StepRecord {
+                            name: s.name.clone(),
+                            hash: s.hash.clone(),
+                            status: StepStatus::Done,
+                        });
+                    }
+                }
+                ActionKind::RegisterRunner { machine, labels, .. } => {
+                    let runners = world.runners.get_or_insert_with(Vec::new);
+                    assert!(!runners.iter().any(|r| &r.name == machine), "runner {machine} registered twice");
+                    self.next_id += 1;
+                    runners.push(ForgeRunner {
+                        id: self.next_id,
+                        name: machine.clone(),
+                        labels: labels.clone(),
+                        online: true,
+                        busy: false,
+                    });
+                }
+                ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {
+                    let r = world
+                        .runners
+                        .as_mut()
+                        .and_then(|rs| rs.iter_mut().find(|r| r.id == *runner_id))
+                        .expect("runner exists");
+                    r.labels = labels.clone();
+                }
+                ActionKind::DeregisterRunner { runner_id, .. } => {
+                    let rs = world.runners.as_mut().expect("forge read");
+                    let before = rs.len();
+                    rs.retain(|r| r.id != *runner_id);
+                    assert_eq!(before, rs.len() + 1, "runner {runner_id} did not exist");
+                }
+                ActionKind::TerminateInstance { instance_id, .. } => {
+                    let m = world.machines.iter_mut().find(|m| &m.instance_id == instance_id).expect("instance exists");
+                    m.state = InstanceState::Terminated;
+                    for h in &mut world.hosts {
+                        h.instance_ids.retain(|i| i != instance_id);
+                    }
+                }
+                ActionKind::ReleaseHost { host_id, .. } => {
+                    let h = world.hosts.iter_mut().find(|h| &h.id == host_id).expect("host exists");
+                    assert!(h.instance_ids.is_empty(), "released host {host_id} with a live instance");
+                    let window = desired
+                        .providers
+                        .get(&h.provider)
+                        .map(|p| p.min_allocation_for(&h.instance_type))
+                        .unwrap_or_default();
+                    assert!(
+                        h.allocated_at + chrono::Duration::from_std(window).unwrap() <= now,
+                        "released host {host_id} inside its window"
+                    );
+                    h.state = HostState::Released;
+                }
+            }
+        }
+        world.machines.retain(|m| m.state != InstanceState::Terminated);
+        world.hosts.retain(|h| h.state != HostState::Released);
+    }
+}
+
+fn live_mut<'a>(world: &'a mut Actual, name: &str) -> &'a mut ActualMachine {
+    world
+        .machines
+        .iter_mut()
+        .find(|m| m.name() == Some(name) && !m.state.is_gone())
+        .unwrap_or_else(|| panic!("machine {name} is not live"))
+}

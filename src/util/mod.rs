@@ -1,0 +1,6 @@
+//! Small shared pieces: shell quoting, secrets, time, telemetry setup.
+
+pub mod secrets;
+pub mod shell;
+pub mod telemetry;
+pub mod time;

@@ -1,0 +1,464 @@
+//! The AWS provider against moto (a real EC2 Query API on 127.0.0.1):
+//! discovery by tags with one call per page, create, scale down with a
+//! deferred release, `--at`, release after the window, host reuse, nimbus's
+//! own host rules, tenant isolation, and kill-and-rerun without leaks.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::common::*;
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+use nimbus::providers::Provider;
+use nimbus::providers::aws::{AwsProvider, AwsSettings};
+
+fn moto() -> Option<String> {
+    let url = peer("NIMBUS_MOTO_URL", "moto (EC2)")?;
+    use_moto_env(&url);
+    Some(url)
+}
+
+fn fleet(tenant: &str, mac: u32, linux: u32, min_allocation: Option<&str>) -> String {
+    let min = min_allocation.map(|m| format!("    min_allocation: {m}\n")).unwrap_or_default();
+    format!(
+        "version: 1\ntenant: {tenant}\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n{min}pools:\n  - name: mac\n    provider: aws\n    count: {mac}\n    machine: {{os: macos, arch: arm64, instance_type: mac2.metal, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: aws\n    count: {linux}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-east-1a}}\n"
+    )
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    env: Vec<(&'static str, String)>,
+    tenant: String,
+}
+
+impl Fleet {
+    fn new(url: &str, prefix: &str) -> Fleet {
+        Fleet { dir: tempfile::tempdir().unwrap(), env: aws_env(url), tenant: unique_tenant(prefix) }
+    }
+    fn write(&self, mac: u32, linux: u32, min: Option<&str>) {
+        std::fs::write(self.dir.path().join("fleet.yaml"), fleet(&self.tenant, mac, linux, min)).unwrap();
+    }
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        nimbus_env(self.dir.path(), args, &self.env)
+    }
+    fn ok(&self, args: &[&str]) -> std::process::Output {
+        let o = self.run(args);
+        assert_eq!(o.status.code(), Some(0), "nimbus {args:?}\n{}", text(&o));
+        o
+    }
+    fn plan_json(&self, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["plan", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_slice(&self.ok(&args).stdout).unwrap()
+    }
+    async fn provider(&self) -> AwsProvider {
+        AwsProvider::new("aws", &self.tenant, AwsSettings { region: Some("us-east-1".into()), ..Default::default() })
+            .await
+            .unwrap()
+    }
+}
+
+fn kinds(plan: &serde_json::Value) -> Vec<String> {
+    plan["actions"].as_array().unwrap().iter().map(|a| a["type"].as_str().unwrap().to_string()).collect()
+}
+
+async fn sdk() -> aws_sdk_ec2::Client {
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
+    aws_sdk_ec2::Client::new(&cfg)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Every host and live instance in moto carrying `tenant`'s tag: (host id → state, instance id → host id).
+async fn tenant_resources(
+    c: &aws_sdk_ec2::Client,
+    tenant: &str,
+) -> (BTreeMap<String, String>, BTreeMap<String, Option<String>>) {
+    let hosts = c.describe_hosts().send().await.unwrap();
+    let hosts = hosts
+        .hosts()
+        .iter()
+        .filter(|h| h.tags().iter().any(|t| t.key() == Some("nimbus:tenant") && t.value() == Some(tenant)))
+        .map(|h| (h.host_id().unwrap().to_string(), h.state().unwrap().as_str().to_string()))
+        .collect();
+    // Every page: moto pages at 100 instances by default.
+    let mut all = Vec::new();
+    let mut next = None;
+    loop {
+        let page = c.describe_instances().set_next_token(next).send().await.unwrap();
+        all.extend(page.reservations().iter().flat_map(|r| r.instances()).cloned());
+        next = page.next_token().map(str::to_string);
+        if next.is_none() {
+            break;
+        }
+    }
+    let instances = all
+        .iter()
+        .filter(|i| i.tags().iter().any(|t| t.key() == Some("nimbus:tenant") && t.value() == Some(tenant)))
+        .filter(|i| {
+            !matches!(i.state().and_then(|s| s.name()).map(|n| n.as_str()), Some("terminated" | "shutting-down"))
+        })
+        .map(|i| (i.instance_id().unwrap().to_string(), i.placement().and_then(|p| p.host_id()).map(str::to_string)))
+        .collect();
+    (hosts, instances)
+}
+
+#[test]
+fn create_discover_scale_down_defer_and_reuse() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "create");
+    f.write(2, 1, None);
+    let plan = f.plan_json(&[]);
+    assert_eq!(kinds(&plan).iter().filter(|k| *k == "allocate_host").count(), 2);
+    f.ok(&["apply", "--auto-approve"]);
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
+
+    rt().block_on(async {
+        // Discovery: one DescribeHosts and one DescribeInstances page, not one call per machine.
+        let p = f.provider().await;
+        let found = p.discover(&f.tenant).await.unwrap();
+        assert_eq!(found.machines.len(), 3);
+        assert_eq!(found.hosts.len(), 2);
+        assert!(found.hosts.iter().all(|h| h.instance_ids.len() == 1 && h.instance_type == "mac2.metal"));
+        let calls = p.calls();
+        assert_eq!(calls.get("DescribeHosts"), Some(&1), "{calls:?}");
+        assert_eq!(calls.get("DescribeInstances"), Some(&1), "{calls:?}");
+    });
+
+    // Scale the Mac pool down: the instance goes, its host's release waits for the 24 h window.
+    f.write(1, 1, None);
+    let plan = f.plan_json(&[]);
+    assert_eq!(kinds(&plan), ["terminate_instance"]);
+    assert_eq!(plan["deferred"].as_array().unwrap().len(), 1);
+    let due: chrono::DateTime<chrono::Utc> = plan["deferred"][0]["due_at"].as_str().unwrap().parse().unwrap();
+    let left = due - chrono::Utc::now();
+    assert!(left > chrono::Duration::hours(23) && left <= chrono::Duration::hours(24), "{left}");
+    f.ok(&["apply", "--auto-approve"]);
+    let o = f.ok(&["plan", "--detailed-exitcode"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 deferred"), "{}", text(&o));
+
+    // As of 25 hours later, the release is due.
+    let later = f.plan_json(&["--at", "+25h"]);
+    assert_eq!(kinds(&later), ["release_host"]);
+    assert!(later["deferred"].as_array().unwrap().is_empty());
+
+    // Scaling up again reuses the idle host rather than allocating another.
+    f.write(2, 1, None);
+    let plan = f.plan_json(&[]);
+    assert_eq!(kinds(&plan), ["launch_instance", "wait_reachable"]);
+    f.ok(&["apply", "--auto-approve"]);
+    rt().block_on(async {
+        let (hosts, instances) = tenant_resources(&sdk().await, &f.tenant).await;
+        assert_eq!(hosts.len(), 2, "{hosts:?}");
+        assert_eq!(instances.len(), 3);
+        let mut placed: Vec<&String> = instances.values().flatten().collect();
+        placed.sort();
+        let mut ids: Vec<&String> = hosts.keys().collect();
+        ids.sort();
+        assert_eq!(placed, ids, "one instance per host");
+    });
+}
+
+#[test]
+fn host_is_released_once_its_window_has_passed() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "window");
+    f.write(1, 0, Some("2s"));
+    f.ok(&["apply", "--auto-approve"]);
+    f.write(0, 0, Some("2s"));
+    let plan = f.plan_json(&[]);
+    if kinds(&plan).contains(&"release_host".to_string()) {
+        panic!("planned a release inside the window: {plan}");
+    }
+    assert_eq!(plan["deferred"].as_array().unwrap().len(), 1);
+    f.ok(&["apply", "--auto-approve"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    // Past the window: the release is planned (unless the apply above already ran after the window).
+    let plan = f.plan_json(&[]);
+    let k = kinds(&plan);
+    assert!(k.is_empty() || k == ["release_host"], "{k:?}");
+    assert!(plan["deferred"].as_array().unwrap().is_empty());
+    f.ok(&["apply", "--auto-approve"]);
+    rt().block_on(async {
+        let (hosts, instances) = tenant_resources(&sdk().await, &f.tenant).await;
+        assert!(instances.is_empty());
+        assert!(hosts.values().all(|s| s == "released"), "{hosts:?}");
+    });
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+#[test]
+fn provider_enforces_host_rules_itself() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "rules");
+    f.write(1, 0, None);
+    f.ok(&["apply", "--auto-approve"]);
+    rt().block_on(async {
+        let p = f.provider().await;
+        let found = p.discover(&f.tenant).await.unwrap();
+        let host = found.hosts[0].id.clone();
+        let e = p.release_host(&host).await.unwrap_err().to_string();
+        assert!(e.contains("still has an instance"), "{e}");
+        let m = &found.machines[0];
+        let r = nimbus::providers::MachineRef {
+            name: m.name().unwrap().into(),
+            instance_id: Some(m.instance_id.clone()),
+            address: None,
+        };
+        p.terminate(&r).await.unwrap();
+        let e = p.release_host(&host).await.unwrap_err().to_string();
+        assert!(e.contains("inside its minimum allocation window"), "{e}");
+        // Another tenant's provider cannot touch it at all.
+        let other = AwsProvider::new(
+            "aws",
+            "someone-else",
+            AwsSettings { region: Some("us-east-1".into()), ..Default::default() },
+        )
+        .await
+        .unwrap();
+        let e = other.release_host(&host).await.unwrap_err().to_string();
+        assert!(e.contains("not tagged for tenant"), "{e}");
+        let (hosts, _) = tenant_resources(&sdk().await, &f.tenant).await;
+        assert_eq!(hosts[&host], "available");
+    });
+}
+
+#[test]
+fn other_tenants_and_untagged_resources_survive() {
+    let Some(url) = moto() else { return };
+    let mine = Fleet::new(&url, "mine");
+    let theirs = Fleet::new(&url, "theirs");
+    theirs.write(1, 1, Some("0s"));
+    theirs.ok(&["apply", "--auto-approve"]);
+    let (untagged_host, untagged_instance, half_tagged) = rt().block_on(async {
+        let c = sdk().await;
+        let h = c
+            .allocate_hosts()
+            .instance_type("mac2.metal")
+            .availability_zone("us-east-1a")
+            .quantity(1)
+            .send()
+            .await
+            .unwrap();
+        let i = c
+            .run_instances()
+            .image_id("ami-0abc")
+            .instance_type("t3.large".into())
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await
+            .unwrap();
+        // Carries our tenant's tag but not nimbus:managed-by: not ours to manage.
+        let half = c
+            .run_instances()
+            .image_id("ami-0abc")
+            .instance_type("t3.large".into())
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .tags(Tag::builder().key("nimbus:tenant").value(&mine.tenant).build())
+                    .tags(Tag::builder().key("nimbus:pool").value("linux").build())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        (
+            h.host_ids()[0].clone(),
+            i.instances()[0].instance_id().unwrap().to_string(),
+            half.instances()[0].instance_id().unwrap().to_string(),
+        )
+    });
+
+    mine.write(1, 1, Some("0s"));
+    mine.ok(&["apply", "--auto-approve"]);
+    mine.write(0, 0, Some("0s"));
+    let plan = mine.plan_json(&[]);
+    let all = plan.to_string();
+    for id in [&untagged_host, &untagged_instance, &half_tagged] {
+        assert!(!all.contains(id.as_str()), "{id} appears in the plan");
+    }
+    assert!(!all.contains(&theirs.tenant));
+    mine.ok(&["apply", "--auto-approve"]);
+
+    rt().block_on(async {
+        let c = sdk().await;
+        let (their_hosts, their_instances) = tenant_resources(&c, &theirs.tenant).await;
+        assert_eq!(their_hosts.values().filter(|s| *s == "available").count(), 1);
+        assert_eq!(their_instances.len(), 2);
+        let h = c.describe_hosts().host_ids(&untagged_host).send().await.unwrap();
+        assert_eq!(h.hosts()[0].state().unwrap().as_str(), "available");
+        for id in [&untagged_instance, &half_tagged] {
+            let i = c.describe_instances().instance_ids(id).send().await.unwrap();
+            let state = i.reservations()[0].instances()[0].state().unwrap().name().unwrap().as_str().to_string();
+            assert!(state == "running" || state == "pending", "{id} is {state}");
+        }
+        let (my_hosts, my_instances) = tenant_resources(&c, &mine.tenant).await;
+        assert!(my_instances.keys().all(|i| i == &half_tagged), "{my_instances:?}");
+        assert!(my_hosts.values().all(|s| s == "released"));
+    });
+}
+
+#[test]
+fn killed_apply_reruns_without_duplicates_or_leaks() {
+    let Some(url) = moto() else { return };
+    let mut partial = 0;
+    for (round, kill_ms) in [30u64, 60, 90, 120, 160, 220, 300, 400].into_iter().enumerate() {
+        let f = Fleet::new(&url, &format!("kill{round}"));
+        f.write(3, 2, None);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(["apply", "--auto-approve", "--parallelism", "1"])
+            .current_dir(f.dir.path())
+            .envs(f.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(kill_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let (hosts, instances) = rt().block_on(async { tenant_resources(&sdk().await, &f.tenant).await });
+        if hosts.len() + instances.len() < 8 {
+            partial += 1;
+        }
+        f.ok(&["apply", "--auto-approve"]);
+        assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0), "round {round}");
+        rt().block_on(async {
+            let (hosts, instances) = tenant_resources(&sdk().await, &f.tenant).await;
+            assert_eq!(hosts.len(), 3, "round {round}: hosts {hosts:?}");
+            assert_eq!(instances.len(), 5, "round {round}: instances {instances:?}");
+            let mut on: Vec<&String> = instances.values().flatten().collect();
+            on.sort();
+            on.dedup();
+            assert_eq!(on.len(), 3, "round {round}: each host runs one instance");
+        });
+    }
+    assert!(partial >= 2, "only {partial} kill(s) landed mid-apply");
+}
+
+#[test]
+fn discovery_filters_even_when_the_server_does_not() {
+    let Some(url) = moto() else { return };
+    // A filter moto cannot apply (tag on hosts is patched; this one checks our own client-side filtering).
+    let f = Fleet::new(&url, "filter");
+    f.write(1, 1, Some("0s"));
+    f.ok(&["apply", "--auto-approve"]);
+    rt().block_on(async {
+        let c = sdk().await;
+        let all = c
+            .describe_hosts()
+            .filter(Filter::builder().name("tag-key").values("nimbus:tenant").build())
+            .send()
+            .await
+            .unwrap();
+        assert!(!all.hosts().is_empty());
+        let p = f.provider().await;
+        let found = p.discover(&f.tenant).await.unwrap();
+        assert!(found.hosts.iter().all(|h| h.tags["nimbus:tenant"] == f.tenant));
+        assert!(found.machines.iter().all(|m| m.tags["nimbus:tenant"] == f.tenant));
+    });
+}
+
+// ---------------------------------------------------------------- issue 9 regressions
+
+fn two_providers_fleet(tenant: &str, second_region: &str, second_az: &str, linux: u32) -> String {
+    format!(
+        "version: 1\ntenant: {tenant}\nproviders:\n  mac:\n    type: aws\n    region: us-east-1\n  linux:\n    type: aws\n    region: {second_region}\n    key_name: linux-key\npools:\n  - name: mac\n    provider: mac\n    count: 1\n    machine: {{os: macos, arch: arm64, instance_type: mac2.metal, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: linux\n    count: {linux}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: {second_az}}}\n"
+    )
+}
+
+/// Issue 9.1: two `aws` providers in one region, and in two regions, each see and change only their own.
+#[test]
+fn two_aws_providers_keep_their_own_machines() {
+    let Some(url) = moto() else { return };
+    for (region, az) in [("us-east-1", "us-east-1a"), ("us-west-2", "us-west-2a")] {
+        let f = Fleet::new(&url, "twoprov");
+        std::fs::write(f.dir.path().join("fleet.yaml"), two_providers_fleet(&f.tenant, region, az, 2)).unwrap();
+        f.ok(&["apply", "--auto-approve"]);
+        let o = f.run(&["plan", "--detailed-exitcode"]);
+        assert_eq!(o.status.code(), Some(0), "{region}: the next plan has nothing to do\n{}", text(&o));
+        let o = f.ok(&["apply", "--auto-approve"]);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("No changes."), "{}", text(&o));
+        // Scaling one provider's pool touches only that provider's machines.
+        std::fs::write(f.dir.path().join("fleet.yaml"), two_providers_fleet(&f.tenant, region, az, 1)).unwrap();
+        let plan = f.plan_json(&[]);
+        assert_eq!(kinds(&plan), ["terminate_instance"], "{region}: {plan}");
+        assert_eq!(plan["actions"][0]["provider"], "linux");
+        f.ok(&["apply", "--auto-approve"]);
+        assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0), "{region}");
+        rt().block_on(async {
+            let p = AwsProvider::new(
+                "mac",
+                &f.tenant,
+                AwsSettings { region: Some("us-east-1".into()), ..Default::default() },
+            )
+            .await
+            .unwrap();
+            let found = p.discover(&f.tenant).await.unwrap();
+            assert_eq!(found.machines.len(), 1, "{region}: the `mac` provider sees its own machine only");
+            assert!(found.machines.iter().all(|m| m.tags["nimbus:provider"] == "mac"));
+            assert_eq!(found.hosts.len(), 1);
+            assert!(found.unusable.is_empty());
+        });
+    }
+}
+
+/// Issue 9.2: a host a killed apply left tagged for `mac.1` is reused once; `mac.1`'s allocation does not
+/// find it again by its stale tag, and no host gets two instances.
+#[test]
+fn a_leftover_host_is_not_doubled_up() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "leftover");
+    f.write(2, 0, None);
+    let host = rt().block_on(async {
+        let c = sdk().await;
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::DedicatedHost);
+        for (k, v) in nimbus::core::model::machine_tags(&f.tenant, "aws", "mac", &format!("nimbus.{}.mac.1", f.tenant))
+        {
+            spec = spec.tags(Tag::builder().key(k).value(v).build());
+        }
+        let h = c
+            .allocate_hosts()
+            .instance_type("mac2.metal")
+            .availability_zone("us-east-1a")
+            .quantity(1)
+            .tag_specifications(spec.build())
+            .send()
+            .await
+            .unwrap();
+        h.host_ids()[0].clone()
+    });
+    f.ok(&["apply", "--auto-approve"]);
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
+    rt().block_on(async {
+        let (hosts, instances) = tenant_resources(&sdk().await, &f.tenant).await;
+        assert_eq!(hosts.len(), 2, "{hosts:?}");
+        assert!(hosts.contains_key(&host), "the leftover host was reused");
+        let mut on: Vec<&String> = instances.values().flatten().collect();
+        on.sort();
+        on.dedup();
+        assert_eq!((instances.len(), on.len()), (2, 2), "one instance per host: {instances:?}");
+    });
+}
+
+/// Issue 9.9: an EC2 error shows the service's code and message, not the SDK's debug dump.
+#[test]
+fn aws_errors_show_code_and_message_only() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "awserr");
+    let text_ = fleet(&f.tenant, 0, 1, None)
+        .replace("    region: us-east-1\n", "    region: us-east-1\n    subnet_id: subnet-0doesnotexist\n");
+    std::fs::write(f.dir.path().join("fleet.yaml"), text_).unwrap();
+    let o = f.run(&["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("RunInstances: InvalidSubnetID.NotFound"), "{err}");
+    for noise in ["headers", "x-amzn", "HttpResponse", "SdkBody", "ServiceError {"] {
+        assert!(!err.contains(noise), "raw SDK output ({noise}) in: {err}");
+    }
+    assert!(err.lines().all(|l| l.len() < 400), "{err}");
+}

@@ -1,0 +1,119 @@
+//! Shared helpers for tests that need a peer (moto, sshd, Prism). A missing
+//! peer skips the test on a developer's machine, and fails it when
+//! `NIMBUS_REQUIRE_PEERS=1` (as `scripts/test.sh` and CI set).
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+pub fn require_peers() -> bool {
+    std::env::var("NIMBUS_REQUIRE_PEERS").is_ok_and(|v| v == "1")
+}
+
+/// The peer's URL from `var`, or `None` (skip) when absent outside CI.
+pub fn peer(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) => {
+            // Tests talk to loopback only.
+            let host = url.split("://").nth(1).unwrap_or(&url);
+            assert!(host.starts_with("127.") || host.starts_with("localhost"), "{var}={url} is not on loopback");
+            Some(url)
+        }
+        Err(_) if require_peers() => {
+            panic!("{what} is required (NIMBUS_REQUIRE_PEERS=1) but {var} is not set; run `bash scripts/test.sh`")
+        }
+        Err(_) => {
+            eprintln!("skipping: {what} is not running ({var} unset); `bash scripts/test.sh` starts it");
+            None
+        }
+    }
+}
+
+/// Environment that points the AWS SDK at moto, never at AWS.
+pub fn aws_env(moto: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL_EC2", moto.to_string()),
+        ("AWS_ENDPOINT_URL", moto.to_string()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_CONFIG_FILE", "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+    ]
+}
+
+pub fn nimbus_env(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
+    cmd.args(args).current_dir(dir).env("NO_COLOR", "1").env_remove("AWS_PROFILE").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("nimbus runs")
+}
+
+pub fn text(o: &Output) -> String {
+    format!("--- stdout\n{}--- stderr\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A tenant name no other test uses.
+pub fn unique_tenant(prefix: &str) -> String {
+    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{:x}", n % 0xffff_ffff)
+}
+
+/// A runner agent tarball whose scripts record how they were called.
+pub fn fake_runner(dir: &Path) -> String {
+    let src = dir.join("runner-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let config = r#"#!/bin/sh
+# records: name, labels, url, and the token (a real runner keeps its credentials too)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name) name="$2"; shift;;
+    --labels) labels="$2"; shift;;
+    --url) url="$2"; shift;;
+    --token) token="$2"; shift;;
+  esac
+  shift
+done
+printf '%s\n%s\n%s\n' "$name" "$labels" "$url" > .runner-config
+printf '%s' "$token" > .credentials
+"#;
+    std::fs::write(src.join("config.sh"), config).unwrap();
+    std::fs::write(src.join("svc.sh"), "#!/bin/sh\necho \"$1\" >> .service\n").unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\nprintf '%s' \"$2\" > .jitconfig\n").unwrap();
+    for f in ["config.sh", "svc.sh", "run.sh"] {
+        let p = src.join(f);
+        let mut perm = std::fs::metadata(&p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&p, perm).unwrap();
+    }
+    let tgz = dir.join("runner-{os}-{arch}.tgz");
+    let real = dir.join("runner-linux-x64.tgz");
+    let ok = std::process::Command::new("tar").arg("czf").arg(&real).arg("-C").arg(&src).arg(".").status().unwrap();
+    assert!(ok.success());
+    format!("file://{}", tgz.display())
+}
+
+/// The machine side of registration: each runner the fake runner's config.sh
+/// configured under `runner_dir` shows up on the fake forge (as GitHub would).
+pub fn runner_comes_online(forge: &nimbus::forges::fake::FakeForge, runner_dir: &Path) {
+    let cfg = runner_dir.join(".runner-config");
+    let Ok(text) = std::fs::read_to_string(&cfg) else { return };
+    let token = std::fs::read_to_string(runner_dir.join(".credentials")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let labels: Vec<String> = lines[1].split(',').filter(|l| !l.is_empty()).map(str::to_string).collect();
+    forge.runner_configured(&token, lines[0], &labels).unwrap();
+    std::fs::remove_file(cfg).unwrap();
+}
+
+/// Points this test process's AWS SDK at moto, once (same values for every test).
+pub fn use_moto_env(moto: &str) {
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| {
+        for (k, v) in aws_env(moto) {
+            // SAFETY: set once, before any AWS client exists in this process, with the same values for all tests.
+            unsafe { std::env::set_var(k, v) };
+        }
+    });
+}

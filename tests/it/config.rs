@@ -1,0 +1,179 @@
+//! The fleet file: every invalid fixture gives a positioned error with a
+//! hint (snapshotted), every valid fixture and example loads, secrets written
+//! inline never reach the output, and the checked-in schema matches the code.
+
+use std::path::Path;
+
+use nimbus::config::{self, ConfigError};
+
+fn invalid_diagnostics(path: &Path) -> Vec<nimbus::config::ConfigDiagnostic> {
+    match config::load(path) {
+        Err(ConfigError::Invalid { diagnostics, .. }) => diagnostics,
+        Err(other) => panic!("{}: expected a validation error, got {other}", path.display()),
+        Ok(_) => panic!("{}: expected a validation error, but it loaded", path.display()),
+    }
+}
+
+#[test]
+fn invalid_fixtures_point_at_file_line_col_with_a_hint() {
+    let dir = Path::new("fixtures/config/invalid");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        n += 1;
+        let diags = invalid_diagnostics(&path);
+        assert!(!diags.is_empty(), "{}", path.display());
+        for d in &diags {
+            let (line, col) = d.line_col();
+            let rendered = nimbus::cli::error::render(d, false);
+            let loc = format!("{}:{line}:{col}", path.display());
+            assert!(rendered.contains(&loc), "{}: `{loc}` missing in\n{rendered}", path.display());
+            assert!(rendered.contains("help:"), "{}: no hint in\n{rendered}", path.display());
+        }
+    }
+    assert!(n >= 15, "only {n} invalid fixtures");
+}
+
+#[test]
+fn invalid_fixture_messages() {
+    insta::glob!("../../fixtures/config/invalid", "*.yaml", |path| {
+        let rel = Path::new("fixtures/config/invalid").join(path.file_name().unwrap());
+        let rendered: String = invalid_diagnostics(&rel).iter().map(|d| nimbus::cli::error::render(d, false)).collect();
+        insta::assert_snapshot!(rendered);
+    });
+}
+
+#[test]
+fn valid_fixtures_and_examples_load() {
+    for dir in ["fixtures/config/valid", "examples/quickstart", "examples/aws-mac"] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) == Some("yaml")
+                && let Err(e) = config::load(&path)
+            {
+                panic!("{}: {}", path.display(), nimbus::cli::error::render(&e, false));
+            }
+        }
+    }
+}
+
+#[test]
+fn inline_secrets_are_masked_in_errors() {
+    for (file, secret) in [
+        ("fixtures/config/invalid/07-inline-secret.yaml", "MIIEsecret"),
+        ("fixtures/config/invalid/25-inline-secret-block.yaml", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ"),
+        ("fixtures/config/invalid/25-inline-secret-block.yaml", "BEGIN OPENSSH"),
+        // A secret YAML reads as a number (issue 9.4): masked, and the error points at the key, not `forge`.
+        ("fixtures/config/invalid/27-inline-secret-number.yaml", "86753091234"),
+    ] {
+        let rendered: String = invalid_diagnostics(Path::new(file))
+            .iter()
+            .map(|d| format!("{d:?}{}", nimbus::cli::error::render(d, false)))
+            .collect();
+        assert!(!rendered.contains(secret), "{file}: secret shown in\n{rendered}");
+        assert!(rendered.contains("must not be written inline"), "{rendered}");
+    }
+}
+
+#[test]
+fn a_numeric_inline_secret_points_at_its_key() {
+    let diags = invalid_diagnostics(Path::new("fixtures/config/invalid/27-inline-secret-number.yaml"));
+    assert_eq!(diags.len(), 1);
+    assert_eq!(diags[0].line_col(), (10, 16), "{}", diags[0].message);
+    assert!(diags[0].message.contains("forge.private_key"), "{}", diags[0].message);
+}
+
+/// Issue 9.5: editors on Windows write a byte order mark; it is not part of the YAML.
+#[test]
+fn a_utf8_bom_is_accepted() {
+    let text = std::fs::read_to_string("examples/quickstart/fleet.yaml").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("fleet.yaml");
+    std::fs::write(&p, format!("\u{feff}{text}")).unwrap();
+    let loaded = config::load(&p).unwrap_or_else(|e| panic!("{}", nimbus::cli::error::render(&e, false)));
+    assert_eq!(loaded.config.tenant, config::load(Path::new("examples/quickstart/fleet.yaml")).unwrap().config.tenant);
+    // Errors still point at the right line and column after the mark.
+    std::fs::write(&p, "\u{feff}version: 1\ntenant: acme\nproviders:\n  local: {type: local}\nbogus: 1\n").unwrap();
+    let Err(ConfigError::Invalid { diagnostics, .. }) = config::load(&p) else { panic!("accepted") };
+    assert_eq!(diagnostics[0].line_col(), (5, 1), "{}", diagnostics[0].message);
+}
+
+/// Issue 9.9: a zero connect timeout can never work.
+#[test]
+fn a_zero_connect_timeout_is_refused() {
+    let diags = invalid_diagnostics(Path::new("fixtures/config/invalid/28-connect-timeout-zero.yaml"));
+    assert_eq!(diags.len(), 1);
+    assert_eq!(diags[0].line_col(), (8, 20), "{}", diags[0].message);
+    assert!(diags[0].help.as_deref().unwrap_or("").contains("20s"));
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    let text = "version: 1\ntenant: acme\nproviders:\n  local: {type: local}\npools:\n  - name: a\n    provider: nope\n    count: 1\n    machine: {os: linux, arch: arm64, image: x}\n  - name: a\n    provider: local\n    count: 1\n    machine: {os: linux, arch: arm64, image: x}\n";
+    let Err(ConfigError::Invalid { diagnostics, .. }) = config::parse("f.yaml", text) else { panic!() };
+    let msgs: Vec<String> = diagnostics.iter().map(|d| d.message.clone()).collect();
+    assert_eq!(msgs, ["pool `a` uses provider `nope`, which is not defined", "duplicate pool name `a`"]);
+    assert_eq!(diagnostics[0].line_col(), (7, 15));
+    assert_eq!(diagnostics[1].line_col(), (10, 11));
+}
+
+#[test]
+fn schema_matches_checked_in_file() {
+    let generated = config::json_schema_text();
+    let path = Path::new("schemas/fleet.schema.json");
+    if std::env::var_os("NIMBUS_UPDATE_SCHEMA").is_some() {
+        std::fs::write(path, &generated).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        on_disk == generated,
+        "schemas/fleet.schema.json is out of date with the code; regenerate it with `cargo run -- schema > schemas/fleet.schema.json` (or NIMBUS_UPDATE_SCHEMA=1 cargo test --test config)"
+    );
+}
+
+fn yaml_to_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    yaml_serde::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// The schema (the editors' view) agrees with the loader on every fixture it can judge:
+/// valid files pass it; files whose only problem is a shape problem fail it.
+#[test]
+fn schema_judges_fixtures_like_the_loader() {
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("schemas/fleet.schema.json").unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for dir in ["fixtures/config/valid", "examples/quickstart"] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().and_then(|e| e.to_str()) == Some("yaml") {
+                let errors: Vec<String> = validator.iter_errors(&yaml_to_json(&p)).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{}: {errors:?}", p.display());
+            }
+        }
+    }
+    // Shape problems the schema states on its own (cross references and YAML syntax are the loader's).
+    for name in [
+        "01-unknown-top-level-key",
+        "02-unknown-pool-key",
+        "03-count-wrong-type",
+        "04-count-negative",
+        "07-inline-secret",
+        "09-invalid-tenant",
+        "10-invalid-duration",
+        "13-missing-machine",
+        "15-unknown-provider-type",
+        "16-invalid-runner-mode",
+        "19-secret-both-env-and-file",
+        "22-invalid-pool-name",
+        "24-unknown-os",
+        "25-inline-secret-block",
+    ] {
+        let p = Path::new("fixtures/config/invalid").join(format!("{name}.yaml"));
+        assert!(!validator.is_valid(&yaml_to_json(&p)), "{name} passes the schema");
+    }
+}

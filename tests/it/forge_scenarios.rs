@@ -1,0 +1,186 @@
+//! Runner registration scenarios with the stateful fake forge and real
+//! machines (local sandboxes, the same transport trait as SSH): install and
+//! register, converge, labels updated in place, ghost runners and
+//! unregistered machines as drift, ephemeral JIT runners, and no token ever
+//! in plans, logs or on-machine state.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::{fake_runner, runner_comes_online};
+use std::sync::Arc;
+
+use nimbus::core::model::{Actual, Desired};
+use nimbus::core::plan::document::PlanDocument;
+use nimbus::core::plan::plan;
+use nimbus::engine::actions::Applier;
+use nimbus::engine::walk::execute;
+use nimbus::forges::Forge;
+use nimbus::forges::fake::FakeForge;
+use nimbus::providers::Provider;
+use nimbus::providers::local::LocalProvider;
+
+fn fleet(labels: &str, mode: &str) -> String {
+    format!(
+        "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\nforge:\n  type: github\n  app_id: 1\n  installation_id: 2\n  private_key: {{env: UNUSED_IN_THIS_TEST}}\n  org: acme\npools:\n  - name: p\n    provider: local\n    count: 2\n    machine: {{os: linux, arch: x86_64, image: img}}\n    runner:\n      labels: [{labels}]\n      mode: {mode}\n    setup:\n      - name: base\n        run: echo base\n"
+    )
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    forge: Arc<FakeForge>,
+    provider: Arc<dyn Provider>,
+    rt: tokio::runtime::Runtime,
+    outputs: String,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let url = fake_runner(dir.path());
+        let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new("local", "t", dir.path().join("sandboxes")));
+        World {
+            forge: Arc::new(FakeForge::new(url)),
+            provider,
+            dir,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            outputs: String::new(),
+        }
+    }
+
+    fn desired(&self, labels: &str, mode: &str) -> Desired {
+        Desired::from_config(&nimbus::config::parse("fleet.yaml", &fleet(labels, mode)).unwrap())
+    }
+
+    fn actual(&self) -> Actual {
+        self.rt
+            .block_on(nimbus::engine::discovery::discover_with_forge(
+                "t",
+                std::slice::from_ref(&self.provider),
+                Some(self.forge.as_ref() as &dyn Forge),
+            ))
+            .unwrap()
+    }
+
+    fn plan(&mut self, d: &Desired) -> nimbus::core::plan::Plan {
+        let p = plan(d, &self.actual(), chrono::Utc::now());
+        self.outputs.push_str(&PlanDocument::from_plan(&p, None, None).to_json());
+        p
+    }
+
+    fn apply(&mut self, d: &Desired) {
+        let p = self.plan(d);
+        let actual = self.actual();
+        let logs = self.dir.path().join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let applier = Applier::new(d.clone(), &actual, vec![self.provider.clone()], Some(logs))
+            .with_forge(self.forge.clone(), None);
+        let report = self.rt.block_on(execute(Arc::new(p.graph.clone()), Arc::new(applier), 10, |_| {}));
+        assert!(report.succeeded(), "{:?}", report.outcomes);
+        // The machine side: each configured runner shows up on the forge.
+        for root in self.roots() {
+            runner_comes_online(&self.forge, &root.join("actions-runner"));
+        }
+    }
+
+    fn roots(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("sandboxes"))
+            .map(|r| r.map(|e| e.unwrap().path().join("root")).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn kinds(p: &nimbus::core::plan::Plan) -> Vec<&'static str> {
+    p.actions().map(|(_, a)| a.kind.name()).collect()
+}
+
+#[test]
+fn persistent_runners_register_converge_and_drift() {
+    let mut w = World::new();
+    let d = w.desired("linux, docker", "persistent");
+    let first = w.plan(&d);
+    assert_eq!(kinds(&first).iter().filter(|k| **k == "register_runner").count(), 2);
+    w.apply(&d);
+    let runners = w.forge.runners();
+    assert_eq!(runners.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["nimbus.t.p.0", "nimbus.t.p.1"]);
+    assert_eq!(runners[0].labels, ["linux", "docker"]);
+    for root in w.roots() {
+        assert_eq!(std::fs::read_to_string(root.join("actions-runner/.service")).unwrap(), "install\nstart\n");
+    }
+    assert!(w.plan(&d).is_empty(), "converged");
+
+    // Labels change in place, without touching the machines.
+    let d2 = w.desired("linux, docker, big", "persistent");
+    let p = w.plan(&d2);
+    assert_eq!(kinds(&p), ["update_runner_labels", "update_runner_labels"]);
+    w.apply(&d2);
+    assert!(w.forge.runners().iter().all(|r| r.labels == ["linux", "docker", "big"]));
+    assert!(w.plan(&d2).is_empty());
+
+    // A ghost runner (registered, no machine) and a machine whose runner vanished are drift.
+    w.forge.add_runner("nimbus.t.p.7", &["linux"]);
+    w.forge.add_runner("someone-elses-runner", &[]);
+    let gone = w.forge.runners().iter().find(|r| r.name == "nimbus.t.p.1").unwrap().id;
+    w.rt.block_on(w.forge.delete_runner(gone)).unwrap();
+    let p = w.plan(&d2);
+    let doc = PlanDocument::from_plan(&p, None, None);
+    let addrs: Vec<(&str, &str)> =
+        doc.resource_changes.iter().map(|c| (c.address.as_str(), c.reason.as_str())).collect();
+    assert_eq!(
+        addrs,
+        [("p[1]", "runner is not registered"), ("runner.nimbus.t.p.7", "runner is registered but has no machine")]
+    );
+    w.apply(&d2);
+    assert!(w.plan(&d2).is_empty());
+    let names: Vec<String> = w.forge.runners().into_iter().map(|r| r.name).collect();
+    assert!(names.contains(&"someone-elses-runner".to_string()), "other runners are never touched");
+
+    // Secrets: no registration token in plans, logs or the machines' state.
+    let tokens = w.forge.tokens_issued();
+    assert!(tokens.len() >= 3);
+    let mut haystack = w.outputs.clone();
+    for entry in walk(&w.dir.path().join("logs")) {
+        haystack.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap()));
+    }
+    for root in w.roots() {
+        haystack.push_str(&String::from_utf8_lossy(&std::fs::read(root.join("var/lib/nimbus/state.db")).unwrap()));
+    }
+    for t in &tokens {
+        assert!(!haystack.contains(t.as_str()), "a registration token leaked");
+    }
+    // The runner state on the machine names the runner and its labels, nothing secret.
+    let db = nimbus::state::machine_db::StateDb::from_bytes(
+        &std::fs::read(w.roots()[0].join("var/lib/nimbus/state.db")).unwrap(),
+    )
+    .unwrap();
+    let r = db.runner.unwrap();
+    assert_eq!((r.name.as_str(), r.mode.as_str()), ("nimbus.t.p.0", "persistent"));
+}
+
+#[test]
+fn ephemeral_runners_use_jit_config() {
+    let mut w = World::new();
+    let d = w.desired("linux", "ephemeral");
+    w.apply(&d);
+    assert_eq!(w.forge.calls().iter().filter(|c| c.ends_with("generate-jitconfig")).count(), 2);
+    for root in w.roots() {
+        let jit = std::fs::read_to_string(root.join("actions-runner/.jitconfig")).unwrap();
+        assert!(jit.starts_with("FAKE-TOKEN-"), "run.sh got the JIT config on its command line");
+    }
+    assert!(w.plan(&d).is_empty());
+    let db = nimbus::state::machine_db::StateDb::from_bytes(
+        &std::fs::read(w.roots()[0].join("var/lib/nimbus/state.db")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(db.runner.unwrap().mode, "ephemeral");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}

@@ -1,0 +1,668 @@
+//! `nimbus apply` end to end on the local provider: the quickstart flow,
+//! confirmation, saved and stale plans, the lock, failed-step resume, the
+//! journal and history, telemetry, and the on-machine state read by `sqlite3`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn nimbus_in(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nimbus runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn nimbus(dir: &Path, args: &[&str]) -> Output {
+    nimbus_in(dir, args, None)
+}
+
+fn text(o: &Output) -> String {
+    format!("--- stdout\n{}--- stderr\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn quickstart() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("examples/quickstart/fleet.yaml", dir.path().join("fleet.yaml")).unwrap();
+    dir
+}
+
+fn sandboxes(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join(".nimbus/local"))
+        .map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn state_db(dir: &Path, machine: &str) -> PathBuf {
+    dir.join(".nimbus/local").join(machine).join("root/var/lib/nimbus/state.db")
+}
+
+fn sqlite3(db: &Path, sql: &str) -> String {
+    let o = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 command is installed (scripts/test.sh installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn quickstart_flow_converges_and_detects_drift() {
+    let dir = quickstart();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Apply complete! Resources: 2 added, 0 changed, 0 destroyed."));
+    assert_eq!(sandboxes(dir.path()), ["nimbus.quickstart.linux.0", "nimbus.quickstart.linux.1"]);
+
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("No changes."));
+
+    // The setup really ran in the sandbox, and its state is readable with the sqlite3 command.
+    let root = dir.path().join(".nimbus/local/nimbus.quickstart.linux.0/root");
+    assert_eq!(std::fs::read_to_string(root.join("tools/installed")).unwrap().trim(), "git make");
+    let db = state_db(dir.path(), "nimbus.quickstart.linux.0");
+    assert_eq!(sqlite3(&db, "SELECT name, status FROM setup_steps ORDER BY position"), "tools|done\nwarm-cache|done\n");
+    assert_eq!(sqlite3(&db, "SELECT value FROM machine_state WHERE key = 'tenant'"), "quickstart\n");
+    assert_eq!(sqlite3(&db, "SELECT image FROM image_state"), "ubuntu-24.04\n");
+    let tables = sqlite3(&db, ".tables");
+    for t in ["machine_state", "image_state", "setup_steps", "runner_state"] {
+        assert!(tables.contains(t), "{tables}");
+    }
+    // No temporary file is left beside it.
+    let leftovers: Vec<_> = std::fs::read_dir(db.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from("state.db")]);
+
+    // Scale: the count changes, so the plan has changes.
+    let fleet = dir.path().join("fleet.yaml");
+    let f = std::fs::read_to_string(&fleet).unwrap().replace("count: 2", "count: 3");
+    std::fs::write(&fleet, f).unwrap();
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let f = std::fs::read_to_string(&fleet).unwrap().replace("count: 3", "count: 1");
+    std::fs::write(&fleet, f).unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 added, 0 changed, 2 destroyed."), "{}", text(&o));
+    assert_eq!(sandboxes(dir.path()), ["nimbus.quickstart.linux.0"]);
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+
+    // history shows the runs.
+    let o = nimbus(dir.path(), &["history", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["runs"].as_array().unwrap().len(), 3);
+    assert!(v["runs"].as_array().unwrap().iter().all(|r| r["status"] == "SUCCESS"));
+}
+
+#[test]
+fn apply_asks_first() {
+    let dir = quickstart();
+    let o = nimbus_in(dir.path(), &["apply"], Some("no\n"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Apply cancelled."));
+    assert!(sandboxes(dir.path()).is_empty(), "nothing touched");
+    let o = nimbus_in(dir.path(), &["apply"], None);
+    assert_eq!(o.status.code(), Some(1), "no answer (closed stdin) is no");
+    let o = nimbus_in(dir.path(), &["apply"], Some("yes\n"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(sandboxes(dir.path()).len(), 2);
+}
+
+#[test]
+fn saved_plans_apply_once_and_stale_ones_are_refused() {
+    let dir = quickstart();
+    let o = nimbus(dir.path(), &["plan", "-out", "p.json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = nimbus(dir.path(), &["apply", "p.json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(sandboxes(dir.path()).len(), 2);
+    // The world changed since: the same plan is stale now.
+    let o = nimbus(dir.path(), &["apply", "p.json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("stale plan"), "{}", text(&o));
+
+    // A changed fleet file makes a plan stale too.
+    let o = nimbus(dir.path(), &["plan", "-out", "q.json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let fleet = dir.path().join("fleet.yaml");
+    std::fs::write(&fleet, std::fs::read_to_string(&fleet).unwrap() + "\n# edited\n").unwrap();
+    let o = nimbus(dir.path(), &["apply", "q.json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("changed since the plan was made"), "{}", text(&o));
+
+    // A plan made as of the future is for review only.
+    let o = nimbus(dir.path(), &["plan", "-out", "f.json", "--at", "+25h"]);
+    assert_eq!(o.status.code(), Some(0));
+    let o = nimbus(dir.path(), &["apply", "f.json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in the future"), "{}", text(&o));
+}
+
+#[test]
+fn a_held_lock_refuses_a_second_apply() {
+    let dir = quickstart();
+    let _held = nimbus::state::journal::ApplyLock::acquire(&dir.path().join(".nimbus/apply.lock")).unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another apply of this fleet is running"), "{}", text(&o));
+    assert!(sandboxes(dir.path()).is_empty());
+}
+
+const FAILING: &str = r#"version: 1
+tenant: t
+providers:
+  local: {type: local}
+pools:
+  - name: p
+    provider: local
+    count: 2
+    machine: {os: linux, arch: x86_64, image: img}
+    setup:
+      - name: one
+        run: echo run >> one.count
+      - name: two
+        run: |
+          echo "trying two"
+          test -f ../../../../allow-two || { echo "two is not allowed yet" >&2; exit 7; }
+      - name: three
+        run: echo run >> three.count
+"#;
+
+#[test]
+fn failed_step_is_reported_once_and_resumes_from_that_step() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fleet.yaml"), FAILING).unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(err.matches("Error: ").count(), 2, "one root cause per machine: {err}");
+    // Issue 9.12: the machines were launched, so they count, and each is named as incomplete.
+    assert!(err.contains("Apply failed. Resources: 2 added, 0 changed, 0 destroyed."), "{err}");
+    assert!(err.contains("Incomplete: p[0] (nimbus.t.p.0): run_setup failed"), "{err}");
+    assert!(err.contains("Incomplete: p[1] (nimbus.t.p.1)"), "{err}");
+    assert!(
+        err.contains("setup step `two` failed with exit code 7") && err.contains("two is not allowed yet"),
+        "{err}"
+    );
+
+    let h = nimbus(dir.path(), &["history", "--run", "latest", "--json"]);
+    let actions: serde_json::Value = serde_json::from_slice(&h.stdout).unwrap();
+    let setup = actions.as_array().unwrap().iter().find(|a| a["kind"] == "run_setup").unwrap();
+    assert_eq!(setup["status"], "ERROR");
+    assert_eq!(setup["exit_code"], 7);
+    let log = std::fs::read_to_string(setup["log_path"].as_str().unwrap()).unwrap();
+    assert!(log.contains("==> step two") && log.contains("trying two"), "{log}");
+
+    let db = state_db(dir.path(), "nimbus.t.p.0");
+    assert_eq!(
+        sqlite3(&db, "SELECT name, status, exit_code FROM setup_steps ORDER BY position"),
+        "one|done|0\ntwo|failed|7\n"
+    );
+    let plan = nimbus(dir.path(), &["plan", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(v["resource_changes"][0]["run_steps"], serde_json::json!(["two", "three"]));
+
+    std::fs::write(dir.path().join("allow-two"), "").unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let root = dir.path().join(".nimbus/local/nimbus.t.p.0/root");
+    assert_eq!(std::fs::read_to_string(root.join("one.count")).unwrap(), "run\n", "step one ran once");
+    assert_eq!(std::fs::read_to_string(root.join("three.count")).unwrap(), "run\n");
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+#[test]
+fn hostile_step_names_and_values_are_quoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pwned");
+    let fleet = format!(
+        r#"version: 1
+tenant: t
+providers:
+  local: {{type: local}}
+pools:
+  - name: p
+    provider: local
+    count: 1
+    machine: {{os: linux, arch: x86_64, image: "img'; touch {m}; echo '"}}
+    setup:
+      - name: "a'; touch {m}; echo '$(touch {m})`touch {m}`"
+        run: printf '%s' "$NIMBUS_STEP" > step-name
+"#,
+        m = marker.display()
+    );
+    std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!marker.exists(), "a value escaped its quotes");
+    let got = std::fs::read_to_string(dir.path().join(".nimbus/local/nimbus.t.p.0/root/step-name")).unwrap();
+    assert_eq!(got, format!("a'; touch {m}; echo '$(touch {m})`touch {m}`", m = marker.display()));
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+#[test]
+fn telemetry_as_json_lines() {
+    let dir = quickstart();
+    let o = nimbus(dir.path(), &["--log-format", "json", "apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let named = |n: &str| events.iter().filter(|e| e["fields"]["event"] == n).cloned().collect::<Vec<_>>();
+    let starts = named("nimbus.machine.provision_start");
+    assert_eq!(starts.len(), 2);
+    for e in &starts {
+        assert_eq!(e["fields"]["tenant"], "quickstart");
+        assert!(e["fields"]["machine"].as_str().unwrap().starts_with("nimbus.quickstart.linux."));
+    }
+    for n in [
+        "nimbus.machine.provision_complete",
+        "nimbus.machine.reachable",
+        "nimbus.setup.complete",
+        "nimbus.setup.step_complete",
+    ] {
+        let evs = named(n);
+        assert!(!evs.is_empty(), "no {n}");
+        assert!(evs.iter().all(|e| e["fields"]["duration_ms"].is_u64()), "{n} without duration");
+    }
+    assert_eq!(named("nimbus.apply.complete").len(), 1);
+}
+
+// ---------------------------------------------------------------- issue 9 regressions
+
+fn write_fleet(dir: &Path, text: &str) {
+    std::fs::write(dir.join("fleet.yaml"), text).unwrap();
+}
+
+fn tags_of(dir: &Path, machine: &str) -> serde_json::Value {
+    let rec = std::fs::read_to_string(dir.join(".nimbus/local").join(machine).join("nimbus.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&rec).unwrap()["tags"].clone()
+}
+
+const TWO_LOCALS: &str = r#"version: 1
+tenant: t
+providers:
+  fast: {type: local}
+  slow: {type: local}
+pools:
+  - name: a
+    provider: slow
+    count: 2
+    machine: {os: linux, arch: x86_64, image: img}
+  - name: b
+    provider: fast
+    count: 1
+    machine: {os: linux, arch: x86_64, image: img}
+"#;
+
+/// Issue 9.1: two providers of one kind (sharing a data dir) each see only their own machines.
+#[test]
+fn two_local_providers_keep_their_own_machines() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fleet(dir.path(), TWO_LOCALS);
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(tags_of(dir.path(), "nimbus.t.a.0")["nimbus:provider"], "slow");
+    assert_eq!(tags_of(dir.path(), "nimbus.t.b.0")["nimbus:provider"], "fast");
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "the very next plan has nothing to do: {}", text(&o));
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("No changes."), "{}", text(&o));
+    assert_eq!(sandboxes(dir.path()).len(), 3);
+
+    // Moving a pool is done only when the fleet file says so, and the plan says it plainly.
+    let f = TWO_LOCALS.replace("    provider: slow\n", "    provider: fast\n");
+    write_fleet(dir.path(), &f);
+    let o = nimbus(dir.path(), &["plan"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("pool `a` moved from provider `slow` to `fast` in the fleet file"), "{}", text(&o));
+    assert!(out.contains("Plan: 2 to add, 0 to change, 2 to destroy."), "{}", text(&o));
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(sandboxes(dir.path()).len(), 3);
+    assert_eq!(tags_of(dir.path(), "nimbus.t.a.0")["nimbus:provider"], "fast");
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// Issue 9.1: a sandbox made before nimbus recorded providers belongs to the fleet's only `local` provider;
+/// with two, it is left alone, reported, and its name is not reused.
+#[test]
+fn legacy_sandboxes_without_a_provider_tag() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    let rec = dir.path().join(".nimbus/local/nimbus.quickstart.linux.0/nimbus.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    v["tags"].as_object_mut().unwrap().remove("nimbus:provider");
+    std::fs::write(&rec, serde_json::to_vec(&v).unwrap()).unwrap();
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0), "adopted");
+    let fleet = dir.path().join("fleet.yaml");
+    let f = std::fs::read_to_string(&fleet)
+        .unwrap()
+        .replace("    type: local\n", "    type: local\n  spare:\n    type: local\n");
+    std::fs::write(&fleet, f).unwrap();
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no `nimbus:provider` tag"), "{}", text(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("to add"), "nothing is created in its place: {}", text(&o));
+}
+
+/// Issue 9.3: a hand-edited saved plan is refused; the local provider refuses to destroy what is not its own.
+#[test]
+fn an_edited_saved_plan_is_refused_and_nothing_is_touched() {
+    let dir = quickstart();
+    // Another tenant's sandbox in the same folder.
+    let other =
+        std::fs::read_to_string(dir.path().join("fleet.yaml")).unwrap().replace("tenant: quickstart", "tenant: other");
+    std::fs::write(dir.path().join("other.yaml"), other).unwrap();
+    assert_eq!(nimbus(dir.path(), &["apply", "-f", "other.yaml", "--auto-approve"]).status.code(), Some(0));
+    let victim = dir.path().join(".nimbus/local/nimbus.other.linux.0");
+    assert!(victim.join("nimbus.json").exists());
+
+    let o = nimbus(dir.path(), &["plan", "-out", "p.json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("p.json")).unwrap()).unwrap();
+    assert!(
+        saved["fleet"]["content"].as_str().unwrap().contains("tenant: quickstart"),
+        "the plan carries its fleet file"
+    );
+
+    let mut edited = saved.clone();
+    edited["actions"] = serde_json::json!([{
+        "id": 0, "depends_on": [], "address": "linux[0]", "type": "terminate_instance",
+        "provider": "local", "machine": "nimbus.other.linux.0", "instance_id": "nimbus.other.linux.0"
+    }]);
+    std::fs::write(dir.path().join("edited.json"), edited.to_string()).unwrap();
+    let o = nimbus(dir.path(), &["apply", "edited.json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("refusing to apply the saved plan"), "{}", text(&o));
+    assert!(victim.join("nimbus.json").exists(), "the other tenant's sandbox is gone");
+
+    let mut edited = saved.clone();
+    edited["tenant"] = "other".into();
+    std::fs::write(dir.path().join("tenant.json"), edited.to_string()).unwrap();
+    let o = nimbus(dir.path(), &["apply", "tenant.json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("names tenant `other`"), "{}", text(&o));
+    assert!(sandboxes(dir.path()).iter().all(|s| !s.contains("quickstart")), "nothing was created");
+
+    // The unedited plan still applies.
+    let o = nimbus(dir.path(), &["apply", "p.json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(victim.join("nimbus.json").exists());
+
+    // The provider itself refuses: another tenant's sandbox, or another provider's.
+    use nimbus::providers::{MachineRef, Provider, local::LocalProvider};
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let data = dir.path().join(".nimbus/local");
+    let by_name = |n: &str| MachineRef { name: n.into(), instance_id: Some(n.into()), address: None };
+    let p = LocalProvider::new("local", "quickstart", &data);
+    let e = rt.block_on(p.terminate(&by_name("nimbus.other.linux.0"))).unwrap_err();
+    assert!(e.to_string().contains("refusing to terminate"), "{e}");
+    let p = LocalProvider::new("elsewhere", "quickstart", &data);
+    let e = rt.block_on(p.terminate(&by_name("nimbus.quickstart.linux.0"))).unwrap_err();
+    assert!(e.to_string().contains("belongs to provider `local`"), "{e}");
+    assert!(victim.exists() && data.join("nimbus.quickstart.linux.0").exists());
+}
+
+/// Issue 9.6: an empty or damaged state database is said as such, and repaired; it is not "unreachable".
+#[test]
+fn empty_and_damaged_state_databases_are_repaired() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    std::fs::write(state_db(dir.path(), "nimbus.quickstart.linux.0"), b"").unwrap();
+    std::fs::write(state_db(dir.path(), "nimbus.quickstart.linux.1"), b"garbage, not sqlite at all").unwrap();
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(2), "drift with a repair: {}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("is empty (0 bytes)") && t.contains("is not a SQLite database"), "{t}");
+    assert!(t.contains("runs again from the first"), "{t}");
+    assert!(!t.contains("unreachable") && !t.contains("malloc"), "{t}");
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        sqlite3(
+            &state_db(dir.path(), "nimbus.quickstart.linux.0"),
+            "SELECT name, status FROM setup_steps ORDER BY position"
+        ),
+        "tools|done\nwarm-cache|done\n"
+    );
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// Issue 9.6: a machine that cannot be reached is never "no changes" for a drift check.
+#[test]
+fn an_unreachable_machine_fails_a_drift_check() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    std::fs::remove_dir_all(dir.path().join(".nimbus/local/nimbus.quickstart.linux.1/root")).unwrap();
+    let o = nimbus(dir.path(), &["plan"]);
+    assert_eq!(o.status.code(), Some(0), "a plain plan shows the warning: {}", text(&o));
+    assert!(text(&o).contains("unreachable"), "{}", text(&o));
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("could not be checked"), "{}", text(&o));
+}
+
+/// Issue 9.7: garbage in one sandbox's record names the file and breaks that machine only.
+#[test]
+fn a_damaged_sandbox_record_breaks_one_machine_not_the_fleet() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    let rec = dir.path().join(".nimbus/local/nimbus.quickstart.linux.1/nimbus.json");
+    std::fs::write(&rec, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let o = nimbus(dir.path(), &["plan"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains(&rec.display().to_string()), "names the file: {t}");
+    assert!(t.contains("No changes."), "the other machine is fine, and the broken one is not re-created: {t}");
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(std::fs::read(&rec).unwrap(), [0xff, 0xfe, 0x00, 0x41], "left alone");
+}
+
+/// Issue 9.8: an apply with nothing to do still opens the journal and records its run.
+#[test]
+fn a_no_op_apply_recreates_the_journal() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    std::fs::remove_file(dir.path().join(".nimbus/journal.db")).unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = nimbus(dir.path(), &["history", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(v["runs"][0]["status"], "SUCCESS");
+}
+
+fn slow_fleet(dir: &Path, seconds: u32) {
+    write_fleet(
+        dir,
+        &format!(
+            "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\npools:\n  - name: p\n    provider: local\n    count: 3\n    machine: {{os: linux, arch: x86_64, image: img}}\n    setup:\n      - name: slow\n        run: touch started; sleep {seconds}; touch finished\n"
+        ),
+    );
+}
+
+fn spawn_apply(dir: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        .args(["apply", "--auto-approve", "--parallelism", "1"])
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to a minute) until some sandbox's slow step has started.
+fn wait_started(dir: &Path) -> PathBuf {
+    for _ in 0..600 {
+        for m in sandboxes(dir) {
+            let p = dir.join(".nimbus/local").join(&m).join("root");
+            if p.join("started").exists() {
+                return p;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("no setup step started");
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+    assert!(ok.success());
+}
+
+/// Issue 9.9: the first SIGINT lets running actions finish, starts nothing new, journals INTERRUPTED, exits 130.
+#[test]
+fn sigint_finishes_running_actions_and_records_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    slow_fleet(dir.path(), 1);
+    let child = spawn_apply(dir.path());
+    let root = wait_started(dir.path());
+    signal(&child, "INT");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(text(&o).contains("Interrupt received"), "{}", text(&o));
+    assert!(root.join("finished").exists(), "the running step was let finish");
+    let h = nimbus(dir.path(), &["history", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&h.stdout).unwrap();
+    assert_eq!(v["runs"][0]["status"], "INTERRUPTED", "{v}");
+    let h = nimbus(dir.path(), &["history", "--run", "latest", "--json"]);
+    let actions: serde_json::Value = serde_json::from_slice(&h.stdout).unwrap();
+    let statuses: Vec<&str> = actions.as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap()).collect();
+    assert!(statuses.contains(&"PENDING"), "some actions were never started: {statuses:?}");
+    assert!(!statuses.contains(&"EXECUTING"), "{statuses:?}");
+    // Running again continues and converges.
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// Issue 9.9: a second signal exits at once, without waiting for the running step.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    slow_fleet(dir.path(), 30);
+    let child = spawn_apply(dir.path());
+    let root = wait_started(dir.path());
+    signal(&child, "TERM");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    signal(&child, "INT");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(text(&o).contains("Second interrupt"), "{}", text(&o));
+    assert!(!root.join("finished").exists(), "it did not wait for the 30 s step");
+}
+
+/// Issue 9.11: paths handed to machines are absolute, whatever the working directory and `-f`.
+#[test]
+fn relative_fleet_paths_give_machines_absolute_homes() {
+    let top = tempfile::tempdir().unwrap();
+    let sub = top.path().join("fleet-dir");
+    std::fs::create_dir(&sub).unwrap();
+    write_fleet(
+        &sub,
+        "version: 1\ntenant: t\nproviders:\n  local: {type: local}\npools:\n  - name: p\n    provider: local\n    count: 1\n    machine: {os: linux, arch: x86_64, image: img}\n    setup:\n      - name: home\n        run: cd \"$HOME\" && pwd > where && printf '%s' \"$HOME\" > home\n",
+    );
+    // From the fleet's folder with a relative -f, as the README shows ...
+    let o = nimbus(&sub, &["apply", "-f", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let root = sub.join(".nimbus/local/nimbus.t.p.0/root");
+    let home = std::fs::read_to_string(root.join("home")).unwrap();
+    assert!(Path::new(&home).is_absolute(), "HOME is `{home}`");
+    assert_eq!(Path::new(&home).canonicalize().unwrap(), root.canonicalize().unwrap());
+    assert!(!root.join(".nimbus").exists(), "no stray nested tree inside the sandbox");
+    // ... and from another folder.
+    let o = nimbus(top.path(), &["plan", "-f", "fleet-dir/fleet.yaml", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::write(
+        sub.join("fleet.yaml"),
+        std::fs::read_to_string(sub.join("fleet.yaml")).unwrap().replace("count: 1", "count: 2"),
+    )
+    .unwrap();
+    let o = nimbus(top.path(), &["apply", "-f", "fleet-dir/fleet.yaml", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let root1 = sub.join(".nimbus/local/nimbus.t.p.1/root");
+    assert_eq!(
+        Path::new(&std::fs::read_to_string(root1.join("home")).unwrap()).canonicalize().unwrap(),
+        root1.canonicalize().unwrap()
+    );
+    assert!(!top.path().join(".nimbus").exists(), "nothing is made relative to the working directory");
+}
+
+/// Issue 9.10: a closed pipe ends output quietly, without a panic.
+#[test]
+fn a_closed_pipe_does_not_panic() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let big = std::fs::read_to_string("examples/quickstart/fleet.yaml").unwrap().replace("count: 2", "count: 300");
+    write_fleet(dir.path(), &big);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        .args(["plan"])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lines.next().unwrap().unwrap();
+    lines.next().unwrap().unwrap();
+    drop(lines); // as `head -2` does
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+}
+
+/// Issue 9.10: nothing in `src/` prints with a macro that can panic.
+#[test]
+fn no_printing_macro_can_panic() {
+    let mut bad = Vec::new();
+    let mut stack = vec![PathBuf::from("src")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("printer.rs") {
+                for (i, line) in std::fs::read_to_string(&p).unwrap().lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or("");
+                    let found = ["println!", "print!", "eprintln!", "eprint!"].iter().any(|m| {
+                        code.match_indices(m).any(|(at, _)| {
+                            !code[..at].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '_')
+                        })
+                    });
+                    if found {
+                        bad.push(format!("{}:{}: {line}", p.display(), i + 1));
+                    }
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "use outln!/errln! (src/printer.rs):\n{}", bad.join("\n"));
+}

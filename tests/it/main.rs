@@ -1,0 +1,22 @@
+//! Every integration test, in one binary so that linking is paid once. Each module was a test file of its
+//! own; `common` holds the helpers for tests that need a peer (moto, sshd, Prism).
+#![allow(dead_code)]
+
+mod common;
+
+mod aws_moto;
+mod cli;
+mod config;
+mod e2e_aws_ssh;
+mod exec;
+mod forge_scenarios;
+mod github_prism;
+mod iam_policy;
+mod journal;
+mod kill_rerun;
+mod local_apply;
+mod planner;
+mod planner_props;
+mod render;
+mod ssh_sshd;
+mod workflows;

@@ -1,0 +1,444 @@
+//! The planner on hand-made worlds: create chains, scale down, replacement,
+//! in-place updates, orphans, deferral and tenant isolation. No peers.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use nimbus::core::model::*;
+use nimbus::core::plan::{ActionKind, ChangeAction, HostRef, Plan, plan};
+use nimbus::testing::{Simulator, desired, pool, step};
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap()
+}
+
+fn kinds(p: &Plan) -> Vec<&'static str> {
+    p.actions().map(|(_, a)| a.kind.name()).collect()
+}
+
+/// Plans and applies `d` from an empty world at `at`.
+fn built(d: &Desired, at: DateTime<Utc>) -> (Actual, Simulator) {
+    let mut world = Actual { runners: Some(vec![]), ..Actual::default() };
+    let mut sim = Simulator::default();
+    let p = plan(d, &world, at);
+    sim.apply(d, &mut world, &p, at);
+    (world, sim)
+}
+
+#[test]
+fn empty_world_gets_full_create_chains_in_dependency_order() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let p = plan(&d, &Actual { runners: Some(vec![]), ..Default::default() }, t0());
+    assert_eq!(p.summary().add, 2);
+    assert_eq!(
+        kinds(&p),
+        [
+            "allocate_host",
+            "launch_instance",
+            "wait_reachable",
+            "run_setup",
+            "register_runner",
+            "allocate_host",
+            "launch_instance",
+            "wait_reachable",
+            "run_setup",
+            "register_runner"
+        ]
+    );
+    // Each step waits for the one before it.
+    for id in 1..5 {
+        assert_eq!(p.depends_on(id), vec![id - 1]);
+    }
+    let names: Vec<&str> = p.changes.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["nimbus.acme.mac.0", "nimbus.acme.mac.1"]);
+}
+
+#[test]
+fn linux_pools_need_no_host() {
+    let d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    let p = plan(&d, &Actual::default(), t0());
+    assert_eq!(kinds(&p), ["launch_instance", "wait_reachable", "run_setup"]);
+}
+
+#[test]
+fn converged_world_plans_no_changes() {
+    let d = desired("acme", vec![pool("mac", "aws", 3, "mac2.metal", "ami-1")]);
+    let (world, _) = built(&d, t0());
+    let p = plan(&d, &world, t0() + Duration::hours(1));
+    assert!(p.is_empty(), "{:?}", kinds(&p));
+    assert!(p.changes.is_empty());
+}
+
+#[test]
+fn scale_down_defers_release_inside_window_with_due_time() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let (world, _) = built(&d, t0());
+    let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let now = t0() + Duration::hours(3);
+    let p = plan(&d1, &world, now);
+    assert_eq!(kinds(&p), ["deregister_runner", "terminate_instance"]);
+    assert_eq!(p.changes.len(), 1);
+    assert_eq!(p.changes[0].address, "mac[1]");
+    assert_eq!(p.changes[0].actions, [ChangeAction::Delete]);
+    assert_eq!(p.deferred.len(), 1);
+    assert!(matches!(p.deferred[0].action, ActionKind::ReleaseHost { .. }));
+    assert_eq!(p.deferred[0].due_at, Some(t0() + Duration::hours(24)));
+}
+
+#[test]
+fn release_happens_once_the_window_has_passed() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let (world, _) = built(&d, t0());
+    let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let p = plan(&d1, &world, t0() + Duration::hours(25));
+    assert_eq!(kinds(&p), ["deregister_runner", "terminate_instance", "release_host"]);
+    assert_eq!(p.depends_on(2), vec![1]);
+    assert!(p.deferred.is_empty());
+}
+
+#[test]
+fn scale_down_removes_machines_with_releasable_hosts_first() {
+    let d = desired("acme", vec![pool("mac", "aws", 3, "mac2.metal", "ami-1")]);
+    let (mut world, _) = built(&d, t0());
+    // mac[0]'s host is old: its window has passed; the others are new.
+    let host0 = world.machines.iter().find(|m| m.name() == Some("nimbus.acme.mac.0")).unwrap().host_id.clone().unwrap();
+    for h in &mut world.hosts {
+        h.allocated_at = if h.id == host0 { t0() - Duration::hours(48) } else { t0() };
+    }
+    let d1 = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let p = plan(&d1, &world, t0() + Duration::hours(1));
+    assert_eq!(p.changes.len(), 1);
+    assert_eq!(p.changes[0].address, "mac[0]", "the machine on the releasable host goes first");
+    assert!(kinds(&p).contains(&"release_host"));
+    assert!(p.deferred.is_empty());
+}
+
+#[test]
+fn image_change_replaces_on_the_same_host() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (world, _) = built(&d, t0());
+    let host = world.hosts[0].id.clone();
+    let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-2")]);
+    let p = plan(&d1, &world, t0() + Duration::hours(2));
+    assert_eq!(p.changes.len(), 1);
+    let c = &p.changes[0];
+    assert!(c.is_replace());
+    assert_eq!(c.replace_paths, ["image"]);
+    assert_eq!(
+        kinds(&p),
+        [
+            "deregister_runner",
+            "terminate_instance",
+            "launch_instance",
+            "wait_reachable",
+            "run_setup",
+            "register_runner"
+        ]
+    );
+    let launch = p.actions().find(|(_, a)| a.kind.name() == "launch_instance").unwrap();
+    match &launch.1.kind {
+        ActionKind::LaunchInstance { host: Some(HostRef::Existing { host_id }), spec, .. } => {
+            assert_eq!(host_id, &host);
+            assert_eq!(spec.image, "ami-2");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.depends_on(launch.0), vec![1], "launch waits for the terminate");
+    assert_eq!(p.summary().add, 1);
+    assert_eq!(p.summary().destroy, 1);
+}
+
+#[test]
+fn label_change_is_an_in_place_update() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (world, _) = built(&d, t0());
+    let mut pl = pool("mac", "aws", 1, "mac2.metal", "ami-1");
+    pl.runner.as_mut().unwrap().labels = vec!["ci".into(), "xcode-16".into()];
+    let p = plan(&desired("acme", vec![pl]), &world, t0());
+    assert_eq!(kinds(&p), ["update_runner_labels"]);
+    assert_eq!(p.changes[0].actions, [ChangeAction::Update]);
+    assert_eq!(p.summary().change, 1);
+}
+
+#[test]
+fn new_or_changed_setup_step_runs_from_that_step() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (world, _) = built(&d, t0());
+    let mut pl = pool("mac", "aws", 1, "mac2.metal", "ami-1");
+    pl.setup.push(step("xcode", "install xcode"));
+    let p = plan(&desired("acme", vec![pl.clone()]), &world, t0());
+    assert_eq!(kinds(&p), ["run_setup"]);
+    assert_eq!(p.changes[0].run_steps, ["xcode"]);
+    pl.setup[0] = step("base", "echo changed");
+    let p = plan(&desired("acme", vec![pl]), &world, t0());
+    assert_eq!(p.changes[0].run_steps, ["base", "xcode"]);
+    assert!(p.changes[0].reason.contains("(changed)"), "{}", p.changes[0].reason);
+}
+
+#[test]
+fn failed_step_resumes_from_that_step() {
+    let mut pl = pool("mac", "aws", 1, "mac2.metal", "ami-1");
+    pl.setup = vec![step("a", "a"), step("b", "b"), step("c", "c")];
+    let d = desired("acme", vec![pl]);
+    let (mut world, _) = built(&d, t0());
+    let OnMachine::Read { state } = &mut world.machines[0].on_machine else { panic!() };
+    state.steps[1].status = StepStatus::Failed;
+    state.steps.pop();
+    let p = plan(&d, &world, t0());
+    assert_eq!(p.changes[0].run_steps, ["b", "c"]);
+}
+
+#[test]
+fn orphans_are_destroyed_and_ghost_runners_deregistered() {
+    let d =
+        desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1"), pool("old", "aws", 1, "t3.large", "ami-1")]);
+    let (mut world, _) = built(&d, t0());
+    world.runners.as_mut().unwrap().push(ForgeRunner {
+        id: 999,
+        name: "nimbus.acme.mac.7".into(),
+        labels: vec![],
+        online: false,
+        busy: false,
+    });
+    let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let p = plan(&d1, &world, t0());
+    let addrs: Vec<(&str, &str)> = p.changes.iter().map(|c| (c.address.as_str(), c.reason.as_str())).collect();
+    assert_eq!(
+        addrs,
+        [
+            ("old[0]", "pool `old` is no longer in the fleet file"),
+            ("runner.nimbus.acme.mac.7", "runner is registered but has no machine")
+        ]
+    );
+}
+
+#[test]
+fn idle_host_inside_window_is_reused_before_allocating() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let (world, mut sim) = built(&d, t0());
+    let mut world = world;
+    let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let p = plan(&d1, &world, t0() + Duration::hours(1));
+    sim.apply(&d1, &mut world, &p, t0() + Duration::hours(1));
+    assert_eq!(world.hosts.len(), 2, "the idle host is kept inside its window");
+    let p = plan(&d, &world, t0() + Duration::hours(2));
+    assert!(!kinds(&p).contains(&"allocate_host"), "{:?}", kinds(&p));
+    let idle = world.hosts.iter().find(|h| h.instance_ids.is_empty()).unwrap().id.clone();
+    assert!(p.actions().any(|(_, a)| matches!(&a.kind,
+        ActionKind::LaunchInstance { host: Some(HostRef::Existing { host_id }), .. } if *host_id == idle)));
+}
+
+#[test]
+fn scrubbing_host_waits() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (mut world, _) = built(&d, t0());
+    let d0 = desired("acme", vec![pool("mac", "aws", 0, "mac2.metal", "ami-1")]);
+    world.machines.clear();
+    world.runners = Some(vec![]);
+    world.hosts[0].instance_ids.clear();
+    world.hosts[0].state = HostState::Pending;
+    let p = plan(&d0, &world, t0() + Duration::hours(30));
+    assert!(p.is_empty());
+    assert_eq!(p.deferred.len(), 1);
+    assert_eq!(p.deferred[0].due_at, None);
+    // A new machine does not land on a scrubbing host.
+    let p = plan(&d, &world, t0() + Duration::hours(30));
+    assert_eq!(kinds(&p)[0], "allocate_host");
+}
+
+#[test]
+fn unreachable_machine_is_reported_not_guessed() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (mut world, _) = built(&d, t0());
+    world.machines[0].on_machine = OnMachine::Unreachable { reason: "connection refused".into() };
+    let mut pl = pool("mac", "aws", 1, "mac2.metal", "ami-1");
+    pl.setup.push(step("new", "x"));
+    let p = plan(&desired("acme", vec![pl]), &world, t0());
+    assert!(p.is_empty(), "{:?}", kinds(&p));
+    assert_eq!(p.warnings.len(), 1);
+    assert!(p.warnings[0].message.contains("unreachable (connection refused)"));
+}
+
+#[test]
+fn other_tenants_and_untagged_resources_are_invisible() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (mine, _) = built(&d, t0());
+    let (mut theirs, _) = built(&desired("acme-dev", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]), t0());
+    // Their ids must not collide with ours for the check below to mean anything.
+    for m in &mut theirs.machines {
+        m.instance_id = format!("x{}", m.instance_id);
+        m.host_id = m.host_id.as_ref().map(|h| format!("x{h}"));
+    }
+    for h in &mut theirs.hosts {
+        h.id = format!("x{}", h.id);
+        h.instance_ids = h.instance_ids.iter().map(|i| format!("x{i}")).collect();
+    }
+    for r in theirs.runners.as_mut().unwrap() {
+        r.id += 10_000;
+    }
+    let mut world = mine.clone();
+    world.machines.extend(theirs.machines.clone());
+    world.hosts.extend(theirs.hosts.clone());
+    world.runners.as_mut().unwrap().extend(theirs.runners.clone().unwrap());
+    let mut untagged = theirs.machines[0].clone();
+    untagged.instance_id = "i-manual".into();
+    untagged.tags.clear();
+    world.machines.push(untagged);
+    // Even a fleet of zero touches nothing but acme's.
+    let p = plan(&desired("acme", vec![]), &world, t0() + Duration::hours(30));
+    for (_, a) in p.actions() {
+        let s = format!("{:?}", a.kind);
+        assert!(!s.contains("acme-dev") && !s.contains("i-manual"), "{s}");
+        for m in theirs.machines.iter() {
+            assert!(!s.contains(&m.instance_id), "{s}");
+        }
+        for h in theirs.hosts.iter() {
+            assert!(!s.contains(&h.id), "{s}");
+        }
+    }
+    assert_eq!(p.summary().destroy, 1);
+}
+
+#[test]
+fn no_forge_read_means_no_runner_actions() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "t3.large", "ami-1")]);
+    let (mut world, _) = built(&d, t0());
+    world.runners = None;
+    assert!(plan(&d, &world, t0()).is_empty());
+}
+
+#[test]
+fn planning_is_deterministic() {
+    let d = desired("acme", vec![pool("b", "aws", 3, "mac2.metal", "ami-1"), pool("a", "aws", 2, "t3.large", "ami-1")]);
+    let (world, _) = built(&desired("acme", vec![pool("b", "aws", 5, "mac2.metal", "ami-0")]), t0());
+    let p1 = plan(&d, &world, t0());
+    let p2 = plan(&d, &world, t0());
+    assert_eq!(format!("{:?}", p1.changes), format!("{:?}", p2.changes));
+    assert_eq!(kinds(&p1), kinds(&p2));
+}
+
+// ---------------------------------------------------------------- issue 9 regressions
+
+/// A host a killed apply allocated for `nimbus.acme.mac.1`, never used.
+fn leftover_host(machine: &str, id: &str) -> Host {
+    Host {
+        provider: "aws".into(),
+        id: id.into(),
+        tags: machine_tags("acme", "aws", "mac", machine),
+        instance_type: "mac2.metal".into(),
+        availability_zone: "us-east-1a".into(),
+        state: HostState::Available,
+        allocated_at: t0() - Duration::hours(1),
+        instance_ids: vec![],
+    }
+}
+
+/// Issue 9.2: the rerun reuses the leftover host once, and the other machine's allocation may not find it
+/// again by its stale tag.
+#[test]
+fn a_leftover_host_is_never_promised_to_two_machines() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let mut world = Actual { runners: Some(vec![]), ..Default::default() };
+    world.hosts.push(leftover_host("nimbus.acme.mac.1", "h-left"));
+    let p = plan(&d, &world, t0());
+    let reused: Vec<&str> = p
+        .actions()
+        .filter_map(|(_, a)| match &a.kind {
+            ActionKind::LaunchInstance { host: Some(HostRef::Existing { host_id }), .. } => Some(host_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reused, ["h-left"], "the leftover host is reused exactly once");
+    let allocs: Vec<(String, Vec<String>)> = p
+        .actions()
+        .filter_map(|(_, a)| match &a.kind {
+            ActionKind::AllocateHost { machine, exclude_hosts, .. } => Some((machine.clone(), exclude_hosts.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(allocs.len(), 1);
+    // mac[0] took the leftover host; mac[1]'s lookup by tag must not find it again.
+    assert_eq!(allocs[0], ("nimbus.acme.mac.1".to_string(), vec!["h-left".to_string()]));
+    // A scrubbing host tagged for a machine cannot be reused, and its allocation must not find it either.
+    let mut scrubbing = Actual { runners: Some(vec![]), ..Default::default() };
+    scrubbing.hosts.push(leftover_host("nimbus.acme.mac.0", "h-scrub"));
+    scrubbing.hosts[0].state = HostState::Pending;
+    let p2 = plan(&d, &scrubbing, t0());
+    let excl: Vec<(String, Vec<String>)> = p2
+        .actions()
+        .filter_map(|(_, a)| match &a.kind {
+            ActionKind::AllocateHost { machine, exclude_hosts, .. } => Some((machine.clone(), exclude_hosts.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        excl,
+        [("nimbus.acme.mac.0".to_string(), vec!["h-scrub".to_string()]), ("nimbus.acme.mac.1".to_string(), vec![])]
+    );
+    Simulator::default().apply(&d, &mut scrubbing, &p2, t0());
+    // The simulator models the provider's lookup by tag; it panics on a second instance on one host.
+    let mut sim = Simulator::default();
+    sim.apply(&d, &mut world, &p, t0());
+    assert!(plan(&d, &world, t0()).is_empty());
+    let on_hosts: Vec<usize> = world.hosts.iter().map(|h| h.instance_ids.len()).collect();
+    assert_eq!(on_hosts, [1, 1]);
+}
+
+/// Issue 9.1: a pool moved between providers is destroyed on one and created on the other, and the new
+/// machine of the same name waits until the old one is gone.
+#[test]
+fn a_moved_pool_says_so_and_waits_for_the_old_machine() {
+    let mut d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    d.providers.insert("other".into(), ProviderInfo { kind: "aws".into(), min_allocation: None });
+    let (world, _) = built(&d, t0());
+    d.pools[0].provider = "other".into();
+    let p = plan(&d, &world, t0());
+    let reasons: Vec<&str> = p.changes.iter().map(|c| c.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("moved from provider `aws` to `other`") && r.contains("destroyed on `aws`")),
+        "{reasons:?}"
+    );
+    let terminate = p.actions().find(|(_, a)| a.kind.name() == "terminate_instance").unwrap().0;
+    let launch = p.actions().find(|(_, a)| a.kind.name() == "launch_instance").unwrap().0;
+    assert!(p.depends_on(launch).contains(&terminate), "launch must wait for the old machine's terminate");
+}
+
+/// Issue 9.7: an unusable resource keeps its name and counts; it is a warning of kind `unusable`.
+#[test]
+fn an_unusable_machine_is_left_alone_and_keeps_its_name() {
+    let d = desired("acme", vec![pool("linux", "aws", 2, "t3.large", "ami-1")]);
+    let mut world = Actual { runners: Some(vec![]), ..Default::default() };
+    world.unusable.push(Unusable {
+        provider: "aws".into(),
+        id: "nimbus.acme.linux.0".into(),
+        machine: Some("nimbus.acme.linux.0".into()),
+        reason: "`x/nimbus.json` is not a sandbox record".into(),
+        hint: "repair it".into(),
+    });
+    let p = plan(&d, &world, t0());
+    let created: Vec<&str> = p.changes.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(created, ["nimbus.acme.linux.1"], "the broken machine's name is not reused, and it counts");
+    assert_eq!(p.warnings.len(), 1);
+    assert_eq!(p.warnings[0].kind, nimbus::core::plan::WarningKind::Unusable);
+    assert_eq!(p.warnings[0].address, "linux[0]");
+    assert!(p.warnings[0].message.contains("not a sandbox record") && p.warnings[0].message.contains("repair it"));
+    // Another tenant's broken folder is not ours to count.
+    world.unusable[0].machine = Some("nimbus.other.linux.0".into());
+    assert_eq!(plan(&d, &world, t0()).changes.len(), 2);
+}
+
+/// Issue 9.6: an empty or damaged state database is drift with a repair, not an unreachable machine.
+#[test]
+fn a_damaged_state_database_is_repaired_and_setup_runs_again() {
+    let mut d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    d.pools[0].setup = vec![step("a", "echo a"), step("b", "echo b")];
+    let (mut world, mut sim) = built(&d, t0());
+    assert!(plan(&d, &world, t0()).is_empty());
+    world.machines[0].on_machine = OnMachine::BadState { reason: "the state database is empty (0 bytes)".into() };
+    let p = plan(&d, &world, t0());
+    assert_eq!(kinds(&p), ["repair_state", "run_setup"]);
+    assert!(p.warnings.is_empty());
+    assert_eq!(p.changes[0].actions, [ChangeAction::Update]);
+    assert!(p.changes[0].reason.contains("empty (0 bytes)"), "{}", p.changes[0].reason);
+    assert_eq!(p.changes[0].run_steps, ["a", "b"]);
+    sim.apply(&d, &mut world, &p, t0());
+    assert!(plan(&d, &world, t0()).is_empty());
+}

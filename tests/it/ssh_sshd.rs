@@ -1,0 +1,170 @@
+//! The SSH transport against a real OpenSSH sshd on 127.0.0.1: commands and
+//! their output, the on-machine state over SSH, host-key pinning and refusal
+//! of a changed key, proxy_command tokens, a jump host, and hostile values.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::peer;
+use nimbus::core::model::StepStatus;
+use nimbus::state::machine_db::{self, StateDb};
+use nimbus::transport::ssh::{JumpHost, SshAuth, SshConnector, SshSettings, expand_proxy_command};
+
+struct Sshd {
+    port: u16,
+    key: String,
+    user: String,
+}
+
+fn sshd() -> Option<Sshd> {
+    let url = peer("NIMBUS_SSHD_URL", "sshd")?;
+    Some(Sshd {
+        port: url.rsplit(':').next().unwrap().parse().unwrap(),
+        key: std::env::var("NIMBUS_SSHD_KEY").expect("NIMBUS_SSHD_KEY"),
+        user: std::env::var("NIMBUS_SSHD_USER").expect("NIMBUS_SSHD_USER"),
+    })
+}
+
+fn settings(s: &Sshd, dir: &Path) -> SshSettings {
+    let key = russh::keys::load_secret_key(&s.key, None).unwrap();
+    SshSettings {
+        user: s.user.clone(),
+        port: s.port,
+        auth: SshAuth::Key(Arc::new(key)),
+        known_hosts: dir.join("known_hosts"),
+        proxy_command: None,
+        jump: None,
+        connect_timeout: Duration::from_secs(10),
+        state_path: dir.join("machines/{machine}/state.db").display().to_string(),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn runs_commands_and_pins_the_host_key() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let c = SshConnector::new(settings(&s, dir.path()));
+    let t = c.transport("m1", "127.0.0.1");
+    rt().block_on(async {
+        let out = t.exec("echo out; echo err >&2; exit 3", b"", None).await.unwrap();
+        assert_eq!(out.code, 3);
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr_tail, "err");
+        let out = t.exec("cat", b"from stdin", None).await.unwrap();
+        assert_eq!(out.stdout, b"from stdin");
+        // Output streams to a log file.
+        let log = dir.path().join("step.log");
+        let out = t.exec("echo one; echo two >&2", b"", Some(&log)).await.unwrap();
+        assert_eq!(out.code, 0);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(logged.contains("one") && logged.contains("two"), "{logged}");
+    });
+    let pinned = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
+    let host_pub = std::fs::read_to_string(std::env::var("NIMBUS_SSHD_HOST_KEY").unwrap()).unwrap();
+    let key_b64 = host_pub.split_whitespace().nth(1).unwrap();
+    assert!(pinned.contains(&format!("[127.0.0.1]:{}", s.port)) && pinned.contains(key_b64), "{pinned}");
+    // A second connector trusts the pinned key.
+    let c2 = SshConnector::new(settings(&s, dir.path()));
+    rt().block_on(async { c2.transport("m1", "127.0.0.1").probe().await.unwrap() });
+}
+
+#[test]
+fn a_changed_host_key_is_refused() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Some other host's key, recorded for this address.
+    let line = format!(
+        "[127.0.0.1]:{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKaaNwi7V5t4Kdqf2ZPewsTFed0QKLzR+C+YkNGCD6U1\n",
+        s.port
+    );
+    std::fs::write(dir.path().join("known_hosts"), line).unwrap();
+    let c = SshConnector::new(settings(&s, dir.path()));
+    let e =
+        rt().block_on(async { c.transport("m1", "127.0.0.1").exec("true", b"", None).await.unwrap_err() }).to_string();
+    assert!(e.contains("host key") && e.contains("changed") && e.contains("refusing"), "{e}");
+}
+
+#[test]
+fn state_database_over_ssh() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let c = SshConnector::new(settings(&s, dir.path()));
+    let t = c.transport("nimbus.t.p.0", "127.0.0.1");
+    rt().block_on(async {
+        assert!(machine_db::read(t.as_ref()).await.unwrap().is_none());
+        let mut db = StateDb::default();
+        db.machine.insert("machine".into(), "nimbus.t.p.0".into());
+        db.set_step(0, "it's $(hostile)\nname", "abc", StepStatus::Done, Some(0));
+        machine_db::write(t.as_ref(), &db).await.unwrap();
+        let back = machine_db::read(t.as_ref()).await.unwrap().unwrap();
+        assert_eq!(back.steps[0].name, "it's $(hostile)\nname");
+        assert_eq!(back.machine["machine"], "nimbus.t.p.0");
+    });
+    let db = dir.path().join("machines/nimbus.t.p.0/state.db");
+    assert!(db.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(db.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+}
+
+#[test]
+fn proxy_command_gets_quoted_tokens() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let marker = dir.path().join("pwned");
+    let mut st = settings(&s, dir.path());
+    st.proxy_command = Some(format!("printf '%s|%s|%s' %h %p %r > {}; exec nc 127.0.0.1 {}", seen.display(), s.port));
+    let c = SshConnector::new(st);
+    let hostile = format!("i-0abc'; touch {}; echo '", marker.display());
+    rt().block_on(async { c.transport("m", &hostile).probe().await.unwrap() });
+    assert_eq!(std::fs::read_to_string(&seen).unwrap(), format!("{hostile}|{}|{}", s.port, s.user));
+    assert!(!marker.exists());
+    assert_eq!(expand_proxy_command("a %h %p %r %% %x", "h", 2, "u"), "a 'h' 2 'u' % %x");
+}
+
+#[test]
+fn through_a_jump_host() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = settings(&s, dir.path());
+    st.jump = Some(JumpHost { user: s.user.clone(), host: "127.0.0.1".into(), port: s.port });
+    let c = SshConnector::new(st);
+    let out = rt().block_on(async { c.transport("m", "127.0.0.1").exec("echo via-jump", b"", None).await.unwrap() });
+    assert_eq!(out.stdout, b"via-jump\n");
+    assert_eq!(
+        JumpHost::parse("ec2-user@bastion:2200", "x"),
+        Some(JumpHost { user: "ec2-user".into(), host: "bastion".into(), port: 2200 })
+    );
+}
+
+#[test]
+fn unreachable_is_reported() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = settings(&s, dir.path());
+    // A closed loopback port.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    st.port = l.local_addr().unwrap().port();
+    drop(l);
+    let c = SshConnector::new(st);
+    let e = rt().block_on(async { c.transport("m", "127.0.0.1").probe().await.unwrap_err() });
+    assert!(matches!(e, nimbus::transport::TransportError::Unreachable { .. }), "{e}");
+}
+
+#[test]
+fn hostile_values_survive_the_remote_shell() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let c = SshConnector::new(settings(&s, dir.path()));
+    let marker = dir.path().join("pwned");
+    let value = format!("a'b\"c $(touch {m}) `touch {m}`\nnext line", m = marker.display());
+    let script = format!("{}printf '%s' \"$V\"", nimbus::util::shell::exports(&[("V", &value)]));
+    let out = rt().block_on(async { c.transport("m", "127.0.0.1").exec(&script, b"", None).await.unwrap() });
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), value);
+    assert!(!marker.exists());
+}
