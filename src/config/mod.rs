@@ -6,7 +6,7 @@
 
 pub mod model;
 pub mod span;
-mod validate;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -440,9 +440,4 @@ pub fn json_schema_text() -> String {
     let mut s = serde_json::to_string_pretty(&json_schema()).expect("schema serialises");
     s.push('\n');
     s
-}
-
-/// EC2 Mac instance types (`mac*.metal`) run on dedicated hosts.
-pub fn is_mac_metal_type(instance_type: &str) -> bool {
-    validate::is_mac_metal(instance_type)
 }

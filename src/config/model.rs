@@ -56,88 +56,64 @@ pub struct JournalConfig {
     pub retain_events: Option<HumanDuration>,
 }
 
+// Each kind's section is the provider's own type (`providers::<kind>::config`); a new provider adds one
+// variant here, and every match on it is exhaustive.
 /// A machine provider.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum ProviderConfig {
     /// Sandboxes on this computer: the default for trying nimbus and for tests.
-    Local {
-        /// Folder that holds the sandboxes, relative to the fleet file.
-        /// Default: `.nimbus/local` beside the fleet file.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        data_dir: Option<PathBuf>,
-        /// Minimum time between creating and removing a machine's host (default `0s`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        min_allocation: Option<HumanDuration>,
-        /// An artificial delay added to every provider action, to watch an apply unfold (default `0s`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        action_delay: Option<HumanDuration>,
-    },
+    Local(crate::providers::local::config::LocalConfig),
     /// Amazon EC2: Linux instances, and macOS on dedicated hosts.
-    Aws {
-        /// Region; default from the standard AWS configuration chain.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        region: Option<String>,
-        /// Minimum time between allocating and releasing a dedicated host.
-        /// Default: `24h` for EC2 Mac (`mac*.metal`) types, as AWS bills them.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        min_allocation: Option<HumanDuration>,
-        /// Subnet to launch instances in.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        subnet_id: Option<String>,
-        /// Security groups for launched instances.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        security_group_ids: Vec<String>,
-        /// EC2 key pair name for launched instances.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        key_name: Option<String>,
-    },
+    Aws(crate::providers::aws::config::AwsConfig),
 }
 
 impl ProviderConfig {
     pub fn kind(&self) -> &'static str {
         match self {
-            ProviderConfig::Local { .. } => "local",
-            ProviderConfig::Aws { .. } => "aws",
+            ProviderConfig::Local(_) => "local",
+            ProviderConfig::Aws(_) => "aws",
         }
     }
 
-    pub fn min_allocation_override(&self) -> Option<Duration> {
+    /// What the planner needs to know about the provider (hosts and their windows, billing, reimage).
+    pub fn capabilities(&self) -> crate::core::model::Capabilities {
         match self {
-            ProviderConfig::Local { min_allocation, .. } | ProviderConfig::Aws { min_allocation, .. } => {
-                min_allocation.map(|d| d.0)
-            }
+            ProviderConfig::Local(c) => c.capabilities(),
+            ProviderConfig::Aws(c) => c.capabilities(),
+        }
+    }
+
+    /// The provider's own rules for a pool on it.
+    pub fn validate_pool(
+        &self,
+        fleet: &FleetConfig,
+        index: usize,
+        pool: &PoolConfig,
+        out: &mut Vec<super::validate::Problem>,
+    ) {
+        match self {
+            ProviderConfig::Local(c) => c.validate_pool(fleet, index, pool, out),
+            ProviderConfig::Aws(c) => c.validate_pool(fleet, index, pool, out),
         }
     }
 }
 
+// Each kind's section is the forge's own type (`forges::<kind>::config`).
 /// The forge runners register with.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum ForgeConfig {
     /// GitHub, through a GitHub App installed on the organisation.
-    Github {
-        /// The GitHub App's id.
-        app_id: u64,
-        /// The installation id of the App on `org`.
-        installation_id: u64,
-        /// The App's private key (PEM): `{env: VAR}` or `{file: path}`, never inline.
-        private_key: SecretRef,
-        /// The organisation runners register with.
-        org: String,
-        /// REST API base URL (GitHub Enterprise Server, or a test peer).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        api_url: Option<String>,
-        /// Numeric id of the runner group to register into (default 1, the org's default group).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        runner_group_id: Option<u64>,
-        /// Where machines download the runner agent; `{os}` (`linux`/`osx`) and `{arch}` (`x64`/`arm64`) are filled in.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        runner_download_url: Option<String>,
-        /// Where the runner agent is installed on machines (default `~/actions-runner`); `{machine}` is replaced.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        runner_dir: Option<String>,
-    },
+    Github(crate::forges::github::config::GithubConfig),
+}
+
+impl ForgeConfig {
+    pub fn validate(&self, out: &mut Vec<super::validate::Problem>) {
+        match self {
+            ForgeConfig::Github(c) => c.validate(out),
+        }
+    }
 }
 
 /// SSH settings for reaching machines.

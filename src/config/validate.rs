@@ -6,12 +6,14 @@ use std::collections::HashMap;
 
 use super::model::*;
 
-pub(super) enum At {
+/// Whether a problem points at a key or at its value.
+pub enum At {
     Key,
     Value,
 }
 
-pub(super) struct Problem {
+/// One rule broken, at a node path (`pools[0].machine.image`); turned into a positioned diagnostic.
+pub struct Problem {
     pub path: String,
     pub at: At,
     pub message: String,
@@ -19,7 +21,7 @@ pub(super) struct Problem {
     pub hint: Option<String>,
 }
 
-fn problem(path: String, at: At, message: String, label: &str, hint: impl Into<Option<String>>) -> Problem {
+pub fn problem(path: String, at: At, message: String, label: &str, hint: impl Into<Option<String>>) -> Problem {
     Problem { path, at, message, label: label.to_string(), hint: hint.into() }
 }
 
@@ -77,17 +79,8 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
         ));
     }
 
-    if let Some(ForgeConfig::Github { private_key, org, .. }) = &c.forge {
-        secret_rules(&mut out, "forge.private_key", private_key);
-        if org.trim().is_empty() {
-            out.push(problem(
-                "forge.org".into(),
-                At::Value,
-                "`forge.org` is empty".into(),
-                "empty",
-                "name the GitHub organisation runners register with".to_string(),
-            ));
-        }
+    if let Some(forge) = &c.forge {
+        forge.validate(&mut out);
     }
     if let Some(ssh) = &c.ssh {
         if let Some(k) = &ssh.key {
@@ -163,54 +156,7 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                     hint,
                 ));
             }
-            Some(ProviderConfig::Aws { .. }) => {
-                match &pool.machine.instance_type {
-                    None => out.push(problem(
-                        at("machine"),
-                        At::Key,
-                        format!("pool `{}` is on AWS and needs `machine.instance_type`", pool.name),
-                        "instance_type missing",
-                        "e.g. `instance_type: mac2.metal` for macOS, `t3.large` for Linux".to_string(),
-                    )),
-                    Some(t) if pool.machine.os == Os::Macos && !is_mac_metal(t) => out.push(problem(
-                        at("machine.instance_type"),
-                        At::Value,
-                        format!("macOS on EC2 needs a `mac*.metal` instance type, not `{t}`"),
-                        "not an EC2 Mac type",
-                        "use e.g. `mac2.metal` (Apple silicon) or `mac1.metal` (Intel)".to_string(),
-                    )),
-                    Some(t) if pool.machine.os == Os::Linux && is_mac_metal(t) => out.push(problem(
-                        at("machine.instance_type"),
-                        At::Value,
-                        format!("`{t}` is an EC2 Mac type, but the pool's `os` is `linux`"),
-                        "macOS-only type",
-                        "set `os: macos`, or pick a Linux type such as `t3.large`".to_string(),
-                    )),
-                    Some(_) => {}
-                }
-                if c.ssh.is_none() && (!pool.setup.is_empty() || pool.runner.is_some()) {
-                    out.push(problem(
-                        at(if pool.setup.is_empty() { "runner" } else { "setup" }),
-                        At::Key,
-                        format!("pool `{}` runs commands on its machines, but the fleet file has no `ssh:` section", pool.name),
-                        "needs ssh",
-                        "add `ssh:` (user, key, known_hosts, and a proxy_command such as SSM) so nimbus can reach AWS machines".to_string(),
-                    ));
-                }
-                if pool.machine.os == Os::Macos && pool.machine.availability_zone.is_none() {
-                    out.push(problem(
-                        at("machine"),
-                        At::Key,
-                        format!(
-                            "pool `{}` runs macOS on dedicated hosts and needs `machine.availability_zone`",
-                            pool.name
-                        ),
-                        "availability_zone missing",
-                        "dedicated hosts live in one zone, e.g. `availability_zone: us-east-1a`".to_string(),
-                    ));
-                }
-            }
-            Some(ProviderConfig::Local { .. }) => {}
+            Some(p) => p.validate_pool(c, i, pool, &mut out),
         }
         if pool.machine.image.trim().is_empty() {
             out.push(problem(
@@ -279,7 +225,7 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
     out
 }
 
-fn secret_rules(out: &mut Vec<Problem>, path: &str, s: &SecretRef) {
+pub fn secret_rules(out: &mut Vec<Problem>, path: &str, s: &SecretRef) {
     if let SecretRef::Env(v) = s
         && !is_env_name(v)
     {
@@ -295,11 +241,6 @@ fn secret_rules(out: &mut Vec<Problem>, path: &str, s: &SecretRef) {
 
 fn list(names: &[String]) -> String {
     names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
-}
-
-/// EC2 Mac instance types run on dedicated hosts.
-pub fn is_mac_metal(instance_type: &str) -> bool {
-    instance_type.starts_with("mac") && instance_type.ends_with(".metal")
 }
 
 /// The first token in a proxy command that OpenSSH would not expand.

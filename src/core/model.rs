@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{self, Arch, FleetConfig, Os, RunnerMode};
+use crate::config::{Arch, FleetConfig, Os, RunnerMode};
 
 /// Tag keys nimbus puts on every resource it creates.
 pub mod tags {
@@ -99,32 +99,84 @@ pub struct Desired {
     pub pools: Vec<DesiredPool>,
 }
 
+/// A provider as the planner sees it: its kind (for messages only) and its capabilities. The planner never
+/// compares kinds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProviderInfo {
     pub kind: String,
-    /// Explicit minimum allocation window; `None` uses the kind's default.
-    #[serde(with = "opt_secs")]
-    pub min_allocation: Option<Duration>,
+    pub capabilities: Capabilities,
+}
+
+/// What a provider can do, as it describes itself (`providers::<kind>::config`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Capabilities {
+    /// Instance types that run on a dedicated host, and that host's minimum allocation.
+    #[serde(default)]
+    pub hosts: Vec<HostPolicy>,
+    /// How machines (or their hosts) are billed.
+    #[serde(default)]
+    pub billing_unit: BillingUnit,
+    /// Whether a machine can be reimaged in place, keeping its host.
+    #[serde(default)]
+    pub reimage: bool,
+}
+
+/// Machines of some instance types live on a dedicated host that must be kept at least `min_allocation`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostPolicy {
+    /// A pattern of instance types; `*` matches any run of characters (`mac*.metal`).
+    pub instance_types: String,
+    #[serde(with = "secs")]
+    pub min_allocation: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingUnit {
+    #[default]
+    Free,
+    Second,
+    Hour,
+}
+
+impl HostPolicy {
+    pub fn matches(&self, instance_type: &str) -> bool {
+        glob_match(&self.instance_types, instance_type)
+    }
+}
+
+/// `*`-only glob matching.
+fn glob_match(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, rest)) => {
+            let Some(tail) = s.strip_prefix(head) else { return false };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+impl Capabilities {
+    /// The host policy for machines of `instance_type`, if they need a dedicated host.
+    pub fn host_policy(&self, instance_type: &str) -> Option<&HostPolicy> {
+        self.hosts.iter().find(|h| h.matches(instance_type))
+    }
+
+    /// The minimum time between allocating and releasing a host of `instance_type` (zero without hosts).
+    pub fn min_allocation_for(&self, instance_type: &str) -> Duration {
+        self.host_policy(instance_type).map(|h| h.min_allocation).unwrap_or_default()
+    }
 }
 
 impl ProviderInfo {
     /// The minimum time between allocating and releasing a host of `instance_type`.
     pub fn min_allocation_for(&self, instance_type: &str) -> Duration {
-        self.min_allocation.unwrap_or_else(|| default_min_allocation(&self.kind, instance_type))
+        self.capabilities.min_allocation_for(instance_type)
     }
 
     /// Whether machines of this type live on a dedicated host.
     pub fn needs_host(&self, instance_type: Option<&str>) -> bool {
-        self.kind == "aws" && instance_type.is_some_and(config::is_mac_metal_type)
-    }
-}
-
-/// AWS bills EC2 Mac dedicated hosts for at least 24 hours.
-pub fn default_min_allocation(kind: &str, instance_type: &str) -> Duration {
-    if kind == "aws" && config::is_mac_metal_type(instance_type) {
-        Duration::from_secs(24 * 3600)
-    } else {
-        Duration::ZERO
+        instance_type.is_some_and(|t| self.capabilities.host_policy(t).is_some())
     }
 }
 
@@ -178,12 +230,7 @@ impl Desired {
             providers: c
                 .providers
                 .iter()
-                .map(|(n, p)| {
-                    (
-                        n.clone(),
-                        ProviderInfo { kind: p.kind().to_string(), min_allocation: p.min_allocation_override() },
-                    )
-                })
+                .map(|(n, p)| (n.clone(), ProviderInfo { kind: p.kind().to_string(), capabilities: p.capabilities() }))
                 .collect(),
             forge: c.forge.is_some(),
             pools: c
@@ -404,17 +451,14 @@ impl Actual {
     }
 }
 
-mod opt_secs {
+mod secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&d.as_secs()),
-            None => s.serialize_none(),
-        }
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_secs))
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
     }
 }

@@ -5,6 +5,11 @@
 
 #[cfg(feature = "testing")]
 pub mod fake;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::ForgeConfig;
 pub mod github;
 
 use async_trait::async_trait;
@@ -120,4 +125,19 @@ pub fn tenant_runners(all: Vec<ForgeRunner>, tenant: &str) -> Vec<ForgeRunner> {
     all.into_iter()
         .filter(|r| crate::core::model::parse_machine_name(&r.name).is_some_and(|(t, _, _)| t == tenant))
         .collect()
+}
+
+/// Builds the forge of the fleet file's `forge:` section (reading its secrets): the one registration point
+/// for forge kinds.
+pub fn build(config: &ForgeConfig, base_dir: &Path) -> Result<Arc<dyn Forge>, ForgeError> {
+    Ok(match config {
+        ForgeConfig::Github(c) => Arc::new(github::GitHubForge::from_config(c, base_dir)?),
+    })
+}
+
+/// Where the forge's runner agent is installed on machines, when the fleet file says.
+pub fn runner_dir(config: &ForgeConfig) -> Option<String> {
+    match config {
+        ForgeConfig::Github(c) => c.runner_dir.clone(),
+    }
 }

@@ -6,6 +6,11 @@
 pub mod aws;
 pub mod local;
 
+use std::path::PathBuf;
+
+use crate::config::ProviderConfig;
+use crate::transport::ssh::SshConnector;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,4 +163,28 @@ pub trait Provider: Send + Sync {
     fn unsupported(&self, what: &str) -> ProviderError {
         ProviderError::other(self.name(), format!("{what} is not supported"))
     }
+}
+
+/// What building a provider from its fleet-file section needs besides the section.
+pub struct BuildContext {
+    pub tenant: String,
+    /// The fleet file's folder (absolute): relative paths in the section resolve against it.
+    pub base_dir: PathBuf,
+    /// The fleet's SSH connector, when it has an `ssh:` section.
+    pub ssh: Option<Arc<SshConnector>>,
+    /// Whether this is the fleet's only provider of its kind (it then adopts resources made before nimbus
+    /// recorded providers).
+    pub sole_of_kind: bool,
+}
+
+/// Builds the provider named `name` from its section: the one registration point for provider kinds.
+pub async fn build(
+    name: &str,
+    config: &ProviderConfig,
+    ctx: &BuildContext,
+) -> Result<Arc<dyn Provider>, ProviderError> {
+    Ok(match config {
+        ProviderConfig::Local(c) => Arc::new(local::LocalProvider::from_config(name, c, ctx)),
+        ProviderConfig::Aws(c) => Arc::new(aws::AwsProvider::from_config(name, c, ctx).await?),
+    })
 }

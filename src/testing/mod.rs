@@ -13,7 +13,7 @@ use crate::core::plan::{ActionKind, HostRef, Plan};
 
 /// A pool with sensible defaults for tests.
 pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: &str) -> DesiredPool {
-    let mac = crate::config::is_mac_metal_type(instance_type);
+    let mac = crate::providers::aws::config::is_mac_metal(instance_type);
     DesiredPool {
         name: name.into(),
         provider: provider.into(),
@@ -36,11 +36,14 @@ pub fn step(name: &str, run: &str) -> StepSpec {
 
 /// A desired fleet on one `aws` provider (24 h window for mac types) with a forge.
 pub fn desired(tenant: &str, pools: Vec<DesiredPool>) -> Desired {
-    Desired {
-        tenant: tenant.into(),
-        providers: [("aws".to_string(), ProviderInfo { kind: "aws".into(), min_allocation: None })].into(),
-        forge: true,
-        pools,
+    Desired { tenant: tenant.into(), providers: [("aws".to_string(), aws_provider())].into(), forge: true, pools }
+}
+
+/// An `aws` provider as the planner sees it, with AWS's default capabilities (24 h Mac host window).
+pub fn aws_provider() -> ProviderInfo {
+    ProviderInfo {
+        kind: "aws".into(),
+        capabilities: crate::providers::aws::config::AwsConfig::default().capabilities(),
     }
 }
 

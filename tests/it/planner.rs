@@ -387,7 +387,7 @@ fn a_leftover_host_is_never_promised_to_two_machines() {
 #[test]
 fn a_moved_pool_says_so_and_waits_for_the_old_machine() {
     let mut d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
-    d.providers.insert("other".into(), ProviderInfo { kind: "aws".into(), min_allocation: None });
+    d.providers.insert("other".into(), nimbus::testing::aws_provider());
     let (world, _) = built(&d, t0());
     d.pools[0].provider = "other".into();
     let p = plan(&d, &world, t0());

@@ -14,12 +14,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::cli::{Cli, ColorChoice, Command};
-use crate::config::{self, ForgeConfig, LoadedConfig, ProviderConfig};
+use crate::config::{self, LoadedConfig};
 use crate::forges::Forge;
-use crate::forges::github::GitHubForge;
-use crate::providers::MachineRef;
-use crate::providers::aws::{AwsProvider, AwsSettings};
-use crate::providers::{Provider, local::LocalProvider};
+use crate::providers::Provider;
 use crate::transport::ssh::{JumpHost, SshAuth, SshConnector, SshSettings};
 
 /// Exit codes, Terraform's convention.
@@ -97,50 +94,17 @@ pub fn run(cli: Cli) -> u8 {
     }
 }
 
-/// Default data dir of the local provider: `.nimbus/local` beside the fleet file.
-pub fn local_data_dir(loaded: &LoadedConfig, configured: Option<&Path>) -> PathBuf {
-    match configured {
-        Some(p) => loaded.resolve(p),
-        None => loaded.base_dir.join(".nimbus").join("local"),
-    }
-}
-
-/// The forge of the fleet file's `forge:` section, with the App key read.
+/// The forge of the fleet file's `forge:` section.
 pub fn build_forge(loaded: &LoadedConfig) -> Result<Option<Arc<dyn Forge>>, CommandError> {
-    let Some(ForgeConfig::Github {
-        app_id,
-        installation_id,
-        private_key,
-        org,
-        api_url,
-        runner_group_id,
-        runner_download_url,
-        ..
-    }) = &loaded.config.forge
-    else {
-        return Ok(None);
-    };
-    let pem = crate::util::secrets::read("forge.private_key", private_key, &loaded.base_dir)
-        .map_err(|e| CommandError::usage(e.to_string(), "set the variable or fix the path in `forge.private_key`"))?;
-    let forge = GitHubForge::new(
-        api_url.as_deref(),
-        *app_id,
-        *installation_id,
-        &pem,
-        org,
-        *runner_group_id,
-        runner_download_url.as_deref(),
-    )
-    .map_err(|e| CommandError::usage(e.to_string(), "use the App's private key as downloaded from GitHub (PEM)"))?;
-    Ok(Some(Arc::new(forge)))
+    match &loaded.config.forge {
+        Some(f) => Ok(Some(crate::forges::build(f, &loaded.base_dir)?)),
+        None => Ok(None),
+    }
 }
 
-/// Where runners are installed on machines (`forge.runner_dir`).
+/// Where runners are installed on machines (the forge's `runner_dir`).
 pub fn runner_dir(loaded: &LoadedConfig) -> Option<String> {
-    match &loaded.config.forge {
-        Some(ForgeConfig::Github { runner_dir, .. }) => runner_dir.clone(),
-        None => None,
-    }
+    loaded.config.forge.as_ref().and_then(crate::forges::runner_dir)
 }
 
 /// The SSH connector of the fleet file's `ssh:` section, with its key read.
@@ -188,38 +152,17 @@ pub fn ssh_connector(loaded: &LoadedConfig) -> Result<Option<Arc<SshConnector>>,
 
 /// Builds the providers the fleet file names.
 pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, CommandError> {
-    let mut out: Vec<Arc<dyn Provider>> = Vec::new();
-    let tenant = &loaded.config.tenant;
-    // Resources made before nimbus tagged providers belong to the only provider of their kind, if there is one.
-    let sole = |kind: &str| loaded.config.providers.values().filter(|p| p.kind() == kind).count() == 1;
+    let ssh = ssh_connector(loaded)?;
+    let mut out = Vec::new();
     for (name, p) in &loaded.config.providers {
-        match p {
-            ProviderConfig::Local { data_dir, action_delay, .. } => {
-                let p = LocalProvider::new(name.clone(), tenant.clone(), local_data_dir(loaded, data_dir.as_deref()))
-                    .with_delay(action_delay.map(|d| d.0).unwrap_or_default())
-                    .adopting_legacy(sole("local"));
-                out.push(Arc::new(p));
-            }
-            ProviderConfig::Aws { region, min_allocation, subnet_id, security_group_ids, key_name } => {
-                let settings = AwsSettings {
-                    region: region.clone(),
-                    min_allocation: min_allocation.map(|d| d.0),
-                    subnet_id: subnet_id.clone(),
-                    security_group_ids: security_group_ids.clone(),
-                    key_name: key_name.clone(),
-                };
-                let mut aws = AwsProvider::new(name, tenant, settings).await?.adopting_legacy(sole("aws"));
-                if let Some(ssh) = ssh_connector(loaded)? {
-                    let through_proxy = ssh.settings().proxy_command.is_some();
-                    aws = aws.with_transport(Arc::new(move |m: &MachineRef| {
-                        // Behind a proxy (SSM) `%h` is the instance id; otherwise connect to the address.
-                        let host = if through_proxy { m.instance_id.clone() } else { m.address.clone() }?;
-                        Some(ssh.transport(&m.name, &host))
-                    }));
-                }
-                out.push(Arc::new(aws));
-            }
-        }
+        let ctx = crate::providers::BuildContext {
+            tenant: loaded.config.tenant.clone(),
+            base_dir: loaded.base_dir.clone(),
+            ssh: ssh.clone(),
+            // Resources made before nimbus tagged providers belong to the only provider of their kind.
+            sole_of_kind: loaded.config.providers.values().filter(|q| q.kind() == p.kind()).count() == 1,
+        };
+        out.push(crate::providers::build(name, p, &ctx).await?);
     }
     Ok(out)
 }

@@ -49,11 +49,9 @@ struct Builder<'a> {
 }
 
 fn window_end(desired: &Desired, host: &Host) -> DateTime<Utc> {
-    let w = desired
-        .providers
-        .get(&host.provider)
-        .map(|p| p.min_allocation_for(&host.instance_type))
-        .unwrap_or_else(|| default_min_allocation("aws", &host.instance_type));
+    // Hosts of providers not in the fleet file are never planned for; should one get here, it is never due.
+    let Some(p) = desired.providers.get(&host.provider) else { return DateTime::<Utc>::MAX_UTC };
+    let w = p.min_allocation_for(&host.instance_type);
     host.allocated_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX)
 }
 

@@ -5,6 +5,8 @@
 //! Rate limits are honoured: a 403/429 with `x-ratelimit-remaining: 0` waits
 //! until `x-ratelimit-reset`, and `retry-after` is obeyed (bounded).
 
+pub mod config;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -82,6 +84,22 @@ fn failed(e: impl std::fmt::Display) -> ForgeError {
 }
 
 impl GitHubForge {
+    /// The forge of a fleet file's `github` section; the App key is read from its `{env:}`/`{file:}`.
+    pub fn from_config(c: &config::GithubConfig, base_dir: &std::path::Path) -> Result<Self, ForgeError> {
+        let pem = crate::util::secrets::read("forge.private_key", &c.private_key, base_dir)
+            .map_err(|e| ForgeError::Auth(format!("{e}; set the variable or fix the path in `forge.private_key`")))?;
+        GitHubForge::new(
+            c.api_url.as_deref(),
+            c.app_id,
+            c.installation_id,
+            &pem,
+            &c.org,
+            c.runner_group_id,
+            c.runner_download_url.as_deref(),
+        )
+        .map_err(|e| ForgeError::Auth(format!("{e}; use the App's private key as downloaded from GitHub (PEM)")))
+    }
+
     /// `key_pem` is the App's private key; it is used to sign JWTs and dropped.
     pub fn new(
         api_url: Option<&str>,

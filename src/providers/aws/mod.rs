@@ -14,6 +14,10 @@
 //! - Throttling (`RequestLimitExceeded`) is retried with backoff by the SDK;
 //!   a client-side token bucket keeps within EC2's request buckets.
 
+pub mod config;
+pub mod limits;
+pub mod reach;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,10 +31,11 @@ use chrono::{DateTime, Utc};
 
 use super::{Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::core::model::{
-    ActualMachine, Host, HostState, InstanceState, OnMachine, Ownership, Tags, Unusable, default_min_allocation,
-    machine_tags, owned_by, ownership, tags,
+    ActualMachine, Host, HostState, InstanceState, OnMachine, Ownership, Tags, Unusable, machine_tags, owned_by,
+    ownership, tags,
 };
 use crate::transport::Transport;
+pub use limits::{Limits, TokenBucket};
 
 /// Every EC2 operation this provider calls; `examples/aws-mac/iam-policy.json` must allow each.
 pub const EC2_OPERATIONS: &[&str] = &[
@@ -42,60 +47,6 @@ pub const EC2_OPERATIONS: &[&str] = &[
     "TerminateInstances",
     "ReleaseHosts",
 ];
-
-/// A token bucket: `capacity` requests at once, refilled at `rate` per second.
-pub struct TokenBucket {
-    capacity: f64,
-    rate: f64,
-    state: tokio::sync::Mutex<(f64, Instant)>,
-}
-
-impl TokenBucket {
-    pub fn new(capacity: u32, rate: f64) -> Self {
-        TokenBucket {
-            capacity: f64::from(capacity),
-            rate,
-            state: tokio::sync::Mutex::new((f64::from(capacity), Instant::now())),
-        }
-    }
-
-    pub async fn acquire(&self) {
-        loop {
-            let wait = {
-                let mut s = self.state.lock().await;
-                let now = Instant::now();
-                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.capacity);
-                s.1 = now;
-                if s.0 >= 1.0 {
-                    s.0 -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - s.0) / self.rate)
-            };
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
-/// EC2's documented request buckets (per account and region).
-pub struct Limits {
-    /// Non-mutating (Describe*): 100 burst, 20 per second.
-    pub describe: TokenBucket,
-    /// RunInstances: 5 burst, 2 per second.
-    pub run_instances: TokenBucket,
-    /// Other mutating actions: 200 burst, 5 per second.
-    pub mutate: TokenBucket,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            describe: TokenBucket::new(100, 20.0),
-            run_instances: TokenBucket::new(5, 2.0),
-            mutate: TokenBucket::new(200, 5.0),
-        }
-    }
-}
 
 /// Provider settings from the fleet file.
 #[derive(Debug, Clone, Default)]
@@ -327,6 +278,26 @@ impl AwsProvider {
         )
     }
 
+    /// The provider of a fleet file's `aws` section; machines are reached over the fleet's SSH, if any.
+    pub async fn from_config(
+        name: &str,
+        c: &config::AwsConfig,
+        ctx: &super::BuildContext,
+    ) -> Result<Self, ProviderError> {
+        let settings = AwsSettings {
+            region: c.region.clone(),
+            min_allocation: c.min_allocation.map(|d| d.0),
+            subnet_id: c.subnet_id.clone(),
+            security_group_ids: c.security_group_ids.clone(),
+            key_name: c.key_name.clone(),
+        };
+        let mut aws = AwsProvider::new(name, &ctx.tenant, settings).await?.adopting_legacy(ctx.sole_of_kind);
+        if let Some(ssh) = &ctx.ssh {
+            aws = aws.with_transport(reach::over_ssh(ssh.clone()));
+        }
+        Ok(aws)
+    }
+
     /// Machines are reached through this factory (SSH).
     pub fn with_transport(mut self, f: TransportFactory) -> Self {
         self.transport = Some(f);
@@ -344,7 +315,11 @@ impl AwsProvider {
     }
 
     fn window(&self, instance_type: &str) -> Duration {
-        self.settings.min_allocation.unwrap_or_else(|| default_min_allocation("aws", instance_type))
+        config::AwsConfig {
+            min_allocation: self.settings.min_allocation.map(crate::config::HumanDuration),
+            ..Default::default()
+        }
+        .window(instance_type)
     }
 
     fn token(&self, what: &str, machine: &str) -> String {

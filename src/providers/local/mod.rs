@@ -10,6 +10,8 @@
 //! into place, and removed by renaming it to `.trash-*` first; leftovers of a
 //! killed run are swept by [`LocalProvider::sweep`].
 
+pub mod config;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +65,19 @@ impl LocalProvider {
         let data_dir: PathBuf = data_dir.into();
         let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
         LocalProvider { name: name.into(), tenant: tenant.into(), data_dir, delay: Duration::ZERO, adopt_legacy: false }
+    }
+
+    /// The provider of a fleet file's `local` section: sandboxes under `data_dir` (default `.nimbus/local`
+    /// beside the fleet file).
+    pub fn from_config(name: &str, c: &config::LocalConfig, ctx: &super::BuildContext) -> Self {
+        let dir = match &c.data_dir {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => ctx.base_dir.join(p),
+            None => ctx.base_dir.join(".nimbus").join("local"),
+        };
+        LocalProvider::new(name, ctx.tenant.clone(), dir)
+            .with_delay(c.action_delay.map(|d| d.0).unwrap_or_default())
+            .adopting_legacy(ctx.sole_of_kind)
     }
 
     /// Sandboxes without a `nimbus:provider` tag (made by nimbus before it recorded providers) are this

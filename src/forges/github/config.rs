@@ -1,0 +1,48 @@
+//! The `github` forge's section of the fleet file and its rules.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::SecretRef;
+use crate::config::validate::{At, Problem, problem, secret_rules};
+
+/// GitHub, through a GitHub App installed on the organisation.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GithubConfig {
+    /// The GitHub App's id.
+    pub app_id: u64,
+    /// The installation id of the App on `org`.
+    pub installation_id: u64,
+    /// The App's private key (PEM): `{env: VAR}` or `{file: path}`, never inline.
+    pub private_key: SecretRef,
+    /// The organisation runners register with.
+    pub org: String,
+    /// REST API base URL (GitHub Enterprise Server, or a test peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    /// Numeric id of the runner group to register into (default 1, the org's default group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_group_id: Option<u64>,
+    /// Where machines download the runner agent; `{os}` (`linux`/`osx`) and `{arch}` (`x64`/`arm64`) are filled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_download_url: Option<String>,
+    /// Where the runner agent is installed on machines (default `~/actions-runner`); `{machine}` is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_dir: Option<String>,
+}
+
+impl GithubConfig {
+    pub fn validate(&self, out: &mut Vec<Problem>) {
+        secret_rules(out, "forge.private_key", &self.private_key);
+        if self.org.trim().is_empty() {
+            out.push(problem(
+                "forge.org".into(),
+                At::Value,
+                "`forge.org` is empty".into(),
+                "empty",
+                "name the GitHub organisation runners register with".to_string(),
+            ));
+        }
+    }
+}
