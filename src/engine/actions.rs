@@ -14,7 +14,7 @@ use crate::config::{Arch, Os, RunnerMode};
 use crate::core::model::{Actual, Desired, StepStatus, parse_machine_name};
 use crate::core::plan::{Action, ActionKind, HostRef};
 use crate::engine::walk::{ActionError, ActionRunner, Outputs};
-use crate::forges::{Forge, Registration};
+use crate::forges::{AgentInstall, AgentTarget, Forge};
 use crate::providers::{HostRequest, LaunchRequest, MachineRef, Provider};
 use crate::state::machine_db::{self, StateDb};
 use crate::transport::Transport;
@@ -70,11 +70,9 @@ pub struct Applier {
     machines: Mutex<HashMap<String, MachineRef>>,
     log_dir: Option<PathBuf>,
     forge: Option<Arc<dyn Forge>>,
-    runner_dir: String,
+    /// Where the runner agent goes (the fleet file's `runner_dir`); `None` is the agent's default.
+    runner_dir: Option<String>,
 }
-
-/// Where the runner agent goes on a machine unless the fleet file says otherwise.
-pub const DEFAULT_RUNNER_DIR: &str = "$HOME/actions-runner";
 
 impl Applier {
     pub fn new(desired: Desired, actual: &Actual, providers: Vec<Arc<dyn Provider>>, log_dir: Option<PathBuf>) -> Self {
@@ -102,16 +100,14 @@ impl Applier {
             machines: Mutex::new(machines),
             log_dir,
             forge: None,
-            runner_dir: DEFAULT_RUNNER_DIR.to_string(),
+            runner_dir: None,
         }
     }
 
     /// Runner actions go to this forge; the agent is installed in `runner_dir` (`{machine}` replaced).
     pub fn with_forge(mut self, forge: Arc<dyn Forge>, runner_dir: Option<String>) -> Self {
         self.forge = Some(forge);
-        if let Some(d) = runner_dir {
-            self.runner_dir = d;
-        }
+        self.runner_dir = runner_dir;
         self
     }
 
@@ -134,45 +130,14 @@ impl Applier {
             ))
         })?;
         let pool = self.pool_of(machine);
-        let (os, arch) = match pool.map(|p| (p.spec.os, p.spec.arch)) {
-            Some((Os::Macos, a)) => ("osx", a),
-            Some((Os::Linux, a)) => ("linux", a),
-            None => ("linux", Arch::X86_64),
-        };
-        let arch = if arch == Arch::Arm64 { "arm64" } else { "x64" };
+        let (os, arch) = pool.map(|p| (p.spec.os, p.spec.arch)).unwrap_or((Os::Linux, Arch::X86_64));
         let ephemeral = mode == RunnerMode::Ephemeral;
         let registration = forge.register(machine, labels, ephemeral).await?;
-        // A runner dir given with `$HOME` is left to the shell; anything else is quoted.
-        let dir = self.runner_dir.replace("{machine}", machine);
-        let dir_word = match dir.strip_prefix("$HOME/") {
-            Some(rest) => format!("\"$HOME\"/{}", shell::quote(rest)),
-            None => shell::quote(&dir),
-        };
-        let install = format!(
-            "set -e\nIFS= read -r secret\ndir={dir_word}\nif [ ! -x \"$dir/config.sh\" ]; then\n  mkdir -p \"$dir\"; cd \"$dir\"\n  if command -v curl >/dev/null; then curl -fsSL {url} -o runner.tgz; else wget -q -O runner.tgz {url}; fi\n  tar xzf runner.tgz; rm -f runner.tgz\nfi\ncd \"$dir\"\n",
-            url = shell::quote(&forge.runner_download_url(os, arch)),
-        );
-        let (script, secret, runner_id) = match &registration {
-            Registration::Token { url, token } => (
-                format!(
-                    "{install}./config.sh --unattended --replace --url {} --token \"$secret\" --name {} --labels {}\n\
-                     if [ -x ./svc.sh ]; then (sudo -n ./svc.sh install 2>/dev/null || ./svc.sh install) && (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start); fi\n",
-                    shell::quote(url),
-                    shell::quote(machine),
-                    shell::quote(&labels.join(",")),
-                ),
-                token,
-                None,
-            ),
-            Registration::Jit { runner_id, config } => (
-                format!("{install}nohup ./run.sh --jitconfig \"$secret\" >/dev/null 2>&1 &\n"),
-                config,
-                Some(*runner_id),
-            ),
-        };
-        // The token travels on stdin, never on a command line nimbus builds, and is not logged.
-        let stdin = format!("{}\n", secret.expose());
-        let out = t.exec(&script, stdin.as_bytes(), log.map(|p| p.as_path())).await?;
+        let runner_id = registration.runner_id;
+        let target = AgentTarget { machine, labels, os, arch, dir: self.runner_dir.as_deref() };
+        // The secret travels on stdin, never on a command line nimbus builds, and is not logged.
+        let AgentInstall { script, stdin } = forge.agent().install(&target, &registration);
+        let out = t.exec(&script, &stdin, log.map(|p| p.as_path())).await?;
         if out.code != 0 {
             if let Some(id) = runner_id {
                 let _ = forge.delete_runner(id).await;

@@ -6,13 +6,14 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Forge, ForgeError, Registration, Secret, tenant_runners};
+use super::github::agent::GithubAgent;
+use super::{Forge, ForgeError, Registration, RunnerAgent, Secret, tenant_runners};
 use crate::core::model::ForgeRunner;
 
-#[derive(Default)]
+/// Stands in for GitHub, so its runners use GitHub's agent.
 pub struct FakeForge {
     state: Mutex<State>,
-    pub download_url: String,
+    agent: GithubAgent,
 }
 
 #[derive(Default)]
@@ -25,7 +26,10 @@ struct State {
 
 impl FakeForge {
     pub fn new(download_url: impl Into<String>) -> Self {
-        FakeForge { state: Mutex::new(State { next_id: 100, ..Default::default() }), download_url: download_url.into() }
+        FakeForge {
+            state: Mutex::new(State { next_id: 100, ..Default::default() }),
+            agent: GithubAgent { download_url: download_url.into() },
+        }
     }
     pub fn calls(&self) -> Vec<String> {
         self.state.lock().unwrap().calls.clone()
@@ -86,10 +90,15 @@ impl Forge for FakeForge {
             }
             let id = s.next_id;
             s.runners.push(ForgeRunner { id, name: name.into(), labels: labels.to_vec(), online: false, busy: false });
-            Ok(Registration::Jit { runner_id: id, config: Secret::new(token) })
+            Ok(Registration { runner_id: Some(id), url: None, secret: Secret::new(token), ephemeral: true })
         } else {
             s.calls.push("POST /orgs/{org}/actions/runners/registration-token".into());
-            Ok(Registration::Token { url: "https://github.com/acme".into(), token: Secret::new(token) })
+            Ok(Registration {
+                runner_id: None,
+                url: Some("https://github.com/acme".into()),
+                secret: Secret::new(token),
+                ephemeral: false,
+            })
         }
     }
 
@@ -109,7 +118,7 @@ impl Forge for FakeForge {
         Ok(())
     }
 
-    fn runner_download_url(&self, os: &str, arch: &str) -> String {
-        self.download_url.replace("{os}", os).replace("{arch}", arch)
+    fn agent(&self) -> &dyn RunnerAgent {
+        &self.agent
     }
 }

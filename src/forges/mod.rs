@@ -97,13 +97,43 @@ impl std::fmt::Display for Secret {
     }
 }
 
-/// What a machine needs to start its runner.
+/// What a machine's agent needs to register its runner.
 #[derive(Debug, Clone)]
-pub enum Registration {
-    /// `config.sh --url URL --token TOKEN`, then the service.
-    Token { url: String, token: Secret },
-    /// `run.sh --jitconfig CONFIG` for an ephemeral runner; the forge already knows the runner.
-    Jit { runner_id: u64, config: Secret },
+pub struct Registration {
+    /// Set when the forge created the runner already (GitHub's JIT config): deleting it undoes the registration.
+    pub runner_id: Option<u64>,
+    /// Where the agent registers, when it needs to be told (GitHub: the organisation's URL).
+    pub url: Option<String>,
+    /// The credential the agent needs (a registration token, a JIT config). Handed to the machine on stdin only.
+    pub secret: Secret,
+    /// One job, then the runner is gone.
+    pub ephemeral: bool,
+}
+
+/// The machine a runner agent is installed on.
+pub struct AgentTarget<'a> {
+    /// The machine's name, which is also the runner's name.
+    pub machine: &'a str,
+    pub labels: &'a [String],
+    pub os: crate::config::Os,
+    pub arch: crate::config::Arch,
+    /// Where the agent goes when the fleet file says (`{machine}` is replaced); otherwise the agent's default.
+    pub dir: Option<&'a str>,
+}
+
+/// A script to run on the machine with `sh -c`, and what to feed it on stdin (the secret, never on argv).
+pub struct AgentInstall {
+    pub script: String,
+    pub stdin: Vec<u8>,
+}
+
+/// A forge's runner agent on a machine: install, register, start, and remove. The agent's own naming of
+/// OS and architecture is its business.
+pub trait RunnerAgent: Send + Sync {
+    /// Installs the agent if it is missing, registers the runner with `reg`, and starts it.
+    fn install(&self, target: &AgentTarget, reg: &Registration) -> AgentInstall;
+    /// Stops and unregisters the agent on a machine that stays.
+    fn remove(&self, target: &AgentTarget) -> String;
 }
 
 #[async_trait]
@@ -116,8 +146,8 @@ pub trait Forge: Send + Sync {
     async fn delete_runner(&self, id: u64) -> Result<(), ForgeError>;
     /// Replaces a runner's custom labels.
     async fn set_labels(&self, id: u64, labels: &[String]) -> Result<(), ForgeError>;
-    /// Where machines download the runner agent for `os` (`linux`/`osx`) and `arch` (`x64`/`arm64`).
-    fn runner_download_url(&self, os: &str, arch: &str) -> String;
+    /// The forge's runner agent.
+    fn agent(&self) -> &dyn RunnerAgent;
 }
 
 /// Only this tenant's runners.

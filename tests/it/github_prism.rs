@@ -4,9 +4,9 @@
 //! The fake forge used in scenario tests stands for exactly these requests.
 
 use crate::common::peer;
+use nimbus::forges::Forge;
 use nimbus::forges::fake::FakeForge;
 use nimbus::forges::github::{GitHubForge, rate_limit_wait};
-use nimbus::forges::{Forge, Registration};
 
 /// The request shapes covered here; the fake forge records the same names.
 const COVERED: &[&str] = &[
@@ -40,18 +40,14 @@ fn every_github_request_validates_against_the_spec() {
         let runners = f.list_runners("acme").await.expect("GET runners validates");
         // The spec's example runners are not named for any tenant.
         assert!(runners.is_empty());
-        match f.register("nimbus.acme.mac.0", &["macOS".into()], false).await.expect("registration-token validates") {
-            Registration::Token { url, token } => {
-                assert_eq!(url, "https://github.com/acme");
-                assert!(!token.expose().is_empty());
-                assert_eq!(format!("{token:?}"), "Secret(<redacted>)");
-            }
-            other => panic!("{other:?}"),
-        }
-        match f.register("nimbus.acme.mac.1", &["macOS".into()], true).await.expect("generate-jitconfig validates") {
-            Registration::Jit { config, .. } => assert!(!config.expose().is_empty()),
-            other => panic!("{other:?}"),
-        }
+        let reg =
+            f.register("nimbus.acme.mac.0", &["macOS".into()], false).await.expect("registration-token validates");
+        assert_eq!(reg.url.as_deref(), Some("https://github.com/acme"));
+        assert!(!reg.ephemeral && reg.runner_id.is_none());
+        assert!(!reg.secret.expose().is_empty());
+        assert_eq!(format!("{:?}", reg.secret), "Secret(<redacted>)");
+        let jit = f.register("nimbus.acme.mac.1", &["macOS".into()], true).await.expect("generate-jitconfig validates");
+        assert!(jit.ephemeral && jit.runner_id.is_some() && !jit.secret.expose().is_empty());
         f.delete_runner(42).await.expect("DELETE runner validates");
         f.set_labels(42, &["macOS".into(), "xcode-16".into()]).await.expect("PUT labels validates");
     });
@@ -74,10 +70,7 @@ fn the_fake_forge_stands_only_for_covered_requests() {
     rt().block_on(async {
         fake.list_runners("t").await.unwrap();
         fake.register("nimbus.t.p.0", &[], false).await.unwrap();
-        let id = match fake.register("nimbus.t.p.1", &["a".into()], true).await.unwrap() {
-            Registration::Jit { runner_id, .. } => runner_id,
-            other => panic!("{other:?}"),
-        };
+        let id = fake.register("nimbus.t.p.1", &["a".into()], true).await.unwrap().runner_id.expect("a JIT runner");
         fake.set_labels(id, &["b".into()]).await.unwrap();
         fake.delete_runner(id).await.unwrap();
     });

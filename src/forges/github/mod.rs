@@ -5,6 +5,7 @@
 //! Rate limits are honoured: a 403/429 with `x-ratelimit-remaining: 0` waits
 //! until `x-ratelimit-reset`, and `retry-after` is obeyed (bounded).
 
+pub mod agent;
 pub mod config;
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use octocrab::models::{AppId, InstallationId};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Forge, ForgeError, Registration, Secret, tenant_runners};
+use super::{Forge, ForgeError, Registration, RunnerAgent, Secret, tenant_runners};
 use crate::core::model::ForgeRunner;
 
 pub const API_VERSION: &str = "2022-11-28";
@@ -33,7 +34,7 @@ pub struct GitHubForge {
     org: String,
     web_url: String,
     runner_group_id: u64,
-    download_url: String,
+    agent: agent::GithubAgent,
 }
 
 #[derive(Deserialize)]
@@ -133,7 +134,7 @@ impl GitHubForge {
             org: org.to_string(),
             web_url,
             runner_group_id: runner_group_id.unwrap_or(1),
-            download_url: download_url.unwrap_or(DEFAULT_RUNNER_URL).to_string(),
+            agent: agent::GithubAgent { download_url: download_url.unwrap_or(DEFAULT_RUNNER_URL).to_string() },
         })
     }
 
@@ -250,11 +251,21 @@ impl Forge for GitHubForge {
             let body = json!({ "name": name, "runner_group_id": self.runner_group_id, "labels": labels, "work_folder": "_work" });
             let path = format!("/orgs/{}/actions/runners/generate-jitconfig", self.org);
             let jit: JitJson = self.ok_json(Method::POST, &path, Some(body)).await?;
-            Ok(Registration::Jit { runner_id: jit.runner.id, config: Secret::new(jit.encoded_jit_config) })
+            Ok(Registration {
+                runner_id: Some(jit.runner.id),
+                url: None,
+                secret: Secret::new(jit.encoded_jit_config),
+                ephemeral: true,
+            })
         } else {
             let path = format!("/orgs/{}/actions/runners/registration-token", self.org);
             let t: TokenJson = self.ok_json(Method::POST, &path, None).await?;
-            Ok(Registration::Token { url: self.web_url.clone(), token: Secret::new(t.token) })
+            Ok(Registration {
+                runner_id: None,
+                url: Some(self.web_url.clone()),
+                secret: Secret::new(t.token),
+                ephemeral: false,
+            })
         }
     }
 
@@ -277,7 +288,7 @@ impl Forge for GitHubForge {
         Ok(())
     }
 
-    fn runner_download_url(&self, os: &str, arch: &str) -> String {
-        self.download_url.replace("{os}", os).replace("{arch}", arch)
+    fn agent(&self) -> &dyn RunnerAgent {
+        &self.agent
     }
 }
