@@ -6,11 +6,214 @@
 //! allocation window, saying when they become due. Resources that are not
 //! tagged for the desired tenant are invisible to it.
 
-mod build;
+pub mod attrs;
 pub mod diff;
 pub mod document;
+mod hosts;
+mod machines;
 pub mod model;
 pub mod planfile;
+mod pools;
+pub mod reason;
+mod runners;
 
-pub use build::plan;
 pub use model::*;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::core::model::*;
+use chrono::{DateTime, Utc};
+use petgraph::graph::{DiGraph, NodeIndex};
+use reason::ReplaceCause;
+
+/// What forces a machine's replacement.
+type Replacement = Vec<ReplaceCause>;
+
+/// Plans the changes that turn `actual` into `desired` as of `now`.
+///
+/// Pure and deterministic: the same inputs give the same plan.
+pub fn plan(desired: &Desired, actual: &Actual, now: DateTime<Utc>) -> Plan {
+    let mut b = Builder::new(desired, actual, now);
+    b.run();
+    b.finish()
+}
+
+struct Builder<'a> {
+    desired: &'a Desired,
+    now: DateTime<Utc>,
+    graph: DiGraph<Action, ()>,
+    changes: Vec<ResourceChange>,
+    deferred: Vec<Deferred>,
+    warnings: Vec<Warning>,
+    /// Owned hosts by id.
+    hosts: BTreeMap<&'a str, &'a Host>,
+    /// Hosts already spoken for (a kept machine runs on it, it is reused, or released).
+    claimed_hosts: HashSet<String>,
+    /// Available hosts with no instance, by (provider, type, zone), oldest allocation first.
+    idle_by_kind: HashMap<(String, String, String), Vec<String>>,
+    /// Owned, live machines by pool tag.
+    by_pool: BTreeMap<&'a str, Vec<&'a ActualMachine>>,
+    /// Forge runners by name (only when a forge is configured and was read).
+    runners: Option<HashMap<&'a str, &'a ForgeRunner>>,
+    /// Runner names handled by some chain.
+    runners_handled: HashSet<String>,
+    /// Machine indexes held by unusable resources, by pool: never reused, never created again.
+    occupied: HashMap<String, BTreeSet<u32>>,
+    /// The terminate action of each machine being torn down, by name: a new machine of the same name waits for it.
+    teardowns: HashMap<String, usize>,
+    /// Known hosts by the machine their tag names.
+    hosts_by_machine_tag: HashMap<&'a str, Vec<&'a str>>,
+}
+
+fn machine_index(m: &ActualMachine) -> Option<u32> {
+    m.name().and_then(parse_machine_name).map(|(_, _, i)| i)
+}
+
+fn address(pool: &str, index: u32) -> String {
+    format!("{pool}[{index}]")
+}
+
+fn machine_address(m: &ActualMachine) -> String {
+    match (m.pool(), machine_index(m)) {
+        (Some(p), Some(i)) => address(p, i),
+        _ => format!("machine.{}", m.instance_id),
+    }
+}
+
+impl<'a> Builder<'a> {
+    fn new(desired: &'a Desired, actual: &'a Actual, now: DateTime<Utc>) -> Self {
+        let tenant = desired.tenant.as_str();
+        let configured = |p: &str| desired.providers.contains_key(p);
+        let hosts: BTreeMap<&str, &Host> = actual
+            .hosts
+            .iter()
+            .filter(|h| owned_by(&h.tags, tenant) && configured(&h.provider) && h.state != HostState::Released)
+            .map(|h| (h.id.as_str(), h))
+            .collect();
+        let mut by_pool: BTreeMap<&str, Vec<&ActualMachine>> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        for m in actual.machines.iter().filter(|m| owned_by(&m.tags, tenant) && !m.state.is_gone()) {
+            if !configured(&m.provider) {
+                warnings.push(Warning {
+                    address: machine_address(m),
+                    message: format!("provider `{}` is not in the fleet file; this machine is left alone", m.provider),
+                    kind: WarningKind::Other,
+                });
+                continue;
+            }
+            let named = m.name().and_then(parse_machine_name).filter(|(t, p, _)| *t == tenant && Some(*p) == m.pool());
+            match named {
+                Some((_, pool, _)) => by_pool.entry(pool).or_default().push(m),
+                None => warnings.push(Warning {
+                    address: machine_address(m),
+                    message: format!(
+                        "instance `{}` carries this tenant's tags but no valid `{}` tag; it is left alone",
+                        m.instance_id,
+                        tags::MACHINE
+                    ),
+                    kind: WarningKind::Other,
+                }),
+            }
+        }
+        for v in by_pool.values_mut() {
+            v.sort_by_key(|m| (machine_index(m), m.instance_id.clone()));
+        }
+        let runners = match (&actual.runners, desired.forge) {
+            (Some(rs), true) => Some(rs.iter().map(|r| (r.name.as_str(), r)).collect()),
+            (None, true) => {
+                warnings.push(Warning {
+                    address: "forge".into(),
+                    message: "the forge's runners were not read; runner registrations are not planned".into(),
+                    kind: WarningKind::Other,
+                });
+                None
+            }
+            _ => None,
+        };
+        let mut occupied: HashMap<String, BTreeSet<u32>> = HashMap::new();
+        for u in &actual.unusable {
+            let named = u.machine.as_deref().and_then(parse_machine_name).filter(|(t, _, _)| *t == tenant);
+            if let Some((_, pool, index)) = named {
+                occupied.entry(pool.to_string()).or_default().insert(index);
+            }
+            warnings.push(Warning {
+                address: match named {
+                    Some((_, pool, index)) => address(pool, index),
+                    None => format!("unusable.{}", u.id),
+                },
+                message: format!("{}; it is left alone and its name is not reused ({})", u.reason, u.hint),
+                kind: WarningKind::Unusable,
+            });
+        }
+        let mut hosts_by_machine_tag: HashMap<&str, Vec<&str>> = HashMap::new();
+        for h in hosts.values() {
+            if let Some(m) = h.tags.get(tags::MACHINE) {
+                hosts_by_machine_tag.entry(m.as_str()).or_default().push(h.id.as_str());
+            }
+        }
+        let mut idle_by_kind: HashMap<(String, String, String), Vec<String>> = HashMap::new();
+        let mut idle: Vec<&&Host> =
+            hosts.values().filter(|h| h.state == HostState::Available && h.instance_ids.is_empty()).collect();
+        idle.sort_by_key(|h| (h.allocated_at, h.id.clone()));
+        for h in idle {
+            idle_by_kind
+                .entry((h.provider.clone(), h.instance_type.clone(), h.availability_zone.clone()))
+                .or_default()
+                .push(h.id.clone());
+        }
+        Builder {
+            desired,
+            now,
+            graph: DiGraph::new(),
+            changes: Vec::new(),
+            deferred: Vec::new(),
+            warnings,
+            hosts,
+            claimed_hosts: HashSet::new(),
+            idle_by_kind,
+            by_pool,
+            runners,
+            runners_handled: HashSet::new(),
+            occupied,
+            teardowns: HashMap::new(),
+            hosts_by_machine_tag,
+        }
+    }
+
+    fn add(&mut self, address: &str, kind: ActionKind, deps: &[usize]) -> usize {
+        let id = self.graph.add_node(Action { address: address.to_string(), kind });
+        for d in deps {
+            self.graph.add_edge(NodeIndex::new(*d), id, ());
+        }
+        id.index()
+    }
+
+    fn runner(&self, name: &str) -> Option<&'a ForgeRunner> {
+        self.runners.as_ref().and_then(|r| r.get(name).copied())
+    }
+
+    fn finish(self) -> Plan {
+        let mut changes = self.changes;
+        changes.sort_by_key(|a| address_key(&a.address));
+        let mut deferred = self.deferred;
+        deferred.sort_by(|a, b| a.address.cmp(&b.address));
+        Plan {
+            tenant: self.desired.tenant.clone(),
+            planned_at: self.now,
+            graph: self.graph,
+            changes,
+            deferred,
+            warnings: self.warnings,
+        }
+    }
+}
+
+/// Sorts `pool[10]` after `pool[9]`.
+fn address_key(a: &str) -> (String, u64, String) {
+    if let Some((p, rest)) = a.split_once('[')
+        && let Ok(i) = rest.trim_end_matches(']').parse::<u64>()
+    {
+        return (p.to_string(), i, String::new());
+    }
+    (a.to_string(), 0, String::new())
+}

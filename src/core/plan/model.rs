@@ -7,6 +7,9 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunnerMode;
+use serde_json::Value;
+
+use super::reason::{ChangeReason, ReplaceCause, UpdateCause};
 use crate::core::model::MachineSpec;
 
 /// One step of an apply.
@@ -160,7 +163,11 @@ pub struct ResourceChange {
     pub pool: Option<String>,
     /// `["create"]`, `["update"]`, `["delete"]`, or `["delete", "create"]` for a replacement.
     pub actions: Vec<ChangeAction>,
+    /// Why, in a sentence.
     pub reason: String,
+    /// Why, as data (plan format 1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<ChangeReason>,
     /// Attributes before (null for a create).
     pub before: Option<serde_json::Value>,
     /// Attributes after (null for a delete).
@@ -175,7 +182,91 @@ pub struct ResourceChange {
     pub action_ids: Vec<usize>,
 }
 
+/// Which resource a change is about.
+pub struct Subject {
+    pub address: String,
+    pub kind: ResourceKind,
+    pub name: String,
+    pub pool: Option<String>,
+}
+
+impl Subject {
+    pub fn machine(address: String, name: String, pool: Option<&str>) -> Self {
+        Subject { address, kind: ResourceKind::Machine, name, pool: pool.map(str::to_string) }
+    }
+}
+
 impl ResourceChange {
+    fn new(s: Subject, actions: Vec<ChangeAction>, cause: ChangeReason) -> Self {
+        ResourceChange {
+            address: s.address,
+            kind: s.kind,
+            name: s.name,
+            pool: s.pool,
+            actions,
+            reason: cause.to_string(),
+            cause: Some(cause),
+            before: None,
+            after: None,
+            replace_paths: Vec::new(),
+            run_steps: Vec::new(),
+            action_ids: Vec::new(),
+        }
+    }
+
+    /// `+`: a resource that does not exist yet.
+    pub fn create(s: Subject, cause: ChangeReason, after: Value, run_steps: Vec<String>, ids: Vec<usize>) -> Self {
+        ResourceChange {
+            after: Some(after),
+            run_steps,
+            action_ids: ids,
+            ..Self::new(s, vec![ChangeAction::Create], cause)
+        }
+    }
+
+    /// `~`: changes made in place.
+    pub fn update(
+        s: Subject,
+        causes: Vec<UpdateCause>,
+        before: Value,
+        after: Value,
+        run_steps: Vec<String>,
+        ids: Vec<usize>,
+    ) -> Self {
+        ResourceChange {
+            before: Some(before),
+            after: Some(after),
+            run_steps,
+            action_ids: ids,
+            ..Self::new(s, vec![ChangeAction::Update], ChangeReason::Update { causes })
+        }
+    }
+
+    /// `-/+`: destroyed and created again; `causes` name the attributes that force it.
+    pub fn replace(
+        s: Subject,
+        causes: Vec<ReplaceCause>,
+        before: Value,
+        after: Value,
+        run_steps: Vec<String>,
+        ids: Vec<usize>,
+    ) -> Self {
+        let replace_paths = causes.iter().map(|c| c.path().to_string()).collect();
+        ResourceChange {
+            before: Some(before),
+            after: Some(after),
+            replace_paths,
+            run_steps,
+            action_ids: ids,
+            ..Self::new(s, vec![ChangeAction::Delete, ChangeAction::Create], ChangeReason::Replace { causes })
+        }
+    }
+
+    /// `-`: a resource that goes.
+    pub fn delete(s: Subject, cause: ChangeReason, before: Value, ids: Vec<usize>) -> Self {
+        ResourceChange { before: Some(before), action_ids: ids, ..Self::new(s, vec![ChangeAction::Delete], cause) }
+    }
+
     pub fn is_replace(&self) -> bool {
         self.actions == [ChangeAction::Delete, ChangeAction::Create]
     }

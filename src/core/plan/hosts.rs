@@ -1,0 +1,149 @@
+//! Dedicated hosts: reuse of idle hosts (never promised twice), allocation with its exclusion list, and
+//! releases, deferred while inside the provider's minimum allocation window or while scrubbing.
+
+use chrono::{DateTime, Utc};
+
+use super::attrs::{HostAttrs, to_value};
+use super::model::*;
+use super::reason::ChangeReason;
+use super::*;
+use crate::core::model::*;
+
+impl<'a> Builder<'a> {
+    pub(super) fn host_releasable_now(&self, host_id: Option<&str>) -> bool {
+        match host_id.and_then(|h| self.hosts.get(h)) {
+            Some(h) => window_end(self.desired, h) <= self.now,
+            None => true,
+        }
+    }
+
+    /// Allocates (or reuses) a host when the pool needs one. Returns the host ref and the actions to wait for.
+    pub(super) fn host_for(
+        &mut self,
+        pool: &DesiredPool,
+        name: &str,
+        addr: &str,
+    ) -> (Option<HostRef>, Vec<usize>, Option<String>) {
+        let provider = &self.desired.providers[&pool.provider];
+        if !provider.needs_host(pool.spec.instance_type.as_deref()) {
+            return (None, Vec::new(), None);
+        }
+        let itype = pool.spec.instance_type.clone().unwrap_or_default();
+        let az = pool.spec.availability_zone.clone().unwrap_or_default();
+        let kind = (pool.provider.clone(), itype.clone(), az.clone());
+        // An idle host left tagged for this very machine (a killed apply allocated it) comes first.
+        let tagged = self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find(|id| {
+            !self.claimed_hosts.contains(*id) && self.idle_by_kind.get(&kind).is_some_and(|v| v.iter().any(|x| x == id))
+        });
+        // Then an idle host of the same type and zone; the one allocated last (the most paid-for time left).
+        let idle = match tagged {
+            Some(id) => Some(id.to_string()),
+            None => self.idle_by_kind.get_mut(&kind).and_then(|v| {
+                while let Some(id) = v.pop() {
+                    if !self.claimed_hosts.contains(&id) {
+                        return Some(id);
+                    }
+                }
+                None
+            }),
+        };
+        if let Some(id) = idle {
+            self.claimed_hosts.insert(id.clone());
+            return (Some(HostRef::Existing { host_id: id.clone() }), Vec::new(), Some(id));
+        }
+        let a = self.add(
+            addr,
+            ActionKind::AllocateHost {
+                provider: pool.provider.clone(),
+                pool: pool.name.clone(),
+                machine: name.to_string(),
+                instance_type: itype,
+                availability_zone: az,
+                exclude_hosts: {
+                    let mut v: Vec<String> =
+                        self.hosts_by_machine_tag.get(name).into_iter().flatten().map(|h| h.to_string()).collect();
+                    v.sort();
+                    v
+                },
+            },
+            &[],
+        );
+        (Some(HostRef::Allocated { action: a }), vec![a], Some("(new dedicated host)".to_string()))
+    }
+
+    /// Releases a host after `after`, or defers it while inside its window.
+    pub(super) fn release_or_defer(&mut self, host_id: &str, after: &[usize], ids: &mut Vec<usize>) {
+        let Some(h) = self.hosts.get(host_id).copied() else { return };
+        self.claimed_hosts.insert(h.id.clone());
+        let due = window_end(self.desired, h);
+        let addr = format!("host.{}", h.id);
+        let kind = ActionKind::ReleaseHost { provider: h.provider.clone(), host_id: h.id.clone() };
+        if due > self.now {
+            self.deferred.push(Deferred {
+                address: addr,
+                action: kind,
+                due_at: Some(due),
+                reason: format!(
+                    "host allocated at {} is inside its minimum allocation window",
+                    h.allocated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+            });
+        } else {
+            ids.push(self.add(&addr, kind, after));
+        }
+    }
+
+    /// Owned hosts with no instance that nothing claimed: release when due, else defer.
+    pub(super) fn idle_hosts(&mut self) {
+        let idle: Vec<&'a Host> = self
+            .hosts
+            .values()
+            .copied()
+            .filter(|h| h.instance_ids.is_empty() && !self.claimed_hosts.contains(&h.id))
+            .collect();
+        for h in idle {
+            let addr = format!("host.{}", h.id);
+            let due = window_end(self.desired, h);
+            match h.state {
+                HostState::Available => {
+                    let mut ids = Vec::new();
+                    self.release_or_defer(&h.id, &[], &mut ids);
+                    if !ids.is_empty() {
+                        let subject = Subject {
+                            address: addr,
+                            kind: ResourceKind::Host,
+                            name: h.id.clone(),
+                            pool: h.tags.get(tags::POOL).cloned(),
+                        };
+                        let before = to_value(&HostAttrs {
+                            instance_type: h.instance_type.clone(),
+                            availability_zone: h.availability_zone.clone(),
+                            state: h.state,
+                            allocated_at: h.allocated_at,
+                        });
+                        self.changes.push(ResourceChange::delete(subject, ChangeReason::IdleHost, before, ids));
+                    }
+                }
+                HostState::Pending => self.deferred.push(Deferred {
+                    address: addr,
+                    action: ActionKind::ReleaseHost { provider: h.provider.clone(), host_id: h.id.clone() },
+                    due_at: Some(due).filter(|d| *d > self.now),
+                    reason: "host is being scrubbed; it can be reused or released once it is available".into(),
+                }),
+                HostState::UnderAssessment | HostState::PermanentFailure => self.warnings.push(Warning {
+                    address: addr,
+                    message: format!("host `{}` is {:?}; nimbus leaves it to the provider", h.id, h.state),
+                    kind: WarningKind::Other,
+                }),
+                HostState::Released => {}
+            }
+        }
+    }
+}
+
+pub(super) fn window_end(desired: &Desired, host: &Host) -> DateTime<Utc> {
+    // Hosts of providers not in the fleet file are never planned for; should one get here, it is never due.
+    let Some(p) = desired.providers.get(&host.provider) else { return DateTime::<Utc>::MAX_UTC };
+    let w = p.min_allocation_for(&host.instance_type);
+    host.allocated_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX)
+}

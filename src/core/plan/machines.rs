@@ -1,0 +1,360 @@
+//! Machines: the create chain (launch → wait → setup → register), the teardown chain (deregister →
+//! terminate), replacement, and in-place convergence (setup steps, runner registration and labels).
+
+use super::attrs::{MachineAttrs, to_value};
+use super::model::*;
+use super::reason::{ChangeReason, ReplaceCause, StepWhy, UpdateCause};
+use super::runners::same_labels;
+use super::*;
+use crate::core::model::*;
+
+impl<'a> Builder<'a> {
+    pub(super) fn machine_after(&self, pool: &DesiredPool, host: Option<String>) -> MachineAttrs {
+        MachineAttrs {
+            pool: Some(pool.name.clone()),
+            provider: pool.provider.clone(),
+            instance_id: None,
+            state: None,
+            os: Some(pool.spec.os),
+            arch: Some(pool.spec.arch),
+            image: pool.spec.image.clone(),
+            instance_type: pool.spec.instance_type.clone(),
+            availability_zone: pool.spec.availability_zone.clone(),
+            host,
+            labels: if self.desired.forge { pool.runner.as_ref().map(|r| r.labels.clone()) } else { None },
+            setup: Some(pool.setup.iter().map(|s| s.name.clone()).collect()),
+        }
+    }
+
+    pub(super) fn machine_before(&self, m: &ActualMachine) -> MachineAttrs {
+        let (labels, setup) = match &m.on_machine {
+            OnMachine::Read { state } => (
+                state.runner.as_ref().map(|r| r.labels.clone()),
+                Some(state.steps.iter().filter(|s| s.status == StepStatus::Done).map(|s| s.name.clone()).collect()),
+            ),
+            _ => (None, None),
+        };
+        let labels = m.name().and_then(|n| self.runner(n)).map(|r| r.labels.clone()).or(labels);
+        MachineAttrs {
+            pool: m.pool().map(str::to_string),
+            provider: m.provider.clone(),
+            instance_id: Some(m.instance_id.clone()),
+            state: Some(m.state),
+            os: None,
+            arch: None,
+            image: m.image.clone(),
+            instance_type: m.instance_type.clone(),
+            availability_zone: m.availability_zone.clone(),
+            host: m.host_id.clone(),
+            labels,
+            setup,
+        }
+    }
+
+    /// Launch → wait → setup → register, after `deps`. Returns the action ids.
+    pub(super) fn bring_up(
+        &mut self,
+        pool: &DesiredPool,
+        name: &str,
+        addr: &str,
+        host: Option<HostRef>,
+        deps: Vec<usize>,
+    ) -> Vec<usize> {
+        let mut ids = Vec::new();
+        let mut deps = deps;
+        // A machine of the same name going away (its pool moved provider) must be gone first.
+        if let Some(t) = self.teardowns.get(name).copied()
+            && !deps.contains(&t)
+        {
+            deps.push(t);
+        }
+        let launch = self.add(
+            addr,
+            ActionKind::LaunchInstance {
+                provider: pool.provider.clone(),
+                pool: pool.name.clone(),
+                machine: name.to_string(),
+                spec: pool.spec.clone(),
+                host,
+            },
+            &deps,
+        );
+        ids.push(launch);
+        let wait = self.add(
+            addr,
+            ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.to_string() },
+            &[launch],
+        );
+        ids.push(wait);
+        let mut last = wait;
+        if !pool.setup.is_empty() {
+            last = self.add(
+                addr,
+                ActionKind::RunSetup {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.to_string(),
+                    steps: pool.setup.iter().map(|s| StepRef { name: s.name.clone(), hash: s.hash.clone() }).collect(),
+                },
+                &[wait],
+            );
+            ids.push(last);
+        }
+        if let (Some(r), true) = (&pool.runner, self.runners.is_some()) {
+            let mut deps = vec![last];
+            // A stale runner of the same name must go first (unless a teardown already does that).
+            if let Some(old) = self.runner(name).filter(|_| !self.runners_handled.contains(name)) {
+                let d = self.add(
+                    addr,
+                    ActionKind::DeregisterRunner { runner_id: old.id, runner_name: old.name.clone() },
+                    &[],
+                );
+                ids.push(d);
+                deps.push(d);
+                self.runners_handled.insert(name.to_string());
+            }
+            ids.push(self.add(
+                addr,
+                ActionKind::RegisterRunner {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.to_string(),
+                    labels: r.labels.clone(),
+                    mode: r.mode,
+                },
+                &deps,
+            ));
+        }
+        ids
+    }
+
+    pub(super) fn create(&mut self, pool: &DesiredPool, index: u32, cause: ChangeReason) {
+        let name = machine_name(&self.desired.tenant, &pool.name, index);
+        let addr = address(&pool.name, index);
+        let (host, deps, host_attr) = self.host_for(pool, &name, &addr);
+        let mut ids = deps.clone();
+        ids.extend(self.bring_up(pool, &name, &addr, host, deps));
+        ids.sort_unstable();
+        let after = to_value(&self.machine_after(pool, host_attr));
+        let run_steps = pool.setup.iter().map(|s| s.name.clone()).collect();
+        let subject = Subject::machine(addr, name, Some(&pool.name));
+        self.changes.push(ResourceChange::create(subject, cause, after, run_steps, ids));
+    }
+
+    /// Deregister → terminate; returns (ids, terminate id).
+    pub(super) fn tear_down(&mut self, m: &'a ActualMachine, addr: &str) -> (Vec<usize>, usize) {
+        let mut ids = Vec::new();
+        let name = m.name().unwrap_or(&m.instance_id).to_string();
+        let mut deps = Vec::new();
+        if let Some(r) = self.runner(&name) {
+            let d = self.add(addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
+            ids.push(d);
+            deps.push(d);
+            self.runners_handled.insert(name.clone());
+        }
+        let t = self.add(
+            addr,
+            ActionKind::TerminateInstance {
+                provider: m.provider.clone(),
+                machine: name,
+                instance_id: m.instance_id.clone(),
+            },
+            &deps,
+        );
+        ids.push(t);
+        if let Some(n) = m.name() {
+            self.teardowns.insert(n.to_string(), t);
+        }
+        (ids, t)
+    }
+
+    pub(super) fn destroy(&mut self, m: &'a ActualMachine, cause: ChangeReason) {
+        let addr = machine_address(m);
+        let (mut ids, t) = self.tear_down(m, &addr);
+        if let Some(h) = m.host_id.clone() {
+            self.release_or_defer(&h, &[t], &mut ids);
+        }
+        let subject = Subject::machine(addr, m.name().unwrap_or(&m.instance_id).to_string(), m.pool());
+        self.changes.push(ResourceChange::delete(subject, cause, to_value(&self.machine_before(m)), ids));
+    }
+
+    pub(super) fn replace(&mut self, pool: &DesiredPool, m: &'a ActualMachine, causes: Vec<ReplaceCause>) {
+        let addr = machine_address(m);
+        let name = m.name().unwrap_or(&m.instance_id).to_string();
+        let (mut ids, t) = self.tear_down(m, &addr);
+        // Keep the host when it still fits; otherwise let it go and find another.
+        let keep_host = m.host_id.as_ref().filter(|h| {
+            self.hosts.get(h.as_str()).is_some_and(|h| {
+                Some(&h.instance_type) == pool.spec.instance_type.as_ref()
+                    && Some(&h.availability_zone) == pool.spec.availability_zone.as_ref()
+            })
+        });
+        let (host, mut deps, host_attr) = match keep_host {
+            Some(h) => (Some(HostRef::Existing { host_id: h.clone() }), vec![], Some(h.clone())),
+            None => {
+                if let Some(h) = m.host_id.clone() {
+                    self.release_or_defer(&h, &[t], &mut ids);
+                }
+                self.host_for(pool, &name, &addr)
+            }
+        };
+        ids.extend(deps.iter().copied());
+        deps.push(t);
+        ids.extend(self.bring_up(pool, &name, &addr, host, deps));
+        ids.sort_unstable();
+        let (before, after) = (to_value(&self.machine_before(m)), to_value(&self.machine_after(pool, host_attr)));
+        let run_steps = pool.setup.iter().map(|s| s.name.clone()).collect();
+        let subject = Subject::machine(addr, name, Some(&pool.name));
+        self.changes.push(ResourceChange::replace(subject, causes, before, after, run_steps, ids));
+    }
+
+    /// In-place changes for a kept machine: unfinished or changed setup steps, runner registration and labels.
+    pub(super) fn converge(&mut self, pool: &DesiredPool, m: &'a ActualMachine) {
+        let addr = machine_address(m);
+        let name = m.name().unwrap_or(&m.instance_id).to_string();
+        let mut bad_state = None;
+        let state = match (&m.on_machine, m.state) {
+            (OnMachine::Read { state }, _) => state.clone(),
+            (OnMachine::Unreachable { reason }, _) => {
+                self.warnings.push(Warning {
+                    address: addr,
+                    message: format!("`{name}` is unreachable ({reason}); its setup and runner cannot be checked"),
+                    kind: WarningKind::Unreachable,
+                });
+                return;
+            }
+            // The machine answered but its state database is empty or damaged: rewrite it, then set up again.
+            (OnMachine::BadState { reason }, _) => {
+                bad_state = Some(reason.clone());
+                MachineState::default()
+            }
+            // Launched but never set up (an apply stopped early): continue from the start.
+            (OnMachine::NotRead, InstanceState::Pending) => MachineState::default(),
+            // Nothing on the machine to check for this pool.
+            (OnMachine::NotRead, _) if pool.setup.is_empty() && (pool.runner.is_none() || self.runners.is_none()) => {
+                return;
+            }
+            (OnMachine::NotRead, _) => {
+                self.warnings.push(Warning {
+                    address: addr,
+                    message: format!("the state of `{name}` was not read; its setup and runner were not checked"),
+                    kind: WarningKind::Other,
+                });
+                return;
+            }
+        };
+        let mut ids = Vec::new();
+        let mut why = Vec::new();
+        let mut last = None;
+        if m.state == InstanceState::Pending {
+            let w = self.add(
+                &addr,
+                ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.clone() },
+                &[],
+            );
+            ids.push(w);
+            last = Some(w);
+        }
+        if let Some(reason) = &bad_state {
+            why.push(UpdateCause::BadState { reason: reason.clone() });
+            let deps: Vec<usize> = last.into_iter().collect();
+            let r = self.add(
+                &addr,
+                ActionKind::RepairState { provider: pool.provider.clone(), machine: name.clone() },
+                &deps,
+            );
+            ids.push(r);
+            last = Some(r);
+        }
+        // Resume from the first step that is not done with the same script.
+        let first_todo = pool.setup.iter().position(|s| {
+            !state.steps.iter().any(|r| r.name == s.name && r.hash == s.hash && r.status == StepStatus::Done)
+        });
+        let mut run_steps = Vec::new();
+        if let Some(i) = first_todo {
+            let steps: Vec<StepRef> =
+                pool.setup[i..].iter().map(|s| StepRef { name: s.name.clone(), hash: s.hash.clone() }).collect();
+            for s in &steps {
+                let old = state.steps.iter().find(|r| r.name == s.name);
+                let what = match old {
+                    None => StepWhy::New,
+                    Some(r) if r.status == StepStatus::Failed => StepWhy::FailedBefore,
+                    Some(r) if r.status == StepStatus::Running => StepWhy::Interrupted,
+                    Some(r) if r.hash != s.hash => StepWhy::Changed,
+                    Some(_) => StepWhy::AfterAChangedStep,
+                };
+                why.push(UpdateCause::Step { name: s.name.clone(), why: what });
+                run_steps.push(s.name.clone());
+            }
+            let deps: Vec<usize> = last.into_iter().collect();
+            let s = self.add(
+                &addr,
+                ActionKind::RunSetup {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.clone(),
+                    steps,
+                },
+                &deps,
+            );
+            ids.push(s);
+            last = Some(s);
+        }
+        if self.runners.is_some() {
+            let registered = self.runner(&name);
+            match (&pool.runner, registered) {
+                (Some(r), None) => {
+                    why.push(UpdateCause::RunnerMissing);
+                    let deps: Vec<usize> = last.into_iter().collect();
+                    ids.push(self.add(
+                        &addr,
+                        ActionKind::RegisterRunner {
+                            provider: pool.provider.clone(),
+                            pool: pool.name.clone(),
+                            machine: name.clone(),
+                            labels: r.labels.clone(),
+                            mode: r.mode,
+                        },
+                        &deps,
+                    ));
+                }
+                (Some(r), Some(fr)) => {
+                    self.runners_handled.insert(name.clone());
+                    if !same_labels(&r.labels, &fr.labels) {
+                        why.push(UpdateCause::Labels);
+                        ids.push(self.add(
+                            &addr,
+                            ActionKind::UpdateRunnerLabels {
+                                machine: name.clone(),
+                                runner_id: fr.id,
+                                labels: r.labels.clone(),
+                                previous: fr.labels.clone(),
+                            },
+                            &[],
+                        ));
+                    }
+                }
+                (None, Some(fr)) => {
+                    self.runners_handled.insert(name.clone());
+                    why.push(UpdateCause::RunnerRemoved);
+                    ids.push(self.add(
+                        &addr,
+                        ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() },
+                        &[],
+                    ));
+                }
+                (None, None) => {}
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        ids.sort_unstable();
+        let mut after = self.machine_after(pool, m.host_id.clone());
+        after.instance_id = Some(m.instance_id.clone());
+        after.state = Some(m.state);
+        let (before, after) = (to_value(&self.machine_before(m)), to_value(&after));
+        let subject = Subject::machine(addr, name, Some(&pool.name));
+        self.changes.push(ResourceChange::update(subject, why, before, after, run_steps, ids));
+    }
+}

@@ -1,0 +1,117 @@
+//! Pools: which machines stay, which go (scale-down order, moved and removed pools), which are created.
+
+use std::collections::{BTreeSet, HashSet};
+
+use super::reason::{ChangeReason, ReplaceCause};
+use super::*;
+use crate::core::model::*;
+
+impl<'a> Builder<'a> {
+    pub(super) fn run(&mut self) {
+        let desired = self.desired;
+        let mut pools: Vec<&DesiredPool> = desired.pools.iter().collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        // Hosts that kept machines run on are not idle.
+        for p in &pools {
+            for m in self.by_pool.get(p.name.as_str()).into_iter().flatten() {
+                if let Some(h) = &m.host_id {
+                    self.claimed_hosts.insert(h.clone());
+                }
+            }
+        }
+        let wanted: BTreeSet<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+
+        // Destroy orphans first, so the hosts they free are accounted for.
+        let orphan_pools: Vec<&str> = self.by_pool.keys().copied().filter(|p| !wanted.contains(p)).collect();
+        for pool in orphan_pools {
+            let ms = self.by_pool.get(pool).cloned().unwrap_or_default();
+            for m in ms {
+                self.destroy(m, ChangeReason::PoolRemoved { pool: pool.to_string() });
+            }
+        }
+        for p in pools {
+            self.plan_pool(p);
+        }
+        self.ghost_runners();
+        self.idle_hosts();
+    }
+
+    pub(super) fn plan_pool(&mut self, pool: &'a DesiredPool) {
+        let existing: Vec<&'a ActualMachine> = self.by_pool.get(pool.name.as_str()).cloned().unwrap_or_default();
+        let (same_provider, moved): (Vec<_>, Vec<_>) = existing.into_iter().partition(|m| m.provider == pool.provider);
+        for m in moved {
+            let cause = ChangeReason::PoolMoved {
+                pool: pool.name.clone(),
+                from: m.provider.clone(),
+                to: pool.provider.clone(),
+            };
+            self.destroy(m, cause);
+        }
+
+        // Which machines stay: drop those needing replacement first, then those whose hosts can be released now,
+        // then the highest indexes.
+        let mut ranked: Vec<(&'a ActualMachine, Option<Replacement>)> =
+            same_provider.into_iter().map(|m| (m, self.replacement_reason(pool, m))).collect();
+        let count = pool.count as usize;
+        let mut removed = Vec::new();
+        if ranked.len() > count {
+            let mut order: Vec<usize> = (0..ranked.len()).collect();
+            order.sort_by_key(|&i| {
+                let (m, repl) = &ranked[i];
+                (repl.is_none(), !self.host_releasable_now(m.host_id.as_deref()), std::cmp::Reverse(machine_index(m)))
+            });
+            let drop: HashSet<usize> = order.into_iter().take(ranked.len() - count).collect();
+            let mut keep = Vec::new();
+            for (i, r) in ranked.into_iter().enumerate() {
+                if drop.contains(&i) { removed.push(r.0) } else { keep.push(r) }
+            }
+            ranked = keep;
+        }
+        let total = ranked.len() + removed.len();
+        for m in removed {
+            self.destroy(m, ChangeReason::ScaleDown { pool: pool.name.clone(), from: total, to: pool.count });
+        }
+        let mut used: BTreeSet<u32> = ranked.iter().filter_map(|(m, _)| machine_index(m)).collect();
+        // Unusable machines of this pool exist: they count, and their names stay theirs.
+        let held: BTreeSet<u32> = self.occupied.get(&pool.name).cloned().unwrap_or_default();
+        let held_only = held.difference(&used).count();
+        used.extend(held);
+        for (m, repl) in ranked.iter().cloned() {
+            match repl {
+                Some(causes) => self.replace(pool, m, causes),
+                None => self.converge(pool, m),
+            }
+        }
+        let missing = count.saturating_sub(ranked.len() + held_only);
+        let mut next = 0u32;
+        for _ in 0..missing {
+            while used.contains(&next) {
+                next += 1;
+            }
+            used.insert(next);
+            self.create(pool, next, ChangeReason::PoolWants { pool: pool.name.clone(), count: pool.count });
+        }
+    }
+
+    /// Why a kept machine must be replaced.
+    pub(super) fn replacement_reason(&self, pool: &DesiredPool, m: &ActualMachine) -> Option<Replacement> {
+        let s = &pool.spec;
+        let mut why = Vec::new();
+        if m.image != s.image {
+            why.push(ReplaceCause::Image { from: m.image.clone(), to: s.image.clone() });
+        }
+        if s.instance_type.is_some() && m.instance_type != s.instance_type {
+            why.push(ReplaceCause::InstanceType { from: m.instance_type.clone(), to: s.instance_type.clone() });
+        }
+        if s.availability_zone.is_some() && m.availability_zone != s.availability_zone {
+            why.push(ReplaceCause::AvailabilityZone {
+                from: m.availability_zone.clone(),
+                to: s.availability_zone.clone(),
+            });
+        }
+        if matches!(m.state, InstanceState::Stopped | InstanceState::Stopping) {
+            why.push(ReplaceCause::Stopped);
+        }
+        if why.is_empty() { None } else { Some(why) }
+    }
+}

@@ -1,0 +1,148 @@
+//! Why a resource changes, as data. The plan document carries both the sentence (`reason`) and this
+//! (`cause`), so tools can act on the kind without parsing text.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a resource is created, changed, replaced or destroyed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChangeReason {
+    /// The pool wants more machines than exist.
+    PoolWants { pool: String, count: u32 },
+    /// The pool has more machines than it wants.
+    ScaleDown { pool: String, from: usize, to: u32 },
+    /// The pool is gone from the fleet file.
+    PoolRemoved { pool: String },
+    /// The fleet file moved the pool to another provider.
+    PoolMoved { pool: String, from: String, to: String },
+    /// Something that cannot change in place changed.
+    Replace { causes: Vec<ReplaceCause> },
+    /// Changes made in place.
+    Update { causes: Vec<UpdateCause> },
+    /// A runner named for this tenant with no machine.
+    GhostRunner,
+    /// A host with no instance, past its window, that nothing needs.
+    IdleHost,
+}
+
+/// What forces a replacement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "attribute", rename_all = "snake_case")]
+pub enum ReplaceCause {
+    Image { from: String, to: String },
+    InstanceType { from: Option<String>, to: Option<String> },
+    AvailabilityZone { from: Option<String>, to: Option<String> },
+    Stopped,
+}
+
+/// What an in-place update does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "what", rename_all = "snake_case")]
+pub enum UpdateCause {
+    /// The on-machine state database is empty or damaged: it is replaced and setup runs again.
+    BadState {
+        reason: String,
+    },
+    /// A setup step runs.
+    Step {
+        name: String,
+        why: StepWhy,
+    },
+    RunnerMissing,
+    Labels,
+    RunnerRemoved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepWhy {
+    New,
+    FailedBefore,
+    Interrupted,
+    Changed,
+    AfterAChangedStep,
+}
+
+impl ReplaceCause {
+    /// The attribute whose change forces the replacement (`replace_paths`).
+    pub fn path(&self) -> &'static str {
+        match self {
+            ReplaceCause::Image { .. } => "image",
+            ReplaceCause::InstanceType { .. } => "instance_type",
+            ReplaceCause::AvailabilityZone { .. } => "availability_zone",
+            ReplaceCause::Stopped => "state",
+        }
+    }
+}
+
+fn or_dash(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("-")
+}
+
+impl fmt::Display for ReplaceCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplaceCause::Image { from, to } => write!(f, "image changes from `{from}` to `{to}`"),
+            ReplaceCause::InstanceType { from, to } => {
+                write!(f, "instance type changes from `{}` to `{}`", or_dash(from), or_dash(to))
+            }
+            ReplaceCause::AvailabilityZone { from, to } => {
+                write!(f, "availability zone changes from `{}` to `{}`", or_dash(from), or_dash(to))
+            }
+            ReplaceCause::Stopped => f.write_str("the instance is stopped"),
+        }
+    }
+}
+
+impl fmt::Display for UpdateCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpdateCause::BadState { reason } => {
+                write!(f, "{reason}; it is replaced by a fresh one and every setup step runs again from the first")
+            }
+            UpdateCause::Step { name, why } => {
+                let why = match why {
+                    StepWhy::New => "new",
+                    StepWhy::FailedBefore => "failed before",
+                    StepWhy::Interrupted => "interrupted",
+                    StepWhy::Changed => "changed",
+                    StepWhy::AfterAChangedStep => "after a changed step",
+                };
+                write!(f, "setup step `{name}` ({why})")
+            }
+            UpdateCause::RunnerMissing => f.write_str("runner is not registered"),
+            UpdateCause::Labels => f.write_str("runner labels change"),
+            UpdateCause::RunnerRemoved => f.write_str("the pool no longer has a runner"),
+        }
+    }
+}
+
+fn joined<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            f.write_str("; ")?;
+        }
+        write!(f, "{x}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for ChangeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChangeReason::PoolWants { pool, count } => write!(f, "pool `{pool}` wants {count} machine(s)"),
+            ChangeReason::ScaleDown { pool, from, to } => write!(f, "pool `{pool}` scales from {from} to {to}"),
+            ChangeReason::PoolRemoved { pool } => write!(f, "pool `{pool}` is no longer in the fleet file"),
+            ChangeReason::PoolMoved { pool, from, to } => write!(
+                f,
+                "pool `{pool}` moved from provider `{from}` to `{to}` in the fleet file: this machine is destroyed on `{from}` and created again on `{to}`"
+            ),
+            ChangeReason::Replace { causes } => joined(f, causes),
+            ChangeReason::Update { causes } => joined(f, causes),
+            ChangeReason::GhostRunner => f.write_str("runner is registered but has no machine"),
+            ChangeReason::IdleHost => f.write_str("host is idle and past its minimum allocation window"),
+        }
+    }
+}

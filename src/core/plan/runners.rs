@@ -1,0 +1,45 @@
+//! Runners: ghost runners (registered, named for this tenant, with no machine) and label comparison.
+
+use std::collections::{BTreeSet, HashSet};
+
+use super::attrs::{RunnerAttrs, to_value};
+use super::model::*;
+use super::reason::ChangeReason;
+use super::*;
+use crate::core::model::*;
+
+impl<'a> Builder<'a> {
+    /// Runners that carry this tenant's names but have no machine.
+    pub(super) fn ghost_runners(&mut self) {
+        let Some(runners) = self.runners.clone() else { return };
+        let tenant = self.desired.tenant.clone();
+        // A runner whose machine exists is never a ghost, even when that machine is unreachable.
+        let live: HashSet<&str> = self.by_pool.values().flatten().filter_map(|m| m.name()).collect();
+        let mut ghosts: Vec<&ForgeRunner> = runners
+            .values()
+            .copied()
+            .filter(|r| parse_machine_name(&r.name).is_some_and(|(t, _, _)| t == tenant))
+            .filter(|r| !self.runners_handled.contains(&r.name) && !live.contains(r.name.as_str()))
+            .collect();
+        ghosts.sort_by_key(|r| (r.name.clone(), r.id));
+        for r in ghosts {
+            let addr = format!("runner.{}", r.name);
+            let id =
+                self.add(&addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
+            let subject = Subject {
+                address: addr,
+                kind: ResourceKind::Runner,
+                name: r.name.clone(),
+                pool: parse_machine_name(&r.name).map(|(_, p, _)| p.to_string()),
+            };
+            let before = to_value(&RunnerAttrs { id: r.id, labels: r.labels.clone(), online: r.online });
+            self.changes.push(ResourceChange::delete(subject, ChangeReason::GhostRunner, before, vec![id]));
+        }
+    }
+}
+
+/// Forge labels compare case-insensitively and as sets.
+pub(super) fn same_labels(a: &[String], b: &[String]) -> bool {
+    let norm = |v: &[String]| v.iter().map(|s| s.to_lowercase()).collect::<BTreeSet<_>>();
+    norm(a) == norm(b)
+}
