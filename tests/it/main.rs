@@ -7,6 +7,7 @@ mod common;
 mod aws_moto;
 mod cli;
 mod config;
+mod conformance;
 mod e2e_aws_ssh;
 mod exec;
 mod forge_scenarios;

@@ -52,6 +52,12 @@ pub const EC2_OPERATIONS: &[&str] = &[
 #[derive(Debug, Clone, Default)]
 pub struct AwsSettings {
     pub region: Option<String>,
+    /// EC2 endpoint instead of the standard chain's (a VPC endpoint; a test peer).
+    pub endpoint_url: Option<String>,
+    /// Results per Describe* page (default 100 hosts, 1,000 instances; EC2 allows 5 to 1,000).
+    pub page_size: Option<i32>,
+    /// Attempts per call, retries of throttling and transient errors included (default 8).
+    pub max_attempts: Option<u32>,
     pub min_allocation: Option<Duration>,
     pub subnet_id: Option<String>,
     pub security_group_ids: Vec<String>,
@@ -225,11 +231,12 @@ const LIVE_STATES: &[&str] = &["pending", "running", "stopping", "stopped", "shu
 impl AwsProvider {
     /// Loads the AWS configuration (credentials, region, endpoint) from the standard chain.
     pub async fn new(name: &str, tenant: &str, settings: AwsSettings) -> Result<Self, ProviderError> {
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::standard().with_max_attempts(8));
+        let retry = RetryConfig::standard().with_max_attempts(settings.max_attempts.unwrap_or(8));
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(retry);
         if let Some(r) = &settings.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
+
         let sdk = loader.load().await;
         if sdk.region().is_none() {
             return Err(err(name, "configuration", "no AWS region: set `region:` on the provider, or AWS_REGION"));
@@ -238,7 +245,14 @@ impl AwsProvider {
         Ok(AwsProvider {
             name: name.to_string(),
             tenant: tenant.to_string(),
-            client: Client::new(&sdk),
+            client: {
+                // An explicit endpoint is set on the client, above any AWS_ENDPOINT_URL* setting.
+                let mut b = aws_sdk_ec2::config::Builder::from(&sdk);
+                if let Some(u) = &settings.endpoint_url {
+                    b = b.endpoint_url(u);
+                }
+                Client::from_conf(b.build())
+            },
             settings,
             limits: Limits::default(),
             calls: Mutex::new(BTreeMap::new()),
@@ -286,6 +300,9 @@ impl AwsProvider {
     ) -> Result<Self, ProviderError> {
         let settings = AwsSettings {
             region: c.region.clone(),
+            endpoint_url: None,
+            page_size: None,
+            max_attempts: None,
             min_allocation: c.min_allocation.map(|d| d.0),
             subnet_id: c.subnet_id.clone(),
             security_group_ids: c.security_group_ids.clone(),
@@ -351,7 +368,7 @@ impl AwsProvider {
             if ids.is_empty() {
                 req = req
                     .set_filter(Some(self.tenant_filters().into_iter().chain(extra.clone()).collect()))
-                    .max_results(100);
+                    .max_results(self.settings.page_size.unwrap_or(100));
             } else {
                 req = req.set_host_ids(Some(ids.clone()));
             }
@@ -379,7 +396,7 @@ impl AwsProvider {
                 .client
                 .describe_instances()
                 .set_filters(Some(filters))
-                .max_results(1000)
+                .max_results(self.settings.page_size.unwrap_or(1000))
                 .set_next_token(next.take())
                 .send()
                 .await

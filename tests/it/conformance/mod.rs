@@ -1,0 +1,6 @@
+//! Conformance suites: generic checks every provider and forge runs against its real test peer. A new
+//! integration passes these before it lands (see `docs/extending.md`).
+
+pub mod ec2_proxy;
+pub mod forge;
+pub mod provider;
