@@ -6,6 +6,7 @@
 #[macro_use]
 pub mod cli;
 
+pub mod api;
 pub mod config;
 pub mod core;
 pub mod engine;
@@ -16,3 +17,5 @@ pub mod state;
 pub mod testing;
 pub mod transport;
 pub mod util;
+
+pub use api::{Nimbus, Storage};

@@ -49,6 +49,18 @@ pub enum CommandError {
     },
 }
 
+impl From<crate::engine::clients::ClientError> for CommandError {
+    fn from(e: crate::engine::clients::ClientError) -> Self {
+        match e {
+            crate::engine::clients::ClientError::Provider(p) => CommandError::Provider(p),
+            crate::engine::clients::ClientError::Forge(f) => CommandError::Forge(f),
+            crate::engine::clients::ClientError::Ssh { message, hint } => {
+                CommandError::Usage { message, hint: Some(hint) }
+            }
+        }
+    }
+}
+
 impl From<crate::engine::discovery::DiscoveryError> for CommandError {
     fn from(e: crate::engine::discovery::DiscoveryError) -> Self {
         match e {

@@ -74,6 +74,24 @@ pub struct LoadedConfig {
 }
 
 impl LoadedConfig {
+    /// A fleet that did not come from a file (an application's own storage): validated like a file,
+    /// with relative paths resolved against `base_dir`.
+    pub fn from_config(name: &str, config: FleetConfig, base_dir: &Path) -> Result<LoadedConfig, ConfigError> {
+        let text = yaml_serde::to_string(&config).map_err(|e| ConfigError::Invalid {
+            file: name.to_string(),
+            diagnostics: vec![Ctx { name: name.into(), src: Arc::new(String::new()) }.diag(
+                format!("the fleet cannot be written as YAML: {e}"),
+                SourceSpan::new(0.into(), 0),
+                "here",
+                None,
+            )],
+        })?;
+        // The same rules as a file, with positions in its YAML form.
+        let config = parse(name, &text)?;
+        let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+        Ok(LoadedConfig { config, path: PathBuf::from(name), base_dir, source: Arc::new(text) })
+    }
+
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
     }

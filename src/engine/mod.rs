@@ -3,5 +3,6 @@
 
 pub mod actions;
 pub mod apply;
+pub mod clients;
 pub mod discovery;
 pub mod walk;

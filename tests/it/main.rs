@@ -4,6 +4,7 @@
 
 mod common;
 
+mod api;
 mod aws_moto;
 mod cli;
 mod config;

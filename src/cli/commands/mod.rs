@@ -9,15 +9,11 @@ mod validate;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use crate::cli::{Cli, ColorChoice, Command};
 use crate::config::{self, LoadedConfig};
-use crate::forges::Forge;
-use crate::providers::Provider;
-use crate::transport::ssh::{JumpHost, SshAuth, SshConnector, SshSettings};
 
 /// Exit codes, Terraform's convention.
 pub mod exit {
@@ -94,78 +90,7 @@ pub fn run(cli: Cli) -> u8 {
     }
 }
 
-/// The forge of the fleet file's `forge:` section.
-pub fn build_forge(loaded: &LoadedConfig) -> Result<Option<Arc<dyn Forge>>, CommandError> {
-    match &loaded.config.forge {
-        Some(f) => Ok(Some(crate::forges::build(f, &loaded.base_dir)?)),
-        None => Ok(None),
-    }
-}
-
-/// Where runners are installed on machines (the forge's `runner_dir`).
-pub fn runner_dir(loaded: &LoadedConfig) -> Option<String> {
-    loaded.config.forge.as_ref().and_then(crate::forges::runner_dir)
-}
-
-/// The SSH connector of the fleet file's `ssh:` section, with its key read.
-pub fn ssh_connector(loaded: &LoadedConfig) -> Result<Option<Arc<SshConnector>>, CommandError> {
-    let Some(ssh) = &loaded.config.ssh else { return Ok(None) };
-    let auth = match &ssh.key {
-        None => SshAuth::Agent,
-        Some(r) => {
-            let text = crate::util::secrets::read("ssh.key", r, &loaded.base_dir)
-                .map_err(|e| CommandError::usage(e.to_string(), "set the variable or fix the path in `ssh.key`"))?;
-            let key = russh::keys::decode_secret_key(&text, None).map_err(|e| {
-                // The error never includes the key.
-                CommandError::usage(
-                    format!("`ssh.key` is not a usable private key: {e}"),
-                    "use an unencrypted OpenSSH or PEM private key",
-                )
-            })?;
-            SshAuth::Key(Arc::new(key))
-        }
-    };
-    let known_hosts = match &ssh.known_hosts {
-        Some(p) => loaded.resolve(&crate::util::secrets::expand_home(p)),
-        None => loaded.base_dir.join(".nimbus").join("known_hosts"),
-    };
-    let jump = match &ssh.jump_host {
-        Some(j) => Some(JumpHost::parse(j, &ssh.user).ok_or_else(|| {
-            CommandError::usage(
-                format!("`ssh.jump_host` `{j}` is not `user@host:port`"),
-                "e.g. `jump_host: ec2-user@bastion.example.com:22`",
-            )
-        })?),
-        None => None,
-    };
-    Ok(Some(SshConnector::new(SshSettings {
-        user: ssh.user.clone(),
-        port: ssh.port.unwrap_or(22),
-        auth,
-        known_hosts,
-        proxy_command: ssh.proxy_command.clone(),
-        jump,
-        connect_timeout: ssh.connect_timeout.map(|d| d.0).unwrap_or(std::time::Duration::from_secs(20)),
-        state_path: ssh.state_path.clone().unwrap_or_else(|| crate::transport::ssh::REMOTE_STATE_PATH.to_string()),
-    })))
-}
-
-/// Builds the providers the fleet file names.
-pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, CommandError> {
-    let ssh = ssh_connector(loaded)?;
-    let mut out = Vec::new();
-    for (name, p) in &loaded.config.providers {
-        let ctx = crate::providers::BuildContext {
-            tenant: loaded.config.tenant.clone(),
-            base_dir: loaded.base_dir.clone(),
-            ssh: ssh.clone(),
-            // Resources made before nimbus tagged providers belong to the only provider of their kind.
-            sole_of_kind: loaded.config.providers.values().filter(|q| q.kind() == p.kind()).count() == 1,
-        };
-        out.push(crate::providers::build(name, p, &ctx).await?);
-    }
-    Ok(out)
-}
+pub use crate::engine::clients::{build_forge, build_providers, runner_dir, ssh_connector};
 
 pub use crate::core::model::sha256_hex;
 
