@@ -1,9 +1,9 @@
 //! Writing to stdout and stderr without panicking.
 //!
 //! `println!` panics when its stream is closed (`nimbus plan | head -2`). Every line nimbus prints goes
-//! through [`outln!`]/[`out!`] (stdout) or [`errln!`]/[`err!`] (stderr) instead: a closed pipe ends that
+//! through `outln!`/`out!` (stdout) or `errln!`/`err!` (stderr) instead: a closed pipe ends that
 //! stream's output quietly and the command carries on (an apply is never cut short by it) and exits
-//! with its own code. `tests/cli.rs` checks that no other printing macro is used in `src/`.
+//! with its own code. `tests/it/local_apply.rs` checks that no other printing macro is used in `src/`.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

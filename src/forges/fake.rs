@@ -1,6 +1,6 @@
 //! A stateful, strict in-memory forge for scenario tests. Every request shape
 //! it stands for is covered against GitHub's OpenAPI description by the
-//! Prism contract tests (`tests/github_prism.rs`). It records calls.
+//! Prism contract tests (`tests/it/github_prism.rs`). It records calls.
 
 use std::sync::Mutex;
 
