@@ -6,7 +6,7 @@
 //! keeps nimbus's rules: a tenant's call never sees or touches another tenant's resources, a busy runner is
 //! never terminated, and a dedicated host is never released inside its minimum allocation window.
 //!
-//! ```ignore
+//! ```text
 //! use nimbus::api::{MemoryStorage, Nimbus};
 //!
 //! let storage = MemoryStorage::default();

@@ -76,7 +76,7 @@ impl<'a> Builder<'a> {
         let Some(h) = self.hosts.get(host_id).copied() else { return };
         self.claimed_hosts.insert(h.id.clone());
         let due = window_end(self.desired, h);
-        let addr = format!("host.{}", h.id);
+        let addr = String::from(Address::host(&h.id));
         let kind = ActionKind::ReleaseHost { provider: h.provider.clone(), host_id: h.id.clone() };
         if due > self.now {
             self.deferred.push(Deferred {
@@ -102,7 +102,7 @@ impl<'a> Builder<'a> {
             .filter(|h| h.instance_ids.is_empty() && !self.claimed_hosts.contains(&h.id))
             .collect();
         for h in idle {
-            let addr = format!("host.{}", h.id);
+            let addr = String::from(Address::host(&h.id));
             let due = window_end(self.desired, h);
             match h.state {
                 HostState::Available => {

@@ -70,7 +70,7 @@ fn machine_index(m: &ActualMachine) -> Option<u32> {
 }
 
 fn address(pool: &str, index: u32) -> String {
-    format!("{pool}[{index}]")
+    String::from(Address::machine(pool, index))
 }
 
 fn machine_address(m: &ActualMachine) -> String {

@@ -23,7 +23,7 @@ impl<'a> Builder<'a> {
             .collect();
         ghosts.sort_by_key(|r| (r.name.clone(), r.id));
         for r in ghosts {
-            let addr = format!("runner.{}", r.name);
+            let addr = String::from(Address::runner(&r.name));
             let id =
                 self.add(&addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
             let subject = Subject {
