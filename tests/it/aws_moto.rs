@@ -61,11 +61,6 @@ fn kinds(plan: &serde_json::Value) -> Vec<String> {
     plan["actions"].as_array().unwrap().iter().map(|a| a["type"].as_str().unwrap().to_string()).collect()
 }
 
-async fn sdk() -> aws_sdk_ec2::Client {
-    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
-    aws_sdk_ec2::Client::new(&cfg)
-}
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }

@@ -117,3 +117,9 @@ pub fn use_moto_env(moto: &str) {
         }
     });
 }
+
+/// An EC2 client for moto, to plant and inspect resources behind nimbus's back (after `use_moto_env`).
+pub async fn sdk() -> aws_sdk_ec2::Client {
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
+    aws_sdk_ec2::Client::new(&cfg)
+}

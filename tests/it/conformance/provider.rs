@@ -337,11 +337,6 @@ impl Peer for AwsPeer {
     }
 }
 
-async fn sdk() -> aws_sdk_ec2::Client {
-    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
-    aws_sdk_ec2::Client::new(&cfg)
-}
-
 #[test]
 fn aws_provider_conforms() {
     let Some(url) = peer("NIMBUS_MOTO_URL", "moto (EC2)") else { return };
