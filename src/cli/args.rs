@@ -82,6 +82,10 @@ pub struct PlanArgs {
     /// Plan against a recorded inventory (`nimbus discover -o`) instead of discovering.
     #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,
+    /// Remove or replace machines whose runners are running a job now, killing those jobs. Without it a busy
+    /// runner's removal waits until its job has finished.
+    #[arg(long)]
+    pub interrupt_jobs: bool,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +98,10 @@ pub struct ApplyArgs {
     /// Apply without asking.
     #[arg(long)]
     pub auto_approve: bool,
+    /// Remove or replace machines whose runners are running a job now, killing those jobs. Without it a busy
+    /// runner's removal waits until its job has finished.
+    #[arg(long)]
+    pub interrupt_jobs: bool,
     /// How many actions may run at once.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub parallelism: u32,

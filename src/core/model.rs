@@ -24,6 +24,10 @@ pub struct Desired {
     /// Whether a forge is configured (runner actions are planned only then).
     pub forge: bool,
     pub pools: Vec<DesiredPool>,
+    /// Remove or replace machines whose runners are running a job, killing the job (`--interrupt-jobs`).
+    /// Without it, a busy runner is never deregistered, relabelled or terminated: its removal waits.
+    #[serde(default)]
+    pub interrupt_jobs: bool,
 }
 
 /// A provider as the planner sees it: its kind (for messages only) and its capabilities. The planner never
@@ -160,6 +164,7 @@ impl Desired {
                 .map(|(n, p)| (n.clone(), ProviderInfo { kind: p.kind().to_string(), capabilities: p.capabilities() }))
                 .collect(),
             forge: c.forge.is_some(),
+            interrupt_jobs: false,
             pools: c
                 .pools
                 .iter()

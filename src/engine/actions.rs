@@ -370,7 +370,15 @@ impl Applier {
             ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {
                 Ok(self.forge()?.set_labels(*runner_id, labels).await?)
             }
-            ActionKind::DeregisterRunner { runner_id, .. } => Ok(self.forge()?.delete_runner(*runner_id).await?),
+            ActionKind::DeregisterRunner { runner_id, runner_name } => {
+                match self.forge()?.delete_runner(*runner_id).await {
+                    // The runner picked up a job since the plan was made: the forge refuses, and the removal waits.
+                    Err(crate::forges::ForgeError::Conflict(why)) => Err(ActionError::deferred(format!(
+                        "`{runner_name}` is running a job ({why}); its removal waits for the job to finish"
+                    ))),
+                    other => Ok(other?),
+                }
+            }
             ActionKind::TerminateInstance { provider, machine, instance_id } => {
                 let mut r = self.machine_ref(machine);
                 r.instance_id = Some(instance_id.clone());

@@ -184,6 +184,7 @@ fn journal_event(journal: &Journal, run: i64, a: &Action, ev: &ExecEvent) -> Res
             let (status, code, error) = match outcome {
                 Outcome::Success => ("SUCCESS", None, None),
                 Outcome::Failed(e) => ("ERROR", e.exit_code, Some(e.to_string())),
+                Outcome::Deferred(why) => ("SKIPPED", None, Some(format!("deferred: {why}"))),
                 Outcome::Skipped { root_cause } => {
                     ("SKIPPED", None, Some(format!("skipped: action {root_cause} failed")))
                 }
@@ -253,6 +254,7 @@ impl Tally {
                         let k = kind_of(i)?.name();
                         Some(match report.outcomes.get(i) {
                             Some(Outcome::Failed(_)) => format!("{k} failed"),
+                            Some(Outcome::Deferred(_)) => format!("{k} deferred"),
                             Some(Outcome::Skipped { .. }) => format!("{k} skipped"),
                             _ => format!("{k} not started"),
                         })

@@ -28,20 +28,27 @@ pub struct ActionError {
     /// Exit code of the command that failed, when there was one.
     pub exit_code: Option<i32>,
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    /// Not a failure: the action cannot happen yet (a runner picked up a job). Its dependents wait too.
+    pub deferred: bool,
 }
 
 impl ActionError {
     pub fn new(message: impl Into<String>) -> Self {
-        ActionError { message: message.into(), exit_code: None, source: None }
+        ActionError { message: message.into(), exit_code: None, source: None, deferred: false }
+    }
+
+    /// The action cannot happen yet; the apply goes on and succeeds, and the next plan shows it deferred.
+    pub fn deferred(message: impl Into<String>) -> Self {
+        ActionError { deferred: true, ..ActionError::new(message) }
     }
 
     /// A command on the machine failed with `code`.
     pub fn exit(message: impl Into<String>, code: i32) -> Self {
-        ActionError { message: message.into(), exit_code: Some(code), source: None }
+        ActionError { message: message.into(), exit_code: Some(code), source: None, deferred: false }
     }
 
     fn from_error(e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        ActionError { message: e.to_string(), exit_code: None, source: Some(Arc::new(e)) }
+        ActionError { message: e.to_string(), exit_code: None, source: Some(Arc::new(e)), deferred: false }
     }
 
     /// The provider error this failure came from, if any (to tell throttling or capacity from the rest).
@@ -99,7 +106,9 @@ pub trait ActionRunner: Send + Sync + 'static {
 pub enum Outcome {
     Success,
     Failed(ActionError),
-    /// Not run because `root_cause` failed.
+    /// Could not happen yet (not a failure); its dependents are skipped with it as their root cause.
+    Deferred(String),
+    /// Not run because `root_cause` failed (or was deferred).
     Skipped {
         root_cause: usize,
     },
@@ -119,6 +128,8 @@ pub struct ExecReport {
     pub wall: Duration,
     /// A stop was asked for: actions not in `outcomes` were never started.
     pub interrupted: bool,
+    /// Actions that could not happen yet (their dependents were skipped); not failures.
+    pub deferred: Vec<usize>,
 }
 
 impl ExecReport {
@@ -215,9 +226,14 @@ pub async fn execute_until(
                 }
             }
             Err(e) => {
-                let outcome = Outcome::Failed(e);
+                let outcome = if e.deferred {
+                    report.deferred.push(id);
+                    Outcome::Deferred(e.message)
+                } else {
+                    report.root_causes.push(id);
+                    Outcome::Failed(e)
+                };
                 report.outcomes.insert(id, outcome.clone());
-                report.root_causes.push(id);
                 on_event(&ExecEvent::Finished { id, outcome, elapsed });
                 // Skip everything downstream.
                 let mut stack: Vec<NodeIndex> =

@@ -55,6 +55,20 @@ impl FakeForge {
         s.runners.push(ForgeRunner { id, name: name.into(), labels: labels.to_vec(), online: true, busy: false });
         Ok(id)
     }
+    /// A runner picks up a job (`true`) or finishes it (`false`).
+    pub fn set_busy(&self, name: &str, busy: bool) {
+        let mut s = self.state.lock().unwrap();
+        for r in s.runners.iter_mut().filter(|r| r.name == name) {
+            r.busy = busy;
+            r.online |= busy;
+        }
+    }
+    pub fn set_online(&self, name: &str, online: bool) {
+        let mut s = self.state.lock().unwrap();
+        for r in s.runners.iter_mut().filter(|r| r.name == name) {
+            r.online = online;
+        }
+    }
     pub fn add_runner(&self, name: &str, labels: &[&str]) -> u64 {
         let mut s = self.state.lock().unwrap();
         s.next_id += 1;
@@ -105,6 +119,10 @@ impl Forge for FakeForge {
     async fn delete_runner(&self, id: u64) -> Result<(), ForgeError> {
         let mut s = self.state.lock().unwrap();
         s.calls.push("DELETE /orgs/{org}/actions/runners/{runner_id}".into());
+        // As GitHub does: a runner running a job cannot be deleted (HTTP 422).
+        if s.runners.iter().any(|r| r.id == id && r.busy) {
+            return Err(ForgeError::Conflict(format!("runner {id} is currently running a job and cannot be deleted")));
+        }
         s.runners.retain(|r| r.id != id);
         Ok(())
     }

@@ -36,7 +36,13 @@ pub fn step(name: &str, run: &str) -> StepSpec {
 
 /// A desired fleet on one `aws` provider (24 h window for mac types) with a forge.
 pub fn desired(tenant: &str, pools: Vec<DesiredPool>) -> Desired {
-    Desired { tenant: tenant.into(), providers: [("aws".to_string(), aws_provider())].into(), forge: true, pools }
+    Desired {
+        tenant: tenant.into(),
+        providers: [("aws".to_string(), aws_provider())].into(),
+        forge: true,
+        pools,
+        interrupt_jobs: false,
+    }
 }
 
 /// An `aws` provider as the planner sees it, with AWS's default capabilities (24 h Mac host window).
@@ -184,15 +190,21 @@ impl Simulator {
                         .as_mut()
                         .and_then(|rs| rs.iter_mut().find(|r| r.id == *runner_id))
                         .expect("runner exists");
+                    assert!(!r.busy || desired.interrupt_jobs, "relabelled runner {} in the middle of a job", r.name);
                     r.labels = labels.clone();
                 }
                 ActionKind::DeregisterRunner { runner_id, .. } => {
                     let rs = world.runners.as_mut().expect("forge read");
+                    if let Some(r) = rs.iter().find(|r| r.id == *runner_id) {
+                        assert!(!r.busy || desired.interrupt_jobs, "deregistered runner {} running a job", r.name);
+                    }
                     let before = rs.len();
                     rs.retain(|r| r.id != *runner_id);
                     assert_eq!(before, rs.len() + 1, "runner {runner_id} did not exist");
                 }
-                ActionKind::TerminateInstance { instance_id, .. } => {
+                ActionKind::TerminateInstance { instance_id, machine, .. } => {
+                    let busy = world.runners.iter().flatten().any(|r| &r.name == machine && r.busy);
+                    assert!(!busy || desired.interrupt_jobs, "terminated {machine} while its runner runs a job");
                     let m = world.machines.iter_mut().find(|m| &m.instance_id == instance_id).expect("instance exists");
                     m.state = InstanceState::Terminated;
                     for h in &mut world.hosts {
@@ -217,6 +229,23 @@ impl Simulator {
         }
         world.machines.retain(|m| m.state != InstanceState::Terminated);
         world.hosts.retain(|h| h.state != HostState::Released);
+    }
+}
+
+/// Every running job finishes: busy runners become idle.
+pub fn finish_jobs(world: &mut Actual) {
+    for r in world.runners.iter_mut().flatten() {
+        r.busy = false;
+    }
+}
+
+/// Runners of `machines` pick up a job.
+pub fn start_jobs(world: &mut Actual, machines: &[&str]) {
+    for r in world.runners.iter_mut().flatten() {
+        if machines.contains(&r.name.as_str()) {
+            r.busy = true;
+            r.online = true;
+        }
     }
 }
 

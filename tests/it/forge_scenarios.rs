@@ -184,3 +184,54 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Issue 11: a runner that picks up a job between plan and apply is not killed: the forge refuses to delete
+/// it, the removal becomes deferred, and the apply succeeds. Once the job ends, the next apply removes it.
+#[test]
+fn a_runner_that_picks_up_a_job_after_the_plan_is_not_killed() {
+    use nimbus::engine::apply::Session;
+    use nimbus::state::journal::{Retention, RunStatus};
+    let mut w = World::new();
+    let d = w.desired("linux", "persistent");
+    w.apply(&d);
+    let mut smaller = d.clone();
+    smaller.pools[0].count = 1;
+    let p = w.plan(&smaller);
+    assert!(p.deferred.is_empty(), "both runners are idle at plan time");
+    let doc = PlanDocument::from_plan(&p, None, None);
+    // The job starts after the plan was made.
+    w.forge.set_busy("nimbus.t.p.1", true);
+    let actual = w.actual();
+    let applier =
+        Applier::new(smaller.clone(), &actual, vec![w.provider.clone()], None).with_forge(w.forge.clone(), None);
+    let mut session = Session::open(&w.dir.path().join("journal.db"), Retention::default()).unwrap();
+    let run = session.start(&doc, "fleet.yaml", None).unwrap();
+    let (_keep, stop) = tokio::sync::watch::channel(false);
+    let outcome = w.rt.block_on(session.execute(run, &doc, Arc::new(applier), 10, stop, &mut [])).unwrap();
+    assert_eq!(outcome.status, RunStatus::Success, "{:?}", outcome.report.outcomes);
+    assert_eq!(outcome.report.deferred.len(), 1);
+    assert_eq!(outcome.tally.done.destroy, 0);
+    assert!(w.dir.path().join("sandboxes/nimbus.t.p.1/nimbus.json").exists(), "the busy machine was terminated");
+    let rows = session.journal().actions(run).unwrap();
+    assert!(
+        rows.iter().any(|r| r.status == "SKIPPED" && r.error.as_deref().unwrap_or("").contains("deferred")),
+        "{rows:?}"
+    );
+    // The next plan removes the idle machine instead: idle machines go first, and nothing waits.
+    let p = w.plan(&smaller);
+    let gone: Vec<String> = p
+        .actions()
+        .filter_map(|(_, a)| match &a.kind {
+            nimbus::core::plan::ActionKind::TerminateInstance { machine, .. } => Some(machine.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gone, ["nimbus.t.p.0"]);
+    assert!(p.deferred.is_empty());
+    w.apply(&smaller);
+    assert!(w.dir.path().join("sandboxes/nimbus.t.p.1/nimbus.json").exists());
+    // The job ends: nothing left to do.
+    w.forge.set_busy("nimbus.t.p.1", false);
+    assert!(w.plan(&smaller).is_empty());
+    assert_eq!(w.forge.runners().len(), 1);
+}

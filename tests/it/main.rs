@@ -9,6 +9,7 @@ mod aws_moto;
 mod cli;
 mod config;
 mod conformance;
+mod drain;
 mod e2e_aws_ssh;
 mod exec;
 mod forge_scenarios;

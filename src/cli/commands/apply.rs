@@ -87,12 +87,19 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     // One forge client (and one installation token) for discovery and the actions.
     let forge = super::build_forge(&loaded)?;
     let actual = rt.block_on(observe_with(&loaded, &providers, forge.as_deref()))?;
-    let desired = Desired::from_config(&loaded.config);
+    let mut desired = Desired::from_config(&loaded.config);
+    desired.interrupt_jobs = args.interrupt_jobs;
     let now = Utc::now();
     let fleet_path = loaded.path.display().to_string();
 
     let doc = match saved {
         Some(saved) => {
+            if saved.summary.jobs_interrupted > 0 && !args.interrupt_jobs {
+                return Err(CommandError::usage(
+                    format!("the saved plan interrupts {} running job(s)", saved.summary.jobs_interrupted),
+                    "apply it with `--interrupt-jobs` if that is intended, or plan again without it",
+                ));
+            }
             let current = Current {
                 fleet_sha256: &sha256_hex(loaded.source.as_bytes()),
                 fleet_path: &loaded.path,

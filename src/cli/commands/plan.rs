@@ -76,7 +76,9 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
         Some(p) => (read_inventory(p, &loaded.config.tenant)?.actual, "inventory"),
         None => (observe(loaded)?, "discovery"),
     };
-    Ok(super::document(loaded, &Desired::from_config(&loaded.config), &actual, at, source))
+    let mut desired = Desired::from_config(&loaded.config);
+    desired.interrupt_jobs = args.interrupt_jobs;
+    Ok(super::document(loaded, &desired, &actual, at, source))
 }
 
 pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {

@@ -51,6 +51,7 @@ impl Hook for Progress {
                 self.say(match outcome {
                     Outcome::Success => format!("{stamp} {}: {} done ({secs:.1}s)", a.address, a.kind.name()),
                     Outcome::Failed(e) => format!("{stamp} {}: {} FAILED ({secs:.1}s): {e}", a.address, a.kind.name()),
+                    Outcome::Deferred(why) => format!("{stamp} {}: {} deferred: {why}", a.address, a.kind.name()),
                     Outcome::Skipped { root_cause } => {
                         format!("{stamp} {}: {} skipped (action {root_cause} failed)", a.address, a.kind.name())
                     }
@@ -94,6 +95,12 @@ pub fn summary(o: &ApplyOutcome, deferred: usize, action: impl Fn(usize) -> Acti
         outln!("\nApply complete! {resources}");
         if deferred > 0 {
             outln!("{deferred} action(s) remain deferred; see `nimbus plan`.");
+        }
+        for id in &o.report.deferred {
+            if let Some(Outcome::Deferred(why)) = o.report.outcomes.get(id) {
+                let a = action(*id);
+                outln!("Deferred: {} {}: {why}; `nimbus plan` shows it until it can happen.", a.address, a.kind.name());
+            }
         }
     } else {
         errln!("\nApply failed. {resources}");

@@ -9,7 +9,7 @@ use std::fmt::Write;
 use super::summary_line;
 use crate::core::plan::diff::attribute_diff;
 use crate::core::plan::document::PlanDocument;
-use crate::core::plan::{ChangeAction, ResourceChange};
+use crate::core::plan::{ChangeAction, DeferredKind, ResourceChange};
 use crate::util::time::{ts, until};
 
 /// GitHub's limit on a comment body, in characters.
@@ -78,6 +78,13 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
         let _ = writeln!(o, "**No changes.** The fleet matches the fleet file.");
     } else {
         let _ = writeln!(o, "**{}**", summary_line(&doc.summary));
+    }
+    if doc.summary.jobs_interrupted > 0 {
+        let _ = writeln!(
+            o,
+            "⚠️ **{} running job(s) will be interrupted** (`--interrupt-jobs`).",
+            doc.summary.jobs_interrupted
+        );
     }
     if doc.summary.deferred > 0 {
         let _ = writeln!(o);
@@ -166,10 +173,11 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
         let _ = writeln!(o, "|---|---|---|---|");
         let mut cut = 0usize;
         for d in &doc.deferred {
-            let due = d
-                .due_at
-                .map(|t| format!("{} ({})", ts(&t), until(&t, &doc.planned_at)))
-                .unwrap_or_else(|| "when the provider allows".into());
+            let due = match (d.due_at, d.kind) {
+                (Some(t), _) => format!("{} ({})", ts(&t), until(&t, &doc.planned_at)),
+                (None, DeferredKind::BusyRunner) => "when the running job finishes".into(),
+                (None, _) => "when the provider allows".into(),
+            };
             let row = format!("| {} | {} | {due} | {} |\n", code(&d.address), d.action.name(), escape(&d.reason));
             if o.len() + row.len() > BUDGET - 1_500 {
                 cut += 1;

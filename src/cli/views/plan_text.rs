@@ -8,7 +8,7 @@ use std::fmt::Write;
 use super::summary_line;
 use crate::core::plan::diff::attribute_diff;
 use crate::core::plan::document::PlanDocument;
-use crate::core::plan::{ActionKind, ChangeAction, ResourceChange, ResourceKind};
+use crate::core::plan::{ActionKind, ChangeAction, DeferredKind, ResourceChange, ResourceKind};
 use crate::util::time::{ts, until};
 
 /// ANSI styling, or none.
@@ -107,9 +107,10 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
                 ActionKind::ReleaseHost { .. } => "release",
                 other => other.name(),
             };
-            let when = match &d.due_at {
-                Some(t) => format!("due {} ({})", ts(t), until(t, &doc.planned_at)),
-                None => "due when the provider allows".to_string(),
+            let when = match (&d.due_at, d.kind) {
+                (Some(t), _) => format!("due {} ({})", ts(t), until(t, &doc.planned_at)),
+                (None, DeferredKind::BusyRunner) => "when the running job finishes".to_string(),
+                (None, _) => "due when the provider allows".to_string(),
             };
             let _ = writeln!(o, "  {} {} {what}, {when}", st.cyan("⏲"), d.address);
             let _ = writeln!(o, "      {}", d.reason);
@@ -127,6 +128,12 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
         let mut line = st.bold(&summary_line(&doc.summary));
         if doc.summary.deferred > 0 {
             line.push_str(&format!(" {} deferred.", doc.summary.deferred));
+        }
+        if doc.summary.jobs_interrupted > 0 {
+            line.push_str(&st.red(&format!(
+                " {} running job(s) will be interrupted (--interrupt-jobs).",
+                doc.summary.jobs_interrupted
+            )));
         }
         let _ = writeln!(o, "{line}");
     }

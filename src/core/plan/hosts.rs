@@ -87,6 +87,7 @@ impl<'a> Builder<'a> {
                     "host allocated at {} is inside its minimum allocation window",
                     h.allocated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 ),
+                kind: DeferredKind::AllocationWindow,
             });
         } else {
             ids.push(self.add(&addr, kind, after));
@@ -129,6 +130,7 @@ impl<'a> Builder<'a> {
                     action: ActionKind::ReleaseHost { provider: h.provider.clone(), host_id: h.id.clone() },
                     due_at: Some(due).filter(|d| *d > self.now),
                     reason: "host is being scrubbed; it can be reused or released once it is available".into(),
+                    kind: DeferredKind::Scrubbing,
                 }),
                 HostState::UnderAssessment | HostState::PermanentFailure => self.warnings.push(Warning {
                     address: addr,

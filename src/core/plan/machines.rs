@@ -103,6 +103,15 @@ impl<'a> Builder<'a> {
         if let (Some(r), true) = (&pool.runner, self.runners.is_some()) {
             let mut deps = vec![last];
             // A stale runner of the same name must go first (unless a teardown already does that).
+            if let Some(old) = self.runner(name).filter(|_| !self.runners_handled.contains(name))
+                && self.must_wait_for_job(name)
+            {
+                // A runner of this name is running a job somewhere: registering replaces it, so wait.
+                self.runners_handled.insert(name.to_string());
+                let a = ActionKind::DeregisterRunner { runner_id: old.id, runner_name: old.name.clone() };
+                self.defer_for_job(addr, name, a, "then the new machine's runner registers");
+                return ids;
+            }
             if let Some(old) = self.runner(name).filter(|_| !self.runners_handled.contains(name)) {
                 let d = self.add(
                     addr,
@@ -131,6 +140,18 @@ impl<'a> Builder<'a> {
     pub(super) fn create(&mut self, pool: &DesiredPool, index: u32, cause: ChangeReason) {
         let name = machine_name(&self.desired.tenant, &pool.name, index);
         let addr = address(&pool.name, index);
+        // A machine of the same name (its pool moved provider) is still running a job: this one waits for it.
+        if self.held_for_jobs.contains(&name) {
+            let action = ActionKind::LaunchInstance {
+                provider: pool.provider.clone(),
+                pool: pool.name.clone(),
+                machine: name.clone(),
+                spec: pool.spec.clone(),
+                host: None,
+            };
+            self.defer_for_job(&addr, &name, action, "the new machine of the same name is made after it is removed");
+            return;
+        }
         let (host, deps, host_attr) = self.host_for(pool, &name, &addr);
         let mut ids = deps.clone();
         ids.extend(self.bring_up(pool, &name, &addr, host, deps));
@@ -170,6 +191,11 @@ impl<'a> Builder<'a> {
 
     pub(super) fn destroy(&mut self, m: &'a ActualMachine, cause: ChangeReason) {
         let addr = machine_address(m);
+        let name = m.name().unwrap_or(&m.instance_id).to_string();
+        if self.must_wait_for_job(&name) {
+            self.hold_for_job(m, &addr, &format!("then it is removed ({cause})"));
+            return;
+        }
         let (mut ids, t) = self.tear_down(m, &addr);
         if let Some(h) = m.host_id.clone() {
             self.release_or_defer(&h, &[t], &mut ids);
@@ -181,6 +207,11 @@ impl<'a> Builder<'a> {
     pub(super) fn replace(&mut self, pool: &DesiredPool, m: &'a ActualMachine, causes: Vec<ReplaceCause>) {
         let addr = machine_address(m);
         let name = m.name().unwrap_or(&m.instance_id).to_string();
+        if self.must_wait_for_job(&name) {
+            let why = ChangeReason::Replace { causes };
+            self.hold_for_job(m, &addr, &format!("then it is replaced ({why})"));
+            return;
+        }
         let (mut ids, t) = self.tear_down(m, &addr);
         // Keep the host when it still fits; otherwise let it go and find another.
         let keep_host = m.host_id.as_ref().filter(|h| {
@@ -320,7 +351,17 @@ impl<'a> Builder<'a> {
                 }
                 (Some(r), Some(fr)) => {
                     self.runners_handled.insert(name.clone());
-                    if !same_labels(&r.labels, &fr.labels) {
+                    let relabel = !same_labels(&r.labels, &fr.labels);
+                    // New labels change which jobs the runner may take: never in the middle of one.
+                    if relabel && self.must_wait_for_job(&name) {
+                        let a = ActionKind::UpdateRunnerLabels {
+                            machine: name.clone(),
+                            runner_id: fr.id,
+                            labels: r.labels.clone(),
+                            previous: fr.labels.clone(),
+                        };
+                        self.defer_for_job(&addr, &name, a, "then its labels change");
+                    } else if relabel {
                         why.push(UpdateCause::Labels);
                         ids.push(self.add(
                             &addr,
@@ -336,12 +377,13 @@ impl<'a> Builder<'a> {
                 }
                 (None, Some(fr)) => {
                     self.runners_handled.insert(name.clone());
-                    why.push(UpdateCause::RunnerRemoved);
-                    ids.push(self.add(
-                        &addr,
-                        ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() },
-                        &[],
-                    ));
+                    let a = ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() };
+                    if self.must_wait_for_job(&name) {
+                        self.defer_for_job(&addr, &name, a, "then the runner is removed (the pool no longer has one)");
+                    } else {
+                        why.push(UpdateCause::RunnerRemoved);
+                        ids.push(self.add(&addr, a, &[]));
+                    }
                 }
                 (None, None) => {}
             }
@@ -356,5 +398,26 @@ impl<'a> Builder<'a> {
         let (before, after) = (to_value(&self.machine_before(m)), to_value(&after));
         let subject = Subject::machine(addr, name, Some(&pool.name));
         self.changes.push(ResourceChange::update(subject, why, before, after, run_steps, ids));
+    }
+
+    /// The removal (or replacement) of a busy machine waits for its job, and so do everything after it: the
+    /// deregistration, the terminate and its host's release. The machine and its host stay as they are.
+    pub(super) fn hold_for_job(&mut self, m: &'a ActualMachine, addr: &str, what: &str) {
+        let name = m.name().unwrap_or(&m.instance_id).to_string();
+        self.held_for_jobs.insert(name.clone());
+        self.runners_handled.insert(name.clone());
+        if let Some(r) = self.runner(&name) {
+            let a = ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() };
+            self.defer_for_job(addr, &name, a, what);
+        }
+        let t = ActionKind::TerminateInstance {
+            provider: m.provider.clone(),
+            machine: name.clone(),
+            instance_id: m.instance_id.clone(),
+        };
+        self.defer_for_job(addr, &name, t, "the machine is terminated after its runner is removed");
+        if let Some(h) = &m.host_id {
+            self.claimed_hosts.insert(h.clone());
+        }
     }
 }

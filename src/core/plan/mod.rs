@@ -63,6 +63,10 @@ struct Builder<'a> {
     teardowns: HashMap<String, usize>,
     /// Known hosts by the machine their tag names.
     hosts_by_machine_tag: HashMap<&'a str, Vec<&'a str>>,
+    /// Machines whose removal waits for their runner's job: a new machine of the same name waits too.
+    held_for_jobs: HashSet<String>,
+    /// Running jobs this plan kills (`interrupt_jobs`).
+    jobs_interrupted: usize,
 }
 
 fn machine_index(m: &ActualMachine) -> Option<u32> {
@@ -177,6 +181,8 @@ impl<'a> Builder<'a> {
             occupied,
             teardowns: HashMap::new(),
             hosts_by_machine_tag,
+            held_for_jobs: HashSet::new(),
+            jobs_interrupted: 0,
         }
     }
 
@@ -192,6 +198,35 @@ impl<'a> Builder<'a> {
         self.runners.as_ref().and_then(|r| r.get(name).copied())
     }
 
+    /// The runner of `name` is running a job.
+    fn busy(&self, name: &str) -> bool {
+        self.runner(name).is_some_and(|r| r.busy)
+    }
+
+    /// Whether a change that removes (or relabels) `name`'s runner must wait for its job: true unless the
+    /// user asked to interrupt jobs, in which case the job is counted as one the plan kills.
+    fn must_wait_for_job(&mut self, name: &str) -> bool {
+        if !self.busy(name) {
+            return false;
+        }
+        if self.desired.interrupt_jobs {
+            self.jobs_interrupted += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Defers `action` of `address` until the running job of `name` finishes.
+    fn defer_for_job(&mut self, address: &str, name: &str, action: ActionKind, what: &str) {
+        self.deferred.push(Deferred {
+            address: address.to_string(),
+            action,
+            due_at: None,
+            reason: format!("waiting for the running job to finish: `{name}` is busy; {what}"),
+            kind: DeferredKind::BusyRunner,
+        });
+    }
+
     fn finish(self) -> Plan {
         let mut changes = self.changes;
         changes.sort_by_key(|a| address_key(&a.address));
@@ -204,6 +239,7 @@ impl<'a> Builder<'a> {
             changes,
             deferred,
             warnings: self.warnings,
+            jobs_interrupted: self.jobs_interrupted,
         }
     }
 }

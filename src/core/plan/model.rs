@@ -277,9 +277,25 @@ impl ResourceChange {
 pub struct Deferred {
     pub address: String,
     pub action: ActionKind,
-    /// When it becomes possible; `None` when that depends on the provider (host scrubbing).
+    /// When it becomes possible; `None` when that depends on the provider (host scrubbing) or on a job.
     pub due_at: Option<DateTime<Utc>>,
     pub reason: String,
+    /// What it waits for.
+    #[serde(default)]
+    pub kind: DeferredKind,
+}
+
+/// What a deferred action waits for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeferredKind {
+    /// A host inside its minimum allocation window.
+    #[default]
+    AllocationWindow,
+    /// A host being scrubbed by the provider.
+    Scrubbing,
+    /// A runner running a job: the job finishes first.
+    BusyRunner,
 }
 
 /// Something the plan cannot act on but the operator should know.
@@ -321,6 +337,8 @@ pub struct Plan {
     pub changes: Vec<ResourceChange>,
     pub deferred: Vec<Deferred>,
     pub warnings: Vec<Warning>,
+    /// Running jobs the plan kills (only with `interrupt_jobs`).
+    pub jobs_interrupted: usize,
 }
 
 /// The summary line's numbers.
@@ -330,6 +348,9 @@ pub struct Summary {
     pub change: usize,
     pub destroy: usize,
     pub deferred: usize,
+    /// Running jobs the plan kills (`--interrupt-jobs`); absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub jobs_interrupted: usize,
 }
 
 impl Plan {
@@ -349,7 +370,8 @@ impl Plan {
     }
 
     pub fn summary(&self) -> Summary {
-        let mut s = Summary { deferred: self.deferred.len(), ..Summary::default() };
+        let mut s =
+            Summary { deferred: self.deferred.len(), jobs_interrupted: self.jobs_interrupted, ..Summary::default() };
         for c in &self.changes {
             s.count(c);
         }
@@ -368,4 +390,8 @@ impl Summary {
             }
         }
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

@@ -48,8 +48,7 @@ impl<'a> Builder<'a> {
             self.destroy(m, cause);
         }
 
-        // Which machines stay: drop those needing replacement first, then those whose hosts can be released now,
-        // then the highest indexes.
+        // Which machines stay: see the order below.
         let mut ranked: Vec<(&'a ActualMachine, Option<Replacement>)> =
             same_provider.into_iter().map(|m| (m, self.replacement_reason(pool, m))).collect();
         let count = pool.count as usize;
@@ -58,7 +57,14 @@ impl<'a> Builder<'a> {
             let mut order: Vec<usize> = (0..ranked.len()).collect();
             order.sort_by_key(|&i| {
                 let (m, repl) = &ranked[i];
-                (repl.is_none(), !self.host_releasable_now(m.host_id.as_deref()), std::cmp::Reverse(machine_index(m)))
+                // Idle machines go first; then those needing replacement anyway, then those whose hosts can be
+                // released now, then the highest indexes.
+                (
+                    m.name().is_some_and(|n| self.busy(n)),
+                    repl.is_none(),
+                    !self.host_releasable_now(m.host_id.as_deref()),
+                    std::cmp::Reverse(machine_index(m)),
+                )
             });
             let drop: HashSet<usize> = order.into_iter().take(ranked.len() - count).collect();
             let mut keep = Vec::new();

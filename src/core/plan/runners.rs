@@ -24,6 +24,11 @@ impl<'a> Builder<'a> {
         ghosts.sort_by_key(|r| (r.name.clone(), r.id));
         for r in ghosts {
             let addr = String::from(Address::runner(&r.name));
+            if self.must_wait_for_job(&r.name) {
+                let a = ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() };
+                self.defer_for_job(&addr, &r.name, a, "then the runner, which has no machine, is removed");
+                continue;
+            }
             let id =
                 self.add(&addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
             let subject = Subject {
