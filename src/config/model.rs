@@ -219,6 +219,10 @@ pub struct RunnerConfig {
     pub labels: Vec<String>,
     #[serde(default)]
     pub mode: RunnerMode,
+    /// How long a registered runner may be offline (on a reachable machine) before nimbus restarts its
+    /// agent, or its machine unreachable before nimbus replaces it (default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_grace: Option<HumanDuration>,
 }
 
 /// A named setup step: a POSIX shell script run on the machine.

@@ -134,6 +134,22 @@ pub struct MachineSpec {
 pub struct RunnerSpec {
     pub labels: Vec<String>,
     pub mode: RunnerMode,
+    /// How long the runner may be offline before it is repaired (`runner.offline_grace`).
+    #[serde(default = "default_offline_grace", with = "secs")]
+    pub offline_grace: Duration,
+}
+
+/// `runner.offline_grace` unless the fleet file says otherwise.
+pub const DEFAULT_OFFLINE_GRACE: Duration = Duration::from_secs(600);
+
+fn default_offline_grace() -> Duration {
+    DEFAULT_OFFLINE_GRACE
+}
+
+impl RunnerSpec {
+    pub fn new(labels: Vec<String>, mode: RunnerMode) -> Self {
+        RunnerSpec { labels, mode, offline_grace: DEFAULT_OFFLINE_GRACE }
+    }
 }
 
 /// A setup step as the planner sees it: its name and a hash of its script.
@@ -179,7 +195,11 @@ impl Desired {
                         image: p.machine.image.clone(),
                         availability_zone: p.machine.availability_zone.clone(),
                     },
-                    runner: p.runner.as_ref().map(|r| RunnerSpec { labels: r.labels.clone(), mode: r.mode }),
+                    runner: p.runner.as_ref().map(|r| RunnerSpec {
+                        labels: r.labels.clone(),
+                        mode: r.mode,
+                        offline_grace: r.offline_grace.map(|d| d.0).unwrap_or(DEFAULT_OFFLINE_GRACE),
+                    }),
                     setup: p
                         .setup
                         .iter()
@@ -283,6 +303,9 @@ pub struct ActualMachine {
     pub availability_zone: Option<String>,
     pub host_id: Option<String>,
     pub launched_at: DateTime<Utc>,
+    /// When nimbus first failed to reach it (kept in the journal across runs); `None` while reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<DateTime<Utc>>,
     /// Address to reach it on (never used in tests unless loopback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
@@ -351,6 +374,9 @@ pub struct ForgeRunner {
     pub labels: Vec<String>,
     pub online: bool,
     pub busy: bool,
+    /// When nimbus first saw it offline (kept in the journal across runs); `None` while online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_since: Option<DateTime<Utc>>,
 }
 
 /// A recorded discovery, for `nimbus discover -o` / `plan --inventory`.
@@ -377,6 +403,7 @@ impl Actual {
             for x in r.iter_mut() {
                 x.online = false;
                 x.busy = false;
+                x.offline_since = None;
             }
         }
         sha256_hex(&serde_json::to_vec(&a).expect("actual serialises"))

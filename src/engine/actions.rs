@@ -26,6 +26,9 @@ pub fn event_names(kind: &ActionKind) -> (&'static str, &'static str, &'static s
         ActionKind::AllocateHost { .. } => {
             ("nimbus.host.allocate_start", "nimbus.host.allocated", "nimbus.host.allocate_failed")
         }
+        ActionKind::RestartRunner { .. } => {
+            ("nimbus.runner.restart_start", "nimbus.runner.restarted", "nimbus.runner.restart_failed")
+        }
         ActionKind::LaunchInstance { .. } => {
             ("nimbus.machine.provision_start", "nimbus.machine.provision_complete", "nimbus.machine.provision_failed")
         }
@@ -159,6 +162,25 @@ impl Applier {
             runner_id: runner_id.map(|i| i as i64),
         });
         machine_db::write(t.as_ref(), &db).await?;
+        Ok(())
+    }
+
+    async fn restart_runner(&self, provider: &str, machine: &str, log: Option<&PathBuf>) -> Result<(), ActionError> {
+        let forge = self.forge()?;
+        let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+            ActionError::new(format!("`{machine}` cannot be reached: the fleet file has no `ssh:` section"))
+        })?;
+        let pool = self.pool_of(machine);
+        let (os, arch) = pool.map(|p| (p.spec.os, p.spec.arch)).unwrap_or((Os::Linux, Arch::X86_64));
+        let labels = pool.and_then(|p| p.runner.as_ref()).map(|r| r.labels.clone()).unwrap_or_default();
+        let target = AgentTarget { machine, labels: &labels, os, arch, dir: self.runner_dir.as_deref() };
+        let out = t.exec(&forge.agent().restart(&target), b"", log.map(|p| p.as_path())).await?;
+        if out.code != 0 {
+            return Err(ActionError::exit(
+                format!("restarting the runner on `{machine}` failed (exit {}): {}", out.code, out.stderr_tail),
+                out.code,
+            ));
+        }
         Ok(())
     }
 
@@ -353,6 +375,10 @@ impl Applier {
                 Ok(())
             }
             ActionKind::WaitReachable { provider, machine } => self.wait_reachable(provider, machine).await,
+            ActionKind::RestartRunner { provider, machine } => {
+                let log = self.log_path(id, action);
+                self.restart_runner(provider, machine, log.as_ref()).await
+            }
             ActionKind::RepairState { provider, machine } => {
                 let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
                     ActionError::new(format!("`{machine}` cannot be reached: the fleet file has no `ssh:` section"))
@@ -412,7 +438,7 @@ impl ActionRunner for Applier {
 
     fn log_path(&self, id: usize, action: &Action) -> Option<PathBuf> {
         match action.kind {
-            ActionKind::RunSetup { .. } | ActionKind::RegisterRunner { .. } => {
+            ActionKind::RunSetup { .. } | ActionKind::RegisterRunner { .. } | ActionKind::RestartRunner { .. } => {
                 self.log_dir.as_ref().map(|d| d.join(format!("{id:04}-{}.log", action.kind.name())))
             }
             _ => None,

@@ -57,6 +57,31 @@ pub async fn discover_with_forge(
     Ok(actual)
 }
 
+/// Fills in since when each offline runner has been offline and each unreachable machine unreachable,
+/// from the journal's record of earlier runs (and records this run's view).
+pub fn annotate_with_history(
+    actual: &mut Actual,
+    journal: &crate::state::journal::Journal,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), crate::state::journal::JournalError> {
+    let offline: Vec<String> = actual.runners.iter().flatten().filter(|r| !r.online).map(|r| r.name.clone()).collect();
+    let since = journal.observe("runner_offline", &offline, now)?;
+    for r in actual.runners.iter_mut().flatten() {
+        r.offline_since = if r.online { None } else { since.get(&r.name).copied() };
+    }
+    let unreachable: Vec<String> = actual
+        .machines
+        .iter()
+        .filter(|m| matches!(m.on_machine, OnMachine::Unreachable { .. }))
+        .filter_map(|m| m.name().map(str::to_string))
+        .collect();
+    let since = journal.observe("machine_unreachable", &unreachable, now)?;
+    for m in actual.machines.iter_mut() {
+        m.unreachable_since = m.name().and_then(|n| since.get(n).copied());
+    }
+    Ok(())
+}
+
 async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>]) -> ActualMachine {
     if m.state != InstanceState::Running || m.on_machine != OnMachine::NotRead {
         return m;

@@ -52,7 +52,14 @@ impl FakeForge {
         }
         s.next_id += 1;
         let id = s.next_id;
-        s.runners.push(ForgeRunner { id, name: name.into(), labels: labels.to_vec(), online: true, busy: false });
+        s.runners.push(ForgeRunner {
+            id,
+            name: name.into(),
+            labels: labels.to_vec(),
+            online: true,
+            busy: false,
+            offline_since: None,
+        });
         Ok(id)
     }
     /// A runner picks up a job (`true`) or finishes it (`false`).
@@ -79,6 +86,7 @@ impl FakeForge {
             labels: labels.iter().map(|l| l.to_string()).collect(),
             online: false,
             busy: false,
+            offline_since: None,
         });
         id
     }
@@ -103,7 +111,14 @@ impl Forge for FakeForge {
                 return Err(ForgeError::Conflict(format!("409: a runner named {name} exists")));
             }
             let id = s.next_id;
-            s.runners.push(ForgeRunner { id, name: name.into(), labels: labels.to_vec(), online: false, busy: false });
+            s.runners.push(ForgeRunner {
+                id,
+                name: name.into(),
+                labels: labels.to_vec(),
+                online: false,
+                busy: false,
+                offline_since: None,
+            });
             Ok(Registration { runner_id: Some(id), url: None, secret: Secret::new(token), ephemeral: true })
         } else {
             s.calls.push("POST /orgs/{org}/actions/runners/registration-token".into());

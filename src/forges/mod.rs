@@ -134,6 +134,8 @@ pub trait RunnerAgent: Send + Sync {
     fn install(&self, target: &AgentTarget, reg: &Registration) -> AgentInstall;
     /// Stops and unregisters the agent on a machine that stays.
     fn remove(&self, target: &AgentTarget) -> String;
+    /// Restarts the agent of a registered runner that went offline.
+    fn restart(&self, target: &AgentTarget) -> String;
 }
 
 #[async_trait]

@@ -51,6 +51,12 @@ CREATE TABLE IF NOT EXISTS event_log (
   details  TEXT
 );
 CREATE INDEX IF NOT EXISTS event_log_ts ON event_log(ts);
+CREATE TABLE IF NOT EXISTS observations (
+  kind  TEXT NOT NULL,
+  name  TEXT NOT NULL,
+  since TEXT NOT NULL,
+  PRIMARY KEY (kind, name)
+);
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -405,6 +411,52 @@ impl Journal {
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Records which `names` are in a condition (`kind`: a runner offline, a machine unreachable) as of
+    /// `now`, and returns since when each has been in it without a break. Names no longer in it are forgotten.
+    pub fn observe(
+        &self,
+        kind: &str,
+        names: &[String],
+        now: chrono::DateTime<Utc>,
+    ) -> Result<std::collections::HashMap<String, chrono::DateTime<Utc>>, JournalError> {
+        let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let mut known: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        {
+            let mut st = tx.prepare("SELECT name, since FROM observations WHERE kind = ?1").map_err(|e| self.err(e))?;
+            let rows = st
+                .query_map(params![kind], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| self.err(e))?;
+            for r in rows {
+                let (n, s) = r.map_err(|e| self.err(e))?;
+                known.insert(n, s);
+            }
+        }
+        for n in known.keys().filter(|n| !names.contains(n)) {
+            tx.execute("DELETE FROM observations WHERE kind = ?1 AND name = ?2", params![kind, n])
+                .map_err(|e| self.err(e))?;
+        }
+        let mut out = std::collections::HashMap::new();
+        for n in names {
+            let since = match known.get(n) {
+                Some(s) => s.clone(),
+                None => {
+                    tx.execute(
+                        "INSERT INTO observations (kind, name, since) VALUES (?1, ?2, ?3)",
+                        params![kind, n, ts],
+                    )
+                    .map_err(|e| self.err(e))?;
+                    ts.clone()
+                }
+            };
+            if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&since) {
+                out.insert(n.clone(), t.with_timezone(&Utc));
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
     }
 
     pub fn latest_run(&self) -> Result<Option<i64>, JournalError> {

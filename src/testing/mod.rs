@@ -25,7 +25,7 @@ pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: 
             image: image.into(),
             availability_zone: Some("us-east-1a".into()),
         },
-        runner: Some(RunnerSpec { labels: vec!["ci".into()], mode: RunnerMode::Persistent }),
+        runner: Some(RunnerSpec::new(vec!["ci".into()], RunnerMode::Persistent)),
         setup: vec![step("base", "echo base")],
     }
 }
@@ -154,9 +154,16 @@ impl Simulator {
                         launched_at: now,
                         address: None,
                         on_machine: OnMachine::Read { state: MachineState::default() },
+                        unreachable_since: None,
                     });
                 }
                 ActionKind::WaitReachable { .. } => {}
+                ActionKind::RestartRunner { machine, .. } => {
+                    for r in world.runners.iter_mut().flatten().filter(|r| &r.name == machine) {
+                        r.online = true;
+                        r.offline_since = None;
+                    }
+                }
                 ActionKind::RepairState { machine, .. } => {
                     live_mut(world, machine).on_machine = OnMachine::Read { state: MachineState::default() };
                 }
@@ -182,6 +189,7 @@ impl Simulator {
                         labels: labels.clone(),
                         online: true,
                         busy: false,
+                        offline_since: None,
                     });
                 }
                 ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {

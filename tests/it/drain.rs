@@ -186,9 +186,11 @@ fn fleet(gens: &[Gen]) -> Desired {
                 if g.mac { "mac2.metal" } else { "t3.large" },
                 &format!("ami-{}", g.image),
             );
-            p.runner = g.runner.then(|| RunnerSpec {
-                labels: (0..g.labels).map(|l| format!("l{l}")).collect(),
-                mode: nimbus::config::RunnerMode::Persistent,
+            p.runner = g.runner.then(|| {
+                RunnerSpec::new(
+                    (0..g.labels).map(|l| format!("l{l}")).collect(),
+                    nimbus::config::RunnerMode::Persistent,
+                )
             });
             p
         })
@@ -251,4 +253,64 @@ fn the_interrupt_flag_is_on_the_command_line() {
         let o = crate::common::nimbus_env(dir.path(), args, &[]);
         assert_eq!(o.status.code(), Some(0), "{}", crate::common::text(&o));
     }
+}
+
+// ---------------------------------------------------------------- offline runners, unreachable machines
+
+#[test]
+fn an_offline_runner_past_its_grace_is_restarted_and_not_before() {
+    let d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    let (mut world, mut sim) = built(&d);
+    let r = &mut world.runners.as_mut().unwrap()[0];
+    r.online = false;
+    r.offline_since = Some(t0() - chrono::Duration::minutes(5));
+    assert!(plan(&d, &world, t0()).is_empty(), "inside the 10m grace");
+    world.runners.as_mut().unwrap()[0].offline_since = Some(t0() - chrono::Duration::minutes(11));
+    let p = plan(&d, &world, t0());
+    assert_eq!(p.actions().map(|(_, a)| a.kind.name()).collect::<Vec<_>>(), ["restart_runner"]);
+    assert!(p.changes[0].reason.contains("runner offline since 2026-11-24T11:49:00Z"), "{}", p.changes[0].reason);
+    sim.apply(&d, &mut world, &p, t0());
+    assert!(plan(&d, &world, t0()).is_empty());
+}
+
+#[test]
+fn an_unreachable_machine_past_the_grace_is_replaced_unless_its_runner_is_alive() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (mut world, mut sim) = built(&d);
+    let host = world.machines[0].host_id.clone();
+    world.machines[0].on_machine = OnMachine::Unreachable { reason: "connection timed out".into() };
+    world.machines[0].unreachable_since = Some(t0() - chrono::Duration::minutes(30));
+    // Its runner still shows online: the machine is alive, only nimbus's route to it is not.
+    let p = plan(&d, &world, t0());
+    assert!(p.is_empty());
+    assert!(p.warnings.iter().any(|w| w.message.contains("unreachable")));
+    world.runners.as_mut().unwrap()[0].online = false;
+    let p = plan(&d, &world, t0());
+    assert_eq!(p.summary().add, 1);
+    assert_eq!(p.summary().destroy, 1);
+    assert!(p.changes[0].reason.contains("has not answered since"), "{}", p.changes[0].reason);
+    assert_eq!(p.changes[0].replace_paths, ["reachable"]);
+    sim.apply(&d, &mut world, &p, t0());
+    assert_eq!(world.machines[0].host_id, host, "replaced on its own host: no new 24 h allocation");
+    assert!(plan(&d, &world, t0()).is_empty());
+    // A busy runner on an unreachable machine is still never killed.
+    let (mut world, _) = built(&d);
+    world.machines[0].on_machine = OnMachine::Unreachable { reason: "timeout".into() };
+    world.machines[0].unreachable_since = Some(t0() - chrono::Duration::hours(1));
+    world.runners.as_mut().unwrap()[0].online = false;
+    world.runners.as_mut().unwrap()[0].busy = true;
+    let p = plan(&d, &world, t0());
+    assert!(p.is_empty() && busy_deferred(&p).len() == 2);
+}
+
+#[test]
+fn the_journal_remembers_since_when() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = nimbus::state::journal::Journal::open(&dir.path().join("j.db")).unwrap();
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let first = j.observe("runner_offline", &names(&["a", "b"]), t0()).unwrap();
+    let later = j.observe("runner_offline", &names(&["a"]), t0() + chrono::Duration::minutes(5)).unwrap();
+    assert_eq!(later["a"], first["a"], "a stays offline since the first sighting");
+    let back = j.observe("runner_offline", &names(&["a", "b"]), t0() + chrono::Duration::minutes(9)).unwrap();
+    assert_eq!(back["b"], t0() + chrono::Duration::minutes(9), "b came back online in between: a new spell");
 }

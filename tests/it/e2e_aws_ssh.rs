@@ -266,4 +266,34 @@ fn aws_ssh_and_forge_end_to_end() {
     assert_eq!(forge.runners().iter().map(|r| r.name.clone()).collect::<Vec<_>>(), [format!("nimbus.{tenant}.mac.0")]);
     let after = nimbus::core::plan::plan(&one, &actual(), chrono::Utc::now());
     assert!(after.is_empty(), "{:?}", after.changes);
+
+    // Issue 11: the runner goes offline on a machine that still answers. Within its grace nothing happens;
+    // past it (the journal remembers when it was first seen offline), its agent is restarted over SSH.
+    let name = format!("nimbus.{tenant}.mac.0");
+    forge.set_online(&name, false);
+    let journal = nimbus::state::journal::Journal::open(&dir.path().join("journal.db")).unwrap();
+    let now = chrono::Utc::now();
+    let observed = |at| {
+        let mut a = actual();
+        nimbus::engine::discovery::annotate_with_history(&mut a, &journal, at).unwrap();
+        a
+    };
+    let fresh = observed(now - chrono::Duration::minutes(20));
+    assert!(nimbus::core::plan::plan(&one, &fresh, now - chrono::Duration::minutes(20)).is_empty(), "inside the grace");
+    let late = observed(now);
+    assert_eq!(
+        late.runners.as_ref().unwrap()[0].offline_since,
+        Some(fresh.runners.as_ref().unwrap()[0].offline_since.unwrap())
+    );
+    let plan = nimbus::core::plan::plan(&one, &late, now);
+    let kinds: Vec<&str> = plan.actions().map(|(_, a)| a.kind.name()).collect();
+    assert_eq!(kinds, ["restart_runner"]);
+    assert!(plan.changes[0].reason.contains("runner offline since"), "{}", plan.changes[0].reason);
+    let applier = Applier::new(one.clone(), &late, vec![provider.clone()], Some(dir.path().join("logs")))
+        .with_forge(forge.clone(), Some(format!("{d}/machines/{{machine}}/actions-runner")));
+    let report =
+        rt.block_on(nimbus::engine::walk::execute(Arc::new(plan.graph.clone()), Arc::new(applier), 10, |_| {}));
+    assert!(report.succeeded(), "{:?}", report.outcomes);
+    let service = std::fs::read_to_string(dir.path().join(format!("machines/{name}/actions-runner/.service"))).unwrap();
+    assert_eq!(service, "install\nstart\nstop\nstart\n", "the agent's service was restarted on the machine");
 }

@@ -197,6 +197,7 @@ fn orphans_are_destroyed_and_ghost_runners_deregistered() {
         labels: vec![],
         online: false,
         busy: false,
+        offline_since: None,
     });
     let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
     let p = plan(&d1, &world, t0());

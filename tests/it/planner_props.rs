@@ -52,9 +52,8 @@ fn make_desired(tenant: &str, gens: &[PoolGen]) -> Desired {
         if g.az_b {
             p.spec.availability_zone = Some("us-east-1b".into());
         }
-        p.runner = g.runner.then(|| RunnerSpec {
-            labels: (0..g.labels).map(|i| format!("l{i}")).collect(),
-            mode: nimbus::config::RunnerMode::Persistent,
+        p.runner = g.runner.then(|| {
+            RunnerSpec::new((0..g.labels).map(|i| format!("l{i}")).collect(), nimbus::config::RunnerMode::Persistent)
         });
         p.setup = (0..g.steps).map(|i| step(&format!("s{i}"), &format!("echo {i} {}", g.image))).collect();
         pools.push(p);
@@ -126,6 +125,7 @@ fn apply_perturbations(world: &mut Actual, ps: &[Perturb]) {
                 labels: vec![],
                 online: false,
                 busy: false,
+                offline_since: None,
             }),
             _ => {}
         }
@@ -169,6 +169,7 @@ fn foreign(world: &mut Actual) -> Actual {
         labels: vec![],
         online: true,
         busy: false,
+        offline_since: None,
     });
 
     world.hosts.extend(theirs.hosts.clone());

@@ -33,6 +33,7 @@ fn mixed_document() -> PlanDocument {
         labels: vec!["ci".into()],
         online: false,
         busy: false,
+        offline_since: None,
     });
     let linux1 = world.machines.iter_mut().find(|m| m.name() == Some("nimbus.acme.linux.1")).unwrap();
     linux1.on_machine = OnMachine::Unreachable { reason: "connection timed out".into() };

@@ -86,7 +86,8 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     })?;
     // One forge client (and one installation token) for discovery and the actions.
     let forge = super::build_forge(&loaded)?;
-    let actual = rt.block_on(observe_with(&loaded, &providers, forge.as_deref()))?;
+    let mut actual = rt.block_on(observe_with(&loaded, &providers, forge.as_deref()))?;
+    crate::engine::discovery::annotate_with_history(&mut actual, session.journal(), Utc::now())?;
     let mut desired = Desired::from_config(&loaded.config);
     desired.interrupt_jobs = args.interrupt_jobs;
     let now = Utc::now();

@@ -74,7 +74,18 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
     };
     let (actual, source) = match &args.inventory {
         Some(p) => (read_inventory(p, &loaded.config.tenant)?.actual, "inventory"),
-        None => (observe(loaded)?, "discovery"),
+        None => {
+            let mut actual = observe(loaded)?;
+            // Since when runners have been offline and machines unreachable: the journal remembers.
+            // A plan that cannot write the journal (a read-only checkout) still plans; it only cannot tell
+            // how long something has been offline, so it repairs nothing for that yet.
+            let noted = crate::state::journal::Journal::open(&super::journal_path(loaded, None))
+                .and_then(|j| crate::engine::discovery::annotate_with_history(&mut actual, &j, now));
+            if let Err(e) = noted {
+                errln!("warning: {e}; offline runners and unreachable machines are not timed in this plan");
+            }
+            (actual, "discovery")
+        }
     };
     let mut desired = Desired::from_config(&loaded.config);
     desired.interrupt_jobs = args.interrupt_jobs;

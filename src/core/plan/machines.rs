@@ -374,6 +374,20 @@ impl<'a> Builder<'a> {
                             &[],
                         ));
                     }
+                    // Offline past its grace on a machine that answers: restart its agent. (An ephemeral runner
+                    // is never restarted: it is reimaged after its job.)
+                    let grace = chrono::Duration::from_std(r.offline_grace).unwrap_or(chrono::Duration::MAX);
+                    if let Some(since) = fr.offline_since.filter(|s| !fr.online && *s + grace <= self.now)
+                        && r.mode == crate::config::RunnerMode::Persistent
+                    {
+                        why.push(UpdateCause::RunnerOffline { since });
+                        let deps: Vec<usize> = last.into_iter().collect();
+                        ids.push(self.add(
+                            &addr,
+                            ActionKind::RestartRunner { provider: pool.provider.clone(), machine: name.clone() },
+                            &deps,
+                        ));
+                    }
                 }
                 (None, Some(fr)) => {
                     self.runners_handled.insert(name.clone());

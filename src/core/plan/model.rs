@@ -63,6 +63,11 @@ pub enum ActionKind {
         provider: String,
         machine: String,
     },
+    /// Restarts the runner agent of a machine whose runner is offline.
+    RestartRunner {
+        provider: String,
+        machine: String,
+    },
     /// Replaces an empty or damaged on-machine state database with a fresh one (setup then runs again).
     RepairState {
         provider: String,
@@ -110,6 +115,7 @@ impl ActionKind {
             ActionKind::LaunchInstance { .. } => "launch_instance",
             ActionKind::WaitReachable { .. } => "wait_reachable",
             ActionKind::RepairState { .. } => "repair_state",
+            ActionKind::RestartRunner { .. } => "restart_runner",
             ActionKind::RunSetup { .. } => "run_setup",
             ActionKind::RegisterRunner { .. } => "register_runner",
             ActionKind::UpdateRunnerLabels { .. } => "update_runner_labels",
@@ -125,6 +131,7 @@ impl ActionKind {
             ActionKind::AllocateHost { machine, .. }
             | ActionKind::LaunchInstance { machine, .. }
             | ActionKind::WaitReachable { machine, .. }
+            | ActionKind::RestartRunner { machine, .. }
             | ActionKind::RepairState { machine, .. }
             | ActionKind::RunSetup { machine, .. }
             | ActionKind::RegisterRunner { machine, .. }

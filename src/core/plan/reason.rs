@@ -31,10 +31,23 @@ pub enum ChangeReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "attribute", rename_all = "snake_case")]
 pub enum ReplaceCause {
-    Image { from: String, to: String },
-    InstanceType { from: Option<String>, to: Option<String> },
-    AvailabilityZone { from: Option<String>, to: Option<String> },
+    Image {
+        from: String,
+        to: String,
+    },
+    InstanceType {
+        from: Option<String>,
+        to: Option<String>,
+    },
+    AvailabilityZone {
+        from: Option<String>,
+        to: Option<String>,
+    },
     Stopped,
+    /// The machine has not answered since `since`, past the grace period, and its runner is not online.
+    Unreachable {
+        since: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 /// What an in-place update does.
@@ -53,6 +66,11 @@ pub enum UpdateCause {
     RunnerMissing,
     Labels,
     RunnerRemoved,
+    /// The runner has been offline since `since`, past the grace period, on a reachable machine: its agent
+    /// is restarted.
+    RunnerOffline {
+        since: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +91,7 @@ impl ReplaceCause {
             ReplaceCause::InstanceType { .. } => "instance_type",
             ReplaceCause::AvailabilityZone { .. } => "availability_zone",
             ReplaceCause::Stopped => "state",
+            ReplaceCause::Unreachable { .. } => "reachable",
         }
     }
 }
@@ -92,6 +111,11 @@ impl fmt::Display for ReplaceCause {
                 write!(f, "availability zone changes from `{}` to `{}`", or_dash(from), or_dash(to))
             }
             ReplaceCause::Stopped => f.write_str("the instance is stopped"),
+            ReplaceCause::Unreachable { since } => write!(
+                f,
+                "the machine has not answered since {} (longer than the runner's offline grace) and its runner is not online",
+                crate::util::time::ts(since)
+            ),
         }
     }
 }
@@ -115,6 +139,11 @@ impl fmt::Display for UpdateCause {
             UpdateCause::RunnerMissing => f.write_str("runner is not registered"),
             UpdateCause::Labels => f.write_str("runner labels change"),
             UpdateCause::RunnerRemoved => f.write_str("the pool no longer has a runner"),
+            UpdateCause::RunnerOffline { since } => write!(
+                f,
+                "runner offline since {} (longer than its offline grace) on a reachable machine: its agent is restarted",
+                crate::util::time::ts(since)
+            ),
         }
     }
 }

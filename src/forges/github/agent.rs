@@ -61,6 +61,13 @@ impl RunnerAgent for GithubAgent {
         AgentInstall { script, stdin: format!("{}\n", reg.secret.expose()).into_bytes() }
     }
 
+    fn restart(&self, t: &AgentTarget) -> String {
+        format!(
+            "set -e\ndir={dir}\ncd \"$dir\"\nif [ -x ./svc.sh ]; then (sudo -n ./svc.sh stop 2>/dev/null || ./svc.sh stop || true); (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start); else nohup ./run.sh >/dev/null 2>&1 & fi\n",
+            dir = Self::dir_word(t)
+        )
+    }
+
     fn remove(&self, t: &AgentTarget) -> String {
         format!(
             "dir={dir}\n[ -d \"$dir\" ] || exit 0\ncd \"$dir\"\nif [ -x ./svc.sh ]; then (sudo -n ./svc.sh stop 2>/dev/null || ./svc.sh stop || true); (sudo -n ./svc.sh uninstall 2>/dev/null || ./svc.sh uninstall || true); fi\nrm -f .runner .credentials .credentials_rsaparams\n",

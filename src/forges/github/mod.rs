@@ -234,6 +234,7 @@ impl Forge for GitHubForge {
                     r.labels.into_iter().filter(|l| l.kind.as_deref() != Some("read-only")).map(|l| l.name).collect(),
                 online: r.status == "online",
                 busy: r.busy,
+                offline_since: None,
             }));
             if n < PAGE || all.len() >= list.total_count {
                 break;

@@ -508,6 +508,7 @@ impl Provider for AwsProvider {
                 launched_at: to_chrono(i.launch_time()),
                 address: i.private_ip_address().map(str::to_string),
                 on_machine: OnMachine::NotRead,
+                unreachable_since: None,
             });
         }
         let hosts = hosts

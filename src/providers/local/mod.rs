@@ -302,6 +302,7 @@ impl Provider for LocalProvider {
                 launched_at: rec.launched_at,
                 address: None,
                 on_machine: OnMachine::NotRead,
+                unreachable_since: None,
             })
             .collect();
         Ok(Discovered { hosts: Vec::new(), machines, unusable })
