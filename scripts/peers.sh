@@ -60,6 +60,76 @@ if marker not in s:
     if old not in s:
         raise SystemExit("peers: moto's hosts.py changed; cannot apply the tag filter patch")
     p.write_text(s.replace(old, new))
+
+# EC2's CreateReplaceRootVolumeTask (a fresh root volume, same instance and host), which moto lacks: the task
+# goes pending → in-progress → succeeded over DescribeReplaceRootVolumeTasks calls; the instance is pending
+# meanwhile and comes back running with a new root volume (the old one deleted when asked). Responses are
+# serialised by moto from botocore's EC2 service model, so their shape is the real API's.
+import moto.ec2.responses.instances as ri
+p = pathlib.Path(ri.__file__)
+s = p.read_text()
+marker = "# nimbus: replace root volume"
+if marker not in s:
+    s += """
+
+""" + marker + """
+import datetime as _nimbus_dt
+import uuid as _nimbus_uuid
+
+_NIMBUS_RRV = {}
+
+
+def _nimbus_now():
+    return _nimbus_dt.datetime.now(_nimbus_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _nimbus_create_replace_root_volume_task(self):
+    instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+    if instance.state != "running":
+        raise InvalidRequest("IncorrectInstanceState: the instance is not running")
+    task = {
+        "ReplaceRootVolumeTaskId": "replacevol-" + _nimbus_uuid.uuid4().hex[:17],
+        "InstanceId": instance.id,
+        "TaskState": "pending",
+        "StartTime": _nimbus_now(),
+        "DeleteReplacedRootVolume": bool(self._get_param("DeleteReplacedRootVolume")),
+    }
+    if self._get_param("ImageId"):
+        task["ImageId"] = self._get_param("ImageId")
+    _NIMBUS_RRV[task["ReplaceRootVolumeTaskId"]] = task
+    instance._state.name, instance._state.code = "pending", 0
+    return ActionResult({"ReplaceRootVolumeTask": dict(task)})
+
+
+def _nimbus_describe_replace_root_volume_tasks(self):
+    out = []
+    for tid in self._get_param("ReplaceRootVolumeTaskIds", []) or list(_NIMBUS_RRV):
+        task = _NIMBUS_RRV.get(tid)
+        if task is None:
+            continue
+        if task["TaskState"] == "pending":
+            task["TaskState"] = "in-progress"
+        elif task["TaskState"] == "in-progress":
+            instance = self.ec2_backend.get_instance(task["InstanceId"])
+            for device, old in list(instance.block_device_mapping.items()):
+                if device in ("/dev/sda1", "/dev/xvda"):
+                    self.ec2_backend.detach_volume(old.volume_id, instance.id, device)
+                    if task["DeleteReplacedRootVolume"]:
+                        self.ec2_backend.delete_volume(old.volume_id)
+            volume = self.ec2_backend.create_volume(size=8, zone_name=instance._placement.zone)
+            self.ec2_backend.attach_volume(volume.id, instance.id, "/dev/sda1", True)
+            if task.get("ImageId"):
+                instance.image_id = task["ImageId"]
+            instance._state.name, instance._state.code = "running", 16
+            task["TaskState"], task["CompleteTime"] = "succeeded", _nimbus_now()
+        out.append(dict(task))
+    return ActionResult({"ReplaceRootVolumeTasks": out})
+
+
+InstanceResponse.create_replace_root_volume_task = _nimbus_create_replace_root_volume_task
+InstanceResponse.describe_replace_root_volume_tasks = _nimbus_describe_replace_root_volume_tasks
+"""
+    p.write_text(s)
 PY
   local port
   port=$(free_port)
@@ -67,6 +137,9 @@ PY
   PEER_PIDS+=($!)
   wait_http "http://127.0.0.1:$port/" moto
   export NIMBUS_MOTO_URL="http://127.0.0.1:$port"
+  # The official EC2 API description, to check nimbus's requests against (as Prism does for GitHub).
+  NIMBUS_EC2_SERVICE_MODEL="$("$venv/bin/python" -c 'import botocore, os; print(os.path.join(os.path.dirname(botocore.__file__), "data/ec2/2016-11-15/service-2.json.gz"))')"
+  export NIMBUS_EC2_SERVICE_MODEL
   echo "peers: moto on $NIMBUS_MOTO_URL" >&2
 }
 

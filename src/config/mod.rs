@@ -459,3 +459,23 @@ pub fn json_schema_text() -> String {
     s.push('\n');
     s
 }
+
+/// Things a valid fleet file allows but the operator should hear about (printed by `validate`, `plan`, `apply`).
+pub fn warnings(c: &FleetConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, p) in c.pools.iter().enumerate() {
+        let Some(r) = &p.runner else { continue };
+        match (r.mode, r.reimage) {
+            (RunnerMode::Ephemeral, Some(Reimage::Never)) => out.push(format!(
+                "`pools[{i}].runner.reimage: never`: machines of pool `{}` are not reimaged between jobs, so each job sees what the previous one left",
+                p.name
+            )),
+            (RunnerMode::Persistent, Some(_)) => out.push(format!(
+                "`pools[{i}].runner.reimage` has no effect: only ephemeral runners are reimaged after their job (pool `{}`)",
+                p.name
+            )),
+            _ => {}
+        }
+    }
+    out
+}

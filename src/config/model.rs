@@ -223,6 +223,18 @@ pub struct RunnerConfig {
     /// agent, or its machine unreachable before nimbus replaces it (default `10m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_grace: Option<HumanDuration>,
+    /// `after_job` (the default for `mode: ephemeral`): the machine is reimaged after each job, before it
+    /// registers again, so no job sees another's files. `never` opts out (a warning says what that means).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reimage: Option<Reimage>,
+}
+
+/// When an ephemeral runner's machine is reimaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reimage {
+    AfterJob,
+    Never,
 }
 
 /// A named setup step: a POSIX shell script run on the machine.

@@ -59,6 +59,9 @@ pub struct HostPolicy {
     pub instance_types: String,
     #[serde(with = "secs")]
     pub min_allocation: Duration,
+    /// Machines on such hosts are reimaged in place (keeping the host) rather than replaced.
+    #[serde(default)]
+    pub reimage: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -100,6 +103,14 @@ impl Capabilities {
 }
 
 impl ProviderInfo {
+    /// Whether a machine of `instance_type` is reimaged in place (keeping its host) rather than replaced.
+    pub fn reimages_in_place(&self, instance_type: Option<&str>) -> bool {
+        match instance_type.and_then(|t| self.capabilities.host_policy(t)) {
+            Some(h) => h.reimage,
+            None => self.capabilities.reimage,
+        }
+    }
+
     /// The minimum time between allocating and releasing a host of `instance_type`.
     pub fn min_allocation_for(&self, instance_type: &str) -> Duration {
         self.capabilities.min_allocation_for(instance_type)
@@ -137,6 +148,9 @@ pub struct RunnerSpec {
     /// How long the runner may be offline before it is repaired (`runner.offline_grace`).
     #[serde(default = "default_offline_grace", with = "secs")]
     pub offline_grace: Duration,
+    /// Reimage the machine after each job of an ephemeral runner (`runner.reimage`, on unless `never`).
+    #[serde(default)]
+    pub reimage_after_job: bool,
 }
 
 /// `runner.offline_grace` unless the fleet file says otherwise.
@@ -148,7 +162,8 @@ fn default_offline_grace() -> Duration {
 
 impl RunnerSpec {
     pub fn new(labels: Vec<String>, mode: RunnerMode) -> Self {
-        RunnerSpec { labels, mode, offline_grace: DEFAULT_OFFLINE_GRACE }
+        let reimage_after_job = mode == RunnerMode::Ephemeral;
+        RunnerSpec { labels, mode, offline_grace: DEFAULT_OFFLINE_GRACE, reimage_after_job }
     }
 }
 
@@ -199,6 +214,8 @@ impl Desired {
                         labels: r.labels.clone(),
                         mode: r.mode,
                         offline_grace: r.offline_grace.map(|d| d.0).unwrap_or(DEFAULT_OFFLINE_GRACE),
+                        reimage_after_job: r.mode == RunnerMode::Ephemeral
+                            && r.reimage != Some(crate::config::Reimage::Never),
                     }),
                     setup: p
                         .setup

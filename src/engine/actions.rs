@@ -29,6 +29,9 @@ pub fn event_names(kind: &ActionKind) -> (&'static str, &'static str, &'static s
         ActionKind::RestartRunner { .. } => {
             ("nimbus.runner.restart_start", "nimbus.runner.restarted", "nimbus.runner.restart_failed")
         }
+        ActionKind::ReimageMachine { .. } => {
+            ("nimbus.machine.reimage_start", "nimbus.machine.reimaged", "nimbus.machine.reimage_failed")
+        }
         ActionKind::LaunchInstance { .. } => {
             ("nimbus.machine.provision_start", "nimbus.machine.provision_complete", "nimbus.machine.provision_failed")
         }
@@ -375,6 +378,17 @@ impl Applier {
                 Ok(())
             }
             ActionKind::WaitReachable { provider, machine } => self.wait_reachable(provider, machine).await,
+            ActionKind::ReimageMachine { provider, machine, instance_id, image } => {
+                let mut r = self.machine_ref(machine);
+                r.instance_id = Some(instance_id.clone());
+                let p = self.provider(provider)?;
+                p.reimage(&r, image).await?;
+                // A fresh root file system means fresh SSH host keys: trust the machine's new key on first use.
+                if let Some(t) = p.transport(&r)? {
+                    t.forget_identity().await?;
+                }
+                Ok(())
+            }
             ActionKind::RestartRunner { provider, machine } => {
                 let log = self.log_path(id, action);
                 self.restart_runner(provider, machine, log.as_ref()).await

@@ -62,6 +62,10 @@ impl FakeForge {
         });
         Ok(id)
     }
+    /// An ephemeral runner ran its one job: the forge deletes it, as GitHub does a JIT runner.
+    pub fn complete_job(&self, name: &str) {
+        self.state.lock().unwrap().runners.retain(|r| r.name != name);
+    }
     /// A runner picks up a job (`true`) or finishes it (`false`).
     pub fn set_busy(&self, name: &str, busy: bool) {
         let mut s = self.state.lock().unwrap();

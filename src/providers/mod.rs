@@ -137,6 +137,13 @@ pub trait Provider: Send + Sync {
     /// Terminates a machine. Terminating one that is already gone succeeds.
     async fn terminate(&self, machine: &MachineRef) -> Result<(), ProviderError>;
 
+    /// Gives the machine a fresh root file system from `image`, keeping the instance (and its host); returns
+    /// once it runs again. Only providers whose capabilities say they reimage are asked.
+    async fn reimage(&self, machine: &MachineRef, image: &str) -> Result<(), ProviderError> {
+        let _ = image;
+        Err(self.unsupported(&format!("reimaging `{}`", machine.name)))
+    }
+
     /// Releases a dedicated host. The provider re-checks that it is idle and past its window.
     async fn release_host(&self, host_id: &str) -> Result<(), ProviderError> {
         Err(self.unsupported(&format!("releasing host `{host_id}`")))

@@ -158,6 +158,12 @@ impl Simulator {
                     });
                 }
                 ActionKind::WaitReachable { .. } => {}
+                ActionKind::ReimageMachine { machine, image, .. } => {
+                    let m = live_mut(world, machine);
+                    assert_eq!(m.state, InstanceState::Running, "reimaged {machine} while it was not running");
+                    m.image = image.clone();
+                    m.on_machine = OnMachine::Read { state: MachineState::default() };
+                }
                 ActionKind::RestartRunner { machine, .. } => {
                     for r in world.runners.iter_mut().flatten().filter(|r| &r.name == machine) {
                         r.online = true;
@@ -180,6 +186,10 @@ impl Simulator {
                     }
                 }
                 ActionKind::RegisterRunner { machine, labels, .. } => {
+                    // The machine records its runner (as the agent install does), no secret in it.
+                    if let OnMachine::Read { state } = &mut live_mut(world, machine).on_machine {
+                        state.runner = Some(RunnerRecord { name: machine.clone(), labels: labels.clone() });
+                    }
                     let runners = world.runners.get_or_insert_with(Vec::new);
                     assert!(!runners.iter().any(|r| &r.name == machine), "runner {machine} registered twice");
                     self.next_id += 1;
@@ -237,6 +247,14 @@ impl Simulator {
         }
         world.machines.retain(|m| m.state != InstanceState::Terminated);
         world.hosts.retain(|h| h.state != HostState::Released);
+    }
+}
+
+/// The ephemeral runners of `machines` run their one job and are gone from the forge (GitHub deletes a JIT
+/// runner after its job); the machines keep what the job left.
+pub fn complete_ephemeral_jobs(world: &mut Actual, machines: &[&str]) {
+    if let Some(rs) = world.runners.as_mut() {
+        rs.retain(|r| !machines.contains(&r.name.as_str()));
     }
 }
 

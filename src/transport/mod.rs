@@ -48,6 +48,12 @@ pub trait Transport: Send + Sync {
     /// file as they come; otherwise stdout is captured.
     async fn exec(&self, script: &str, stdin: &[u8], log: Option<&Path>) -> Result<ExecOutput, TransportError>;
 
+    /// Forgets what was learnt about the machine's identity (a pinned SSH host key): after a reimage it has
+    /// a new one. Nothing to forget for a local sandbox.
+    async fn forget_identity(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// Checks that the machine answers.
     async fn probe(&self) -> Result<(), TransportError> {
         let out = self.exec("echo nimbus-ok", b"", None).await?;

@@ -341,6 +341,31 @@ impl Transport for SshTransport {
         &self.state_path
     }
 
+    /// Drops the cached session and the pinned key of this machine's host: the next contact pins its new one.
+    async fn forget_identity(&self) -> Result<(), TransportError> {
+        self.connector.sessions.lock().await.remove(&self.machine);
+        let path = &self.connector.settings.known_hosts;
+        let _guard = PIN_LOCK.lock().expect("pin lock");
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(TransportError::Io { machine: self.machine.clone(), source }),
+        };
+        let port = self.connector.settings.port;
+        let names = [self.host.clone(), format!("[{}]:{port}", self.host)];
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                let hosts = l.split_whitespace().next().unwrap_or("");
+                !hosts.split(',').any(|h| names.iter().any(|n| n == h))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(path, kept).map_err(|source| TransportError::Io { machine: self.machine.clone(), source })?;
+        tracing::info!(event = "nimbus.ssh.host_key_forgotten", machine = %self.machine, "forgot the pinned host key");
+        Ok(())
+    }
+
     async fn exec(&self, script: &str, stdin: &[u8], log: Option<&Path>) -> Result<ExecOutput, TransportError> {
         let failed = |m: String| TransportError::Failed { machine: self.machine.clone(), message: m };
         let session = self.connector.session(&self.machine, &self.host).await?;

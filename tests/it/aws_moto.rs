@@ -457,3 +457,117 @@ fn aws_errors_show_code_and_message_only() {
     }
     assert!(err.lines().all(|l| l.len() < 400), "{err}");
 }
+
+/// Issue 11: an EC2 Mac is reimaged with a new root volume (CreateReplaceRootVolumeTask): same instance, same
+/// host, new image and root volume, the old volume deleted. moto gains the operation from the peers' patch;
+/// nimbus's request is checked against the EC2 service model botocore ships (the official API description).
+#[test]
+fn a_mac_is_reimaged_on_its_own_host() {
+    use nimbus::providers::{HostRequest, LaunchRequest, MachineRef};
+    let Some(url) = moto() else { return };
+    let model_path = std::env::var("NIMBUS_EC2_SERVICE_MODEL").expect("scripts/peers.sh exports the EC2 model");
+    let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
+    let tenant = unique_tenant("reimage");
+    let machine = format!("nimbus.{tenant}.mac.0");
+    rt().block_on(async {
+        let p = AwsProvider::new(
+            "aws",
+            &tenant,
+            AwsSettings {
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(proxy.url.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let host = p
+            .allocate_host(&HostRequest {
+                tenant: tenant.clone(),
+                pool: "mac".into(),
+                machine: machine.clone(),
+                instance_type: "mac2.metal".into(),
+                availability_zone: "us-east-1a".into(),
+                exclude_hosts: vec![],
+            })
+            .await
+            .unwrap();
+        let spec = nimbus::core::model::MachineSpec {
+            os: nimbus::config::Os::Macos,
+            arch: nimbus::config::Arch::Arm64,
+            instance_type: Some("mac2.metal".into()),
+            image: "ami-0old".into(),
+            availability_zone: Some("us-east-1a".into()),
+        };
+        let id = p
+            .launch(&LaunchRequest {
+                tenant: tenant.clone(),
+                pool: "mac".into(),
+                machine: machine.clone(),
+                spec,
+                host_id: Some(host.clone()),
+            })
+            .await
+            .unwrap();
+        let c = sdk().await;
+        let root = |i: &aws_sdk_ec2::types::Instance| {
+            i.block_device_mappings().iter().find_map(|b| b.ebs().and_then(|e| e.volume_id()).map(str::to_string))
+        };
+        let describe = || async {
+            c.describe_instances().instance_ids(&id).send().await.unwrap().reservations()[0].instances()[0].clone()
+        };
+        let before = describe().await;
+        let old_volume = root(&before).expect("a root volume");
+        let r = MachineRef { name: machine.clone(), instance_id: Some(id.clone()), address: None };
+        p.reimage(&r, "ami-0fresh").await.unwrap();
+        let after = describe().await;
+        assert_eq!(after.state().unwrap().name().unwrap().as_str(), "running");
+        assert_eq!(after.image_id(), Some("ami-0fresh"));
+        assert_eq!(after.placement().and_then(|p| p.host_id()), Some(host.as_str()), "same host");
+        let new_volume = root(&after).expect("a root volume");
+        assert_ne!(new_volume, old_volume, "a fresh root volume");
+        let vols = c.describe_volumes().send().await.unwrap();
+        assert!(
+            !vols.volumes().iter().any(|v| v.volume_id() == Some(old_volume.as_str())),
+            "the old volume is deleted"
+        );
+        assert!(p.calls().get("AllocateHosts") == Some(&1) && !p.calls().contains_key("ReleaseHosts"));
+        // Someone else's instance is never reimaged.
+        let other = AwsProvider::new(
+            "aws",
+            "someone-else",
+            AwsSettings {
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(proxy.url.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(other.reimage(&r, "ami-0evil").await.is_err());
+    });
+    // The request, against the official API description.
+    let json = std::process::Command::new("gzip").arg("-dc").arg(&model_path).output().unwrap();
+    let model: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let input =
+        &model["shapes"][model["operations"]["CreateReplaceRootVolumeTask"]["input"]["shape"].as_str().unwrap()];
+    let members = input["members"].as_object().unwrap();
+    let body = proxy
+        .state
+        .lock()
+        .unwrap()
+        .bodies
+        .iter()
+        .find(|b| b.contains("Action=CreateReplaceRootVolumeTask"))
+        .cloned()
+        .unwrap();
+    let sent: Vec<&str> =
+        body.split('&').filter_map(|kv| kv.split('=').next()).filter(|k| *k != "Action" && *k != "Version").collect();
+    for k in &sent {
+        assert!(members.contains_key(*k), "`{k}` is not a member of CreateReplaceRootVolumeTaskRequest");
+    }
+    for req in input["required"].as_array().unwrap() {
+        assert!(sent.contains(&req.as_str().unwrap()), "required `{req}` missing from {body}");
+    }
+    assert!(sent.contains(&"ImageId") && sent.contains(&"DeleteReplacedRootVolume"), "{body}");
+}

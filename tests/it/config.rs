@@ -177,3 +177,21 @@ fn schema_judges_fixtures_like_the_loader() {
         assert!(!validator.is_valid(&yaml_to_json(&p)), "{name} passes the schema");
     }
 }
+
+/// Issue 11: opting an ephemeral pool out of reimaging is allowed, with a warning that says what it means.
+#[test]
+fn reimage_never_is_warned_about() {
+    let text = "version: 1\ntenant: acme\nproviders:\n  local: {type: local}\nforge:\n  type: github\n  app_id: 1\n  installation_id: 2\n  private_key: {env: K}\n  org: acme\npools:\n  - name: ci\n    provider: local\n    count: 1\n    machine: {os: linux, arch: x86_64, image: x}\n    runner: {labels: [a], mode: ephemeral, reimage: never}\n";
+    let c = config::parse("f.yaml", text).unwrap();
+    let w = config::warnings(&c);
+    assert_eq!(w.len(), 1);
+    assert!(
+        w[0].contains("pools[0].runner.reimage: never") && w[0].contains("each job sees what the previous one left"),
+        "{w:?}"
+    );
+    let d = nimbus::core::model::Desired::from_config(&c);
+    assert!(!d.pools[0].runner.as_ref().unwrap().reimage_after_job);
+    let c = config::parse("f.yaml", &text.replace(", reimage: never", "")).unwrap();
+    assert!(config::warnings(&c).is_empty());
+    assert!(nimbus::core::model::Desired::from_config(&c).pools[0].runner.as_ref().unwrap().reimage_after_job);
+}

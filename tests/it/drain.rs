@@ -314,3 +314,56 @@ fn the_journal_remembers_since_when() {
     let back = j.observe("runner_offline", &names(&["a", "b"]), t0() + chrono::Duration::minutes(9)).unwrap();
     assert_eq!(back["b"], t0() + chrono::Duration::minutes(9), "b came back online in between: a new spell");
 }
+
+// ---------------------------------------------------------------- ephemeral machines are clean for every job
+
+fn ephemeral(p: &mut DesiredPool) {
+    p.runner = Some(RunnerSpec::new(vec!["ci".into()], nimbus::config::RunnerMode::Ephemeral));
+}
+
+#[test]
+fn after_a_job_a_linux_machine_is_replaced() {
+    let mut d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    ephemeral(&mut d.pools[0]);
+    let (mut world, mut sim) = built(&d);
+    let before = world.machines[0].instance_id.clone();
+    assert!(plan(&d, &world, t0()).is_empty(), "registered and waiting for its job");
+    nimbus::testing::complete_ephemeral_jobs(&mut world, &["nimbus.acme.linux.0"]);
+    let p = plan(&d, &world, t0());
+    assert_eq!(p.summary().add, 1);
+    assert_eq!(p.summary().destroy, 1);
+    assert_eq!(p.changes[0].replace_paths, ["job"]);
+    assert!(p.changes[0].reason.contains("finished its job"), "{}", p.changes[0].reason);
+    sim.apply(&d, &mut world, &p, t0());
+    assert_ne!(world.machines[0].instance_id, before, "a new instance");
+    assert!(plan(&d, &world, t0()).is_empty());
+}
+
+#[test]
+fn after_a_job_a_mac_is_reimaged_on_the_same_host() {
+    let mut d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    ephemeral(&mut d.pools[0]);
+    let (mut world, mut sim) = built(&d);
+    let (instance, host) = (world.machines[0].instance_id.clone(), world.machines[0].host_id.clone());
+    nimbus::testing::complete_ephemeral_jobs(&mut world, &["nimbus.acme.mac.0"]);
+    let p = plan(&d, &world, t0());
+    let kinds: Vec<&str> = p.actions().map(|(_, a)| a.kind.name()).collect();
+    assert_eq!(kinds, ["reimage_machine", "wait_reachable", "run_setup", "register_runner"]);
+    assert!(p.deferred.is_empty(), "no host is released");
+    assert_eq!(p.summary().change, 1);
+    sim.apply(&d, &mut world, &p, t0());
+    assert_eq!((world.machines[0].instance_id.clone(), world.machines[0].host_id.clone()), (instance, host));
+    assert_eq!(world.hosts.len(), 1, "no host allocated");
+    assert!(plan(&d, &world, t0()).is_empty());
+}
+
+#[test]
+fn an_opted_out_pool_registers_again_without_a_reimage() {
+    let mut d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    ephemeral(&mut d.pools[0]);
+    d.pools[0].runner.as_mut().unwrap().reimage_after_job = false;
+    let (mut world, _) = built(&d);
+    nimbus::testing::complete_ephemeral_jobs(&mut world, &["nimbus.acme.linux.0"]);
+    let p = plan(&d, &world, t0());
+    assert_eq!(p.actions().map(|(_, a)| a.kind.name()).collect::<Vec<_>>(), ["register_runner"]);
+}

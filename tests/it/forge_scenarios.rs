@@ -235,3 +235,26 @@ fn a_runner_that_picks_up_a_job_after_the_plan_is_not_killed() {
     assert!(w.plan(&smaller).is_empty());
     assert_eq!(w.forge.runners().len(), 1);
 }
+
+/// Issue 11: after an ephemeral runner's job, its machine is reimaged (the local provider rebuilds the
+/// sandbox), set up again and registered with a new JIT config: the next job sees nothing of the last.
+#[test]
+fn an_ephemeral_machine_is_clean_for_every_job() {
+    let mut w = World::new();
+    let d = w.desired("linux", "ephemeral");
+    w.apply(&d);
+    let root = w.roots()[0].clone();
+    let before = w.forge.runners().iter().find(|r| r.name == "nimbus.t.p.0").unwrap().id;
+    // The job leaves files behind, then the runner is gone from the forge.
+    std::fs::write(root.join("job-leftovers"), "secret build output").unwrap();
+    w.forge.complete_job("nimbus.t.p.0");
+    let p = w.plan(&d);
+    let kinds: Vec<&str> = p.actions().map(|(_, a)| a.kind.name()).collect();
+    assert_eq!(kinds, ["reimage_machine", "wait_reachable", "run_setup", "register_runner"]);
+    w.apply(&d);
+    assert!(!root.join("job-leftovers").exists(), "the next job would see the last one's files");
+    assert!(root.join("actions-runner/.jitconfig").exists(), "registered again");
+    let after = w.forge.runners().iter().find(|r| r.name == "nimbus.t.p.0").unwrap().id;
+    assert_ne!(before, after, "a new JIT runner");
+    assert!(w.plan(&d).is_empty());
+}

@@ -68,6 +68,9 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
         (_, f) => f.to_path_buf(),
     };
     let loaded = config::load(&fleet_file)?;
+    for w in config::warnings(&loaded.config) {
+        errln!("warning: {w}");
+    }
     // The lock, then the journal (created if missing: every apply records its run).
     let mut session = Session::open(&journal_path(&loaded, args.journal.as_deref()), retention(&loaded))?;
     if session.orphaned > 0 {

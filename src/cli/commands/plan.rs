@@ -94,6 +94,9 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
 
 pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
     let loaded = config::load(&args.fleet.file)?;
+    for w in config::warnings(&loaded.config) {
+        errln!("warning: {w}");
+    }
     let doc = build_document(&loaded, args)?;
     if args.json {
         out!("{}", doc.to_json());

@@ -7,6 +7,9 @@ use crate::config;
 
 pub fn validate(file: &Path) -> Result<u8, CommandError> {
     let loaded = config::load(file)?;
+    for w in config::warnings(&loaded.config) {
+        errln!("warning: {w}");
+    }
     errln!(
         "`{}` is valid: tenant `{}`, {} pool(s), {} machine(s).",
         file.display(),

@@ -244,7 +244,10 @@ impl<'a> Builder<'a> {
         let addr = machine_address(m);
         let name = m.name().unwrap_or(&m.instance_id).to_string();
         let mut bad_state = None;
+        let job_done = self.ephemeral_job_done(pool, m);
         let state = match (&m.on_machine, m.state) {
+            // The machine is reimaged: it starts over from a fresh file system.
+            _ if job_done => MachineState::default(),
             (OnMachine::Read { state }, _) => state.clone(),
             (OnMachine::Unreachable { reason }, _) => {
                 self.warnings.push(Warning {
@@ -284,6 +287,29 @@ impl<'a> Builder<'a> {
                 &[],
             );
             ids.push(w);
+            last = Some(w);
+        }
+        if job_done {
+            // Reimage in place (the replacement case never gets here), then wait for it, set it up and register
+            // its runner again below.
+            why.push(UpdateCause::Reimage);
+            let deps: Vec<usize> = last.into_iter().collect();
+            let r = self.add(
+                &addr,
+                ActionKind::ReimageMachine {
+                    provider: pool.provider.clone(),
+                    machine: name.clone(),
+                    instance_id: m.instance_id.clone(),
+                    image: pool.spec.image.clone(),
+                },
+                &deps,
+            );
+            let w = self.add(
+                &addr,
+                ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.clone() },
+                &[r],
+            );
+            ids.extend([r, w]);
             last = Some(w);
         }
         if let Some(reason) = &bad_state {
@@ -433,5 +459,16 @@ impl<'a> Builder<'a> {
         if let Some(h) = &m.host_id {
             self.claimed_hosts.insert(h.clone());
         }
+    }
+
+    /// The machine's ephemeral runner registered (its state says so) and is gone from the forge: it ran its one
+    /// job. The machine must be reimaged before it registers again, unless the pool opted out.
+    pub(super) fn ephemeral_job_done(&self, pool: &DesiredPool, m: &ActualMachine) -> bool {
+        let Some(r) = &pool.runner else { return false };
+        if !r.reimage_after_job || self.runners.is_none() {
+            return false;
+        }
+        let registered_before = matches!(&m.on_machine, OnMachine::Read { state } if state.runner.is_some());
+        registered_before && m.name().is_some_and(|n| self.runner(n).is_none())
     }
 }

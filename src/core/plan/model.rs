@@ -63,6 +63,13 @@ pub enum ActionKind {
         provider: String,
         machine: String,
     },
+    /// Gives a machine a fresh root file system from `image`, keeping the instance (and its host).
+    ReimageMachine {
+        provider: String,
+        machine: String,
+        instance_id: String,
+        image: String,
+    },
     /// Restarts the runner agent of a machine whose runner is offline.
     RestartRunner {
         provider: String,
@@ -116,6 +123,7 @@ impl ActionKind {
             ActionKind::WaitReachable { .. } => "wait_reachable",
             ActionKind::RepairState { .. } => "repair_state",
             ActionKind::RestartRunner { .. } => "restart_runner",
+            ActionKind::ReimageMachine { .. } => "reimage_machine",
             ActionKind::RunSetup { .. } => "run_setup",
             ActionKind::RegisterRunner { .. } => "register_runner",
             ActionKind::UpdateRunnerLabels { .. } => "update_runner_labels",
@@ -132,6 +140,7 @@ impl ActionKind {
             | ActionKind::LaunchInstance { machine, .. }
             | ActionKind::WaitReachable { machine, .. }
             | ActionKind::RestartRunner { machine, .. }
+            | ActionKind::ReimageMachine { machine, .. }
             | ActionKind::RepairState { machine, .. }
             | ActionKind::RunSetup { machine, .. }
             | ActionKind::RegisterRunner { machine, .. }

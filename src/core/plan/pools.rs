@@ -118,6 +118,11 @@ impl<'a> Builder<'a> {
         if matches!(m.state, InstanceState::Stopped | InstanceState::Stopping) {
             why.push(ReplaceCause::Stopped);
         }
+        // An ephemeral runner's job is over and the provider cannot reimage this machine in place: a fresh one.
+        let in_place = self.desired.providers[&pool.provider].reimages_in_place(pool.spec.instance_type.as_deref());
+        if self.ephemeral_job_done(pool, m) && !in_place {
+            why.push(ReplaceCause::JobDone);
+        }
         // Unreachable for longer than the grace period, and no sign of life from its runner either.
         let grace = pool.runner.as_ref().map(|r| r.offline_grace).unwrap_or(DEFAULT_OFFLINE_GRACE);
         let runner_online = m.name().and_then(|n| self.runner(n)).is_some_and(|r| r.online);

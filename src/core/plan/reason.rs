@@ -48,6 +48,8 @@ pub enum ReplaceCause {
     Unreachable {
         since: chrono::DateTime<chrono::Utc>,
     },
+    /// Its ephemeral runner finished its job: a fresh machine takes the next one.
+    JobDone,
 }
 
 /// What an in-place update does.
@@ -71,6 +73,8 @@ pub enum UpdateCause {
     RunnerOffline {
         since: chrono::DateTime<chrono::Utc>,
     },
+    /// Its ephemeral runner finished its job: the machine is reimaged in place, set up and registered again.
+    Reimage,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +96,7 @@ impl ReplaceCause {
             ReplaceCause::AvailabilityZone { .. } => "availability_zone",
             ReplaceCause::Stopped => "state",
             ReplaceCause::Unreachable { .. } => "reachable",
+            ReplaceCause::JobDone => "job",
         }
     }
 }
@@ -111,6 +116,9 @@ impl fmt::Display for ReplaceCause {
                 write!(f, "availability zone changes from `{}` to `{}`", or_dash(from), or_dash(to))
             }
             ReplaceCause::Stopped => f.write_str("the instance is stopped"),
+            ReplaceCause::JobDone => {
+                f.write_str("its ephemeral runner finished its job; a fresh machine takes the next one")
+            }
             ReplaceCause::Unreachable { since } => write!(
                 f,
                 "the machine has not answered since {} (longer than the runner's offline grace) and its runner is not online",
@@ -139,6 +147,9 @@ impl fmt::Display for UpdateCause {
             UpdateCause::RunnerMissing => f.write_str("runner is not registered"),
             UpdateCause::Labels => f.write_str("runner labels change"),
             UpdateCause::RunnerRemoved => f.write_str("the pool no longer has a runner"),
+            UpdateCause::Reimage => f.write_str(
+                "its ephemeral runner finished its job: the machine is reimaged (same instance and host), set up and registered again",
+            ),
             UpdateCause::RunnerOffline { since } => write!(
                 f,
                 "runner offline since {} (longer than its offline grace) on a reachable machine: its agent is restarted",

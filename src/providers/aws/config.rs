@@ -47,9 +47,13 @@ impl AwsConfig {
             hosts: vec![HostPolicy {
                 instance_types: "mac*.metal".into(),
                 min_allocation: self.min_allocation.map(|d| d.0).unwrap_or(MAC_HOST_MIN_ALLOCATION),
+                // A new root volume (CreateReplaceRootVolumeTask) keeps the instance and its host: no new
+                // 24-hour host, no scrub.
+                reimage: true,
             }],
             billing_unit: BillingUnit::Second,
-            reimage: true,
+            // Other instances are replaced (terminate and launch): as quick, and nothing to keep.
+            reimage: false,
         }
     }
 

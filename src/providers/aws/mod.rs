@@ -46,6 +46,8 @@ pub const EC2_OPERATIONS: &[&str] = &[
     "CreateTags",
     "TerminateInstances",
     "ReleaseHosts",
+    "CreateReplaceRootVolumeTask",
+    "DescribeReplaceRootVolumeTasks",
 ];
 
 /// Provider settings from the fleet file.
@@ -659,6 +661,70 @@ impl Provider for AwsProvider {
             .and_then(|i| i.instance_id())
             .map(str::to_string)
             .ok_or_else(|| err(&self.name, "RunInstances", "no instance returned"))
+    }
+
+    /// A fresh root volume from `image` (EC2's CreateReplaceRootVolumeTask): the instance and its dedicated host
+    /// stay, so there is no new 24-hour allocation and no scrub. Waits for the task, then for the instance.
+    async fn reimage(&self, machine: &MachineRef, image: &str) -> Result<(), ProviderError> {
+        let id = machine
+            .instance_id
+            .clone()
+            .ok_or_else(|| err(&self.name, "reimage", format!("`{}` has no instance id", machine.name)))?;
+        let Some(i) = self.describe_instance(&id).await? else {
+            return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("instance `{id}`") });
+        };
+        if !self.mine(&tag_map(i.tags())) {
+            return Err(self.not_mine("CreateReplaceRootVolumeTask", &id, &tag_map(i.tags())));
+        }
+        self.limits.mutate.acquire().await;
+        self.count("CreateReplaceRootVolumeTask");
+        let task = self
+            .client
+            .create_replace_root_volume_task()
+            .instance_id(&id)
+            .image_id(image)
+            .delete_replaced_root_volume(true)
+            .client_token(self.token("reimage", &machine.name))
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "CreateReplaceRootVolumeTask", e))?;
+        let task_id = task
+            .replace_root_volume_task()
+            .and_then(|t| t.replace_root_volume_task_id())
+            .ok_or_else(|| err(&self.name, "CreateReplaceRootVolumeTask", "no task id returned"))?
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            self.limits.describe.acquire().await;
+            self.count("DescribeReplaceRootVolumeTasks");
+            let out = self
+                .client
+                .describe_replace_root_volume_tasks()
+                .replace_root_volume_task_ids(&task_id)
+                .send()
+                .await
+                .map_err(|e| sdk_err(&self.name, "DescribeReplaceRootVolumeTasks", e))?;
+            let state =
+                out.replace_root_volume_tasks().first().and_then(|t| t.task_state()).map(|s| s.as_str().to_string());
+            match state.as_deref() {
+                Some("succeeded") => break,
+                Some(s @ ("failed" | "failed-detached" | "failing" | "failing-detached")) => {
+                    return Err(err(&self.name, "CreateReplaceRootVolumeTask", format!("task `{task_id}` is {s}")));
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(err(
+                        &self.name,
+                        "CreateReplaceRootVolumeTask",
+                        format!("task `{task_id}` did not finish"),
+                    ));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        self.wait_running(machine).await
     }
 
     async fn wait_running(&self, machine: &MachineRef) -> Result<(), ProviderError> {

@@ -28,7 +28,8 @@ pub struct LocalConfig {
 impl LocalConfig {
     /// Sandboxes have no hosts and cost nothing; a sandbox is rebuilt, not reimaged.
     pub fn capabilities(&self) -> Capabilities {
-        Capabilities { hosts: Vec::new(), billing_unit: BillingUnit::Free, reimage: false }
+        // A sandbox is reimaged by rebuilding its file system.
+        Capabilities { hosts: Vec::new(), billing_unit: BillingUnit::Free, reimage: true }
     }
 
     /// Rules for a pool on this provider: none beyond the shared ones.

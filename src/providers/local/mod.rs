@@ -370,6 +370,31 @@ impl Provider for LocalProvider {
         std::fs::remove_dir_all(&trash).map_err(|e| self.io(e))
     }
 
+    /// Rebuilds the sandbox's file system: a new, empty `root/` and the new image in its record.
+    async fn reimage(&self, machine: &MachineRef, image: &str) -> Result<(), ProviderError> {
+        self.pause().await;
+        let dir = self.sandbox(&machine.name)?;
+        let Some(mut rec) = self.record_of(&dir)? else {
+            return Err(ProviderError::NotFound {
+                provider: self.name.clone(),
+                message: format!("sandbox `{}` does not exist", machine.name),
+            });
+        };
+        self.check_owned(&machine.name, &rec, "reimage")?;
+        let old = self.data_dir.join(format!(".trash-{}-root-{}", machine.name, unique_suffix()));
+        if dir.join("root").exists() {
+            std::fs::rename(dir.join("root"), &old).map_err(|e| self.io(e))?;
+        }
+        std::fs::create_dir_all(dir.join("root")).map_err(|e| self.io(e))?;
+        rec.image = image.to_string();
+        rec.launched_at = Utc::now();
+        let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).expect("record serialises")).map_err(|e| self.io(e))?;
+        std::fs::rename(&tmp, dir.join(RECORD_FILE)).map_err(|e| self.io(e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
     fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
         let dir = self.sandbox(&machine.name)?;
         Ok(Some(Arc::new(LocalTransport::new(machine.name.clone(), dir.join("root")))))

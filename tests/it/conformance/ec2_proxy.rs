@@ -13,6 +13,8 @@ pub struct ProxyState {
     pub throttle_next: u32,
     pub actions: Vec<String>,
     pub throttled: u32,
+    /// Every request's form body, in order.
+    pub bodies: Vec<String>,
 }
 
 pub struct Ec2Proxy {
@@ -83,6 +85,7 @@ fn serve(client: TcpStream, upstream: &str, st: &Mutex<ProxyState>) -> std::io::
         let (throttle, ignore) = {
             let mut s = st.lock().unwrap();
             s.actions.push(action.clone());
+            s.bodies.push(form.clone());
             let t = s.throttle_next > 0;
             if t {
                 s.throttle_next -= 1;
