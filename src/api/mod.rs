@@ -208,9 +208,12 @@ impl<S: Storage> Nimbus<S> {
         let desired = Desired::from_config(&c.loaded.config);
         let host = m.host_id.as_ref().and_then(|h| c.actual.hosts.iter().find(|x| &x.id == h));
         let releasable_at = host.filter(|h| h.state != HostState::Released).map(|h| {
-            let w =
-                desired.providers.get(&h.provider).map(|p| p.min_allocation_for(&h.instance_type)).unwrap_or_default();
-            h.allocated_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX)
+            let w = desired
+                .providers
+                .get(&h.provider)
+                .map(|p| p.releasable_after(&h.instance_type))
+                .unwrap_or(Duration::MAX);
+            crate::core::model::window_end_at(h.allocated_at, w)
         });
         let remaining = releasable_at.map(|t| (t - Utc::now()).to_std().unwrap_or_default());
         Ok(Termination {

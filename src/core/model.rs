@@ -62,6 +62,9 @@ pub struct HostPolicy {
     /// Machines on such hosts are reimaged in place (keeping the host) rather than replaced.
     #[serde(default)]
     pub reimage: bool,
+    /// Extra time past the window before a release (clock skew, billing granularity): fail late, never early.
+    #[serde(default, with = "secs")]
+    pub margin: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -100,6 +103,11 @@ impl Capabilities {
     pub fn min_allocation_for(&self, instance_type: &str) -> Duration {
         self.host_policy(instance_type).map(|h| h.min_allocation).unwrap_or_default()
     }
+
+    /// How long after its allocation a host of `instance_type` may be released: its window plus the margin.
+    pub fn releasable_after(&self, instance_type: &str) -> Duration {
+        self.host_policy(instance_type).map(|h| h.min_allocation + h.margin).unwrap_or_default()
+    }
 }
 
 impl ProviderInfo {
@@ -114,6 +122,11 @@ impl ProviderInfo {
     /// The minimum time between allocating and releasing a host of `instance_type`.
     pub fn min_allocation_for(&self, instance_type: &str) -> Duration {
         self.capabilities.min_allocation_for(instance_type)
+    }
+
+    /// How long after its allocation a host of `instance_type` may be released (window plus margin).
+    pub fn releasable_after(&self, instance_type: &str) -> Duration {
+        self.capabilities.releasable_after(instance_type)
     }
 
     /// Whether machines of this type live on a dedicated host.
@@ -274,6 +287,17 @@ pub enum HostState {
     Released,
 }
 
+/// The allocation time of a host that reports none: so late that its window never ends (fail closed).
+pub const UNKNOWN_ALLOCATION: DateTime<Utc> = DateTime::<Utc>::MAX_UTC;
+
+/// The end of a host's window: `allocated_at + after`, and never for an unknown allocation time.
+pub fn window_end_at(allocated_at: DateTime<Utc>, after: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(after)
+        .ok()
+        .and_then(|d| allocated_at.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// A dedicated host (EC2 Mac).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Host {
@@ -283,6 +307,7 @@ pub struct Host {
     pub instance_type: String,
     pub availability_zone: String,
     pub state: HostState,
+    /// When it was allocated. A host that does not say is given [`UNKNOWN_ALLOCATION`]: never releasable.
     pub allocated_at: DateTime<Utc>,
     /// Instances currently placed on the host.
     #[serde(default)]

@@ -18,7 +18,8 @@ fn moto() -> Option<String> {
 }
 
 fn fleet(tenant: &str, mac: u32, linux: u32, min_allocation: Option<&str>) -> String {
-    let min = min_allocation.map(|m| format!("    min_allocation: {m}\n")).unwrap_or_default();
+    // A test that shortens the window also drops the safety margin, to see the release happen.
+    let min = min_allocation.map(|m| format!("    min_allocation: {m}\n    window_margin: 0s\n")).unwrap_or_default();
     format!(
         "version: 1\ntenant: {tenant}\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n{min}pools:\n  - name: mac\n    provider: aws\n    count: {mac}\n    machine: {{os: macos, arch: arm64, instance_type: mac2.metal, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: aws\n    count: {linux}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-east-1a}}\n"
     )
@@ -128,7 +129,8 @@ fn create_discover_scale_down_defer_and_reuse() {
     assert_eq!(plan["deferred"].as_array().unwrap().len(), 1);
     let due: chrono::DateTime<chrono::Utc> = plan["deferred"][0]["due_at"].as_str().unwrap().parse().unwrap();
     let left = due - chrono::Utc::now();
-    assert!(left > chrono::Duration::hours(23) && left <= chrono::Duration::hours(24), "{left}");
+    // 24 hours plus the 5-minute safety margin.
+    assert!(left > chrono::Duration::hours(24) && left <= chrono::Duration::minutes(24 * 60 + 5), "{left}");
     f.ok(&["apply", "--auto-approve"]);
     let o = f.ok(&["plan", "--detailed-exitcode"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 deferred"), "{}", text(&o));

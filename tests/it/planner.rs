@@ -80,7 +80,8 @@ fn scale_down_defers_release_inside_window_with_due_time() {
     assert_eq!(p.changes[0].actions, [ChangeAction::Delete]);
     assert_eq!(p.deferred.len(), 1);
     assert!(matches!(p.deferred[0].action, ActionKind::ReleaseHost { .. }));
-    assert_eq!(p.deferred[0].due_at, Some(t0() + Duration::hours(24)));
+    // The 24-hour window plus the 5-minute safety margin.
+    assert_eq!(p.deferred[0].due_at, Some(t0() + Duration::hours(24) + Duration::minutes(5)));
 }
 
 #[test]
@@ -442,4 +443,33 @@ fn a_damaged_state_database_is_repaired_and_setup_runs_again() {
     assert_eq!(p.changes[0].run_steps, ["a", "b"]);
     sim.apply(&d, &mut world, &p, t0());
     assert!(plan(&d, &world, t0()).is_empty());
+}
+
+/// Issue 12: a host that reports no allocation time is never released (fail closed), and the window keeps a
+/// safety margin against clock skew.
+#[test]
+fn hosts_are_released_late_never_early() {
+    let d = desired("acme", vec![pool("mac", "aws", 0, "mac2.metal", "ami-1")]);
+    let mut world = Actual { runners: Some(vec![]), ..Default::default() };
+    world.hosts.push(Host {
+        provider: "aws".into(),
+        id: "h-idle".into(),
+        tags: machine_tags("acme", "aws", "mac", "nimbus.acme.mac.0"),
+        instance_type: "mac2.metal".into(),
+        availability_zone: "us-east-1a".into(),
+        state: HostState::Available,
+        allocated_at: t0() - Duration::hours(24) - Duration::minutes(2),
+        instance_ids: vec![],
+    });
+    // Past the 24 hours, inside the margin: not yet.
+    let p = plan(&d, &world, t0());
+    assert!(p.is_empty());
+    assert_eq!(p.deferred[0].due_at, Some(t0() + Duration::minutes(3)));
+    assert_eq!(kinds(&plan(&d, &world, t0() + Duration::minutes(3))), ["release_host"]);
+    // No allocation time: never, with the reason.
+    world.hosts[0].allocated_at = UNKNOWN_ALLOCATION;
+    let p = plan(&d, &world, t0() + Duration::days(400));
+    assert!(p.is_empty());
+    assert_eq!(p.deferred[0].due_at, None);
+    assert!(p.deferred[0].reason.contains("no allocation time"), "{}", p.deferred[0].reason);
 }

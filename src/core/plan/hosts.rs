@@ -78,7 +78,17 @@ impl<'a> Builder<'a> {
         let due = window_end(self.desired, h);
         let addr = String::from(Address::host(&h.id));
         let kind = ActionKind::ReleaseHost { provider: h.provider.clone(), host_id: h.id.clone() };
-        if due > self.now {
+        if h.allocated_at == UNKNOWN_ALLOCATION {
+            self.deferred.push(Deferred {
+                address: addr,
+                action: kind,
+                due_at: None,
+                reason: "the host reports no allocation time, so its window cannot be known: nimbus never releases it \
+                         (release it by hand once you know its window has passed)"
+                    .into(),
+                kind: DeferredKind::AllocationWindow,
+            });
+        } else if due > self.now {
             self.deferred.push(Deferred {
                 address: addr,
                 action: kind,
@@ -146,6 +156,5 @@ impl<'a> Builder<'a> {
 pub(super) fn window_end(desired: &Desired, host: &Host) -> DateTime<Utc> {
     // Hosts of providers not in the fleet file are never planned for; should one get here, it is never due.
     let Some(p) = desired.providers.get(&host.provider) else { return DateTime::<Utc>::MAX_UTC };
-    let w = p.min_allocation_for(&host.instance_type);
-    host.allocated_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX)
+    window_end_at(host.allocated_at, p.releasable_after(&host.instance_type))
 }

@@ -13,6 +13,9 @@ use crate::core::model::{BillingUnit, Capabilities, HostPolicy};
 /// AWS bills an EC2 Mac dedicated host for at least 24 hours.
 pub const MAC_HOST_MIN_ALLOCATION: Duration = Duration::from_secs(24 * 3600);
 
+/// Released this long after the window at the earliest, so clock skew never makes a release early.
+pub const DEFAULT_WINDOW_MARGIN: Duration = Duration::from_secs(300);
+
 /// Amazon EC2: Linux instances, and macOS on dedicated hosts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +27,9 @@ pub struct AwsConfig {
     /// Default: `24h` for EC2 Mac (`mac*.metal`) types, as AWS bills them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_allocation: Option<HumanDuration>,
+    /// Extra time past the minimum allocation before a host is released, against clock skew (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_margin: Option<HumanDuration>,
     /// Subnet to launch instances in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_id: Option<String>,
@@ -50,6 +56,7 @@ impl AwsConfig {
                 // A new root volume (CreateReplaceRootVolumeTask) keeps the instance and its host: no new
                 // 24-hour host, no scrub.
                 reimage: true,
+                margin: self.window_margin.map(|d| d.0).unwrap_or(DEFAULT_WINDOW_MARGIN),
             }],
             billing_unit: BillingUnit::Second,
             // Other instances are replaced (terminate and launch): as quick, and nothing to keep.
@@ -57,9 +64,9 @@ impl AwsConfig {
         }
     }
 
-    /// The minimum allocation of a host for `instance_type`.
+    /// How long after its allocation a host for `instance_type` may be released (window plus margin).
     pub fn window(&self, instance_type: &str) -> Duration {
-        self.capabilities().min_allocation_for(instance_type)
+        self.capabilities().releasable_after(instance_type)
     }
 
     /// Rules for a pool on AWS: an instance type that fits the OS, a zone for dedicated hosts, and SSH when

@@ -60,6 +60,8 @@ pub struct AwsSettings {
     pub page_size: Option<i32>,
     /// Attempts per call, retries of throttling and transient errors included (default 8).
     pub max_attempts: Option<u32>,
+    /// Time past a host's window before it may be released (default 5 minutes).
+    pub window_margin: Option<Duration>,
     pub min_allocation: Option<Duration>,
     pub subnet_id: Option<String>,
     pub security_group_ids: Vec<String>,
@@ -201,6 +203,12 @@ fn filter(name: &str, values: &[&str]) -> Filter {
     Filter::builder().name(name).set_values(Some(values.iter().map(|v| v.to_string()).collect())).build()
 }
 
+/// A host's allocation time; one that is missing or unreadable is never releasable (fail closed).
+fn allocation_time(t: Option<&aws_smithy_types::DateTime>) -> DateTime<Utc> {
+    t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
+        .unwrap_or(crate::core::model::UNKNOWN_ALLOCATION)
+}
+
 fn to_chrono(t: Option<&aws_smithy_types::DateTime>) -> DateTime<Utc> {
     t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())).unwrap_or(DateTime::UNIX_EPOCH)
 }
@@ -305,6 +313,7 @@ impl AwsProvider {
             endpoint_url: None,
             page_size: None,
             max_attempts: None,
+            window_margin: c.window_margin.map(|d| d.0),
             min_allocation: c.min_allocation.map(|d| d.0),
             subnet_id: c.subnet_id.clone(),
             security_group_ids: c.security_group_ids.clone(),
@@ -336,6 +345,7 @@ impl AwsProvider {
     fn window(&self, instance_type: &str) -> Duration {
         config::AwsConfig {
             min_allocation: self.settings.min_allocation.map(crate::config::HumanDuration),
+            window_margin: self.settings.window_margin.map(crate::config::HumanDuration),
             ..Default::default()
         }
         .window(instance_type)
@@ -529,7 +539,7 @@ impl Provider for AwsProvider {
                     instance_type: h.host_properties().and_then(|p| p.instance_type()).unwrap_or_default().to_string(),
                     availability_zone: h.availability_zone().unwrap_or_default().to_string(),
                     state: host_state(h.state()),
-                    allocated_at: to_chrono(h.allocation_time()),
+                    allocated_at: allocation_time(h.allocation_time()),
                     tags: tag_map(h.tags()),
                     instance_ids,
                     id,
@@ -794,7 +804,7 @@ impl Provider for AwsProvider {
             return Err(err(&self.name, "ReleaseHosts", format!("refusing: host `{host_id}` still has an instance")));
         }
         let itype = h.host_properties().and_then(|p| p.instance_type()).unwrap_or_default();
-        let due = to_chrono(h.allocation_time()) + chrono::Duration::from_std(self.window(itype)).unwrap_or_default();
+        let due = crate::core::model::window_end_at(allocation_time(h.allocation_time()), self.window(itype));
         if due > Utc::now() {
             return Err(err(
                 &self.name,
