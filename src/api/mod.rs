@@ -121,7 +121,7 @@ impl<S: Storage> Nimbus<S> {
 
     async fn open(&self, tenant: &str) -> Result<Clients, ApiError> {
         let loaded = self.storage.fleet(tenant).await?;
-        let providers = build_providers(&loaded).await?;
+        let providers = build_providers(&loaded, crate::engine::clients::Purpose::Change).await?;
         let forge = build_forge(&loaded)?;
         let actual = discover_with_forge(tenant, &providers, forge.as_deref()).await?;
         Ok(Clients { loaded, providers, forge, actual })

@@ -97,6 +97,10 @@ impl CommandError {
                 "wait for it to finish; the lock is `{}` and is released when that process exits",
                 lock.display()
             )),
+            CommandError::Journal(JournalError::Corrupt { path, .. }) => Some(format!(
+                "move it aside (`mv {p} {p}.damaged`) and run again: nimbus starts a new journal; the old one keeps what it could",
+                p = path.display()
+            )),
             CommandError::Journal(_) => {
                 Some("check that the journal's folder is writable and the file is a nimbus journal".into())
             }

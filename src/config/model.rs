@@ -144,6 +144,18 @@ pub struct SshConfig {
     /// Seconds to wait for one SSH connection (default 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<HumanDuration>,
+    /// `pin-on-first-apply` (default): `apply` records a new machine's host key on first contact, `plan`
+    /// never writes known_hosts. `require-known`: every host key must already be in known_hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key_policy: Option<HostKeyPolicy>,
+}
+
+/// How nimbus trusts a machine's SSH host key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostKeyPolicy {
+    PinOnFirstApply,
+    RequireKnown,
 }
 
 /// A named group of identical machines.

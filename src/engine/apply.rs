@@ -116,27 +116,30 @@ impl Session {
     }
 
     /// Walks `doc`'s actions (run `run`) with `runner`, at most `parallelism` at a time, until done or until
-    /// `stop` turns true (then nothing new starts and running actions finish). Records the end of the run.
+    /// `stop` turns true (then nothing new starts and running actions finish). A journal write that fails turns
+    /// `stop` on too (an apply nobody can account for must not go on), and the run ends in error. Records the
+    /// end of the run.
     pub async fn execute(
         &mut self,
         run: i64,
         doc: &PlanDocument,
         runner: Arc<dyn ActionRunner>,
         parallelism: usize,
-        stop: tokio::sync::watch::Receiver<bool>,
+        stop: Arc<tokio::sync::watch::Sender<bool>>,
         hooks: &mut [&mut dyn Hook],
     ) -> Result<ApplyOutcome, JournalError> {
         // The document came from the planner (a saved plan is always planned again), so it is a DAG.
         let graph = Arc::new(doc.graph().expect("a plan made by the planner is a DAG"));
         let mut journal_errors = Vec::new();
         let journal = &self.journal;
-        let report = execute_until(graph.clone(), runner, parallelism, stop, |ev| {
+        let report = execute_until(graph.clone(), runner, parallelism, stop.subscribe(), |ev| {
             let id = match ev {
                 ExecEvent::Started { id, .. } | ExecEvent::Finished { id, .. } => *id,
             };
             let action = &graph[petgraph::graph::NodeIndex::new(id)];
             if let Err(e) = journal_event(journal, run, action, ev) {
                 journal_errors.push(e.to_string());
+                let _ = stop.send(true);
             }
             for h in hooks.iter_mut() {
                 h.event(action, ev);
@@ -155,7 +158,9 @@ impl Session {
             "not_started": not_started,
             "wall_ms": report.wall.as_millis() as u64,
         });
-        let status = if report.interrupted {
+        let status = if !journal_errors.is_empty() {
+            RunStatus::Error
+        } else if report.interrupted {
             RunStatus::Interrupted
         } else if report.succeeded() {
             RunStatus::Success

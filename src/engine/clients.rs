@@ -40,7 +40,15 @@ pub fn runner_dir(loaded: &LoadedConfig) -> Option<String> {
 }
 
 /// The SSH connector of the fleet file's `ssh:` section, with its key read.
-pub fn ssh_connector(loaded: &LoadedConfig) -> Result<Option<Arc<SshConnector>>, ClientError> {
+/// What the clients are for: a read-only look (`plan`, `discover`) or changes (`apply`). Only changes may
+/// record new SSH host keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Look,
+    Change,
+}
+
+pub fn ssh_connector(loaded: &LoadedConfig, purpose: Purpose) -> Result<Option<Arc<SshConnector>>, ClientError> {
     let Some(ssh) = &loaded.config.ssh else { return Ok(None) };
     let auth = match &ssh.key {
         None => SshAuth::Agent,
@@ -79,12 +87,15 @@ pub fn ssh_connector(loaded: &LoadedConfig) -> Result<Option<Arc<SshConnector>>,
         jump,
         connect_timeout: ssh.connect_timeout.map(|d| d.0).unwrap_or(std::time::Duration::from_secs(20)),
         state_path: ssh.state_path.clone().unwrap_or_else(|| crate::transport::ssh::REMOTE_STATE_PATH.to_string()),
+        pin_new_keys: purpose == Purpose::Change
+            && ssh.host_key_policy.unwrap_or(crate::config::HostKeyPolicy::PinOnFirstApply)
+                == crate::config::HostKeyPolicy::PinOnFirstApply,
     })))
 }
 
 /// Builds the providers the fleet file names.
-pub async fn build_providers(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn Provider>>, ClientError> {
-    let ssh = ssh_connector(loaded)?;
+pub async fn build_providers(loaded: &LoadedConfig, purpose: Purpose) -> Result<Vec<Arc<dyn Provider>>, ClientError> {
+    let ssh = ssh_connector(loaded, purpose)?;
     let mut out = Vec::new();
     for (name, p) in &loaded.config.providers {
         let ctx = crate::providers::BuildContext {

@@ -75,6 +75,9 @@ pub enum JournalError {
     },
     #[error("another apply of this fleet is running ({holder})")]
     Locked { holder: String, lock: PathBuf },
+    /// The file is not a usable SQLite database (or fails its integrity check).
+    #[error("journal `{path}` is damaged: {message}")]
+    Corrupt { path: PathBuf, message: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,9 +185,39 @@ impl Journal {
         }
         let conn = Connection::open(path).map_err(|source| JournalError::Sqlite { path: path.into(), source })?;
         let j = Journal { conn, path: path.to_path_buf() };
-        j.exec_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")?;
-        j.exec_batch(SCHEMA)?;
+        let corrupt = |e: JournalError| match e {
+            JournalError::Sqlite { source, .. }
+                if matches!(
+                    source.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+                ) =>
+            {
+                JournalError::Corrupt { path: path.into(), message: source.to_string() }
+            }
+            other => other,
+        };
+        j.exec_batch("PRAGMA busy_timeout = 5000;").map_err(corrupt)?;
+        // Checked before anything else reads it (discovery, the confirmation), so a damaged journal is one clear
+        // error up front, never a surprise halfway through an apply.
+        let check: String = j.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| corrupt(j.err(e)))?;
+        if check != "ok" {
+            return Err(JournalError::Corrupt { path: path.into(), message: check });
+        }
+        j.exec_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(corrupt)?;
+        j.exec_batch(SCHEMA).map_err(corrupt)?;
         Ok(j)
+    }
+
+    /// `NIMBUS_FAILPOINT=fail:journal-write:N` (a test facility) fails the N-th record of an action.
+    fn failpoint(&self) -> Result<(), JournalError> {
+        if crate::util::failpoint::fail("journal-write") {
+            return Err(JournalError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("failpoint journal-write"),
+            });
+        }
+        Ok(())
     }
 
     fn err(&self, source: rusqlite::Error) -> JournalError {
@@ -299,6 +332,7 @@ impl Journal {
     }
 
     pub fn action_started(&self, run: i64, id: usize, log_path: Option<&Path>) -> Result<(), JournalError> {
+        self.failpoint()?;
         self.conn
             .execute(
                 "UPDATE actions SET status = 'EXECUTING', started_at = ?1, log_path = ?2 WHERE run_id = ?3 AND action_id = ?4",
@@ -316,6 +350,7 @@ impl Journal {
         exit_code: Option<i32>,
         error: Option<&str>,
     ) -> Result<(), JournalError> {
+        self.failpoint()?;
         self.conn
             .execute(
                 "UPDATE actions SET status = ?1, finished_at = ?2, exit_code = ?3, error = ?4 WHERE run_id = ?5 AND action_id = ?6",

@@ -78,6 +78,9 @@ pub struct SshSettings {
     pub connect_timeout: Duration,
     /// Path of the state database on machines; `{machine}` becomes the machine's name.
     pub state_path: String,
+    /// Record the host key of a machine seen for the first time. Off for `plan` (read-only: it never writes
+    /// known_hosts) and with `ssh.host_key_policy: require-known`; then an unknown key is refused.
+    pub pin_new_keys: bool,
 }
 
 /// Expands OpenSSH's `%h %p %r %%` tokens, quoting each value for the shell.
@@ -112,6 +115,7 @@ struct Verifier {
     host: String,
     port: u16,
     known_hosts: PathBuf,
+    pin_new_keys: bool,
     problem: Arc<Mutex<Option<String>>>,
 }
 
@@ -131,6 +135,14 @@ impl client::Handler for Verifier {
         };
         match known {
             Ok(true) => Ok(true),
+            Ok(false) if !self.pin_new_keys => {
+                *self.problem.lock().expect("lock") = Some(format!(
+                    "the host key of `{}` is not known yet (not in `{}`); `nimbus apply` records it on first contact (`ssh.host_key_policy: pin-on-first-apply`), `plan` never does",
+                    self.host,
+                    self.known_hosts.display()
+                ));
+                Ok(false)
+            }
             Ok(false) => {
                 // First contact: pin the key.
                 match russh::keys::known_hosts::learn_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
@@ -254,6 +266,7 @@ impl SshConnector {
             host: host.to_string(),
             port,
             known_hosts: self.settings.known_hosts.clone(),
+            pin_new_keys: self.settings.pin_new_keys,
             problem: problem.clone(),
         };
         let mut handle = client::connect_stream(config(), stream, verifier).await.map_err(|e| {

@@ -1,5 +1,6 @@
 //! Small shared pieces: shell quoting, secrets, time, telemetry setup.
 
+pub mod failpoint;
 pub mod secrets;
 pub mod shell;
 pub mod telemetry;

@@ -217,6 +217,7 @@ fn aws_ssh_and_forge_end_to_end() {
         jump: None,
         connect_timeout: std::time::Duration::from_secs(5),
         state_path: format!("{d}/machines/{{machine}}/state.db"),
+        pin_new_keys: true,
     });
     let provider: Arc<dyn Provider> = Arc::new(
         rt.block_on(AwsProvider::new(

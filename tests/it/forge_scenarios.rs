@@ -206,7 +206,7 @@ fn a_runner_that_picks_up_a_job_after_the_plan_is_not_killed() {
         Applier::new(smaller.clone(), &actual, vec![w.provider.clone()], None).with_forge(w.forge.clone(), None);
     let mut session = Session::open(&w.dir.path().join("journal.db"), Retention::default()).unwrap();
     let run = session.start(&doc, "fleet.yaml", None).unwrap();
-    let (_keep, stop) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(tokio::sync::watch::channel(false).0);
     let outcome = w.rt.block_on(session.execute(run, &doc, Arc::new(applier), 10, stop, &mut [])).unwrap();
     assert_eq!(outcome.status, RunStatus::Success, "{:?}", outcome.report.outcomes);
     assert_eq!(outcome.report.deferred.len(), 1);

@@ -666,3 +666,44 @@ fn no_printing_macro_can_panic() {
     }
     assert!(bad.is_empty(), "use outln!/errln! (src/printer.rs):\n{}", bad.join("\n"));
 }
+
+/// Issue 12: a damaged journal is one clear error before anything else happens, naming the file and the fix.
+#[test]
+fn a_damaged_journal_is_refused_up_front() {
+    let dir = quickstart();
+    std::fs::create_dir_all(dir.path().join(".nimbus")).unwrap();
+    std::fs::write(dir.path().join(".nimbus/journal.db"), "this is not a database, not even close; ".repeat(200))
+        .unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("journal.db` is damaged") && err.contains("move it aside"), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("will perform"), "it failed before planning: {}", text(&o));
+    assert!(sandboxes(dir.path()).is_empty(), "nothing touched");
+}
+
+/// Issue 12: a journal write that fails during an apply stops new actions (running ones finish) and exits 1.
+#[test]
+fn a_journal_write_failure_stops_the_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fleet.yaml"),
+        "version: 1\ntenant: t\nproviders:\n  local: {type: local}\npools:\n  - name: p\n    provider: local\n    count: 3\n    machine: {os: linux, arch: x86_64, image: img}\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        .args(["apply", "--auto-approve", "--parallelism", "1"])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .env("NIMBUS_FAILPOINT", "fail:journal-write:3")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("the journal could not be written, so no new actions were started"), "{err}");
+    assert!(sandboxes(dir.path()).len() < 3, "it went on after the journal failed: {:?}", sandboxes(dir.path()));
+    // Without the failure, the next apply finishes the job.
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    assert_eq!(sandboxes(dir.path()).len(), 3);
+}

@@ -37,6 +37,7 @@ fn settings(s: &Sshd, dir: &Path) -> SshSettings {
         jump: None,
         connect_timeout: Duration::from_secs(10),
         state_path: dir.join("machines/{machine}/state.db").display().to_string(),
+        pin_new_keys: true,
     }
 }
 
@@ -167,4 +168,41 @@ fn hostile_values_survive_the_remote_shell() {
     let out = rt().block_on(async { c.transport("m", "127.0.0.1").exec(&script, b"", None).await.unwrap() });
     assert_eq!(String::from_utf8(out.stdout).unwrap(), value);
     assert!(!marker.exists());
+}
+
+/// Issue 12: a read-only look (`plan`) never writes known_hosts: an unknown host key is refused with what to
+/// do. Only `apply` pins; `ssh.host_key_policy: require-known` never does. After a reimage, the pin is forgotten.
+#[test]
+fn only_apply_pins_host_keys() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let look = SshConnector::new(SshSettings { pin_new_keys: false, ..settings(&s, dir.path()) });
+    rt().block_on(async {
+        let e = look.transport("m1", "127.0.0.1").probe().await.unwrap_err().to_string();
+        assert!(e.contains("is not known yet") && e.contains("nimbus apply"), "{e}");
+        assert!(!dir.path().join("known_hosts").exists(), "a look wrote known_hosts");
+        let change = SshConnector::new(settings(&s, dir.path()));
+        let t = change.transport("m1", "127.0.0.1");
+        t.probe().await.unwrap();
+        assert!(dir.path().join("known_hosts").exists());
+        // Known now: a look may connect.
+        let look = SshConnector::new(SshSettings { pin_new_keys: false, ..settings(&s, dir.path()) });
+        look.transport("m1", "127.0.0.1").probe().await.unwrap();
+        // A reimaged machine has a new host key: the old pin is forgotten.
+        t.forget_identity().await.unwrap();
+        assert!(!std::fs::read_to_string(dir.path().join("known_hosts")).unwrap().contains("127.0.0.1"));
+    });
+    // The fleet file's policy decides what apply may do.
+    let fleet = |policy: &str| {
+        let text = format!(
+            "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\nssh:\n  user: u\n{policy}pools: []\n"
+        );
+        nimbus::config::LoadedConfig::from_config("f", nimbus::config::parse("f", &text).unwrap(), dir.path()).unwrap()
+    };
+    use nimbus::engine::clients::{Purpose, ssh_connector};
+    let pins = |l: &nimbus::config::LoadedConfig, p| ssh_connector(l, p).unwrap().unwrap().settings().pin_new_keys;
+    let default = fleet("");
+    assert!(pins(&default, Purpose::Change) && !pins(&default, Purpose::Look));
+    let strict = fleet("  host_key_policy: require-known\n");
+    assert!(!pins(&strict, Purpose::Change) && !pins(&strict, Purpose::Look));
 }

@@ -30,8 +30,9 @@ fn confirm() -> bool {
 
 /// The first SIGINT or SIGTERM turns the returned flag on (nothing new starts, running actions finish); a
 /// second exits at once.
-fn stop_on_signals(rt: &tokio::runtime::Runtime) -> tokio::sync::watch::Receiver<bool> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+fn stop_on_signals(rt: &tokio::runtime::Runtime) -> Arc<tokio::sync::watch::Sender<bool>> {
+    let stop = Arc::new(tokio::sync::watch::channel(false).0);
+    let stop_tx = stop.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
@@ -55,7 +56,7 @@ fn stop_on_signals(rt: &tokio::runtime::Runtime) -> tokio::sync::watch::Receiver
             }
         }
     });
-    stop_rx
+    stop
 }
 
 pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, CommandError> {
@@ -80,7 +81,7 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     let rt = runtime();
     // Clients (octocrab) spawn helpers on the runtime when built.
     let _in_runtime = rt.enter();
-    let providers = rt.block_on(build_providers(&loaded))?;
+    let providers = rt.block_on(build_providers(&loaded, crate::engine::clients::Purpose::Change))?;
     rt.block_on(async {
         for p in &providers {
             p.prepare().await?;

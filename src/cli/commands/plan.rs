@@ -16,7 +16,7 @@ use crate::providers::Provider;
 /// Discovers what exists for the fleet's tenant.
 pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
     runtime().block_on(async {
-        let providers = build_providers(loaded).await?;
+        let providers = build_providers(loaded, crate::engine::clients::Purpose::Look).await?;
         let forge = super::build_forge(loaded)?;
         observe_with(loaded, &providers, forge.as_deref()).await
     })

@@ -83,8 +83,15 @@ pub fn summary(o: &ApplyOutcome, deferred: usize, action: impl Fn(usize) -> Acti
             }
         }
     };
-    for e in o.journal_errors.iter().take(3) {
-        errln!("warning: journal: {e}");
+    if !o.journal_errors.is_empty() {
+        errln!("\nApply stopped: the journal could not be written, so no new actions were started. {resources}");
+        for e in o.journal_errors.iter().take(3) {
+            errln!("Error: journal: {e}");
+        }
+        incomplete();
+        errors();
+        errln!("hint: fix the journal's folder (space, permissions) and run `nimbus apply` again to continue");
+        return;
     }
     if o.report.interrupted {
         errln!("\nApply interrupted. {resources}");
