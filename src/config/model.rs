@@ -257,6 +257,10 @@ pub struct SetupStepConfig {
     pub name: String,
     /// Shell script.
     pub run: String,
+    /// How long the step may run (default `30m`). On expiry its process group on the machine is killed, and
+    /// the journal (TIMEOUT) and the machine's state say it timed out; the next apply runs it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
 }
 
 /// A duration written as `24h`, `90m`, `1h 30m`, `0s`.

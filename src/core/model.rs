@@ -187,6 +187,16 @@ pub struct StepSpec {
     pub hash: String,
     /// The script itself. Not part of plan output (only name and hash are).
     pub run: String,
+    /// How long it may run.
+    #[serde(default = "default_step_timeout", with = "secs")]
+    pub timeout: Duration,
+}
+
+/// A setup step's `timeout` unless the fleet file says otherwise.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+fn default_step_timeout() -> Duration {
+    DEFAULT_STEP_TIMEOUT
 }
 
 pub fn step_hash(run: &str) -> String {
@@ -233,7 +243,12 @@ impl Desired {
                     setup: p
                         .setup
                         .iter()
-                        .map(|s| StepSpec { name: s.name.clone(), hash: step_hash(&s.run), run: s.run.clone() })
+                        .map(|s| StepSpec {
+                            name: s.name.clone(),
+                            hash: step_hash(&s.run),
+                            run: s.run.clone(),
+                            timeout: s.timeout.map(|d| d.0).unwrap_or(DEFAULT_STEP_TIMEOUT),
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -393,6 +408,8 @@ pub enum StepStatus {
     Running,
     Done,
     Failed,
+    /// Ran past its `timeout` and was killed.
+    TimedOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -78,6 +78,8 @@ pub struct Applier {
     forge: Option<Arc<dyn Forge>>,
     /// Where the runner agent goes (the fleet file's `runner_dir`); `None` is the agent's default.
     runner_dir: Option<String>,
+    /// Who holds a machine's setup lock while this applier runs setup (`host:journal`).
+    lock_owner: String,
 }
 
 impl Applier {
@@ -107,7 +109,19 @@ impl Applier {
             log_dir,
             forge: None,
             runner_dir: None,
+            lock_owner: format!(
+                "{} pid {}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
+                std::process::id()
+            ),
         }
+    }
+
+    /// Names who holds machines' setup locks while this applier runs setup. An apply that died leaves its lock
+    /// behind; the next apply with the same owner takes it back at once.
+    pub fn with_lock_owner(mut self, owner: impl Into<String>) -> Self {
+        self.lock_owner = owner.into();
+        self
     }
 
     /// Runner actions go to this forge; the agent is installed in `runner_dir` (`{machine}` replaced).
@@ -256,6 +270,8 @@ impl Applier {
         }
     }
 
+    /// Runs setup steps under the machine's setup lock: two applies (two operators, two CI jobs) never run
+    /// setup on one machine at once.
     async fn run_setup(
         &self,
         provider: &str,
@@ -270,6 +286,45 @@ impl Applier {
                     "`{machine}` cannot be reached to run setup: the fleet file has no `ssh:` section"
                 ))
             })?;
+        // A lock older than every step's timeout (plus a margin) belongs to an apply that died.
+        let stale_after =
+            self.pool_of(machine).map(|p| p.setup.iter().map(|s| s.timeout).sum::<Duration>()).unwrap_or_default()
+                + Duration::from_secs(600);
+        let dir = state_dir(t.state_path());
+        let now = chrono::Utc::now().timestamp();
+        let lock = format!(
+            "d={dir}; l=\"$d/.setup.lock\"; mkdir -p \"$d\"\n\
+             take() {{ mkdir \"$l\" 2>/dev/null && printf '%s\\n%s\\n' {owner} {now} > \"$l/holder\"; }}\n\
+             if take; then exit 0; fi\n\
+             who=$(sed -n 1p \"$l/holder\" 2>/dev/null); since=$(sed -n 2p \"$l/holder\" 2>/dev/null)\n\
+             if [ \"$who\" = {owner} ] || {{ [ -n \"$since\" ] && [ $(({now} - since)) -gt {stale} ]; }}; then rm -rf \"$l\"; take && exit 0; fi\n\
+             printf '%s since %s' \"$who\" \"$since\"; exit 75\n",
+            dir = shell::quote(&dir),
+            owner = shell::quote(&self.lock_owner),
+            stale = stale_after.as_secs(),
+        );
+        let out = t.exec(&lock, b"", None).await?;
+        if out.code != 0 {
+            let held = String::from_utf8_lossy(&out.stdout).to_string();
+            return Err(ActionError::new(format!(
+                "another apply is running setup on `{machine}` (lock held by {held}); it is left alone: run `nimbus apply` again once it is done"
+            )));
+        }
+        let result = self.run_setup_locked(&t, provider, pool, machine, steps, log).await;
+        let _ = t.exec(&format!("rm -rf {}/.setup.lock", shell::quote(&dir)), b"", None).await;
+        result
+    }
+
+    async fn run_setup_locked(
+        &self,
+        t: &Arc<dyn Transport>,
+        provider: &str,
+        pool: &str,
+        machine: &str,
+        steps: &[crate::core::plan::StepRef],
+        log: Option<&PathBuf>,
+    ) -> Result<(), ActionError> {
+        let t = t.clone();
         let pool_spec = self
             .desired
             .pools
@@ -311,7 +366,28 @@ impl Applier {
                 ]),
                 spec.run
             );
-            let out = t.exec(&script, b"", log.map(|p| p.as_path())).await?;
+            // The step's shell records its process group, so a step past its timeout can be killed whole.
+            let pidfile = step_pidfile(t.state_path());
+            let script = format!("echo $$ > {}\n{script}", shell::quote(&pidfile));
+            let out = match tokio::time::timeout(spec.timeout, t.exec(&script, b"", log.map(|p| p.as_path()))).await {
+                Ok(out) => out?,
+                Err(_) => {
+                    let kill = format!(
+                        "p={}; if [ -f \"$p\" ]; then g=$(cat \"$p\"); kill -s TERM -- \"-$g\" 2>/dev/null; sleep 2; kill -s KILL -- \"-$g\" 2>/dev/null; rm -f \"$p\"; fi; exit 0",
+                        shell::quote(&pidfile)
+                    );
+                    let _ = t.exec(&kill, b"", None).await;
+                    db.set_step(position as i64, &spec.name, &spec.hash, StepStatus::TimedOut, Some(124));
+                    machine_db::write(t.as_ref(), &db).await?;
+                    let msg = format!(
+                        "setup step `{}` ran past its timeout of {} and was stopped",
+                        spec.name,
+                        humantime::format_duration(spec.timeout)
+                    );
+                    emit("nimbus.setup.step_timeout", &self.tenant, machine, Some(started.elapsed()), Some(&msg));
+                    return Err(ActionError::timed_out(msg));
+                }
+            };
             let ok = out.code == 0;
             db.set_step(
                 position as i64,
@@ -458,4 +534,18 @@ impl ActionRunner for Applier {
             _ => None,
         }
     }
+}
+
+/// The folder of the state database on the machine.
+fn state_dir(state_path: &str) -> String {
+    match state_path.rfind('/') {
+        Some(0) => "/".to_string(),
+        Some(i) => state_path[..i].to_string(),
+        None => ".".to_string(),
+    }
+}
+
+/// Where a running setup step's shell records its process id (its process group), beside the state database.
+fn step_pidfile(state_path: &str) -> String {
+    format!("{}/.setup-step.pid", state_dir(state_path))
 }

@@ -188,6 +188,7 @@ fn journal_event(journal: &Journal, run: i64, a: &Action, ev: &ExecEvent) -> Res
         ExecEvent::Finished { id, outcome, .. } => {
             let (status, code, error) = match outcome {
                 Outcome::Success => ("SUCCESS", None, None),
+                Outcome::Failed(e) if e.timed_out => ("TIMEOUT", e.exit_code, Some(e.to_string())),
                 Outcome::Failed(e) => ("ERROR", e.exit_code, Some(e.to_string())),
                 Outcome::Deferred(why) => ("SKIPPED", None, Some(format!("deferred: {why}"))),
                 Outcome::Skipped { root_cause } => {

@@ -30,11 +30,18 @@ pub struct ActionError {
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
     /// Not a failure: the action cannot happen yet (a runner picked up a job). Its dependents wait too.
     pub deferred: bool,
+    /// It ran past its time limit and was stopped (the journal says TIMEOUT).
+    pub timed_out: bool,
 }
 
 impl ActionError {
     pub fn new(message: impl Into<String>) -> Self {
-        ActionError { message: message.into(), exit_code: None, source: None, deferred: false }
+        ActionError { message: message.into(), exit_code: None, source: None, deferred: false, timed_out: false }
+    }
+
+    /// The action ran past its time limit and was stopped.
+    pub fn timed_out(message: impl Into<String>) -> Self {
+        ActionError { timed_out: true, exit_code: Some(124), ..ActionError::new(message) }
     }
 
     /// The action cannot happen yet; the apply goes on and succeeds, and the next plan shows it deferred.
@@ -44,11 +51,12 @@ impl ActionError {
 
     /// A command on the machine failed with `code`.
     pub fn exit(message: impl Into<String>, code: i32) -> Self {
-        ActionError { message: message.into(), exit_code: Some(code), source: None, deferred: false }
+        ActionError { exit_code: Some(code), ..ActionError::new(message) }
     }
 
     fn from_error(e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        ActionError { message: e.to_string(), exit_code: None, source: Some(Arc::new(e)), deferred: false }
+        let message = e.to_string();
+        ActionError { source: Some(Arc::new(e)), ..ActionError::new(message) }
     }
 
     /// The provider error this failure came from, if any (to tell throttling or capacity from the rest).

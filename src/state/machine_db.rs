@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS setup_steps (
   position    INTEGER NOT NULL,
   name        TEXT PRIMARY KEY,
   hash        TEXT NOT NULL,
-  status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+  status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'timeout')),
   started_at  TEXT,
   finished_at TEXT,
   exit_code   INTEGER
@@ -101,6 +101,7 @@ fn status_str(s: StepStatus) -> &'static str {
         StepStatus::Running => "running",
         StepStatus::Done => "done",
         StepStatus::Failed => "failed",
+        StepStatus::TimedOut => "timeout",
     }
 }
 
@@ -108,6 +109,7 @@ fn parse_status(s: &str) -> StepStatus {
     match s {
         "done" => StepStatus::Done,
         "failed" => StepStatus::Failed,
+        "timeout" => StepStatus::TimedOut,
         _ => StepStatus::Running,
     }
 }
@@ -270,12 +272,13 @@ pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
         Some(i) => &path[..i],
         None => ".",
     };
-    // Few processes (cat, wc, mv): this runs twice per setup step on every machine.
+    // Few processes (cat, wc, mv): this runs twice per setup step on every machine. It also clears the pid file
+    // a finished setup step leaves beside the database (see `engine::actions`).
     let script = format!(
         "set -e; p={path}; d={dir}; [ -d \"$d\" ] || mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
          trap 'rm -f \"$t\"' EXIT; cat > \"$t\"; \
          n=$(($(wc -c < \"$t\"))); if [ \"$n\" -ne {len} ]; then exit {SHORT_WRITE}; fi; \
-         mv -f \"$t\" \"$p\"; trap - EXIT",
+         mv -f \"$t\" \"$p\"; trap - EXIT; rm -f \"$d/.setup-step.pid\"",
         path = quote(path),
         dir = quote(dir),
         len = bytes.len(),

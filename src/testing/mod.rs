@@ -31,7 +31,7 @@ pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: 
 }
 
 pub fn step(name: &str, run: &str) -> StepSpec {
-    StepSpec { name: name.into(), hash: step_hash(run), run: run.into() }
+    StepSpec { name: name.into(), hash: step_hash(run), run: run.into(), timeout: DEFAULT_STEP_TIMEOUT }
 }
 
 /// A desired fleet on one `aws` provider (24 h window for mac types) with a forge.

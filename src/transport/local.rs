@@ -47,6 +47,8 @@ impl Transport for LocalTransport {
         }
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script).current_dir(&self.root).stdin(Stdio::piped()).kill_on_drop(true);
+        // Its own process group, as sshd gives each command its own session: a stuck step can be killed whole.
+        cmd.process_group(0);
         cmd.env("HOME", &self.root);
         match log {
             Some(path) => {

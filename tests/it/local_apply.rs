@@ -707,3 +707,73 @@ fn a_journal_write_failure_stops_the_apply() {
     assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
     assert_eq!(sandboxes(dir.path()).len(), 3);
 }
+
+/// Issue 12: a setup step past its `timeout:` is killed with everything it started; the journal says TIMEOUT,
+/// the machine's state says timed out, and the next apply runs the step again.
+#[test]
+fn a_setup_step_past_its_timeout_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = |timeout: &str| {
+        format!(
+            "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\npools:\n  - name: p\n    provider: local\n    count: 1\n    machine: {{os: linux, arch: x86_64, image: img}}\n    setup:\n      - name: hang\n        timeout: {timeout}\n        run: |\n          if [ -f ../../../../finish-fast ]; then exit 0; fi\n          sleep 300 &\n          echo $! > sleeper.pid\n          wait\n"
+        )
+    };
+    write_fleet(dir.path(), &fleet("2s"));
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("ran past its timeout of 2s"), "{}", text(&o));
+    let root = dir.path().join(".nimbus/local/nimbus.t.p.0/root");
+    let pid = std::fs::read_to_string(root.join("sleeper.pid")).unwrap();
+    let alive = Command::new("kill").args(["-0", pid.trim()]).status().unwrap().success();
+    assert!(!alive, "the step's child process {pid} was left running");
+    let h = nimbus(dir.path(), &["history", "--run", "latest", "--json"]);
+    let actions: serde_json::Value = serde_json::from_slice(&h.stdout).unwrap();
+    let setup = actions.as_array().unwrap().iter().find(|a| a["kind"] == "run_setup").unwrap();
+    assert_eq!(setup["status"], "TIMEOUT", "{setup}");
+    assert_eq!(
+        sqlite3(&state_db(dir.path(), "nimbus.t.p.0"), "SELECT status, exit_code FROM setup_steps"),
+        "timeout|124\n"
+    );
+    let plan = nimbus(dir.path(), &["plan"]);
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("setup step `hang` (timed out before)"), "{}", text(&plan));
+    std::fs::write(dir.path().join("finish-fast"), "").unwrap();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// Issue 12: a machine-side lock (only a POSIX shell: `mkdir`) keeps two applies from running setup on one
+/// machine at once; the second says who holds it. A lock older than every step's timeout is taken back.
+#[test]
+fn two_applies_never_run_setup_on_one_machine_at_once() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    let state = dir.path().join(".nimbus/local/nimbus.quickstart.linux.0/root/var/lib/nimbus");
+    let fleet = dir.path().join("fleet.yaml");
+    std::fs::write(&fleet, std::fs::read_to_string(&fleet).unwrap().replace("echo warmed", "echo warmed again"))
+        .unwrap();
+    // Another operator's apply is running setup on linux.0 right now.
+    let now = chrono::Utc::now().timestamp();
+    std::fs::create_dir(state.join(".setup.lock")).unwrap();
+    std::fs::write(
+        state.join(".setup.lock/holder"),
+        format!("nimbus on other-laptop (/home/ann/fleet/.nimbus/journal.db)\n{now}\n"),
+    )
+    .unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("another apply is running setup on `nimbus.quickstart.linux.0`") && err.contains("other-laptop"),
+        "{err}"
+    );
+    assert!(state.join(".setup.lock").exists(), "someone else's lock was removed");
+    // The other machine's setup went ahead; linux.0's did not.
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(2));
+    // That apply died an hour ago: its lock is stale and taken back.
+    std::fs::write(state.join(".setup.lock/holder"), format!("nimbus on other-laptop (x)\n{}\n", now - 3 * 3600))
+        .unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!state.join(".setup.lock").exists(), "the lock is released after setup");
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}

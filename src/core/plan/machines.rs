@@ -336,6 +336,7 @@ impl<'a> Builder<'a> {
                 let what = match old {
                     None => StepWhy::New,
                     Some(r) if r.status == StepStatus::Failed => StepWhy::FailedBefore,
+                    Some(r) if r.status == StepStatus::TimedOut => StepWhy::TimedOut,
                     Some(r) if r.status == StepStatus::Running => StepWhy::Interrupted,
                     Some(r) if r.hash != s.hash => StepWhy::Changed,
                     Some(_) => StepWhy::AfterAChangedStep,

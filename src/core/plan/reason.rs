@@ -82,6 +82,7 @@ pub enum UpdateCause {
 pub enum StepWhy {
     New,
     FailedBefore,
+    TimedOut,
     Interrupted,
     Changed,
     AfterAChangedStep,
@@ -138,6 +139,7 @@ impl fmt::Display for UpdateCause {
                 let why = match why {
                     StepWhy::New => "new",
                     StepWhy::FailedBefore => "failed before",
+                    StepWhy::TimedOut => "timed out before",
                     StepWhy::Interrupted => "interrupted",
                     StepWhy::Changed => "changed",
                     StepWhy::AfterAChangedStep => "after a changed step",
