@@ -177,6 +177,21 @@ pub struct PoolConfig {
     /// Named setup steps, run in order once per machine (a changed step runs again).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub setup: Vec<SetupStepConfig>,
+    /// On dedicated hosts (EC2 Mac): what a replacement does while its old host is scrubbed after the old
+    /// instance ends (50 minutes to hours on EC2). `wait` (default): launch on that host once it is usable again,
+    /// or on another idle usable host now; no new host is paid for. `allocate`: allocate a new host at once
+    /// (at least 24 more host-hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_replacement: Option<MacReplacement>,
+}
+
+/// See [`PoolConfig::mac_replacement`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MacReplacement {
+    #[default]
+    Wait,
+    Allocate,
 }
 
 /// Operating system of a machine.

@@ -65,6 +65,12 @@ pub struct HostPolicy {
     /// Extra time past the window before a release (clock skew, billing granularity): fail late, never early.
     #[serde(default, with = "secs")]
     pub margin: Duration,
+    /// After a scrub, how long a host that reports available is still not usable.
+    #[serde(default, with = "secs")]
+    pub post_available_delay: Duration,
+    /// How long a scrub usually takes at most (for "expected by" in plans).
+    #[serde(default, with = "secs")]
+    pub scrub_estimate: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -143,6 +149,9 @@ pub struct DesiredPool {
     pub spec: MachineSpec,
     pub runner: Option<RunnerSpec>,
     pub setup: Vec<StepSpec>,
+    /// A replacement on a dedicated host may allocate a new host rather than wait for the old one's scrub.
+    #[serde(default)]
+    pub allocate_on_replace: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -223,6 +232,7 @@ impl Desired {
                 .pools
                 .iter()
                 .map(|p| DesiredPool {
+                    allocate_on_replace: p.mac_replacement == Some(crate::config::MacReplacement::Allocate),
                     name: p.name.clone(),
                     provider: p.provider.clone(),
                     count: p.count,
@@ -324,6 +334,10 @@ pub struct Host {
     pub state: HostState,
     /// When it was allocated. A host that does not say is given [`UNKNOWN_ALLOCATION`]: never releasable.
     pub allocated_at: DateTime<Utc>,
+    /// When it came back available after a scrub nimbus saw (from the journal); `None` when nimbus never saw
+    /// it scrubbing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_since: Option<DateTime<Utc>>,
     /// Instances currently placed on the host.
     #[serde(default)]
     pub instance_ids: Vec<String>,

@@ -79,6 +79,27 @@ pub fn annotate_with_history(
     for m in actual.machines.iter_mut() {
         m.unreachable_since = m.name().and_then(|n| since.get(n).copied());
     }
+    // A host seen scrubbing and now available is settling: EC2 makes it usable a few minutes later.
+    let was_pending = journal.observed("host_pending")?;
+    let was_settling = journal.observed("host_settling")?;
+    let pending: Vec<String> = actual
+        .hosts
+        .iter()
+        .filter(|h| h.state == crate::core::model::HostState::Pending)
+        .map(|h| h.id.clone())
+        .collect();
+    journal.observe("host_pending", &pending, now)?;
+    let settling: Vec<String> = actual
+        .hosts
+        .iter()
+        .filter(|h| h.state == crate::core::model::HostState::Available)
+        .filter(|h| was_pending.contains(&h.id) || was_settling.contains(&h.id))
+        .map(|h| h.id.clone())
+        .collect();
+    let since = journal.observe("host_settling", &settling, now)?;
+    for h in actual.hosts.iter_mut() {
+        h.available_since = since.get(&h.id).copied();
+    }
     Ok(())
 }
 

@@ -494,6 +494,13 @@ impl Journal {
         Ok(out)
     }
 
+    /// What is recorded for `kind`, without changing it.
+    pub fn observed(&self, kind: &str) -> Result<std::collections::HashSet<String>, JournalError> {
+        let mut st = self.conn.prepare("SELECT name FROM observations WHERE kind = ?1").map_err(|e| self.err(e))?;
+        let rows = st.query_map(params![kind], |r| r.get::<_, String>(0)).map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
     pub fn latest_run(&self) -> Result<Option<i64>, JournalError> {
         self.conn
             .query_row("SELECT max(id) FROM runs", [], |r| r.get(0))

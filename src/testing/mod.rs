@@ -15,6 +15,7 @@ use crate::core::plan::{ActionKind, HostRef, Plan};
 pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: &str) -> DesiredPool {
     let mac = crate::providers::aws::config::is_mac_metal(instance_type);
     DesiredPool {
+        allocate_on_replace: false,
         name: name.into(),
         provider: provider.into(),
         count,
@@ -121,6 +122,7 @@ impl Simulator {
                         availability_zone: availability_zone.clone(),
                         state: HostState::Available,
                         allocated_at: now,
+                        available_since: None,
                         instance_ids: vec![],
                     });
                 }
@@ -137,7 +139,17 @@ impl Simulator {
                     if let Some(hid) = &host_id {
                         let h = world.hosts.iter_mut().find(|h| &h.id == hid).expect("host exists");
                         assert!(h.instance_ids.is_empty(), "host {hid} already has an instance");
-                        assert_eq!(h.state, HostState::Available, "host {hid} is not available");
+                        assert_eq!(h.state, HostState::Available, "host {hid} is not available (scrubbing?)");
+                        let delay = desired
+                            .providers
+                            .get(&h.provider)
+                            .and_then(|p| p.capabilities.host_policy(&h.instance_type))
+                            .map(|p| p.post_available_delay)
+                            .unwrap_or_default();
+                        assert!(
+                            h.available_since.is_none_or(|t| window_end_at(t, delay) <= now),
+                            "host {hid} was used before it settled after its scrub"
+                        );
                         assert_eq!(Some(&h.instance_type), spec.instance_type.as_ref());
                         h.instance_ids.push(instance_id.clone());
                         h.tags = machine_tags(&desired.tenant, provider, pool, machine);
@@ -226,6 +238,10 @@ impl Simulator {
                     let m = world.machines.iter_mut().find(|m| &m.instance_id == instance_id).expect("instance exists");
                     m.state = InstanceState::Terminated;
                     for h in &mut world.hosts {
+                        if h.instance_ids.contains(instance_id) {
+                            // As EC2 does: the host is scrubbed after its instance ends, and unusable meanwhile.
+                            h.state = HostState::Pending;
+                        }
                         h.instance_ids.retain(|i| i != instance_id);
                     }
                 }
@@ -255,6 +271,16 @@ impl Simulator {
 pub fn complete_ephemeral_jobs(world: &mut Actual, machines: &[&str]) {
     if let Some(rs) = world.runners.as_mut() {
         rs.retain(|r| !machines.contains(&r.name.as_str()));
+    }
+}
+
+/// Every scrub ends at `at`: the hosts report available again (and settle after the provider's delay).
+pub fn finish_scrubs(world: &mut Actual, at: DateTime<Utc>) {
+    for h in &mut world.hosts {
+        if h.state == HostState::Pending {
+            h.state = HostState::Available;
+            h.available_since = Some(at);
+        }
     }
 }
 

@@ -161,16 +161,16 @@ fn create_discover_scale_down_defer_and_reuse() {
 fn host_is_released_once_its_window_has_passed() {
     let Some(url) = moto() else { return };
     let f = Fleet::new(&url, "window");
-    f.write(1, 0, Some("2s"));
+    f.write(1, 0, Some("8s"));
     f.ok(&["apply", "--auto-approve"]);
-    f.write(0, 0, Some("2s"));
+    f.write(0, 0, Some("8s"));
     let plan = f.plan_json(&[]);
     if kinds(&plan).contains(&"release_host".to_string()) {
         panic!("planned a release inside the window: {plan}");
     }
     assert_eq!(plan["deferred"].as_array().unwrap().len(), 1);
     f.ok(&["apply", "--auto-approve"]);
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(8500));
     // Past the window: the release is planned (unless the apply above already ran after the window).
     let plan = f.plan_json(&[]);
     let k = kinds(&plan);

@@ -93,14 +93,20 @@ fn an_image_change_replaces_idle_machines_and_waits_for_busy_ones() {
     start_jobs(&mut world, &["nimbus.acme.mac.0"]);
     d.pools[0].spec.image = "ami-2".into();
     let p = plan(&d, &world, t0());
-    assert_eq!(p.summary().add, 1, "only the idle machine is replaced now");
+    assert_eq!(p.summary().destroy, 1, "only the idle machine is replaced now (its new instance waits for the scrub)");
     assert_eq!(busy_deferred(&p), [("mac[0]".into(), "deregister_runner"), ("mac[0]".into(), "terminate_instance")]);
     sim.apply(&d, &mut world, &p, t0());
     finish_jobs(&mut world);
     let p = plan(&d, &world, t0());
-    assert_eq!(p.summary().add, 1);
+    assert_eq!(p.summary().destroy, 1);
     sim.apply(&d, &mut world, &p, t0());
-    assert!(plan(&d, &world, t0()).is_empty());
+    // The scrubs end; the new instances land on their own hosts.
+    let later = t0() + chrono::Duration::hours(3);
+    nimbus::testing::finish_scrubs(&mut world, later);
+    let p = plan(&d, &world, later + chrono::Duration::minutes(10));
+    assert_eq!(p.summary().add, 2);
+    sim.apply(&d, &mut world, &p, later + chrono::Duration::minutes(10));
+    assert!(plan(&d, &world, later + chrono::Duration::minutes(10)).is_empty());
     assert!(world.machines.iter().all(|m| m.image == "ami-2"));
     // Replaced on their own hosts: no host was allocated for the replacements.
     assert_eq!(world.hosts.len(), 2);
@@ -286,13 +292,15 @@ fn an_unreachable_machine_past_the_grace_is_replaced_unless_its_runner_is_alive(
     assert!(p.warnings.iter().any(|w| w.message.contains("unreachable")));
     world.runners.as_mut().unwrap()[0].online = false;
     let p = plan(&d, &world, t0());
-    assert_eq!(p.summary().add, 1);
     assert_eq!(p.summary().destroy, 1);
     assert!(p.changes[0].reason.contains("has not answered since"), "{}", p.changes[0].reason);
-    assert_eq!(p.changes[0].replace_paths, ["reachable"]);
     sim.apply(&d, &mut world, &p, t0());
-    assert_eq!(world.machines[0].host_id, host, "replaced on its own host: no new 24 h allocation");
-    assert!(plan(&d, &world, t0()).is_empty());
+    let later = t0() + chrono::Duration::hours(3);
+    nimbus::testing::finish_scrubs(&mut world, later);
+    let p = plan(&d, &world, later + chrono::Duration::minutes(10));
+    sim.apply(&d, &mut world, &p, later + chrono::Duration::minutes(10));
+    assert_eq!(world.machines[0].host_id, host, "replaced on its own host after its scrub: no new 24 h allocation");
+    assert!(plan(&d, &world, later + chrono::Duration::minutes(10)).is_empty());
     // A busy runner on an unreachable machine is still never killed.
     let (mut world, _) = built(&d);
     world.machines[0].on_machine = OnMachine::Unreachable { reason: "timeout".into() };
@@ -366,4 +374,22 @@ fn an_opted_out_pool_registers_again_without_a_reimage() {
     nimbus::testing::complete_ephemeral_jobs(&mut world, &["nimbus.acme.linux.0"]);
     let p = plan(&d, &world, t0());
     assert_eq!(p.actions().map(|(_, a)| a.kind.name()).collect::<Vec<_>>(), ["register_runner"]);
+}
+
+/// Issue 12: the journal turns "seen scrubbing, now available" into the time a host came back, so the plan
+/// waits out the settling minutes EC2 needs after a scrub.
+#[test]
+fn the_journal_times_a_hosts_return_from_its_scrub() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = nimbus::state::journal::Journal::open(&dir.path().join("j.db")).unwrap();
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (mut world, _) = built(&d);
+    world.hosts[0].state = HostState::Pending;
+    nimbus::engine::discovery::annotate_with_history(&mut world, &j, t0()).unwrap();
+    assert_eq!(world.hosts[0].available_since, None);
+    world.hosts[0].state = HostState::Available;
+    nimbus::engine::discovery::annotate_with_history(&mut world, &j, t0() + chrono::Duration::hours(1)).unwrap();
+    assert_eq!(world.hosts[0].available_since, Some(t0() + chrono::Duration::hours(1)));
+    nimbus::engine::discovery::annotate_with_history(&mut world, &j, t0() + chrono::Duration::hours(2)).unwrap();
+    assert_eq!(world.hosts[0].available_since, Some(t0() + chrono::Duration::hours(1)), "kept from the first sighting");
 }

@@ -112,39 +112,74 @@ fn scale_down_removes_machines_with_releasable_hosts_first() {
     assert!(p.deferred.is_empty());
 }
 
+/// Issue 12: a Mac replacement cannot launch on its old host at once: EC2 scrubs a host after its instance
+/// ends (unusable for 50 minutes to hours, and a few minutes after it reports available). The plan waits for
+/// the old host (no new host paid for) and says so; then the new instance launches on it.
 #[test]
-fn image_change_replaces_on_the_same_host() {
+fn an_image_change_on_a_mac_waits_for_the_scrub_of_its_host() {
     let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
-    let (world, _) = built(&d, t0());
+    let (mut world, mut sim) = built(&d, t0());
     let host = world.hosts[0].id.clone();
     let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-2")]);
-    let p = plan(&d1, &world, t0() + Duration::hours(2));
-    assert_eq!(p.changes.len(), 1);
-    let c = &p.changes[0];
-    assert!(c.is_replace());
-    assert_eq!(c.replace_paths, ["image"]);
+    let t1 = t0() + Duration::hours(2);
+    let p = plan(&d1, &world, t1);
+    assert_eq!(kinds(&p), ["deregister_runner", "terminate_instance"]);
     assert_eq!(
-        kinds(&p),
-        [
-            "deregister_runner",
-            "terminate_instance",
-            "launch_instance",
-            "wait_reachable",
-            "run_setup",
-            "register_runner"
-        ]
+        p.changes[0].cause,
+        Some(nimbus::core::plan::reason::ChangeReason::Replace {
+            causes: vec![nimbus::core::plan::reason::ReplaceCause::Image { from: "ami-1".into(), to: "ami-2".into() }]
+        })
     );
-    let launch = p.actions().find(|(_, a)| a.kind.name() == "launch_instance").unwrap();
-    match &launch.1.kind {
-        ActionKind::LaunchInstance { host: Some(HostRef::Existing { host_id }), spec, .. } => {
-            assert_eq!(host_id, &host);
-            assert_eq!(spec.image, "ami-2");
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(p.depends_on(launch.0), vec![1], "launch waits for the terminate");
-    assert_eq!(p.summary().add, 1);
-    assert_eq!(p.summary().destroy, 1);
+    let wait = &p.deferred[0];
+    assert_eq!(wait.kind, nimbus::core::plan::DeferredKind::Scrubbing);
+    assert!(
+        matches!(&wait.action, ActionKind::LaunchInstance { host: Some(HostRef::Existing { host_id }), .. } if *host_id == host)
+    );
+    assert!(
+        wait.reason.contains("scrubbed")
+            && wait.reason.contains("expected by about")
+            && wait.reason.contains("24 more host-hours"),
+        "{}",
+        wait.reason
+    );
+    sim.apply(&d1, &mut world, &p, t1);
+    assert_eq!(world.hosts[0].state, HostState::Pending, "the host is scrubbing");
+    // Still scrubbing: the machine waits for its host, and no host is allocated.
+    let p = plan(&d1, &world, t1 + Duration::hours(1));
+    assert!(p.is_empty() && p.deferred.iter().any(|x| x.reason.contains("waiting for its host")), "{:?}", kinds(&p));
+    // Available, but not settled yet (5 minutes on EC2).
+    let back = t1 + Duration::hours(2);
+    nimbus::testing::finish_scrubs(&mut world, back);
+    assert!(plan(&d1, &world, back + Duration::minutes(2)).is_empty());
+    let p = plan(&d1, &world, back + Duration::minutes(6));
+    assert_eq!(kinds(&p), ["launch_instance", "wait_reachable", "run_setup", "register_runner"]);
+    sim.apply(&d1, &mut world, &p, back + Duration::minutes(6));
+    assert_eq!(world.machines[0].host_id.as_deref(), Some(host.as_str()), "the same host");
+    assert_eq!(world.hosts.len(), 1, "no host was allocated");
+    assert!(plan(&d1, &world, back + Duration::minutes(7)).is_empty());
+}
+
+/// Issue 12: with another idle usable host the replacement takes it at once; with `mac_replacement: allocate`
+/// it pays for a new host rather than wait.
+#[test]
+fn a_mac_replacement_takes_an_idle_host_or_allocates_when_told() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let (mut world, mut sim) = built(&d, t0());
+    let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let p = plan(&d1, &world, t0());
+    sim.apply(&d1, &mut world, &p, t0());
+    nimbus::testing::finish_scrubs(&mut world, t0());
+    let idle = world.hosts.iter().find(|h| h.instance_ids.is_empty()).unwrap().id.clone();
+    let mut d2 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-2")]);
+    let p = plan(&d2, &world, t0() + Duration::hours(1));
+    assert!(p.deferred.iter().all(|x| x.kind != nimbus::core::plan::DeferredKind::Scrubbing));
+    assert!(p.actions().any(|(_, a)| matches!(&a.kind,
+        ActionKind::LaunchInstance { host: Some(HostRef::Existing { host_id }), .. } if *host_id == idle)));
+    // No idle host: `mac_replacement: allocate` allocates at once.
+    let (world, _) = built(&desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]), t0());
+    d2.pools[0].allocate_on_replace = true;
+    let p = plan(&d2, &world, t0() + Duration::hours(1));
+    assert!(kinds(&p).contains(&"allocate_host") && kinds(&p).contains(&"launch_instance"), "{:?}", kinds(&p));
 }
 
 #[test]
@@ -221,7 +256,9 @@ fn idle_host_inside_window_is_reused_before_allocating() {
     let p = plan(&d1, &world, t0() + Duration::hours(1));
     sim.apply(&d1, &mut world, &p, t0() + Duration::hours(1));
     assert_eq!(world.hosts.len(), 2, "the idle host is kept inside its window");
-    let p = plan(&d, &world, t0() + Duration::hours(2));
+    // Its scrub over (and settled), the idle host is reused.
+    nimbus::testing::finish_scrubs(&mut world, t0() + Duration::hours(2));
+    let p = plan(&d, &world, t0() + Duration::hours(3));
     assert!(!kinds(&p).contains(&"allocate_host"), "{:?}", kinds(&p));
     let idle = world.hosts.iter().find(|h| h.instance_ids.is_empty()).unwrap().id.clone();
     assert!(p.actions().any(|(_, a)| matches!(&a.kind,
@@ -241,8 +278,13 @@ fn scrubbing_host_waits() {
     assert!(p.is_empty());
     assert_eq!(p.deferred.len(), 1);
     assert_eq!(p.deferred[0].due_at, None);
-    // A new machine does not land on a scrubbing host.
+    // A new machine does not land on a scrubbing host: it waits for its own host ...
     let p = plan(&d, &world, t0() + Duration::hours(30));
+    assert!(p.is_empty() && p.deferred.iter().any(|x| x.reason.contains("waiting for its host")));
+    // ... or, told to, allocates another.
+    let mut d2 = d.clone();
+    d2.pools[0].allocate_on_replace = true;
+    let p = plan(&d2, &world, t0() + Duration::hours(30));
     assert_eq!(kinds(&p)[0], "allocate_host");
 }
 
@@ -329,6 +371,7 @@ fn leftover_host(machine: &str, id: &str) -> Host {
         availability_zone: "us-east-1a".into(),
         state: HostState::Available,
         allocated_at: t0() - Duration::hours(1),
+        available_since: None,
         instance_ids: vec![],
     }
 }
@@ -363,6 +406,9 @@ fn a_leftover_host_is_never_promised_to_two_machines() {
     let mut scrubbing = Actual { runners: Some(vec![]), ..Default::default() };
     scrubbing.hosts.push(leftover_host("nimbus.acme.mac.0", "h-scrub"));
     scrubbing.hosts[0].state = HostState::Pending;
+    // (told to allocate rather than wait for the scrub, so the allocation's lookup is exercised)
+    let mut d = d.clone();
+    d.pools[0].allocate_on_replace = true;
     let p2 = plan(&d, &scrubbing, t0());
     let excl: Vec<(String, Vec<String>)> = p2
         .actions()
@@ -459,6 +505,7 @@ fn hosts_are_released_late_never_early() {
         availability_zone: "us-east-1a".into(),
         state: HostState::Available,
         allocated_at: t0() - Duration::hours(24) - Duration::minutes(2),
+        available_since: None,
         instance_ids: vec![],
     });
     // Past the 24 hours, inside the margin: not yet.

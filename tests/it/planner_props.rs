@@ -262,6 +262,7 @@ fn leftover(pool: &str, index: u32, pending: bool, az_b: bool, n: usize) -> Host
         availability_zone: if az_b { "us-east-1b" } else { "us-east-1a" }.into(),
         state: if pending { HostState::Pending } else { HostState::Available },
         allocated_at: t0() - Duration::hours(3),
+        available_since: None,
         instance_ids: vec![],
     }
 }

@@ -151,6 +151,50 @@ impl<'a> Builder<'a> {
             }
         }
     }
+
+    fn host_policy_of(&self, host_id: &str) -> Option<&'a HostPolicy> {
+        let h = self.hosts.get(host_id)?;
+        self.desired.providers.get(&h.provider)?.capabilities.host_policy(&h.instance_type)
+    }
+
+    /// Whether an idle, usable host of the pool's kind is waiting to be reused.
+    pub(super) fn has_usable_idle_host(&self, pool: &DesiredPool) -> bool {
+        let kind = (
+            pool.provider.clone(),
+            pool.spec.instance_type.clone().unwrap_or_default(),
+            pool.spec.availability_zone.clone().unwrap_or_default(),
+        );
+        self.idle_by_kind.get(&kind).is_some_and(|v| v.iter().any(|id| !self.claimed_hosts.contains(id)))
+    }
+
+    /// The host tagged for `name`, of the pool's kind, that is being scrubbed or has not settled yet.
+    pub(super) fn own_host_not_ready(&self, pool: &DesiredPool, name: &str) -> Option<String> {
+        self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find_map(|id| {
+            let h = self.hosts.get(id)?;
+            let fits = Some(&h.instance_type) == pool.spec.instance_type.as_ref()
+                && pool.spec.availability_zone.as_ref().is_none_or(|az| az == &h.availability_zone);
+            let idle = h.instance_ids.is_empty() && !self.claimed_hosts.contains(id);
+            let settling = h.state == HostState::Available
+                && h.available_since.is_some_and(|t| {
+                    let delay = self.host_policy_of(id).map(|p| p.post_available_delay).unwrap_or_default();
+                    window_end_at(t, delay) > self.now
+                });
+            (fits && idle && (h.state == HostState::Pending || settling)).then(|| id.to_string())
+        })
+    }
+
+    /// When a host being scrubbed (or about to be) is expected to be usable.
+    pub(super) fn scrub_expected(&self, host_id: &str) -> DateTime<Utc> {
+        let p = self.host_policy_of(host_id);
+        let after = p.map(|p| p.scrub_estimate + p.post_available_delay).unwrap_or_default();
+        window_end_at(self.now, after)
+    }
+
+    /// The minimum allocation of a new host for the pool, in hours, for the plan's cost note.
+    pub(super) fn window_hours(&self, pool: &DesiredPool) -> u64 {
+        let t = pool.spec.instance_type.as_deref().unwrap_or_default();
+        self.desired.providers.get(&pool.provider).map(|p| p.min_allocation_for(t).as_secs() / 3600).unwrap_or(0)
+    }
 }
 
 pub(super) fn window_end(desired: &Desired, host: &Host) -> DateTime<Utc> {

@@ -140,6 +140,33 @@ impl<'a> Builder<'a> {
     pub(super) fn create(&mut self, pool: &DesiredPool, index: u32, cause: ChangeReason) {
         let name = machine_name(&self.desired.tenant, &pool.name, index);
         let addr = address(&pool.name, index);
+        // Its own host (tagged for it) is being scrubbed or settling after its last instance: wait for it rather
+        // than pay for another, unless another usable host is idle or the pool says to allocate.
+        if let Some(h) = self.own_host_not_ready(pool, &name)
+            && !pool.allocate_on_replace
+            && !self.has_usable_idle_host(pool)
+        {
+            let expected = self.scrub_expected(&h);
+            let action = ActionKind::LaunchInstance {
+                provider: pool.provider.clone(),
+                pool: pool.name.clone(),
+                machine: name.clone(),
+                spec: pool.spec.clone(),
+                host: Some(HostRef::Existing { host_id: h.clone() }),
+            };
+            self.claimed_hosts.insert(h.clone());
+            self.deferred.push(Deferred {
+                address: addr,
+                action,
+                due_at: None,
+                reason: format!(
+                    "waiting for its host `{h}` to be usable after its scrub (expected by about {}); no new host is paid for",
+                    crate::util::time::ts(&expected)
+                ),
+                kind: DeferredKind::Scrubbing,
+            });
+            return;
+        }
         // A machine of the same name (its pool moved provider) is still running a job: this one waits for it.
         if self.held_for_jobs.contains(&name) {
             let action = ActionKind::LaunchInstance {
@@ -213,22 +240,47 @@ impl<'a> Builder<'a> {
             return;
         }
         let (mut ids, t) = self.tear_down(m, &addr);
-        // Keep the host when it still fits; otherwise let it go and find another.
-        let keep_host = m.host_id.as_ref().filter(|h| {
+        // The old host still fits: once its instance ends, the host is scrubbed (unusable for 50 minutes to
+        // hours on EC2). Take another idle usable host now, or (`mac_replacement: allocate`) a new one; otherwise
+        // the new instance waits for the old host, and no new host is paid for.
+        let fits = m.host_id.as_ref().filter(|h| {
             self.hosts.get(h.as_str()).is_some_and(|h| {
                 Some(&h.instance_type) == pool.spec.instance_type.as_ref()
                     && Some(&h.availability_zone) == pool.spec.availability_zone.as_ref()
             })
         });
-        let (host, mut deps, host_attr) = match keep_host {
-            Some(h) => (Some(HostRef::Existing { host_id: h.clone() }), vec![], Some(h.clone())),
-            None => {
-                if let Some(h) = m.host_id.clone() {
-                    self.release_or_defer(&h, &[t], &mut ids);
-                }
-                self.host_for(pool, &name, &addr)
+        if let Some(old) = fits.cloned() {
+            self.claimed_hosts.insert(old.clone());
+            if !pool.allocate_on_replace && !self.has_usable_idle_host(pool) {
+                let expected = self.scrub_expected(&old);
+                let action = ActionKind::LaunchInstance {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.clone(),
+                    spec: pool.spec.clone(),
+                    host: Some(HostRef::Existing { host_id: old.clone() }),
+                };
+                self.deferred.push(Deferred {
+                    address: addr.clone(),
+                    action,
+                    due_at: None,
+                    reason: format!(
+                        "host `{old}` is scrubbed after its instance ends; the new instance launches on it once it is usable again (expected by about {}); waiting costs no new host (`mac_replacement: allocate` would pay for at least {} more host-hours now)",
+                        crate::util::time::ts(&expected),
+                        self.window_hours(pool)
+                    ),
+                    kind: DeferredKind::Scrubbing,
+                });
+                ids.sort_unstable();
+                let subject = Subject::machine(addr, name, Some(&pool.name));
+                let cause = ChangeReason::Replace { causes };
+                self.changes.push(ResourceChange::delete(subject, cause, to_value(&self.machine_before(m)), ids));
+                return;
             }
-        };
+        } else if let Some(h) = m.host_id.clone() {
+            self.release_or_defer(&h, &[t], &mut ids);
+        }
+        let (host, mut deps, host_attr) = self.host_for(pool, &name, &addr);
         ids.extend(deps.iter().copied());
         deps.push(t);
         ids.extend(self.bring_up(pool, &name, &addr, host, deps));

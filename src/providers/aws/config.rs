@@ -27,6 +27,9 @@ pub struct AwsConfig {
     /// Default: `24h` for EC2 Mac (`mac*.metal`) types, as AWS bills them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_allocation: Option<HumanDuration>,
+    /// After a Mac host's scrub, how long it stays unusable once it reports available (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_available_delay: Option<HumanDuration>,
     /// Extra time past the minimum allocation before a host is released, against clock skew (default `5m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_margin: Option<HumanDuration>,
@@ -57,6 +60,10 @@ impl AwsConfig {
                 // 24-hour host, no scrub.
                 reimage: true,
                 margin: self.window_margin.map(|d| d.0).unwrap_or(DEFAULT_WINDOW_MARGIN),
+                // EC2: a scrubbed host is usable a few minutes after it reports available; a scrub takes from
+                // 50 minutes to 4.5 hours.
+                post_available_delay: self.post_available_delay.map(|d| d.0).unwrap_or(Duration::from_secs(300)),
+                scrub_estimate: Duration::from_secs(4 * 3600 + 1800),
             }],
             billing_unit: BillingUnit::Second,
             // Other instances are replaced (terminate and launch): as quick, and nothing to keep.

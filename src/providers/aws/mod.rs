@@ -540,6 +540,7 @@ impl Provider for AwsProvider {
                     availability_zone: h.availability_zone().unwrap_or_default().to_string(),
                     state: host_state(h.state()),
                     allocated_at: allocation_time(h.allocation_time()),
+                    available_since: None,
                     tags: tag_map(h.tags()),
                     instance_ids,
                     id,
