@@ -105,7 +105,9 @@ impl Simulator {
                             && owned_by(&h.tags, &desired.tenant)
                             && h.tags.get(tags::MACHINE) == Some(machine)
                             && h.instance_ids.is_empty()
-                            && matches!(h.state, HostState::Available | HostState::Pending)
+                            && h.state == HostState::Available
+                            && h.instance_type == *instance_type
+                            && h.availability_zone == *availability_zone
                             && !exclude_hosts.contains(&h.id)
                     });
                     if let Some(h) = found {

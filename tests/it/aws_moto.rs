@@ -573,3 +573,47 @@ fn a_mac_is_reimaged_on_its_own_host() {
     }
     assert!(sent.contains(&"ImageId") && sent.contains(&"DeleteReplacedRootVolume"), "{body}");
 }
+
+/// Issue 12: the allocation's lookup by tag takes only a usable host of the kind asked for: a host left tagged
+/// for the machine but of its old instance type (or zone) is not adopted.
+#[test]
+fn allocation_never_adopts_a_host_of_another_kind() {
+    use nimbus::providers::HostRequest;
+    let Some(url) = moto() else { return };
+    let tenant = unique_tenant("kind");
+    let machine = format!("nimbus.{tenant}.mac.0");
+    rt().block_on(async {
+        let c = sdk().await;
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::DedicatedHost);
+        for (k, v) in nimbus::core::model::machine_tags(&tenant, "aws", "mac", &machine) {
+            spec = spec.tags(Tag::builder().key(k).value(v).build());
+        }
+        let old = c
+            .allocate_hosts()
+            .instance_type("mac1.metal")
+            .availability_zone("us-east-1a")
+            .quantity(1)
+            .tag_specifications(spec.build())
+            .send()
+            .await
+            .unwrap()
+            .host_ids()[0]
+            .clone();
+        let p = AwsProvider::new("aws", &tenant, AwsSettings { region: Some("us-east-1".into()), ..Default::default() })
+            .await
+            .unwrap();
+        let req = |itype: &str, az: &str| HostRequest {
+            tenant: tenant.clone(),
+            pool: "mac".into(),
+            machine: machine.clone(),
+            instance_type: itype.into(),
+            availability_zone: az.into(),
+            exclude_hosts: vec![],
+        };
+        let new = p.allocate_host(&req("mac2.metal", "us-east-1a")).await.unwrap();
+        assert_ne!(new, old, "a host of the old instance type was adopted");
+        assert_eq!(p.allocate_host(&req("mac2.metal", "us-east-1a")).await.unwrap(), new, "found again by its tags");
+        let other_zone = p.allocate_host(&req("mac2.metal", "us-east-1b")).await.unwrap();
+        assert!(other_zone != new && other_zone != old);
+    });
+}

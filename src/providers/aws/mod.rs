@@ -565,7 +565,11 @@ impl Provider for AwsProvider {
                     && self.mine(&t)
                     && t.get(tags::MACHINE) == Some(&req.machine)
                     && h.instances().is_empty()
-                    && matches!(host_state(h.state()), HostState::Available | HostState::Pending)
+                    // Only a usable host of the kind asked for: never one being scrubbed (it cannot take an
+                    // instance for hours), never one of an old instance type or another zone.
+                    && host_state(h.state()) == HostState::Available
+                    && h.host_properties().and_then(|p| p.instance_type()) == Some(req.instance_type.as_str())
+                    && h.availability_zone() == Some(req.availability_zone.as_str())
             });
         if let Some(h) = existing {
             return Ok(h.host_id().unwrap_or_default().to_string());
