@@ -224,6 +224,9 @@ pub struct MachineSpecConfig {
     /// Availability zone (AWS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub availability_zone: Option<String>,
+    /// Several zones, tried in order when one has no capacity (instead of `availability_zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zones: Option<Vec<String>>,
 }
 
 /// How runners behave.

@@ -158,6 +158,24 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
             }
             Some(p) => p.validate_pool(c, i, pool, &mut out),
         }
+        match (&pool.machine.availability_zone, &pool.machine.availability_zones) {
+            (Some(_), Some(_)) => out.push(problem(
+                at("machine.availability_zones"),
+                At::Key,
+                format!("pool `{}` sets both `availability_zone` and `availability_zones`", pool.name),
+                "both set",
+                "list every zone, in the order to try them, under `availability_zones` and drop `availability_zone`"
+                    .to_string(),
+            )),
+            (None, Some(z)) if z.is_empty() => out.push(problem(
+                at("machine.availability_zones"),
+                At::Value,
+                format!("pool `{}` lists no availability zone", pool.name),
+                "empty",
+                "list at least one zone, e.g. `availability_zones: [us-east-1a, us-east-1b]`".to_string(),
+            )),
+            _ => {}
+        }
         if pool.machine.image.trim().is_empty() {
             out.push(problem(
                 at("machine.image"),

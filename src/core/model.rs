@@ -161,6 +161,26 @@ pub struct MachineSpec {
     pub instance_type: Option<String>,
     pub image: String,
     pub availability_zone: Option<String>,
+    /// More zones to try, in order, when `availability_zone` has no capacity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_zones: Vec<String>,
+}
+
+impl MachineSpec {
+    /// Whether a machine in `zone` fits the spec.
+    pub fn allows_zone(&self, zone: Option<&str>) -> bool {
+        match &self.availability_zone {
+            None => true,
+            Some(z) => {
+                zone == Some(z.as_str()) || zone.is_some_and(|zone| self.fallback_zones.iter().any(|f| f == zone))
+            }
+        }
+    }
+
+    /// Every zone, in the order to try them.
+    pub fn zones(&self) -> Vec<String> {
+        self.availability_zone.iter().chain(self.fallback_zones.iter()).cloned().collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -241,7 +261,12 @@ impl Desired {
                         arch: p.machine.arch,
                         instance_type: p.machine.instance_type.clone(),
                         image: p.machine.image.clone(),
-                        availability_zone: p.machine.availability_zone.clone(),
+                        availability_zone: p
+                            .machine
+                            .availability_zone
+                            .clone()
+                            .or_else(|| p.machine.availability_zones.as_ref().and_then(|z| z.first().cloned())),
+                        fallback_zones: p.machine.availability_zones.iter().flatten().skip(1).cloned().collect(),
                     },
                     runner: p.runner.as_ref().map(|r| RunnerSpec {
                         labels: r.labels.clone(),

@@ -409,7 +409,15 @@ impl Applier {
 
     async fn run_inner(&self, id: usize, action: &Action, outputs: &Outputs) -> Result<(), ActionError> {
         match &action.kind {
-            ActionKind::AllocateHost { provider, pool, machine, instance_type, availability_zone, exclude_hosts } => {
+            ActionKind::AllocateHost {
+                provider,
+                pool,
+                machine,
+                instance_type,
+                availability_zone,
+                fallback_zones,
+                exclude_hosts,
+            } => {
                 let host = self
                     .provider(provider)?
                     .allocate_host(&HostRequest {
@@ -418,6 +426,7 @@ impl Applier {
                         machine: machine.clone(),
                         instance_type: instance_type.clone(),
                         availability_zone: availability_zone.clone(),
+                        fallback_zones: fallback_zones.clone(),
                         exclude_hosts: exclude_hosts.clone(),
                     })
                     .await?;

@@ -105,6 +105,8 @@ pub struct HostRequest {
     pub machine: String,
     pub instance_type: String,
     pub availability_zone: String,
+    /// More zones to try, in order, when `availability_zone` has no capacity.
+    pub fallback_zones: Vec<String>,
     /// Hosts the plan already knows (and has decided about): a lookup by tag must never return one of
     /// them, so one host is never promised to two machines.
     pub exclude_hosts: Vec<String>,

@@ -25,6 +25,7 @@ pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: 
             instance_type: Some(instance_type.into()),
             image: image.into(),
             availability_zone: Some("us-east-1a".into()),
+            fallback_zones: vec![],
         },
         runner: Some(RunnerSpec::new(vec!["ci".into()], RunnerMode::Persistent)),
         setup: vec![step("base", "echo base")],
@@ -97,6 +98,7 @@ impl Simulator {
                     instance_type,
                     availability_zone,
                     exclude_hosts,
+                    ..
                 } => {
                     // As the provider does: a host already tagged for this machine (a killed run's) is found by
                     // its tag, unless the plan excluded it.

@@ -490,6 +490,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
                 machine: machine.clone(),
                 instance_type: "mac2.metal".into(),
                 availability_zone: "us-east-1a".into(),
+                fallback_zones: vec![],
                 exclude_hosts: vec![],
             })
             .await
@@ -500,6 +501,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
             instance_type: Some("mac2.metal".into()),
             image: "ami-0old".into(),
             availability_zone: Some("us-east-1a".into()),
+            fallback_zones: vec![],
         };
         let id = p
             .launch(&LaunchRequest {
@@ -579,7 +581,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
 #[test]
 fn allocation_never_adopts_a_host_of_another_kind() {
     use nimbus::providers::HostRequest;
-    let Some(url) = moto() else { return };
+    let Some(_) = moto() else { return };
     let tenant = unique_tenant("kind");
     let machine = format!("nimbus.{tenant}.mac.0");
     rt().block_on(async {
@@ -599,15 +601,17 @@ fn allocation_never_adopts_a_host_of_another_kind() {
             .unwrap()
             .host_ids()[0]
             .clone();
-        let p = AwsProvider::new("aws", &tenant, AwsSettings { region: Some("us-east-1".into()), ..Default::default() })
-            .await
-            .unwrap();
+        let p =
+            AwsProvider::new("aws", &tenant, AwsSettings { region: Some("us-east-1".into()), ..Default::default() })
+                .await
+                .unwrap();
         let req = |itype: &str, az: &str| HostRequest {
             tenant: tenant.clone(),
             pool: "mac".into(),
             machine: machine.clone(),
             instance_type: itype.into(),
             availability_zone: az.into(),
+            fallback_zones: vec![],
             exclude_hosts: vec![],
         };
         let new = p.allocate_host(&req("mac2.metal", "us-east-1a")).await.unwrap();
@@ -616,4 +620,58 @@ fn allocation_never_adopts_a_host_of_another_kind() {
         let other_zone = p.allocate_host(&req("mac2.metal", "us-east-1b")).await.unwrap();
         assert!(other_zone != new && other_zone != old);
     });
+}
+
+/// Issue 12: a pool may list several zones; allocation tries them in order, and a zone without Mac capacity
+/// (EC2's `InsufficientHostCapacity`, made by the loopback proxy since moto never runs out) gives way to the
+/// next. With every zone refused, the error is a typed Capacity error.
+#[test]
+fn allocation_falls_back_through_the_pools_zones() {
+    use nimbus::providers::{HostRequest, ProviderError};
+    let Some(url) = moto() else { return };
+    let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
+    proxy.set(|s| s.refuse_zone = Some("us-east-1a".into()));
+    let tenant = unique_tenant("zones");
+    rt().block_on(async {
+        let p = AwsProvider::new(
+            "aws",
+            &tenant,
+            AwsSettings {
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(proxy.url.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let req = |fallback: Vec<String>| HostRequest {
+            tenant: tenant.clone(),
+            pool: "mac".into(),
+            machine: format!("nimbus.{tenant}.mac.0"),
+            instance_type: "mac2.metal".into(),
+            availability_zone: "us-east-1a".into(),
+            fallback_zones: fallback,
+            exclude_hosts: vec![],
+        };
+        let e = p.allocate_host(&req(vec![])).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Capacity { .. }), "{e:?}");
+        let host = p.allocate_host(&req(vec!["us-east-1b".into()])).await.unwrap();
+        let h = sdk().await.describe_hosts().host_ids(&host).send().await.unwrap();
+        assert_eq!(h.hosts()[0].availability_zone(), Some("us-east-1b"));
+    });
+    // The plan carries the zones in order.
+    let cfg = nimbus::config::parse(
+        "f",
+        "version: 1\ntenant: z\nproviders:\n  aws: {type: aws}\npools:\n  - name: mac\n    provider: aws\n    count: 1\n    machine: {os: macos, arch: arm64, instance_type: mac2.metal, image: ami-1, availability_zones: [us-east-1a, us-east-1b]}\n",
+    )
+    .unwrap();
+    let d = nimbus::core::model::Desired::from_config(&cfg);
+    let plan = nimbus::core::plan::plan(&d, &nimbus::core::model::Actual::default(), chrono::Utc::now());
+    let alloc = plan.actions().find(|(_, a)| a.kind.name() == "allocate_host").unwrap().1.kind.clone();
+    match alloc {
+        nimbus::core::plan::ActionKind::AllocateHost { availability_zone, fallback_zones, .. } => {
+            assert_eq!((availability_zone.as_str(), fallback_zones), ("us-east-1a", vec!["us-east-1b".to_string()]));
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -30,23 +30,30 @@ impl<'a> Builder<'a> {
         }
         let itype = pool.spec.instance_type.clone().unwrap_or_default();
         let az = pool.spec.availability_zone.clone().unwrap_or_default();
-        let kind = (pool.provider.clone(), itype.clone(), az.clone());
+        let zones = if pool.spec.zones().is_empty() { vec![az.clone()] } else { pool.spec.zones() };
+        let kinds: Vec<(String, String, String)> =
+            zones.iter().map(|z| (pool.provider.clone(), itype.clone(), z.clone())).collect();
         // An idle host left tagged for this very machine (a killed apply allocated it) comes first.
         let tagged = self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find(|id| {
-            !self.claimed_hosts.contains(*id) && self.idle_by_kind.get(&kind).is_some_and(|v| v.iter().any(|x| x == id))
+            !self.claimed_hosts.contains(*id)
+                && kinds.iter().any(|k| self.idle_by_kind.get(k).is_some_and(|v| v.iter().any(|x| x == id)))
         });
-        // Then an idle host of the same type and zone; the one allocated last (the most paid-for time left).
-        let idle = match tagged {
-            Some(id) => Some(id.to_string()),
-            None => self.idle_by_kind.get_mut(&kind).and_then(|v| {
+        // Then an idle host of the same type, in the pool's zones in order; the one allocated last (the most
+        // paid-for time left).
+        let mut idle = tagged.map(str::to_string);
+        for kind in &kinds {
+            if idle.is_some() {
+                break;
+            }
+            idle = self.idle_by_kind.get_mut(kind).and_then(|v| {
                 while let Some(id) = v.pop() {
                     if !self.claimed_hosts.contains(&id) {
                         return Some(id);
                     }
                 }
                 None
-            }),
-        };
+            });
+        }
         if let Some(id) = idle {
             self.claimed_hosts.insert(id.clone());
             return (Some(HostRef::Existing { host_id: id.clone() }), Vec::new(), Some(id));
@@ -59,6 +66,7 @@ impl<'a> Builder<'a> {
                 machine: name.to_string(),
                 instance_type: itype,
                 availability_zone: az,
+                fallback_zones: pool.spec.fallback_zones.clone(),
                 exclude_hosts: {
                     let mut v: Vec<String> =
                         self.hosts_by_machine_tag.get(name).into_iter().flatten().map(|h| h.to_string()).collect();
@@ -159,12 +167,16 @@ impl<'a> Builder<'a> {
 
     /// Whether an idle, usable host of the pool's kind is waiting to be reused.
     pub(super) fn has_usable_idle_host(&self, pool: &DesiredPool) -> bool {
-        let kind = (
-            pool.provider.clone(),
-            pool.spec.instance_type.clone().unwrap_or_default(),
-            pool.spec.availability_zone.clone().unwrap_or_default(),
-        );
-        self.idle_by_kind.get(&kind).is_some_and(|v| v.iter().any(|id| !self.claimed_hosts.contains(id)))
+        let itype = pool.spec.instance_type.clone().unwrap_or_default();
+        let mut zones = pool.spec.zones();
+        if zones.is_empty() {
+            zones.push(String::new());
+        }
+        zones.into_iter().any(|z| {
+            self.idle_by_kind
+                .get(&(pool.provider.clone(), itype.clone(), z))
+                .is_some_and(|v| v.iter().any(|id| !self.claimed_hosts.contains(id)))
+        })
     }
 
     /// The host tagged for `name`, of the pool's kind, that is being scrubbed or has not settled yet.
@@ -172,7 +184,7 @@ impl<'a> Builder<'a> {
         self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find_map(|id| {
             let h = self.hosts.get(id)?;
             let fits = Some(&h.instance_type) == pool.spec.instance_type.as_ref()
-                && pool.spec.availability_zone.as_ref().is_none_or(|az| az == &h.availability_zone);
+                && pool.spec.allows_zone(Some(&h.availability_zone));
             let idle = h.instance_ids.is_empty() && !self.claimed_hosts.contains(id);
             let settling = h.state == HostState::Available
                 && h.available_since.is_some_and(|t| {

@@ -246,7 +246,8 @@ impl<'a> Builder<'a> {
         let fits = m.host_id.as_ref().filter(|h| {
             self.hosts.get(h.as_str()).is_some_and(|h| {
                 Some(&h.instance_type) == pool.spec.instance_type.as_ref()
-                    && Some(&h.availability_zone) == pool.spec.availability_zone.as_ref()
+                    && pool.spec.availability_zone.is_some()
+                    && pool.spec.allows_zone(Some(&h.availability_zone))
             })
         });
         if let Some(old) = fits.cloned() {

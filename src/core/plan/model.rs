@@ -47,6 +47,9 @@ pub enum ActionKind {
         machine: String,
         instance_type: String,
         availability_zone: String,
+        /// More zones to try, in order, when `availability_zone` has no capacity.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        fallback_zones: Vec<String>,
         /// Known hosts tagged for this machine that the plan has already decided about; the provider's
         /// lookup by tag must not return them.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -109,7 +109,7 @@ impl<'a> Builder<'a> {
         if s.instance_type.is_some() && m.instance_type != s.instance_type {
             why.push(ReplaceCause::InstanceType { from: m.instance_type.clone(), to: s.instance_type.clone() });
         }
-        if s.availability_zone.is_some() && m.availability_zone != s.availability_zone {
+        if s.availability_zone.is_some() && !s.allows_zone(m.availability_zone.as_deref()) {
             why.push(ReplaceCause::AvailabilityZone {
                 from: m.availability_zone.clone(),
                 to: s.availability_zone.clone(),

@@ -114,7 +114,10 @@ impl AwsConfig {
                     .to_string(),
             ));
         }
-        if pool.machine.os == Os::Macos && pool.machine.availability_zone.is_none() {
+        if pool.machine.os == Os::Macos
+            && pool.machine.availability_zone.is_none()
+            && pool.machine.availability_zones.is_none()
+        {
             out.push(problem(
                 at("machine"),
                 At::Key,

@@ -569,30 +569,55 @@ impl Provider for AwsProvider {
                     // instance for hours), never one of an old instance type or another zone.
                     && host_state(h.state()) == HostState::Available
                     && h.host_properties().and_then(|p| p.instance_type()) == Some(req.instance_type.as_str())
-                    && h.availability_zone() == Some(req.availability_zone.as_str())
+                    && h.availability_zone().is_some_and(|z| {
+                        z == req.availability_zone || req.fallback_zones.iter().any(|f| f == z)
+                    })
             });
         if let Some(h) = existing {
             return Ok(h.host_id().unwrap_or_default().to_string());
         }
-        self.limits.mutate.acquire().await;
-        self.count("AllocateHosts");
-        let out = self
-            .client
-            .allocate_hosts()
-            .instance_type(&req.instance_type)
-            .availability_zone(&req.availability_zone)
-            .quantity(1)
-            .client_token(self.token("host", &req.machine))
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::DedicatedHost)
-                    .set_tags(Some(aws_tags(&machine_tags(&self.tenant, &self.name, &req.pool, &req.machine))))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| sdk_err(&self.name, "AllocateHosts", e))?;
-        out.host_ids().first().cloned().ok_or_else(|| err(&self.name, "AllocateHosts", "no host id returned"))
+        // The pool's zones in order: a zone without capacity gives way to the next.
+        let zones: Vec<&String> = std::iter::once(&req.availability_zone).chain(req.fallback_zones.iter()).collect();
+        let mut last = None;
+        for (i, zone) in zones.iter().enumerate() {
+            self.limits.mutate.acquire().await;
+            self.count("AllocateHosts");
+            let sent = self
+                .client
+                .allocate_hosts()
+                .instance_type(&req.instance_type)
+                .availability_zone(zone.as_str())
+                .quantity(1)
+                .client_token(self.token(&format!("host@{zone}"), &req.machine))
+                .tag_specifications(
+                    TagSpecification::builder()
+                        .resource_type(ResourceType::DedicatedHost)
+                        .set_tags(Some(aws_tags(&machine_tags(&self.tenant, &self.name, &req.pool, &req.machine))))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_err(&self.name, "AllocateHosts", e));
+            match sent {
+                Ok(out) => {
+                    let id = out
+                        .host_ids()
+                        .first()
+                        .cloned()
+                        .ok_or_else(|| err(&self.name, "AllocateHosts", "no host id returned"))?;
+                    if i > 0 {
+                        tracing::warn!(event = "nimbus.host.zone_fallback", machine = %req.machine, zone = %zone, host = %id, "allocated `{id}` for `{}` in {zone}: the zones before it had no capacity", req.machine);
+                    }
+                    return Ok(id);
+                }
+                Err(e @ ProviderError::Capacity { .. }) if i + 1 < zones.len() => {
+                    tracing::warn!(event = "nimbus.host.zone_no_capacity", machine = %req.machine, zone = %zone, error = %e, "no capacity in {zone}; trying the next zone");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| err(&self.name, "AllocateHosts", "no zone to allocate in")))
     }
 
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
@@ -634,7 +659,8 @@ impl Provider for AwsProvider {
             }
         }
         let mut placement = Placement::builder();
-        if let Some(az) = &req.spec.availability_zone {
+        // On a host, the host decides the zone (it may be a fallback zone).
+        if let (Some(az), None) = (&req.spec.availability_zone, &req.host_id) {
             placement = placement.availability_zone(az);
         }
         if let Some(h) = &req.host_id {

@@ -15,6 +15,8 @@ pub struct ProxyState {
     pub throttled: u32,
     /// Every request's form body, in order.
     pub bodies: Vec<String>,
+    /// AllocateHosts in this zone answers `InsufficientHostCapacity`, as EC2 does when a zone has no Mac hosts.
+    pub refuse_zone: Option<String>,
 }
 
 pub struct Ec2Proxy {
@@ -93,6 +95,19 @@ fn serve(client: TcpStream, upstream: &str, st: &Mutex<ProxyState>) -> std::io::
             }
             (t, s.ignore_filters)
         };
+        let refused = st.lock().unwrap().refuse_zone.as_ref().is_some_and(|z| {
+            action == "AllocateHosts" && form.split('&').any(|kv| kv == format!("AvailabilityZone={z}"))
+        });
+        if refused {
+            let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>InsufficientHostCapacity</Code><Message>Insufficient capacity.</Message></Error></Errors><RequestID>nimbus-proxy</RequestID></Response>";
+            write!(
+                client,
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+                xml.len()
+            )?;
+            client.flush()?;
+            return Ok(());
+        }
         if throttle {
             let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>nimbus-proxy</RequestID></Response>";
             write!(

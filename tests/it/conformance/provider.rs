@@ -49,6 +49,7 @@ fn launch(tenant: &str, pool: &str, i: u32, host: Option<String>, mac: bool) -> 
             instance_type: Some(if mac { "mac2.metal" } else { "t3.large" }.into()),
             image: "ami-0conform".into(),
             availability_zone: Some("us-east-1a".into()),
+            fallback_zones: vec![],
         },
         host_id: host,
     }
@@ -74,6 +75,7 @@ pub async fn idempotent_create_after_interruption(peer: &dyn Peer) {
             machine: nimbus::core::model::machine_name(&tenant, "mac", 0),
             instance_type: "mac2.metal".into(),
             availability_zone: "us-east-1a".into(),
+            fallback_zones: vec![],
             exclude_hosts: vec![],
         };
         let first = peer.provider(&tenant).await.allocate_host(&h).await.unwrap();
@@ -127,6 +129,7 @@ pub async fn release_refused_inside_window(peer: &dyn Peer) {
             machine: nimbus::core::model::machine_name(&tenant, "mac", 0),
             instance_type: "mac2.metal".into(),
             availability_zone: "us-east-1a".into(),
+            fallback_zones: vec![],
             exclude_hosts: vec![],
         })
         .await
