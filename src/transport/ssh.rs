@@ -200,10 +200,18 @@ impl SshConnector {
 
     /// A transport to `host` (an address, or what `%h` becomes in the proxy command).
     pub fn transport(self: &Arc<Self>, machine: &str, host: &str) -> Arc<dyn Transport> {
+        self.transport_pinned_as(machine, host, host)
+    }
+
+    /// A transport to `host` whose host key is pinned (and whose session is cached) under `pin_as`: the
+    /// provider's instance id where it has one, so a new machine that reuses an old one's address is not
+    /// refused for the old key, and a replaced machine never gets its predecessor's session.
+    pub fn transport_pinned_as(self: &Arc<Self>, machine: &str, host: &str, pin_as: &str) -> Arc<dyn Transport> {
         Arc::new(SshTransport {
             connector: self.clone(),
             machine: machine.to_string(),
             host: host.to_string(),
+            pin_as: pin_as.to_string(),
             state_path: self.settings.state_path.replace("{machine}", machine),
         })
     }
@@ -277,7 +285,7 @@ impl SshConnector {
         Ok(handle)
     }
 
-    async fn connect(&self, machine: &str, host: &str) -> Result<Handle<Verifier>, TransportError> {
+    async fn connect(&self, machine: &str, host: &str, pin_as: &str) -> Result<Handle<Verifier>, TransportError> {
         let s = &self.settings;
         let unreachable = |m: String| TransportError::Unreachable { machine: machine.to_string(), message: m };
         let fut = async {
@@ -296,7 +304,7 @@ impl SshConnector {
                 tokio::spawn(async move {
                     let _ = child.wait().await;
                 });
-                self.handshake(stream, host, s.port, &s.user, machine).await
+                self.handshake(stream, pin_as, s.port, &s.user, machine).await
             } else if let Some(j) = &s.jump {
                 let tcp = tokio::net::TcpStream::connect((j.host.as_str(), j.port))
                     .await
@@ -307,7 +315,7 @@ impl SshConnector {
                     .channel_open_direct_tcpip(host, u32::from(s.port), "127.0.0.1", 0)
                     .await
                     .map_err(|e| unreachable(format!("jump host could not open {host}:{}: {e}", s.port)))?;
-                let handle = self.handshake(channel.into_stream(), host, s.port, &s.user, machine).await?;
+                let handle = self.handshake(channel.into_stream(), pin_as, s.port, &s.user, machine).await?;
                 // Keep the jump session alive as long as the process runs.
                 std::mem::forget(jump);
                 Ok(handle)
@@ -316,7 +324,7 @@ impl SshConnector {
                     .await
                     .map_err(|e| unreachable(format!("{host}:{}: {e}", s.port)))?;
                 let _ = tcp.set_nodelay(true);
-                self.handshake(tcp, host, s.port, &s.user, machine).await
+                self.handshake(tcp, pin_as, s.port, &s.user, machine).await
             }
         };
         tokio::time::timeout(s.connect_timeout, fut)
@@ -324,15 +332,15 @@ impl SshConnector {
             .map_err(|_| unreachable(format!("no SSH answer within {}s", s.connect_timeout.as_secs())))?
     }
 
-    async fn session(&self, machine: &str, host: &str) -> Result<Arc<Handle<Verifier>>, TransportError> {
+    async fn session(&self, machine: &str, host: &str, pin_as: &str) -> Result<Arc<Handle<Verifier>>, TransportError> {
         let mut sessions = self.sessions.lock().await;
-        if let Some(h) = sessions.get(machine)
+        if let Some(h) = sessions.get(pin_as)
             && !h.is_closed()
         {
             return Ok(h.clone());
         }
-        let h = Arc::new(self.connect(machine, host).await?);
-        sessions.insert(machine.to_string(), h.clone());
+        let h = Arc::new(self.connect(machine, host, pin_as).await?);
+        sessions.insert(pin_as.to_string(), h.clone());
         Ok(h)
     }
 }
@@ -342,6 +350,8 @@ pub struct SshTransport {
     machine: String,
     host: String,
     state_path: String,
+    /// The name its host key is pinned under (and its session cached by).
+    pin_as: String,
 }
 
 #[async_trait]
@@ -356,7 +366,7 @@ impl Transport for SshTransport {
 
     /// Drops the cached session and the pinned key of this machine's host: the next contact pins its new one.
     async fn forget_identity(&self) -> Result<(), TransportError> {
-        self.connector.sessions.lock().await.remove(&self.machine);
+        self.connector.sessions.lock().await.remove(&self.pin_as);
         let path = &self.connector.settings.known_hosts;
         let _guard = PIN_LOCK.lock().expect("pin lock");
         let text = match std::fs::read_to_string(path) {
@@ -365,7 +375,7 @@ impl Transport for SshTransport {
             Err(source) => return Err(TransportError::Io { machine: self.machine.clone(), source }),
         };
         let port = self.connector.settings.port;
-        let names = [self.host.clone(), format!("[{}]:{port}", self.host)];
+        let names = [self.pin_as.clone(), format!("[{}]:{port}", self.pin_as)];
         let kept: String = text
             .lines()
             .filter(|l| {
@@ -381,7 +391,7 @@ impl Transport for SshTransport {
 
     async fn exec(&self, script: &str, stdin: &[u8], log: Option<&Path>) -> Result<ExecOutput, TransportError> {
         let failed = |m: String| TransportError::Failed { machine: self.machine.clone(), message: m };
-        let session = self.connector.session(&self.machine, &self.host).await?;
+        let session = self.connector.session(&self.machine, &self.host, &self.pin_as).await?;
         let mut channel = session.channel_open_session().await.map_err(|e| failed(format!("open channel: {e}")))?;
         channel.exec(true, format!("sh -c {}", quote(script))).await.map_err(|e| failed(format!("exec: {e}")))?;
         if !stdin.is_empty() {

@@ -206,3 +206,22 @@ fn only_apply_pins_host_keys() {
     let strict = fleet("  host_key_policy: require-known\n");
     assert!(!pins(&strict, Purpose::Change) && !pins(&strict, Purpose::Look));
 }
+
+/// Issue 12: host keys are pinned under the instance id where a provider has one, so a new machine that reuses
+/// an old machine's address is not refused for the old machine's key; sessions are cached per instance too.
+#[test]
+fn pins_follow_the_instance_not_the_address() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // An old machine at this address had another key.
+    let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    std::fs::write(dir.path().join("known_hosts"), format!("[127.0.0.1]:{} {other}\n", s.port)).unwrap();
+    let c = SshConnector::new(settings(&s, dir.path()));
+    rt().block_on(async {
+        let by_address = c.transport("m1", "127.0.0.1").probe().await.unwrap_err().to_string();
+        assert!(by_address.contains("changed"), "{by_address}");
+        c.transport_pinned_as("m1", "127.0.0.1", "i-0new").probe().await.unwrap();
+    });
+    let pins = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
+    assert!(pins.contains("i-0new"), "{pins}");
+}

@@ -12,6 +12,8 @@ pub fn over_ssh(ssh: Arc<SshConnector>) -> TransportFactory {
     let through_proxy = ssh.settings().proxy_command.is_some();
     Arc::new(move |m: &MachineRef| {
         let host = if through_proxy { m.instance_id.clone() } else { m.address.clone() }?;
-        Some(ssh.transport(&m.name, &host))
+        // Pinned under the instance id: an address can be reused by a later machine, an instance id cannot.
+        let pin_as = m.instance_id.clone().unwrap_or_else(|| host.clone());
+        Some(ssh.transport_pinned_as(&m.name, &host, &pin_as))
     })
 }
