@@ -290,16 +290,15 @@ impl Applier {
         let stale_after =
             self.pool_of(machine).map(|p| p.setup.iter().map(|s| s.timeout).sum::<Duration>()).unwrap_or_default()
                 + Duration::from_secs(600);
-        let dir = state_dir(t.state_path());
         let now = chrono::Utc::now().timestamp();
+        let locate = machine_db::locate(t.state_path());
         let lock = format!(
-            "d={dir}; l=\"$d/.setup.lock\"; mkdir -p \"$d\"\n\
-             take() {{ mkdir \"$l\" 2>/dev/null && printf '%s\\n%s\\n' {owner} {now} > \"$l/holder\"; }}\n\
+            "{locate}; l=\"$d/.setup.lock\"; [ -d \"$d\" ] || $s mkdir -p \"$d\"\n\
+             take() {{ $s mkdir \"$l\" 2>/dev/null && printf '%s\\n%s\\n' {owner} {now} | $s tee \"$l/holder\" >/dev/null; }}\n\
              if take; then exit 0; fi\n\
              who=$(sed -n 1p \"$l/holder\" 2>/dev/null); since=$(sed -n 2p \"$l/holder\" 2>/dev/null)\n\
-             if [ \"$who\" = {owner} ] || {{ [ -n \"$since\" ] && [ $(({now} - since)) -gt {stale} ]; }}; then rm -rf \"$l\"; take && exit 0; fi\n\
+             if [ \"$who\" = {owner} ] || {{ [ -n \"$since\" ] && [ $(({now} - since)) -gt {stale} ]; }}; then $s rm -rf \"$l\"; take && exit 0; fi\n\
              printf '%s since %s' \"$who\" \"$since\"; exit 75\n",
-            dir = shell::quote(&dir),
             owner = shell::quote(&self.lock_owner),
             stale = stale_after.as_secs(),
         );
@@ -311,7 +310,7 @@ impl Applier {
             )));
         }
         let result = self.run_setup_locked(&t, provider, pool, machine, steps, log).await;
-        let _ = t.exec(&format!("rm -rf {}/.setup.lock", shell::quote(&dir)), b"", None).await;
+        let _ = t.exec(&format!("{locate}; $s rm -rf \"$d/.setup.lock\""), b"", None).await;
         result
     }
 
@@ -367,14 +366,14 @@ impl Applier {
                 spec.run
             );
             // The step's shell records its process group, so a step past its timeout can be killed whole.
-            let pidfile = step_pidfile(t.state_path());
-            let script = format!("echo $$ > {}\n{script}", shell::quote(&pidfile));
+            let locate = machine_db::locate(t.state_path());
+            // In a subshell, so the step's own shell sees none of nimbus's variables (`$$` is still the step's).
+            let script = format!("( {locate}; echo $$ | $s tee \"$d/.setup-step.pid\" >/dev/null )\n{script}");
             let out = match tokio::time::timeout(spec.timeout, t.exec(&script, b"", log.map(|p| p.as_path()))).await {
                 Ok(out) => out?,
                 Err(_) => {
                     let kill = format!(
-                        "p={}; if [ -f \"$p\" ]; then g=$(cat \"$p\"); kill -s TERM -- \"-$g\" 2>/dev/null; sleep 2; kill -s KILL -- \"-$g\" 2>/dev/null; rm -f \"$p\"; fi; exit 0",
-                        shell::quote(&pidfile)
+                        "{locate}; f=\"$d/.setup-step.pid\"; if [ -f \"$f\" ]; then g=$(cat \"$f\"); kill -s TERM -- \"-$g\" 2>/dev/null; sleep 2; kill -s KILL -- \"-$g\" 2>/dev/null; $s rm -f \"$f\"; fi; exit 0"
                     );
                     let _ = t.exec(&kill, b"", None).await;
                     db.set_step(position as i64, &spec.name, &spec.hash, StepStatus::TimedOut, Some(124));
@@ -543,18 +542,4 @@ impl ActionRunner for Applier {
             _ => None,
         }
     }
-}
-
-/// The folder of the state database on the machine.
-fn state_dir(state_path: &str) -> String {
-    match state_path.rfind('/') {
-        Some(0) => "/".to_string(),
-        Some(i) => state_path[..i].to_string(),
-        None => ".".to_string(),
-    }
-}
-
-/// Where a running setup step's shell records its process id (its process group), beside the state database.
-fn step_pidfile(state_path: &str) -> String {
-    format!("{}/.setup-step.pid", state_dir(state_path))
 }

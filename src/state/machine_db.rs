@@ -240,9 +240,30 @@ impl StateDb {
 const MISSING: i32 = 44;
 const SHORT_WRITE: i32 = 45;
 
+/// Shell that sets `p` (the state database), `d` (its folder) and `s` (`sudo -n` when it must be used, else
+/// empty) on the machine. A configured path is used as it is. The default, `/var/lib/nimbus/state.db`, works
+/// for a non-root login too: through `sudo -n` when that works without a password, otherwise in the user's
+/// XDG state folder (`~/.local/state/nimbus/state.db`).
+pub fn locate(state_path: &str) -> String {
+    let dir = match state_path.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &state_path[..i],
+        None => ".",
+    };
+    let mut sh = format!("p={}; d={}; s=", quote(state_path), quote(dir));
+    if state_path == crate::transport::ssh::REMOTE_STATE_PATH {
+        sh.push_str(
+            "; if ! { [ -w \"$d\" ] || { [ ! -e \"$d\" ] && mkdir -p \"$d\" 2>/dev/null; }; }; then \
+             if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then s='sudo -n'; \
+             else d=\"${XDG_STATE_HOME:-$HOME/.local/state}/nimbus\"; p=\"$d/state.db\"; fi; fi",
+        );
+    }
+    sh
+}
+
 /// Reads the state database; `None` when the machine has none yet.
 pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
-    let script = format!("p={}; if [ -f \"$p\" ]; then cat \"$p\"; else exit {MISSING}; fi", quote(t.state_path()));
+    let script = format!("{}; if [ -f \"$p\" ]; then $s cat \"$p\"; else exit {MISSING}; fi", locate(t.state_path()));
     let out = t.exec(&script, b"", None).await?;
     let (machine, path) = (t.machine().to_string(), t.state_path().to_string());
     match out.code {
@@ -266,21 +287,14 @@ pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
 pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
     let bytes =
         db.to_bytes().map_err(|e| StateError::Encode { machine: t.machine().into(), message: e.to_string() })?;
-    let path = t.state_path();
-    let dir = match path.rfind('/') {
-        Some(0) => "/",
-        Some(i) => &path[..i],
-        None => ".",
-    };
     // Few processes (cat, wc, mv): this runs twice per setup step on every machine. It also clears the pid file
     // a finished setup step leaves beside the database (see `engine::actions`).
     let script = format!(
-        "set -e; p={path}; d={dir}; [ -d \"$d\" ] || mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
-         trap 'rm -f \"$t\"' EXIT; cat > \"$t\"; \
+        "set -e; {locate}; [ -d \"$d\" ] || $s mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
+         trap '$s rm -f \"$t\"' EXIT; if [ -z \"$s\" ]; then cat > \"$t\"; else $s tee \"$t\" >/dev/null; fi; \
          n=$(($(wc -c < \"$t\"))); if [ \"$n\" -ne {len} ]; then exit {SHORT_WRITE}; fi; \
-         mv -f \"$t\" \"$p\"; trap - EXIT; rm -f \"$d/.setup-step.pid\"",
-        path = quote(path),
-        dir = quote(dir),
+         $s mv -f \"$t\" \"$p\"; trap - EXIT; $s rm -f \"$d/.setup-step.pid\"",
+        locate = locate(t.state_path()),
         len = bytes.len(),
     );
     let out = t.exec(&script, &bytes, None).await?;

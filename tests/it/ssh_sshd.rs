@@ -225,3 +225,31 @@ fn pins_follow_the_instance_not_the_address() {
     let pins = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
     assert!(pins.contains("i-0new"), "{pins}");
 }
+
+/// Issue 12: the default state path works for a login without root: with no passwordless sudo, the state
+/// database goes to the user's XDG state folder, and it is read back from there.
+#[test]
+fn the_default_state_path_works_without_root() {
+    let Some(s) = sshd() else { return };
+    let user = std::env::var("NIMBUS_SSHD_NONROOT_USER").expect("scripts/peers.sh makes a non-root login");
+    let dir = tempfile::tempdir().unwrap();
+    let c = SshConnector::new(SshSettings {
+        user: user.clone(),
+        state_path: nimbus::transport::ssh::REMOTE_STATE_PATH.to_string(),
+        ..settings(&s, dir.path())
+    });
+    let t = c.transport("nonroot", "127.0.0.1");
+    rt().block_on(async {
+        assert_ne!(t.exec("id -u", b"", None).await.unwrap().stdout, b"0\n", "not root");
+        let _ = t.exec("rm -f \"$HOME/.local/state/nimbus/state.db\"", b"", None).await;
+        assert!(machine_db::read(t.as_ref()).await.unwrap().is_none());
+        let mut db = StateDb::default();
+        db.set_step(0, "base", "h", StepStatus::Done, Some(0));
+        machine_db::write(t.as_ref(), &db).await.unwrap();
+        let back = machine_db::read(t.as_ref()).await.unwrap().unwrap();
+        assert_eq!(back.steps[0].name, "base");
+        let home = t.exec("printf %s \"$HOME\"", b"", None).await.unwrap().stdout;
+        let at = format!("{}/.local/state/nimbus/state.db", String::from_utf8_lossy(&home));
+        assert!(std::path::Path::new(&at).exists(), "{at}");
+    });
+}
