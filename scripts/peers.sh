@@ -180,11 +180,11 @@ CFG
   export NIMBUS_SSHD_HOST_KEY="$dir/host_ed25519.pub"
   export NIMBUS_SSHD_USER="$(id -un)"
   # A login without root, to show the default state path works for one (XDG state folder, or sudo -n).
-  if [ "$(id -u)" -eq 0 ]; then
-    id -u nimbus-test >/dev/null 2>&1 || useradd -m -s /bin/sh nimbus-test
-    usermod -p '*' nimbus-test  # no password, but not a locked account (sshd refuses locked ones)
-    export NIMBUS_SSHD_NONROOT_USER=nimbus-test
-  fi
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  id -u nimbus-test >/dev/null 2>&1 || $sudo useradd -m -s /bin/sh nimbus-test
+  $sudo usermod -p '*' nimbus-test  # no password, but not a locked account (sshd refuses locked ones)
+  export NIMBUS_SSHD_NONROOT_USER=nimbus-test
   echo "peers: sshd on $NIMBUS_SSHD_URL" >&2
 }
 
