@@ -164,6 +164,11 @@ pub trait Provider: Send + Sync {
         Ok(())
     }
 
+    /// The provider's clock minus this computer's, as last seen in a response; `None` when not known.
+    fn clock_skew(&self) -> Option<chrono::Duration> {
+        None
+    }
+
     /// How long to wait for a new machine to answer.
     fn reachable_timeout(&self) -> Duration {
         Duration::from_secs(600)

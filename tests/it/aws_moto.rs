@@ -675,3 +675,30 @@ fn allocation_falls_back_through_the_pools_zones() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Issue 12: when the provider's clock (EC2's `Date` header) and this computer's differ by more than a minute,
+/// the plan says so (host windows are judged on this computer's clock, with `window_margin` to spare).
+#[test]
+fn a_provider_clock_far_off_is_warned_about() {
+    let Some(url) = moto() else { return };
+    let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
+    let f = Fleet::new(&url, "clock");
+    f.write(0, 1, None);
+    let through_proxy: Vec<(&str, String)> = f
+        .env
+        .iter()
+        .map(|(k, v)| (*k, if k.starts_with("AWS_ENDPOINT_URL") { proxy.url.clone() } else { v.clone() }))
+        .collect();
+    let o = nimbus_env(f.dir.path(), &["plan"], &through_proxy);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("provider's clock"), "no warning for a clock in step: {}", text(&o));
+    proxy.set(|s| s.date_skew_secs = Some(-600));
+    let o = nimbus_env(f.dir.path(), &["plan"], &through_proxy);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("provider's clock is 600s behind this computer's")
+            || text(&o).contains("provider's clock is 599s behind"),
+        "{}",
+        text(&o)
+    );
+}

@@ -114,7 +114,8 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
             planfile::check(&saved, &current, |at| document(&loaded, &desired, &actual, at, "discovery"))?
         }
         None => {
-            let doc = document(&loaded, &desired, &actual, now, "discovery");
+            let mut doc = document(&loaded, &desired, &actual, now, "discovery");
+            doc.warnings.extend(super::clock_warnings(&providers));
             out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
             if doc.has_changes() && !args.auto_approve && !confirm() {
                 errln!("\nApply cancelled.");

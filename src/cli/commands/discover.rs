@@ -10,7 +10,7 @@ use crate::core::model::{INVENTORY_FORMAT_VERSION, Inventory};
 
 pub fn discover(args: &DiscoverArgs) -> Result<u8, CommandError> {
     let loaded = config::load(&args.fleet.file)?;
-    let actual = observe(&loaded)?;
+    let (actual, _) = observe(&loaded)?;
     let inv = Inventory {
         format_version: INVENTORY_FORMAT_VERSION.into(),
         tenant: loaded.config.tenant.clone(),

@@ -114,6 +114,26 @@ pub fn retention(loaded: &LoadedConfig) -> crate::state::journal::Retention {
     }
 }
 
+/// A warning when a provider's clock and this computer's differ by more than a minute (host windows are
+/// compared on this computer's clock, with `window_margin` to spare).
+pub fn clock_warnings(providers: &[std::sync::Arc<dyn crate::providers::Provider>]) -> Vec<crate::core::plan::Warning> {
+    providers
+        .iter()
+        .filter_map(|p| {
+            let skew = p.clock_skew()?;
+            (skew.num_seconds().abs() > 60).then(|| crate::core::plan::Warning {
+                address: format!("provider.{}", p.name()),
+                message: format!(
+                    "the provider's clock is {}s {} this computer's: host windows are compared on this computer's clock (with `window_margin` to spare); set its clock right (NTP)",
+                    skew.num_seconds().abs(),
+                    if skew.num_seconds() > 0 { "ahead of" } else { "behind" }
+                ),
+                kind: crate::core::plan::WarningKind::Other,
+            })
+        })
+        .collect()
+}
+
 /// The plan document of `desired` against `actual` as of `at`.
 pub fn document(
     loaded: &LoadedConfig,

@@ -14,11 +14,12 @@ use crate::core::plan::document::PlanDocument;
 use crate::providers::Provider;
 
 /// Discovers what exists for the fleet's tenant.
-pub fn observe(loaded: &LoadedConfig) -> Result<Actual, CommandError> {
+pub fn observe(loaded: &LoadedConfig) -> Result<(Actual, Vec<crate::core::plan::Warning>), CommandError> {
     runtime().block_on(async {
         let providers = build_providers(loaded, crate::engine::clients::Purpose::Look).await?;
         let forge = super::build_forge(loaded)?;
-        observe_with(loaded, &providers, forge.as_deref()).await
+        let actual = observe_with(loaded, &providers, forge.as_deref()).await?;
+        Ok((actual, super::clock_warnings(&providers)))
     })
 }
 
@@ -72,10 +73,12 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
         Some(s) => parse_at(s, now)?,
         None => now,
     };
+    let mut clock = Vec::new();
     let (actual, source) = match &args.inventory {
         Some(p) => (read_inventory(p, &loaded.config.tenant)?.actual, "inventory"),
         None => {
-            let mut actual = observe(loaded)?;
+            let (mut actual, warnings) = observe(loaded)?;
+            clock = warnings;
             // Since when runners have been offline and machines unreachable: the journal remembers.
             // A plan that cannot write the journal (a read-only checkout) still plans; it only cannot tell
             // how long something has been offline, so it repairs nothing for that yet.
@@ -89,7 +92,9 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
     };
     let mut desired = Desired::from_config(&loaded.config);
     desired.interrupt_jobs = args.interrupt_jobs;
-    Ok(super::document(loaded, &desired, &actual, at, source))
+    let mut doc = super::document(loaded, &desired, &actual, at, source);
+    doc.warnings.extend(clock);
+    Ok(doc)
 }
 
 pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {

@@ -14,6 +14,7 @@
 //! - Throttling (`RequestLimitExceeded`) is retried with backoff by the SDK;
 //!   a client-side token bucket keeps within EC2's request buckets.
 
+pub mod clock;
 pub mod config;
 pub mod limits;
 pub mod reach;
@@ -82,6 +83,7 @@ pub struct AwsProvider {
     /// Part of every ClientToken: one run's retries share a token, a later run never reuses it.
     run_token: String,
     adopt_legacy: bool,
+    clock: clock::ClockWatch,
 }
 
 fn err(provider: &str, op: &str, e: impl std::fmt::Display) -> ProviderError {
@@ -252,12 +254,13 @@ impl AwsProvider {
             return Err(err(name, "configuration", "no AWS region: set `region:` on the provider, or AWS_REGION"));
         }
         let run_token = format!("{:x}", Utc::now().timestamp_millis());
+        let clock = clock::ClockWatch::default();
         Ok(AwsProvider {
             name: name.to_string(),
             tenant: tenant.to_string(),
             client: {
                 // An explicit endpoint is set on the client, above any AWS_ENDPOINT_URL* setting.
-                let mut b = aws_sdk_ec2::config::Builder::from(&sdk);
+                let mut b = aws_sdk_ec2::config::Builder::from(&sdk).interceptor(clock.clone());
                 if let Some(u) = &settings.endpoint_url {
                     b = b.endpoint_url(u);
                 }
@@ -269,6 +272,7 @@ impl AwsProvider {
             transport: None,
             run_token,
             adopt_legacy: false,
+            clock,
         })
     }
 
@@ -863,5 +867,9 @@ impl Provider for AwsProvider {
 
     fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
         Ok(self.transport.as_ref().and_then(|f| f(machine)))
+    }
+
+    fn clock_skew(&self) -> Option<chrono::Duration> {
+        self.clock.skew()
     }
 }

@@ -17,6 +17,8 @@ pub struct ProxyState {
     pub bodies: Vec<String>,
     /// AllocateHosts in this zone answers `InsufficientHostCapacity`, as EC2 does when a zone has no Mac hosts.
     pub refuse_zone: Option<String>,
+    /// Responses carry a `Date` this many seconds off (a provider whose clock is wrong).
+    pub date_skew_secs: Option<i64>,
 }
 
 pub struct Ec2Proxy {
@@ -135,6 +137,26 @@ fn serve(client: TcpStream, upstream: &str, st: &Mutex<ProxyState>) -> std::io::
         up.write_all(form.as_bytes())?;
         let mut resp = Vec::new();
         up.read_to_end(&mut resp)?;
+        if let Some(skew) = st.lock().unwrap().date_skew_secs
+            && let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            let head = String::from_utf8_lossy(&resp[..end]).to_string();
+            let date = (chrono::Utc::now() + chrono::Duration::seconds(skew)).to_rfc2822().replace("+0000", "GMT");
+            let head: String =
+                head.split("\r\n")
+                    .map(|l| {
+                        if l.to_ascii_lowercase().starts_with("date:") {
+                            format!("Date: {date}")
+                        } else {
+                            l.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\r\n");
+            let mut out = head.into_bytes();
+            out.extend_from_slice(&resp[end..]);
+            resp = out;
+        }
         // Tell the client this connection ends here, so it never reuses it.
         if let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
