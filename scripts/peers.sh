@@ -61,6 +61,67 @@ if marker not in s:
         raise SystemExit("peers: moto's hosts.py changed; cannot apply the tag filter patch")
     p.write_text(s.replace(old, new))
 
+# EC2 scrubs a Mac dedicated host after its instance ends: the host is `pending` (unusable) for a while, then
+# `available` again. moto leaves it available; with NIMBUS_MOTO_SCRUB_SECONDS set (the test script sets it),
+# terminating an instance on a host holds the host pending for that many seconds.
+import moto.ec2.models.instances as mi
+p = pathlib.Path(mi.__file__)
+s = p.read_text()
+marker = "# nimbus: host scrubbing"
+if marker not in s:
+    if "class InstanceBackend:" not in s or "def terminate_instances(" not in s:
+        raise SystemExit("peers: moto's instances.py changed; cannot apply the scrubbing patch")
+    s += """
+
+""" + marker + """
+import os as _nimbus_os
+import time as _nimbus_time
+
+_nimbus_terminate_instances = InstanceBackend.terminate_instances
+
+
+def _nimbus_terminate_instances_scrubbing(self, instance_ids):
+    out = _nimbus_terminate_instances(self, instance_ids)
+    secs = float(_nimbus_os.environ.get("NIMBUS_MOTO_SCRUB_SECONDS") or 0)
+    if secs > 0:
+        for instance, _ in out:
+            host_id = getattr(instance.placement, "host_id", None)
+            host = getattr(self, "hosts", {}).get(host_id) if host_id else None
+            if host is not None and host.state == "available":
+                host.state = "pending"
+                host._nimbus_scrub_until = _nimbus_time.time() + secs
+    return out
+
+
+InstanceBackend.terminate_instances = _nimbus_terminate_instances_scrubbing
+"""
+    p.write_text(s)
+p = pathlib.Path(h.__file__)
+s = p.read_text()
+marker = "# nimbus: scrub ends"
+if marker not in s:
+    s += """
+
+""" + marker + """
+import time as _nimbus_time
+
+_nimbus_describe_hosts = HostsBackend.describe_hosts
+
+
+def _nimbus_describe_hosts_after_scrub(self, host_ids, filters):
+    now = _nimbus_time.time()
+    for host in self.hosts.values():
+        until = getattr(host, "_nimbus_scrub_until", None)
+        if until is not None and until <= now and host.state == "pending":
+            host.state = "available"
+            host._nimbus_scrub_until = None
+    return _nimbus_describe_hosts(self, host_ids, filters)
+
+
+HostsBackend.describe_hosts = _nimbus_describe_hosts_after_scrub
+"""
+    p.write_text(s)
+
 # EC2's CreateReplaceRootVolumeTask (a fresh root volume, same instance and host), which moto lacks: the task
 # goes pending → in-progress → succeeded over DescribeReplaceRootVolumeTasks calls; the instance is pending
 # meanwhile and comes back running with a new root volume (the old one deleted when asked). Responses are
@@ -133,6 +194,7 @@ InstanceResponse.describe_replace_root_volume_tasks = _nimbus_describe_replace_r
 PY
   local port
   port=$(free_port)
+  export NIMBUS_MOTO_SCRUB_SECONDS="${NIMBUS_MOTO_SCRUB_SECONDS:-2}"
   "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PEERS_DIR/moto.log" 2>&1 &
   PEER_PIDS+=($!)
   wait_http "http://127.0.0.1:$port/" moto

@@ -21,7 +21,7 @@ fn fleet(tenant: &str, mac: u32, linux: u32, min_allocation: Option<&str>) -> St
     // A test that shortens the window also drops the safety margin, to see the release happen.
     let min = min_allocation.map(|m| format!("    min_allocation: {m}\n    window_margin: 0s\n")).unwrap_or_default();
     format!(
-        "version: 1\ntenant: {tenant}\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n{min}pools:\n  - name: mac\n    provider: aws\n    count: {mac}\n    machine: {{os: macos, arch: arm64, instance_type: mac2.metal, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: aws\n    count: {linux}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-east-1a}}\n"
+        "version: 1\ntenant: {tenant}\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n    post_available_delay: 0s\n{min}pools:\n  - name: mac\n    provider: aws\n    count: {mac}\n    machine: {{os: macos, arch: arm64, instance_type: mac2.metal, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: aws\n    count: {linux}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-east-1a}}\n"
     )
 }
 
@@ -134,6 +134,8 @@ fn create_discover_scale_down_defer_and_reuse() {
     f.ok(&["apply", "--auto-approve"]);
     let o = f.ok(&["plan", "--detailed-exitcode"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 deferred"), "{}", text(&o));
+    // The peer scrubs the host after its instance ends (NIMBUS_MOTO_SCRUB_SECONDS); wait it out.
+    std::thread::sleep(Duration::from_millis(2500));
 
     // As of 25 hours later, the release is due.
     let later = f.plan_json(&["--at", "+25h"]);
@@ -217,7 +219,8 @@ fn provider_enforces_host_rules_itself() {
         let e = other.release_host(&host).await.unwrap_err().to_string();
         assert!(e.contains("not tagged for tenant"), "{e}");
         let (hosts, _) = tenant_resources(&sdk().await, &f.tenant).await;
-        assert_eq!(hosts[&host], "available");
+        // Not released: the host is scrubbing after its instance ended, as on real EC2.
+        assert_eq!(hosts[&host], "pending");
     });
 }
 
@@ -701,4 +704,40 @@ fn a_provider_clock_far_off_is_warned_about() {
         "{}",
         text(&o)
     );
+}
+
+/// Issue 12: the EC2 peer scrubs a Mac host after its instance ends (the project's moto patch). A replacement
+/// (a new image) terminates now, waits while the host scrubs, and then launches on the same host: no second
+/// host, no launch on a scrubbing host.
+#[test]
+fn a_mac_replacement_waits_for_the_scrub_on_the_peer() {
+    let Some(url) = moto() else { return };
+    let secs: f64 = std::env::var("NIMBUS_MOTO_SCRUB_SECONDS").expect("scripts/peers.sh sets it").parse().unwrap();
+    assert!(secs > 0.0, "the peer must scrub");
+    let f = Fleet::new(&url, "scrub");
+    f.write(1, 0, None);
+    f.ok(&["apply", "--auto-approve"]);
+    let host = rt().block_on(async { tenant_resources(&sdk().await, &f.tenant).await.0.into_keys().next().unwrap() });
+    let text_ =
+        std::fs::read_to_string(f.dir.path().join("fleet.yaml")).unwrap().replace("image: ami-0abc", "image: ami-0new");
+    std::fs::write(f.dir.path().join("fleet.yaml"), text_).unwrap();
+    let o = f.ok(&["apply", "--auto-approve"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("scrubbed"), "{}", text(&o));
+    rt().block_on(async {
+        let (hosts, instances) = tenant_resources(&sdk().await, &f.tenant).await;
+        assert_eq!(hosts[&host], "pending", "the peer scrubs the host");
+        assert!(instances.is_empty());
+    });
+    // While it scrubs, the machine waits for its own host; nothing is allocated.
+    let plan = f.plan_json(&[]);
+    assert!(kinds(&plan).is_empty(), "{plan}");
+    assert!(plan["deferred"].to_string().contains("waiting for its host"), "{plan}");
+    std::thread::sleep(Duration::from_millis((secs * 1000.0) as u64 + 500));
+    f.ok(&["apply", "--auto-approve"]);
+    rt().block_on(async {
+        let (hosts, instances) = tenant_resources(&sdk().await, &f.tenant).await;
+        assert_eq!(hosts.len(), 1, "no second host: {hosts:?}");
+        assert_eq!(instances.values().flatten().collect::<Vec<_>>(), [&host], "relaunched on the same host");
+    });
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
 }

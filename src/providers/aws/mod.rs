@@ -643,6 +643,15 @@ impl Provider for AwsProvider {
             // EC2 places one instance on a Mac host (moto allows more): never ask for a second.
             let host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
             match host {
+                Some(host) if self.mine(&tag_map(host.tags())) && host_state(host.state()) != HostState::Available => {
+                    return Err(ProviderError::Conflict {
+                        provider: self.name.clone(),
+                        message: format!(
+                            "RunInstances: host `{h}` is {:?} (being scrubbed after its last instance); plan again once it is available",
+                            host_state(host.state())
+                        ),
+                    });
+                }
                 Some(host) if self.mine(&tag_map(host.tags())) => {}
                 Some(host) => return Err(self.not_mine("RunInstances", h, &tag_map(host.tags()))),
                 None => return Err(err(&self.name, "RunInstances", format!("host `{h}` is not this tenant's"))),
