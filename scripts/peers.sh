@@ -122,6 +122,120 @@ HostsBackend.describe_hosts = _nimbus_describe_hosts_after_scrub
 """
     p.write_text(s)
 
+# EC2 honours ClientToken: a RunInstances or AllocateHosts call repeated with a token it has seen returns what the
+# first call made (moto makes another). And EC2's Describe calls are eventually consistent: in the region
+# NIMBUS_MOTO_LAG_REGION (default ap-southeast-2), listings without ids (what discovery uses) do not show
+# instances and hosts made in the last NIMBUS_MOTO_READ_LAG_SECONDS; other regions stay strongly consistent.
+p = pathlib.Path(mi.__file__)
+s = p.read_text()
+marker = "# nimbus: client tokens and read lag"
+if marker not in s:
+    if "def run_instances(" not in s or "def describe_instances(self, filters" not in s:
+        raise SystemExit("peers: moto's instances.py changed; cannot apply the client token patch")
+    s += """
+
+""" + marker + """
+import os as _nimbus_os
+import time as _nimbus_time
+
+
+def _nimbus_lag(backend):
+    region = _nimbus_os.environ.get("NIMBUS_MOTO_LAG_REGION") or "ap-southeast-2"
+    if getattr(backend, "region_name", None) != region:
+        return 0.0
+    return float(_nimbus_os.environ.get("NIMBUS_MOTO_READ_LAG_SECONDS") or 0)
+
+
+_nimbus_run_instances = InstanceBackend.run_instances
+
+
+def _nimbus_run_instances_once(self, image_id, count, user_data, security_group_names, **kwargs):
+    token = kwargs.get("client_token")
+    if token and token != "ABCDE":
+        for reservation in self.reservations.values():
+            if any(getattr(i, "client_token", None) == token for i in reservation.instances):
+                return reservation
+    reservation = _nimbus_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+    for i in reservation.instances:
+        i._nimbus_made_at = _nimbus_time.time()
+    return reservation
+
+
+InstanceBackend.run_instances = _nimbus_run_instances_once
+
+_nimbus_describe_instances = InstanceBackend.describe_instances
+
+
+def _nimbus_describe_instances_lagging(self, filters=None):
+    out = _nimbus_describe_instances(self, filters)
+    lag = _nimbus_lag(self)
+    if lag <= 0:
+        return out
+    now = _nimbus_time.time()
+    for r in out:
+        r.instances = [i for i in r.instances if now - getattr(i, "_nimbus_made_at", 0) >= lag]
+    return [r for r in out if r.instances]
+
+
+InstanceBackend.describe_instances = _nimbus_describe_instances_lagging
+"""
+    p.write_text(s)
+import moto.ec2.responses.hosts as rh
+p = pathlib.Path(rh.__file__)
+s = p.read_text()
+marker = "# nimbus: host client tokens and read lag"
+if marker not in s:
+    if "class HostsResponse(" not in s or "def allocate_hosts(self)" not in s:
+        raise SystemExit("peers: moto's responses/hosts.py changed; cannot apply the client token patch")
+    s += """
+
+""" + marker + """
+import os as _nimbus_os
+import time as _nimbus_time
+
+_nimbus_allocate_hosts = HostsResponse.allocate_hosts
+
+
+def _nimbus_allocate_hosts_once(self):
+    token = self._get_param("ClientToken")
+    seen = self.ec2_backend.__dict__.setdefault("_nimbus_host_tokens", {})
+    if token and token in seen:
+        return ActionResult({"HostIds": list(seen[token])})
+    before = set(self.ec2_backend.hosts)
+    out = _nimbus_allocate_hosts(self)
+    made = [h for h in self.ec2_backend.hosts if h not in before]
+    for h in made:
+        self.ec2_backend.hosts[h]._nimbus_made_at = _nimbus_time.time()
+    if token:
+        seen[token] = made
+    return out
+
+
+HostsResponse.allocate_hosts = _nimbus_allocate_hosts_once
+
+_nimbus_describe_hosts = HostsResponse.describe_hosts
+
+
+def _nimbus_describe_hosts_lagging(self):
+    region = _nimbus_os.environ.get("NIMBUS_MOTO_LAG_REGION") or "ap-southeast-2"
+    lag = float(_nimbus_os.environ.get("NIMBUS_MOTO_READ_LAG_SECONDS") or 0)
+    if self.region != region or lag <= 0 or self._get_param("HostIds", []):
+        return _nimbus_describe_hosts(self)
+    backend = self.ec2_backend
+    now = _nimbus_time.time()
+    hidden = {k: h for k, h in backend.hosts.items() if now - getattr(h, "_nimbus_made_at", 0) < lag}
+    for k in hidden:
+        del backend.hosts[k]
+    try:
+        return _nimbus_describe_hosts(self)
+    finally:
+        backend.hosts.update(hidden)
+
+
+HostsResponse.describe_hosts = _nimbus_describe_hosts_lagging
+"""
+    p.write_text(s)
+
 # EC2's CreateReplaceRootVolumeTask (a fresh root volume, same instance and host), which moto lacks: the task
 # goes pending → in-progress → succeeded over DescribeReplaceRootVolumeTasks calls; the instance is pending
 # meanwhile and comes back running with a new root volume (the old one deleted when asked). Responses are
@@ -195,6 +309,7 @@ PY
   local port
   port=$(free_port)
   export NIMBUS_MOTO_SCRUB_SECONDS="${NIMBUS_MOTO_SCRUB_SECONDS:-2}"
+  export NIMBUS_MOTO_READ_LAG_SECONDS="${NIMBUS_MOTO_READ_LAG_SECONDS:-3}" NIMBUS_MOTO_LAG_REGION="${NIMBUS_MOTO_LAG_REGION:-ap-southeast-2}"
   "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PEERS_DIR/moto.log" 2>&1 &
   PEER_PIDS+=($!)
   wait_http "http://127.0.0.1:$port/" moto

@@ -80,6 +80,11 @@ pub struct Applier {
     runner_dir: Option<String>,
     /// Who holds a machine's setup lock while this applier runs setup (`host:journal`).
     lock_owner: String,
+    /// The journal that holds idempotency keys (its own connection: actions run concurrently).
+    keys: Option<Mutex<crate::state::journal::Journal>>,
+    /// The idempotency-key scopes of what discovery saw: those creations are done and visible, so their keys
+    /// are forgotten (a later creation of the same name gets a new key).
+    seen: Vec<String>,
 }
 
 impl Applier {
@@ -114,6 +119,47 @@ impl Applier {
                 std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
                 std::process::id()
             ),
+            keys: None,
+            seen: actual
+                .machines
+                .iter()
+                .filter_map(|m| m.name().map(|n| format!("{}|RunInstances|{n}", m.provider)))
+                .chain(actual.hosts.iter().filter_map(|h| {
+                    h.tags.get(crate::core::names::tags::MACHINE).map(|n| format!("{}|AllocateHosts|{n}", h.provider))
+                }))
+                .collect(),
+        }
+    }
+
+    /// Mutating provider actions take their idempotency keys from the journal at `path`, written before each
+    /// call. A key lives until discovery has seen what it made (or the machine is terminated): a rerun of an
+    /// interrupted apply, even one whose discovery lags behind the killed run's writes, sends the same keys.
+    pub fn with_idempotency_keys(
+        mut self,
+        path: &std::path::Path,
+    ) -> Result<Self, crate::state::journal::JournalError> {
+        let j = crate::state::journal::Journal::open(path)?;
+        for scope in &self.seen {
+            j.forget_key(scope)?;
+        }
+        self.keys = Some(Mutex::new(j));
+        Ok(self)
+    }
+
+    fn key(&self, scope: &str) -> Result<Option<String>, ActionError> {
+        let Some(j) = &self.keys else { return Ok(None) };
+        j.lock()
+            .expect("lock")
+            .idempotency_key(scope)
+            .map(Some)
+            .map_err(|e| ActionError::new(format!("could not record the idempotency key before the call: {e}")))
+    }
+
+    fn forget_key(&self, scope: &str) {
+        if let Some(j) = &self.keys
+            && let Err(e) = j.lock().expect("lock").forget_key(scope)
+        {
+            tracing::warn!(scope, error = %e, "could not forget a used idempotency key");
         }
     }
 
@@ -417,6 +463,7 @@ impl Applier {
                 fallback_zones,
                 exclude_hosts,
             } => {
+                let idempotency_key = self.key(&format!("{provider}|AllocateHosts|{machine}"))?;
                 let host = self
                     .provider(provider)?
                     .allocate_host(&HostRequest {
@@ -427,6 +474,7 @@ impl Applier {
                         availability_zone: availability_zone.clone(),
                         fallback_zones: fallback_zones.clone(),
                         exclude_hosts: exclude_hosts.clone(),
+                        idempotency_key,
                     })
                     .await?;
                 outputs.lock().expect("lock").insert(id, host);
@@ -445,6 +493,7 @@ impl Applier {
                             .ok_or_else(|| ActionError::new("the host allocation left no host id"))?,
                     ),
                 };
+                let idempotency_key = self.key(&format!("{provider}|RunInstances|{machine}"))?;
                 let instance = self
                     .provider(provider)?
                     .launch(&LaunchRequest {
@@ -453,6 +502,7 @@ impl Applier {
                         machine: machine.clone(),
                         spec: spec.clone(),
                         host_id,
+                        idempotency_key,
                     })
                     .await?;
                 self.machines.lock().expect("lock").insert(
@@ -507,6 +557,8 @@ impl Applier {
                 let mut r = self.machine_ref(machine);
                 r.instance_id = Some(instance_id.clone());
                 self.provider(provider)?.terminate(&r).await?;
+                // A machine of this name created later is a new one: it gets a new key.
+                self.forget_key(&format!("{provider}|RunInstances|{machine}"));
                 Ok(())
             }
             ActionKind::ReleaseHost { provider, host_id } => Ok(self.provider(provider)?.release_host(host_id).await?),

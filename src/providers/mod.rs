@@ -95,6 +95,9 @@ pub struct LaunchRequest {
     pub machine: String,
     pub spec: MachineSpec,
     pub host_id: Option<String>,
+    /// The idempotency key (EC2 ClientToken) the journal holds for this launch: the same on a rerun of an
+    /// interrupted launch, new for a machine created again later. `None`: the provider picks one per run.
+    pub idempotency_key: Option<String>,
 }
 
 /// What to allocate.
@@ -110,6 +113,8 @@ pub struct HostRequest {
     /// Hosts the plan already knows (and has decided about): a lookup by tag must never return one of
     /// them, so one host is never promised to two machines.
     pub exclude_hosts: Vec<String>,
+    /// The idempotency key the journal holds for this allocation (see [`LaunchRequest::idempotency_key`]).
+    pub idempotency_key: Option<String>,
 }
 
 /// A machine as the provider addresses it.

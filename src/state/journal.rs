@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS event_log (
   details  TEXT
 );
 CREATE INDEX IF NOT EXISTS event_log_ts ON event_log(ts);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  scope       TEXT PRIMARY KEY,
+  key         TEXT NOT NULL,
+  created_at  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS observations (
   kind  TEXT NOT NULL,
   name  TEXT NOT NULL,
@@ -492,6 +497,38 @@ impl Journal {
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(out)
+    }
+
+    /// The idempotency key of one mutating provider action (`scope`: provider, operation, machine), written
+    /// before the call: an action interrupted or failed before [`Journal::forget_key`] gets the same key on its
+    /// rerun, so the provider returns what the first call made instead of making a second one.
+    pub fn idempotency_key(&self, scope: &str) -> Result<String, JournalError> {
+        self.failpoint()?;
+        let now = Utc::now();
+        let fresh = crate::core::model::sha256_hex(
+            format!(
+                "{scope}|{}|{}|{}",
+                now.timestamp_nanos_opt().unwrap_or_default(),
+                std::process::id(),
+                self.path.display()
+            )
+            .as_bytes(),
+        );
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO idempotency_keys (scope, key, created_at) VALUES (?1, ?2, ?3)",
+                params![scope, &fresh[..32], crate::util::time::ts(&now)],
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .query_row("SELECT key FROM idempotency_keys WHERE scope = ?1", params![scope], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// The action under `scope` is done: a later one (a machine created again) gets a new key.
+    pub fn forget_key(&self, scope: &str) -> Result<(), JournalError> {
+        self.conn.execute("DELETE FROM idempotency_keys WHERE scope = ?1", params![scope]).map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// What is recorded for `kind`, without changing it.

@@ -495,6 +495,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
                 availability_zone: "us-east-1a".into(),
                 fallback_zones: vec![],
                 exclude_hosts: vec![],
+                idempotency_key: None,
             })
             .await
             .unwrap();
@@ -513,6 +514,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
                 machine: machine.clone(),
                 spec,
                 host_id: Some(host.clone()),
+                idempotency_key: None,
             })
             .await
             .unwrap();
@@ -616,6 +618,7 @@ fn allocation_never_adopts_a_host_of_another_kind() {
             availability_zone: az.into(),
             fallback_zones: vec![],
             exclude_hosts: vec![],
+            idempotency_key: None,
         };
         let new = p.allocate_host(&req("mac2.metal", "us-east-1a")).await.unwrap();
         assert_ne!(new, old, "a host of the old instance type was adopted");
@@ -655,6 +658,7 @@ fn allocation_falls_back_through_the_pools_zones() {
             availability_zone: "us-east-1a".into(),
             fallback_zones: fallback,
             exclude_hosts: vec![],
+            idempotency_key: None,
         };
         let e = p.allocate_host(&req(vec![])).await.unwrap_err();
         assert!(matches!(e, ProviderError::Capacity { .. }), "{e:?}");
@@ -739,5 +743,62 @@ fn a_mac_replacement_waits_for_the_scrub_on_the_peer() {
         assert_eq!(hosts.len(), 1, "no second host: {hosts:?}");
         assert_eq!(instances.values().flatten().collect::<Vec<_>>(), [&host], "relaunched on the same host");
     });
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// An apply killed right after each mutating call of a 3-machine Mac + Linux fleet returned (the
+/// `NIMBUS_FAILPOINT=after:` test facility), rerun at once in the peer's read-lagged region, where discovery
+/// does not yet see what the killed run made: the rerun sends the journaled ClientTokens again, the peer
+/// returns what the first calls made, and the fleet converges with exactly one host and three instances.
+#[test]
+fn a_killed_apply_reruns_with_its_journaled_client_tokens_under_read_lag() {
+    let Some(url) = moto() else { return };
+    let lag: f64 = std::env::var("NIMBUS_MOTO_READ_LAG_SECONDS").expect("scripts/peers.sh sets it").parse().unwrap();
+    assert!(lag > 0.0, "the peer must lag reads");
+    let region = std::env::var("NIMBUS_MOTO_LAG_REGION").expect("scripts/peers.sh sets it");
+    for point in ["after:AllocateHosts:1", "after:RunInstances:1", "after:RunInstances:2", "after:RunInstances:3"] {
+        let f = Fleet::new(&url, "lag");
+        std::fs::write(f.dir.path().join("fleet.yaml"), fleet(&f.tenant, 1, 2, None).replace("us-east-1", &region))
+            .unwrap();
+        let mut env = f.env.clone();
+        env.push(("NIMBUS_FAILPOINT", point.to_string()));
+        let killed = nimbus_env(f.dir.path(), &["apply", "--auto-approve"], &env);
+        assert!(!killed.status.success(), "{point}: the failpoint must abort the apply\n{}", text(&killed));
+        assert!(String::from_utf8_lossy(&killed.stderr).contains("failpoint"), "{point}\n{}", text(&killed));
+        // At once: the peer still hides from discovery what the killed run made.
+        f.ok(&["apply", "--auto-approve"]);
+        std::thread::sleep(Duration::from_millis((lag * 1000.0) as u64 + 500));
+        rt().block_on(async {
+            let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
+            let c = aws_sdk_ec2::Client::from_conf(
+                aws_sdk_ec2::config::Builder::from(&cfg)
+                    .region(aws_sdk_ec2::config::Region::new(region.clone()))
+                    .build(),
+            );
+            let (hosts, instances) = tenant_resources(&c, &f.tenant).await;
+            assert_eq!(hosts.len(), 1, "{point}: hosts {hosts:?}");
+            assert_eq!(instances.len(), 3, "{point}: instances {instances:?}");
+        });
+        assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0), "{point}");
+    }
+}
+
+/// A machine created again later (scaled to zero, then back) gets a new ClientToken: the peer, which honours
+/// tokens, would otherwise hand back the terminated instance.
+#[test]
+fn a_machine_created_again_gets_a_new_client_token() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "anew");
+    f.write(0, 1, None);
+    f.ok(&["apply", "--auto-approve"]);
+    let first = rt().block_on(async { tenant_resources(&sdk().await, &f.tenant).await.1 });
+    assert_eq!(first.len(), 1);
+    f.write(0, 0, None);
+    f.ok(&["apply", "--auto-approve"]);
+    f.write(0, 1, None);
+    f.ok(&["apply", "--auto-approve"]);
+    let again = rt().block_on(async { tenant_resources(&sdk().await, &f.tenant).await.1 });
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(again.keys().next(), first.keys().next(), "a new instance, not the terminated one");
     assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
 }

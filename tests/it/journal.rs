@@ -68,5 +68,30 @@ fn a_second_apply_is_refused_while_the_lock_is_held() {
         other => panic!("expected Locked, got {:?}", other.err()),
     }
     drop(held);
-    ApplyLock::acquire(&lock).expect("free again once released");
+    // Another test thread's fork (to spawn a child) holds a copy of the lock's descriptor until the child execs
+    // (close-on-exec): allow that moment to pass.
+    let mut again = ApplyLock::acquire(&lock);
+    for _ in 0..50 {
+        if again.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        again = ApplyLock::acquire(&lock);
+    }
+    again.expect("free again once released");
+}
+
+#[test]
+fn an_idempotency_key_is_kept_until_forgotten_and_then_renewed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let first = Journal::open(&path).unwrap().idempotency_key("aws|RunInstances|acme-linux-0").unwrap();
+    // A rerun (a new process, the journal reopened) gets the same key; another scope gets its own.
+    let j = Journal::open(&path).unwrap();
+    assert_eq!(j.idempotency_key("aws|RunInstances|acme-linux-0").unwrap(), first);
+    assert_ne!(j.idempotency_key("aws|RunInstances|acme-linux-1").unwrap(), first);
+    assert!(first.len() <= 64 && first.chars().all(|c| c.is_ascii_alphanumeric()), "{first}");
+    // Once what it made was seen (or the machine ended), the same name gets a new key.
+    j.forget_key("aws|RunInstances|acme-linux-0").unwrap();
+    assert_ne!(j.idempotency_key("aws|RunInstances|acme-linux-0").unwrap(), first);
 }

@@ -355,10 +355,12 @@ impl AwsProvider {
         .window(instance_type)
     }
 
-    fn token(&self, what: &str, machine: &str) -> String {
+    /// The ClientToken of one call: from the journal's idempotency key when the engine gave one (a rerun of an
+    /// interrupted action sends the same token, so EC2 returns what the first call made), else this run's.
+    fn token(&self, what: &str, machine: &str, key: Option<&str>) -> String {
         // ≤ 64 ASCII characters.
-        let h =
-            crate::core::model::sha256_hex(format!("{}|{what}|{machine}|{}", self.tenant, self.run_token).as_bytes());
+        let key = key.unwrap_or(&self.run_token);
+        let h = crate::core::model::sha256_hex(format!("{}|{what}|{machine}|{key}", self.tenant).as_bytes());
         format!("nimbus-{}", &h[..40])
     }
 
@@ -592,7 +594,7 @@ impl Provider for AwsProvider {
                 .instance_type(&req.instance_type)
                 .availability_zone(zone.as_str())
                 .quantity(1)
-                .client_token(self.token(&format!("host@{zone}"), &req.machine))
+                .client_token(self.token(&format!("host@{zone}"), &req.machine, req.idempotency_key.as_deref()))
                 .tag_specifications(
                     TagSpecification::builder()
                         .resource_type(ResourceType::DedicatedHost)
@@ -602,6 +604,9 @@ impl Provider for AwsProvider {
                 .send()
                 .await
                 .map_err(|e| sdk_err(&self.name, "AllocateHosts", e));
+            if sent.is_ok() {
+                crate::util::failpoint::after("AllocateHosts");
+            }
             match sent {
                 Ok(out) => {
                     let id = out
@@ -692,7 +697,7 @@ impl Provider for AwsProvider {
             .instance_type(aws_sdk_ec2::types::InstanceType::from(itype.as_str()))
             .min_count(1)
             .max_count(1)
-            .client_token(self.token("instance", &req.machine))
+            .client_token(self.token("instance", &req.machine, req.idempotency_key.as_deref()))
             .placement(placement.build())
             .set_subnet_id(self.settings.subnet_id.clone())
             .set_security_group_ids(if self.settings.security_group_ids.is_empty() {
@@ -710,6 +715,7 @@ impl Provider for AwsProvider {
             .send()
             .await
             .map_err(|e| sdk_err(&self.name, "RunInstances", e))?;
+        crate::util::failpoint::after("RunInstances");
         out.instances()
             .first()
             .and_then(|i| i.instance_id())
@@ -738,7 +744,7 @@ impl Provider for AwsProvider {
             .instance_id(&id)
             .image_id(image)
             .delete_replaced_root_volume(true)
-            .client_token(self.token("reimage", &machine.name))
+            .client_token(self.token("reimage", &machine.name, None))
             .send()
             .await
             .map_err(|e| sdk_err(&self.name, "CreateReplaceRootVolumeTask", e))?;
@@ -820,6 +826,7 @@ impl Provider for AwsProvider {
             .send()
             .await
             .map_err(|e| sdk_err(&self.name, "TerminateInstances", e))?;
+        crate::util::failpoint::after("TerminateInstances");
         Ok(())
     }
 
@@ -868,6 +875,7 @@ impl Provider for AwsProvider {
             .send()
             .await
             .map_err(|e| sdk_err(&self.name, "ReleaseHosts", e))?;
+        crate::util::failpoint::after("ReleaseHosts");
         if let Some(u) = out.unsuccessful().first() {
             return Err(err(&self.name, "ReleaseHosts", format!("{:?}", u.error())));
         }

@@ -52,6 +52,7 @@ fn launch(tenant: &str, pool: &str, i: u32, host: Option<String>, mac: bool) -> 
             fallback_zones: vec![],
         },
         host_id: host,
+        idempotency_key: None,
     }
 }
 
@@ -77,6 +78,7 @@ pub async fn idempotent_create_after_interruption(peer: &dyn Peer) {
             availability_zone: "us-east-1a".into(),
             fallback_zones: vec![],
             exclude_hosts: vec![],
+            idempotency_key: None,
         };
         let first = peer.provider(&tenant).await.allocate_host(&h).await.unwrap();
         let again = peer.provider(&tenant).await.allocate_host(&h).await.unwrap();
@@ -131,6 +133,7 @@ pub async fn release_refused_inside_window(peer: &dyn Peer) {
             availability_zone: "us-east-1a".into(),
             fallback_zones: vec![],
             exclude_hosts: vec![],
+            idempotency_key: None,
         })
         .await
         .unwrap();
