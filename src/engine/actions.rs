@@ -556,7 +556,12 @@ impl Applier {
             ActionKind::TerminateInstance { provider, machine, instance_id } => {
                 let mut r = self.machine_ref(machine);
                 r.instance_id = Some(instance_id.clone());
-                self.provider(provider)?.terminate(&r).await?;
+                let p = self.provider(provider)?;
+                p.terminate(&r).await?;
+                // Its connection (if one is open) goes with it.
+                if let Ok(Some(t)) = p.transport(&r) {
+                    t.close().await;
+                }
                 // A machine of this name created later is a new one: it gets a new key.
                 self.forget_key(&format!("{provider}|RunInstances|{machine}"));
                 Ok(())

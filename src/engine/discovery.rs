@@ -116,12 +116,17 @@ async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>]) -> Ac
     m.on_machine = match p.transport(&r) {
         Ok(None) => OnMachine::NotRead,
         Err(e) => OnMachine::Unreachable { reason: e.to_string() },
-        Ok(Some(t)) => match crate::state::machine_db::read(t.as_ref()).await {
-            Ok(Some(db)) => OnMachine::Read { state: db.to_model() },
-            Ok(None) => OnMachine::Read { state: MachineState::default() },
-            Err(e) if e.is_bad_state() => OnMachine::BadState { reason: e.to_string() },
-            Err(e) => OnMachine::Unreachable { reason: e.to_string() },
-        },
+        Ok(Some(t)) => {
+            let read = match crate::state::machine_db::read(t.as_ref()).await {
+                Ok(Some(db)) => OnMachine::Read { state: db.to_model() },
+                Ok(None) => OnMachine::Read { state: MachineState::default() },
+                Err(e) if e.is_bad_state() => OnMachine::BadState { reason: e.to_string() },
+                Err(e) => OnMachine::Unreachable { reason: e.to_string() },
+            };
+            // Discovery is done with the machine: no connection is kept per machine of a large fleet.
+            t.close().await;
+            read
+        }
     };
     m
 }

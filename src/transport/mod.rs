@@ -54,6 +54,10 @@ pub trait Transport: Send + Sync {
         Ok(())
     }
 
+    /// Ends any connection kept open to the machine (discovery is done with it, or it was replaced). The next
+    /// use connects again.
+    async fn close(&self) {}
+
     /// Checks that the machine answers.
     async fn probe(&self) -> Result<(), TransportError> {
         let out = self.exec("echo nimbus-ok", b"", None).await?;

@@ -198,6 +198,11 @@ impl SshConnector {
         &self.settings
     }
 
+    /// How many connections are open (cached for reuse).
+    pub async fn open_sessions(&self) -> usize {
+        self.sessions.lock().await.values().filter(|h| !h.is_closed()).count()
+    }
+
     /// A transport to `host` (an address, or what `%h` becomes in the proxy command).
     pub fn transport(self: &Arc<Self>, machine: &str, host: &str) -> Arc<dyn Transport> {
         self.transport_pinned_as(machine, host, host)
@@ -362,6 +367,13 @@ impl Transport for SshTransport {
 
     fn state_path(&self) -> &str {
         &self.state_path
+    }
+
+    async fn close(&self) {
+        let h = self.connector.sessions.lock().await.remove(&self.pin_as);
+        if let Some(h) = h {
+            let _ = h.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+        }
     }
 
     /// Drops the cached session and the pinned key of this machine's host: the next contact pins its new one.

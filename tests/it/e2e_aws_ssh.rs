@@ -219,6 +219,7 @@ fn aws_ssh_and_forge_end_to_end() {
         state_path: format!("{d}/machines/{{machine}}/state.db"),
         pin_new_keys: true,
     });
+    let connector = ssh.clone();
     let provider: Arc<dyn Provider> = Arc::new(
         rt.block_on(AwsProvider::new(
             "aws",
@@ -259,6 +260,8 @@ fn aws_ssh_and_forge_end_to_end() {
     assert_eq!(forge.runners().len(), 2);
     let again = nimbus::core::plan::plan(&two, &actual(), chrono::Utc::now());
     assert!(again.is_empty() && again.warnings.is_empty(), "{:?} {:?}", again.changes, again.warnings);
+    // Issue 12: discovery read both machines over SSH and kept no connection open.
+    assert_eq!(rt.block_on(connector.open_sessions()), 0, "discovery closes its sessions");
 
     let one = desired(1);
     let down = apply(&one);
