@@ -124,8 +124,9 @@ HostsBackend.describe_hosts = _nimbus_describe_hosts_after_scrub
 
 # EC2 honours ClientToken: a RunInstances or AllocateHosts call repeated with a token it has seen returns what the
 # first call made (moto makes another). And EC2's Describe calls are eventually consistent: in the region
-# NIMBUS_MOTO_LAG_REGION (default ap-southeast-2), listings without ids (what discovery uses) do not show
-# instances and hosts made in the last NIMBUS_MOTO_READ_LAG_SECONDS; other regions stay strongly consistent.
+# NIMBUS_MOTO_LAG_REGION (default ap-southeast-2), DescribeHosts (by id too) and DescribeInstances listings
+# without ids (what discovery uses) do not show hosts and instances made in the last
+# NIMBUS_MOTO_READ_LAG_SECONDS; other regions stay strongly consistent.
 p = pathlib.Path(mi.__file__)
 s = p.read_text()
 marker = "# nimbus: client tokens and read lag"
@@ -219,7 +220,7 @@ _nimbus_describe_hosts = HostsResponse.describe_hosts
 def _nimbus_describe_hosts_lagging(self):
     region = _nimbus_os.environ.get("NIMBUS_MOTO_LAG_REGION") or "ap-southeast-2"
     lag = float(_nimbus_os.environ.get("NIMBUS_MOTO_READ_LAG_SECONDS") or 0)
-    if self.region != region or lag <= 0 or self._get_param("HostIds", []):
+    if self.region != region or lag <= 0:
         return _nimbus_describe_hosts(self)
     backend = self.ec2_backend
     now = _nimbus_time.time()

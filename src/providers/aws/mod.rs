@@ -646,7 +646,15 @@ impl Provider for AwsProvider {
         }
         if let Some(h) = &req.host_id {
             // EC2 places one instance on a Mac host (moto allows more): never ask for a second.
-            let host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
+            let mut host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
+            // EC2's reads lag its writes: a host allocated a moment ago may not show yet.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut delay = Duration::from_millis(250);
+            while host.is_none() && Instant::now() < deadline {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+                host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
+            }
             match host {
                 Some(host) if self.mine(&tag_map(host.tags())) && host_state(host.state()) != HostState::Available => {
                     return Err(ProviderError::Conflict {
@@ -659,7 +667,13 @@ impl Provider for AwsProvider {
                 }
                 Some(host) if self.mine(&tag_map(host.tags())) => {}
                 Some(host) => return Err(self.not_mine("RunInstances", h, &tag_map(host.tags()))),
-                None => return Err(err(&self.name, "RunInstances", format!("host `{h}` is not this tenant's"))),
+                None => {
+                    return Err(err(
+                        &self.name,
+                        "RunInstances",
+                        format!("host `{h}` is not this tenant's (not found)"),
+                    ));
+                }
             }
             let occupied = self.list_instances(vec![]).await?.into_iter().find(|i| {
                 i.placement().and_then(|p| p.host_id()) == Some(h.as_str())
