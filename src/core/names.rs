@@ -82,6 +82,9 @@ pub mod tags {
     pub const TENANT: &str = "nimbus:tenant";
     pub const POOL: &str = "nimbus:pool";
     pub const MACHINE: &str = "nimbus:machine";
+    /// Which creation of a machine a dedicated host was allocated for (from the journaled idempotency key of
+    /// the allocation): a host of an earlier generation of the same machine is never adopted by tag.
+    pub const GENERATION: &str = "nimbus:generation";
     /// The name (in the fleet file) of the provider a resource belongs to.
     pub const PROVIDER: &str = "nimbus:provider";
     pub const MANAGED_BY: &str = "nimbus:managed-by";

@@ -625,6 +625,17 @@ fn allocation_never_adopts_a_host_of_another_kind() {
         assert_eq!(p.allocate_host(&req("mac2.metal", "us-east-1a")).await.unwrap(), new, "found again by its tags");
         let other_zone = p.allocate_host(&req("mac2.metal", "us-east-1b")).await.unwrap();
         assert!(other_zone != new && other_zone != old);
+        // Generations: with a journaled key, a rerun of the same creation adopts its host; a later creation of
+        // the same machine (a new key) never adopts an earlier generation's host, even one of the right kind.
+        let keyed = |key: &str| HostRequest { idempotency_key: Some(key.into()), ..req("mac2.metal", "us-east-1c") };
+        let first = p.allocate_host(&keyed("generation-one")).await.unwrap();
+        let rerun = p.allocate_host(&keyed("generation-one")).await.unwrap();
+        assert_eq!(rerun, first, "the same creation finds its own host");
+        let next = p.allocate_host(&keyed("generation-two")).await.unwrap();
+        assert!(![first.as_str(), new.as_str(), old.as_str(), other_zone.as_str()].contains(&next.as_str()));
+        let tags = c.describe_hosts().host_ids(&next).send().await.unwrap().hosts()[0].tags().to_vec();
+        let g = tags.iter().find(|t| t.key() == Some("nimbus:generation")).and_then(|t| t.value()).unwrap();
+        assert!(g.len() == 16 && !g.contains("generation-two"), "a digest, not the key: {g}");
     });
 }
 

@@ -86,6 +86,12 @@ pub struct AwsProvider {
     clock: clock::ClockWatch,
 }
 
+/// The generation tag of a host allocated under an idempotency key: not the key itself (it is not a secret,
+/// but there is no need to show it), a short digest of it.
+fn generation(key: &str) -> String {
+    crate::core::model::sha256_hex(format!("generation|{key}").as_bytes())[..16].to_string()
+}
+
 fn err(provider: &str, op: &str, e: impl std::fmt::Display) -> ProviderError {
     let message = format!("{op}: {e}");
     if message.contains("refusing") {
@@ -558,6 +564,7 @@ impl Provider for AwsProvider {
     }
 
     async fn allocate_host(&self, req: &HostRequest) -> Result<String, ProviderError> {
+        let generation = req.idempotency_key.as_deref().map(generation);
         // Found by its tags first: a re-run never allocates twice.
         let existing = self
             .list_hosts(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])], vec![])
@@ -570,6 +577,8 @@ impl Provider for AwsProvider {
                 !req.exclude_hosts.iter().any(|x| Some(x.as_str()) == h.host_id())
                     && self.mine(&t)
                     && t.get(tags::MACHINE) == Some(&req.machine)
+                    // With a journaled key, only this creation's host (a killed run's): not an earlier one's.
+                    && generation.as_ref().is_none_or(|g| t.get(tags::GENERATION) == Some(g))
                     && h.instances().is_empty()
                     // Only a usable host of the kind asked for: never one being scrubbed (it cannot take an
                     // instance for hours), never one of an old instance type or another zone.
@@ -581,6 +590,10 @@ impl Provider for AwsProvider {
             });
         if let Some(h) = existing {
             return Ok(h.host_id().unwrap_or_default().to_string());
+        }
+        let mut host_tags = machine_tags(&self.tenant, &self.name, &req.pool, &req.machine);
+        if let Some(g) = &generation {
+            host_tags.insert(tags::GENERATION.to_string(), g.clone());
         }
         // The pool's zones in order: a zone without capacity gives way to the next.
         let zones: Vec<&String> = std::iter::once(&req.availability_zone).chain(req.fallback_zones.iter()).collect();
@@ -598,7 +611,7 @@ impl Provider for AwsProvider {
                 .tag_specifications(
                     TagSpecification::builder()
                         .resource_type(ResourceType::DedicatedHost)
-                        .set_tags(Some(aws_tags(&machine_tags(&self.tenant, &self.name, &req.pool, &req.machine))))
+                        .set_tags(Some(aws_tags(&host_tags)))
                         .build(),
                 )
                 .send()
