@@ -466,7 +466,7 @@ impl Applier {
                 let idempotency_key = self.key(&format!("{provider}|AllocateHosts|{machine}"))?;
                 let host = self
                     .provider(provider)?
-                    .allocate_host(&HostRequest {
+                    .allocate_host_in_zone(&HostRequest {
                         tenant: self.tenant.clone(),
                         pool: pool.clone(),
                         machine: machine.clone(),
@@ -477,7 +477,32 @@ impl Applier {
                         idempotency_key,
                     })
                     .await?;
-                outputs.lock().expect("lock").insert(id, host);
+                // The journal records which of the pool's zones the host is in.
+                if let Some(j) = &self.keys {
+                    let zone = &host.availability_zone;
+                    let recorded = j.lock().expect("lock").event(
+                        None,
+                        crate::state::journal::Category::Audit,
+                        "info",
+                        "nimbus",
+                        &format!("host `{}` for `{machine}` is in {zone}", host.host_id),
+                        Some(serde_json::json!({
+                            "event": "nimbus.host.allocated",
+                            "provider": provider,
+                            "machine": machine,
+                            "host_id": host.host_id,
+                            "availability_zone": zone,
+                            "fallback": zone != availability_zone,
+                        })),
+                    );
+                    if let Err(e) = recorded {
+                        return Err(ActionError::new(format!(
+                            "allocated host `{}`, but could not record it in the journal: {e}",
+                            host.host_id
+                        )));
+                    }
+                }
+                outputs.lock().expect("lock").insert(id, host.host_id);
                 Ok(())
             }
             ActionKind::LaunchInstance { provider, pool, machine, spec, host } => {

@@ -117,6 +117,13 @@ pub struct HostRequest {
     pub idempotency_key: Option<String>,
 }
 
+/// A dedicated host allocated (or found again) for a machine, and the zone it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocatedHost {
+    pub host_id: String,
+    pub availability_zone: String,
+}
+
 /// A machine as the provider addresses it.
 #[derive(Debug, Clone, Default)]
 pub struct MachineRef {
@@ -136,6 +143,14 @@ pub trait Provider: Send + Sync {
     /// Allocates a dedicated host, or finds the one already allocated for this machine (by tags).
     async fn allocate_host(&self, req: &HostRequest) -> Result<String, ProviderError> {
         Err(self.unsupported(&format!("dedicated hosts (for `{}`)", req.machine)))
+    }
+
+    /// Like [`Provider::allocate_host`], also saying which zone the host is in: a pool may list several, tried
+    /// in order, and the journal records the one used. A provider that falls back through
+    /// `HostRequest::fallback_zones` overrides this (the default says the first zone).
+    async fn allocate_host_in_zone(&self, req: &HostRequest) -> Result<AllocatedHost, ProviderError> {
+        let host_id = self.allocate_host(req).await?;
+        Ok(AllocatedHost { host_id, availability_zone: req.availability_zone.clone() })
     }
 
     /// Launches the machine, or finds the one already launched (by its deterministic name). Returns its id.

@@ -673,9 +673,12 @@ fn allocation_falls_back_through_the_pools_zones() {
         };
         let e = p.allocate_host(&req(vec![])).await.unwrap_err();
         assert!(matches!(e, ProviderError::Capacity { .. }), "{e:?}");
-        let host = p.allocate_host(&req(vec!["us-east-1b".into()])).await.unwrap();
-        let h = sdk().await.describe_hosts().host_ids(&host).send().await.unwrap();
+        let host = p.allocate_host_in_zone(&req(vec!["us-east-1b".into()])).await.unwrap();
+        assert_eq!(host.availability_zone, "us-east-1b", "says the zone it used");
+        let h = sdk().await.describe_hosts().host_ids(&host.host_id).send().await.unwrap();
         assert_eq!(h.hosts()[0].availability_zone(), Some("us-east-1b"));
+        // Found again by its tags: the same host, in the zone it is really in.
+        assert_eq!(p.allocate_host_in_zone(&req(vec!["us-east-1b".into()])).await.unwrap(), host);
     });
     // The plan carries the zones in order.
     let cfg = nimbus::config::parse(
@@ -791,6 +794,16 @@ fn a_killed_apply_reruns_with_its_journaled_client_tokens_under_read_lag() {
             assert_eq!(instances.len(), 3, "{point}: instances {instances:?}");
         });
         assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0), "{point}");
+        // The journal records the zone the host is in.
+        let j = nimbus::state::journal::Journal::open(&f.dir.path().join(".nimbus/journal.db")).unwrap();
+        let events = j.events(1000).unwrap();
+        let zone = format!("{region}a");
+        assert!(
+            events.iter().any(|e| e.message.contains(&format!("is in {zone}"))
+                && e.details.as_ref().is_some_and(|d| d.contains(&format!("\"availability_zone\":\"{zone}\"")))),
+            "{point}: {:?}",
+            events.iter().map(|e| &e.message).collect::<Vec<_>>()
+        );
     }
 }
 

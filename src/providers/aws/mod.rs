@@ -30,7 +30,7 @@ use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{Filter, Placement, ResourceType, Tag, TagSpecification, Tenancy};
 use chrono::{DateTime, Utc};
 
-use super::{Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
+use super::{AllocatedHost, Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::core::model::{
     ActualMachine, Host, HostState, InstanceState, OnMachine, Ownership, Tags, Unusable, machine_tags, owned_by,
     ownership, tags,
@@ -564,6 +564,10 @@ impl Provider for AwsProvider {
     }
 
     async fn allocate_host(&self, req: &HostRequest) -> Result<String, ProviderError> {
+        self.allocate_host_in_zone(req).await.map(|h| h.host_id)
+    }
+
+    async fn allocate_host_in_zone(&self, req: &HostRequest) -> Result<AllocatedHost, ProviderError> {
         let generation = req.idempotency_key.as_deref().map(generation);
         // Found by its tags first: a re-run never allocates twice.
         let existing = self
@@ -589,7 +593,10 @@ impl Provider for AwsProvider {
                     })
             });
         if let Some(h) = existing {
-            return Ok(h.host_id().unwrap_or_default().to_string());
+            return Ok(AllocatedHost {
+                host_id: h.host_id().unwrap_or_default().to_string(),
+                availability_zone: h.availability_zone().unwrap_or_default().to_string(),
+            });
         }
         let mut host_tags = machine_tags(&self.tenant, &self.name, &req.pool, &req.machine);
         if let Some(g) = &generation {
@@ -630,7 +637,7 @@ impl Provider for AwsProvider {
                     if i > 0 {
                         tracing::warn!(event = "nimbus.host.zone_fallback", machine = %req.machine, zone = %zone, host = %id, "allocated `{id}` for `{}` in {zone}: the zones before it had no capacity", req.machine);
                     }
-                    return Ok(id);
+                    return Ok(AllocatedHost { host_id: id, availability_zone: zone.to_string() });
                 }
                 Err(e @ ProviderError::Capacity { .. }) if i + 1 < zones.len() => {
                     tracing::warn!(event = "nimbus.host.zone_no_capacity", machine = %req.machine, zone = %zone, error = %e, "no capacity in {zone}; trying the next zone");
