@@ -79,6 +79,11 @@ pub struct PlanArgs {
     /// Plan as of TIME: RFC 3339 (`2026-11-25T12:00:00Z`) or relative (`+25h`, `+2d`).
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
+    /// Treat the fleet file as untrusted (a pull request's): refuse, before anything runs or connects, when it
+    /// differs from this trusted fleet file (the protected branch's) in any field that runs a command, sends a
+    /// credential, or chooses whose resources are read or where state lives.
+    #[arg(long, value_name = "BASE_FLEET_FILE")]
+    pub trusted_base: Option<PathBuf>,
     /// Plan against a recorded inventory (`nimbus discover -o`) instead of discovering.
     #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,

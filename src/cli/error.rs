@@ -158,7 +158,9 @@ pub fn render(diag: &dyn Diagnostic, color: bool) -> String {
 /// Prints an error to stderr, once. An invalid fleet file prints each problem on its own; an internal error
 /// says so.
 pub fn report(e: &CommandError, color: bool) {
-    if let CommandError::Config(ConfigError::Invalid { diagnostics, .. }) = e {
+    if let CommandError::Config(ConfigError::Invalid { diagnostics, .. } | ConfigError::Untrusted { diagnostics, .. }) =
+        e
+    {
         for d in diagnostics {
             err!("{}", render(d, color));
         }

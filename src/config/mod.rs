@@ -8,6 +8,7 @@ pub mod model;
 pub mod span;
 pub mod validate;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,6 +60,92 @@ pub enum ConfigError {
         #[related]
         diagnostics: Vec<ConfigDiagnostic>,
     },
+    #[error("fleet file `{file}` changes {} field{} that only a maintainer may change (trusted base: `{base}`)", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" })]
+    Untrusted {
+        file: String,
+        base: String,
+        #[related]
+        diagnostics: Vec<ConfigDiagnostic>,
+    },
+}
+
+/// The fields of a fleet file that run a command, send a credential, choose whose resources are read or where
+/// state lives, by the path users read (`ssh.proxy_command`), with their values. A plan of an untrusted fleet
+/// file (a pull request's) takes every one of them from the trusted base, or refuses.
+pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
+    let v = serde_json::to_value(c).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    let mut take = |path: String, value: Option<&serde_json::Value>| {
+        out.insert(path, value.cloned().unwrap_or(serde_json::Value::Null));
+    };
+    take("tenant".into(), v.get("tenant"));
+    for k in ["proxy_command", "jump_host", "key", "known_hosts", "user", "port", "state_path", "host_key_policy"] {
+        take(format!("ssh.{k}"), v.get("ssh").and_then(|s| s.get(k)));
+    }
+    for k in ["type", "api_url", "private_key", "app_id", "installation_id", "org", "runner_download_url"] {
+        take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
+    }
+    take("journal.path".into(), v.get("journal").and_then(|j| j.get("path")));
+    if let Some(providers) = v.get("providers").and_then(|p| p.as_object()) {
+        for (name, p) in providers {
+            for k in ["type", "region", "data_dir", "subnet_id", "security_group_ids", "key_name"] {
+                take(format!("providers.{name}.{k}"), p.get(k));
+            }
+        }
+    }
+    out
+}
+
+/// Refuses `loaded` (an untrusted fleet file) when it differs from the trusted `base` in any
+/// [`trusted_fields`]: each difference is a diagnostic at the field, naming it.
+pub fn check_trusted(loaded: &LoadedConfig, base: &LoadedConfig) -> Result<(), ConfigError> {
+    let mine = trusted_fields(&loaded.config);
+    let theirs = trusted_fields(&base.config);
+    let mut paths: Vec<&String> = mine.keys().chain(theirs.keys()).collect();
+    paths.sort();
+    paths.dedup();
+    let null = serde_json::Value::Null;
+    let changed: Vec<&String> =
+        paths.into_iter().filter(|p| mine.get(*p).unwrap_or(&null) != theirs.get(*p).unwrap_or(&null)).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let text = loaded.source.strip_prefix('\u{feff}').unwrap_or(&loaded.source);
+    let name = loaded.path.display().to_string();
+    let index = SpanIndex::build(text).ok();
+    let shown = match &index {
+        Some(i) => mask_inline_secrets(i, text),
+        None => text.to_string(),
+    };
+    let ctx = Ctx { name: name.clone(), src: Arc::new(shown) };
+    let diagnostics = changed
+        .into_iter()
+        .map(|path| {
+            // The field where it is; a field the base has and this file lacks, at its section (or the top).
+            let mut at = path.as_str();
+            let span = loop {
+                if let Some(s) = index.as_ref().and_then(|i| i.value_span(at)) {
+                    break s;
+                }
+                match at.rsplit_once('.') {
+                    Some((parent, _)) => at = parent,
+                    None => break SourceSpan::new(0.into(), 0),
+                }
+            };
+            ctx.diag(
+                format!("a change to {path} must be applied by a maintainer"),
+                span,
+                "differs from the trusted base",
+                Some(format!(
+                    "this plan runs with the fleet's credentials, so fields that run a command, send a credential or \
+                     choose where state lives must match the trusted base `{}`; a maintainer applies such a change \
+                     from the protected branch",
+                    base.path.display()
+                )),
+            )
+        })
+        .collect();
+    Err(ConfigError::Untrusted { file: name, base: base.path.display().to_string(), diagnostics })
 }
 
 /// A fleet file that parsed and passed every rule.

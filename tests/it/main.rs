@@ -22,4 +22,5 @@ mod planner;
 mod planner_props;
 mod render;
 mod ssh_sshd;
+mod trust;
 mod workflows;

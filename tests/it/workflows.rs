@@ -26,6 +26,7 @@ fn run_step(step: &serde_json::Value, dir: &Path, fleet: &Path) -> (i32, String)
         .current_dir(dir)
         .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()))
         .env("FLEET_FILE", fleet)
+        .env("BASE_FLEET_FILE", fleet)
         .env("GITHUB_OUTPUT", &out_file)
         .env("NO_COLOR", "1")
         .status()
@@ -68,9 +69,21 @@ fn workflow_commands_work_on_the_quickstart() {
         assert!(std::fs::read_to_string(dir.path().join(md)).unwrap().contains("No changes."));
     }
 
+    // Issue 13: the plan comment runs on `pull_request` only, passes the base branch's fleet file as the
+    // trusted base, and updates only a comment of its own identity.
+    let text = std::fs::read_to_string(".github/workflows/nimbus-plan-comment.yml").unwrap();
+    let (wf, plan_steps) = self::steps(".github/workflows/nimbus-plan-comment.yml");
+    let on = wf["on"].as_object().unwrap();
+    assert!(on.contains_key("pull_request") && !on.contains_key("pull_request_target"), "{on:?}");
+    let plan = plan_steps.iter().find(|s| s["id"] == "plan").unwrap()["run"].as_str().unwrap().to_string();
+    assert!(plan.contains("--trusted-base \"$BASE_FLEET_FILE\""), "{plan}");
+    assert!(text.contains("git show \"FETCH_HEAD:$FLEET_FILE\" > \"$BASE_FLEET_FILE\""));
+    assert!(text.contains("c.user.login === 'github-actions[bot]'"), "the comment finder checks the author");
+    assert_eq!(wf["permissions"]["contents"], "read");
+
     // A broken fleet file makes the step itself fail (exit 1), never report "drift".
     std::fs::write(&fleet, "version: 1\ntenant: Bad Name\nproviders: {}\n").unwrap();
-    let (_, steps) = steps(".github/workflows/nimbus-drift.yml");
+    let (_, steps) = self::steps(".github/workflows/nimbus-drift.yml");
     let step = steps.iter().find(|s| s["id"] == "drift").unwrap();
     let status = Command::new("bash")
         .arg("-e")

@@ -99,6 +99,10 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
 
 pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
     let loaded = config::load(&args.fleet.file)?;
+    // Before anything else: an untrusted file must not choose what runs or where credentials go.
+    if let Some(base) = &args.trusted_base {
+        config::check_trusted(&loaded, &config::load(base)?)?;
+    }
     for w in config::warnings(&loaded.config) {
         errln!("warning: {w}");
     }

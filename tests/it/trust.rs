@@ -1,0 +1,102 @@
+//! Issue 13: a fleet file is code. `nimbus plan --trusted-base BASE` refuses an untrusted (pull request) fleet
+//! file that changes what runs a command or where a credential goes, before anything runs or connects.
+
+use std::io::ErrorKind;
+use std::net::TcpListener;
+
+use crate::common::*;
+
+fn base(extra: &str) -> String {
+    format!(
+        "version: 1\ntenant: trust\nproviders:\n  local:\n    type: local\n{extra}pools:\n  - name: linux\n    provider: local\n    count: 1\n    machine: {{os: linux, arch: x86_64, image: ubuntu-24.04}}\n"
+    )
+}
+
+fn plan(dir: &std::path::Path, pr: &str, base_text: &str) -> std::process::Output {
+    std::fs::write(dir.join("base.yaml"), base_text).unwrap();
+    std::fs::write(dir.join("fleet.yaml"), pr).unwrap();
+    nimbus_env(dir, &["plan", "--trusted-base", "base.yaml", "--detailed-exitcode"], &[])
+}
+
+#[test]
+fn a_pull_request_that_changes_proxy_command_is_refused_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pwned");
+    let trusted = base("ssh:\n  user: ci\n  proxy_command: \"nc 127.0.0.1 9\"\n");
+    let pr = trusted.replace("nc 127.0.0.1 9", &format!("touch {}", marker.display()));
+    let o = plan(dir.path(), &pr, &trusted);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("a change to ssh.proxy_command must be applied by a maintainer"), "{err}");
+    assert!(err.contains("fleet.yaml:"), "points at the file, line and column: {err}");
+    assert!(err.contains("trusted base"), "{err}");
+    assert!(o.stdout.is_empty(), "no plan is shown");
+    assert!(!marker.exists(), "the pull request's command ran");
+}
+
+#[test]
+fn a_pull_request_that_points_the_forge_elsewhere_sends_it_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let forge = |url: &str| {
+        format!(
+            "forge:\n  type: github\n  app_id: 1\n  installation_id: 2\n  org: acme\n  private_key: {{env: NIMBUS_TRUST_APP_KEY}}\n  api_url: {url}\n"
+        )
+    };
+    let trusted = base(&forge("https://api.github.com"));
+    let pr = base(&forge(&format!("http://127.0.0.1:{port}")));
+    std::fs::write(dir.path().join("base.yaml"), &trusted).unwrap();
+    std::fs::write(dir.path().join("fleet.yaml"), &pr).unwrap();
+    let o = nimbus_env(
+        dir.path(),
+        &["plan", "--trusted-base", "base.yaml"],
+        &[("NIMBUS_TRUST_APP_KEY", "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n".into())],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a change to forge.api_url must be applied by a maintainer"));
+    match listener.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("the listener was contacted: {other:?}"),
+    }
+}
+
+#[test]
+fn every_changed_trusted_field_is_named_and_other_changes_plan_normally() {
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = base("journal:\n  path: state/journal.db\n");
+    // Region-like and location fields: the tenant, a new provider, the journal's path.
+    let pr = trusted
+        .replace("tenant: trust", "tenant: other")
+        .replace("journal.db", "elsewhere.db")
+        .replace("providers:\n", "providers:\n  extra:\n    type: local\n    data_dir: /tmp\n");
+    let o = plan(dir.path(), &pr, &trusted);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for field in ["tenant", "journal.path", "providers.extra.type", "providers.extra.data_dir"] {
+        assert!(err.contains(&format!("a change to {field} must be applied by a maintainer")), "{field}: {err}");
+    }
+    // A change a reviewer can judge from the plan (the pool's size) plans as usual.
+    let o = plan(dir.path(), &trusted.replace("count: 1", "count: 3"), &trusted);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+#[test]
+fn setup_steps_never_run_during_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("setup-ran");
+    let fleet = base("").replace(
+        "    machine:",
+        &format!("    setup:\n      - name: mark\n        run: touch {}\n    machine:", marker.display()),
+    );
+    std::fs::write(dir.path().join("fleet.yaml"), &fleet).unwrap();
+    let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("mark"), "the plan shows the step: {}", text(&o));
+    assert!(!marker.exists(), "plan ran a setup step");
+    // Apply does run it: the marker above can appear.
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(marker.exists(), "apply runs the step");
+}
