@@ -826,3 +826,48 @@ fn a_machine_created_again_gets_a_new_client_token() {
     assert_ne!(again.keys().next(), first.keys().next(), "a new instance, not the terminated one");
     assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
 }
+
+/// Issue 13: a launch never retags (or uses) a host that another tenant owns.
+#[test]
+fn a_launch_never_retags_another_tenants_host() {
+    use nimbus::providers::LaunchRequest;
+    let Some(url) = moto() else { return };
+    let owner = Fleet::new(&url, "owner");
+    owner.write(1, 0, None);
+    owner.ok(&["apply", "--auto-approve"]);
+    rt().block_on(async {
+        let c = sdk().await;
+        let (hosts, _) = tenant_resources(&c, &owner.tenant).await;
+        let host = hosts.keys().next().unwrap().clone();
+        let intruder = unique_tenant("intruder");
+        let p =
+            AwsProvider::new("aws", &intruder, AwsSettings { region: Some("us-east-1".into()), ..Default::default() })
+                .await
+                .unwrap();
+        let e = p
+            .launch(&LaunchRequest {
+                tenant: intruder.clone(),
+                pool: "mac".into(),
+                machine: format!("nimbus.{intruder}.mac.0"),
+                spec: nimbus::core::model::MachineSpec {
+                    os: nimbus::config::Os::Macos,
+                    arch: nimbus::config::Arch::Arm64,
+                    instance_type: Some("mac2.metal".into()),
+                    image: "ami-0abc".into(),
+                    availability_zone: Some("us-east-1a".into()),
+                    fallback_zones: vec![],
+                },
+                host_id: Some(host.clone()),
+                idempotency_key: None,
+            })
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refusing") && e.contains("not tagged for this tenant"), "{e}");
+        let h = c.describe_hosts().host_ids(&host).send().await.unwrap();
+        let tags = h.hosts()[0].tags();
+        let tenant = tags.iter().find(|t| t.key() == Some("nimbus:tenant")).and_then(|t| t.value());
+        assert_eq!(tenant, Some(owner.tenant.as_str()), "the host was retagged: {tags:?}");
+        assert!(tenant_resources(&c, &intruder).await.1.is_empty(), "nothing launched for the intruder");
+    });
+}

@@ -406,6 +406,21 @@ impl AwsProvider {
         Ok(out)
     }
 
+    /// One host by id, whoever owns it (the caller checks): a host of another tenant is refused as such, not
+    /// mistaken for one EC2 does not show yet.
+    async fn describe_host(&self, id: &str) -> Result<Option<aws_sdk_ec2::types::Host>, ProviderError> {
+        self.limits.describe.acquire().await;
+        self.count("DescribeHosts");
+        let page = self
+            .client
+            .describe_hosts()
+            .host_ids(id)
+            .send()
+            .await
+            .map_err(|e| sdk_err(&self.name, "DescribeHosts", e))?;
+        Ok(page.hosts().iter().find(|h| h.host_id() == Some(id)).cloned())
+    }
+
     /// This tenant's live instances (paginated; one call per page).
     async fn list_instances(&self, extra: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Instance>, ProviderError> {
         let mut out = Vec::new();
@@ -666,14 +681,14 @@ impl Provider for AwsProvider {
         }
         if let Some(h) = &req.host_id {
             // EC2 places one instance on a Mac host (moto allows more): never ask for a second.
-            let mut host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
+            let mut host = self.describe_host(h).await?;
             // EC2's reads lag its writes: a host allocated a moment ago may not show yet.
             let deadline = Instant::now() + Duration::from_secs(60);
             let mut delay = Duration::from_millis(250);
             while host.is_none() && Instant::now() < deadline {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
-                host = self.list_hosts(vec![], vec![h.clone()]).await?.into_iter().next();
+                host = self.describe_host(h).await?;
             }
             match host {
                 Some(host) if self.mine(&tag_map(host.tags())) && host_state(host.state()) != HostState::Available => {
