@@ -4,4 +4,5 @@ pub mod failpoint;
 pub mod secrets;
 pub mod shell;
 pub mod telemetry;
+pub mod text;
 pub mod time;

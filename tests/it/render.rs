@@ -134,3 +134,36 @@ fn markdown_stays_under_githubs_comment_limit() {
         }
     }
 }
+
+/// Issue 13: text from machines, forges and clouds (here: an unreachable machine's error and a ghost runner's
+/// name) reaches neither the terminal with control characters nor Markdown as live mentions, links, images or
+/// HTML.
+#[test]
+fn hostile_values_are_defused_in_both_views() {
+    let hostile = "\x1b[2J\x1b]8;;https://evil.example\x07click\r@octocat [x](https://evil.example) ![i](https://evil.example/p.png) <img src=x onerror=alert(1)>\u{202E}";
+    let d = desired("acme", vec![pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    let mut world = Actual { runners: Some(vec![]), ..Default::default() };
+    let mut sim = Simulator::default();
+    let p = plan(&d, &world, t0());
+    sim.apply(&d, &mut world, &p, t0());
+    world.machines[0].on_machine = OnMachine::Unreachable { reason: hostile.into() };
+    world.runners.as_mut().unwrap().push(ForgeRunner {
+        id: 9,
+        name: format!("nimbus.acme.linux.7{hostile}"),
+        labels: vec![],
+        online: false,
+        busy: false,
+        offline_since: None,
+    });
+    let doc = PlanDocument::from_plan(&plan(&d, &world, t0()), None, None);
+    let term = text::render(&doc, text::Style { color: false });
+    assert!(term.contains("octocat"), "the hostile text is in the plan: {term}");
+    assert!(!term.chars().any(|c| c.is_control() && c != '\n'), "{term:?}");
+    assert!(!term.contains('\u{202E}'));
+    let md = markdown::render(&doc);
+    assert!(md.contains("octocat"), "{md}");
+    assert!(!md.chars().any(|c| c.is_control() && c != '\n'), "{md:?}");
+    for live in ["@octocat", "](https", "<img", "https://evil"] {
+        assert!(!md.contains(live), "`{live}` is live in: {md}");
+    }
+}

@@ -40,13 +40,13 @@ fn icon(word: &str) -> &'static str {
     }
 }
 
+/// Text that may come from machines, forges or clouds: shown literally (no mentions, links, images, HTML).
 fn escape(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ").replace('<', "&lt;").replace('>', "&gt;")
+    crate::util::text::markdown(s)
 }
 
 fn code(s: &str) -> String {
-    // Backticks inside a code span would end it early.
-    format!("`{}`", s.replace('`', "'").replace('|', "\\|").replace('\n', " "))
+    crate::util::text::markdown_code(s)
 }
 
 /// Renders the plan as Markdown, never longer than [`BUDGET`] characters.

@@ -68,6 +68,11 @@ fn kind_word(k: ResourceKind) -> &'static str {
     }
 }
 
+/// Text that may come from machines, forges or clouds, made safe for a terminal.
+fn safe(s: &str) -> String {
+    crate::util::text::terminal(s)
+}
+
 /// Renders the plan for a terminal.
 pub fn render(doc: &PlanDocument, st: Style) -> String {
     let mut o = String::new();
@@ -78,16 +83,16 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
         let _ = writeln!(o, "nimbus will perform the following actions for tenant `{}`:", doc.tenant);
         for c in &doc.resource_changes {
             let _ = writeln!(o);
-            let _ = writeln!(o, "  {}", st.bold(&format!("# {} {}", c.address, verb(c))));
-            let _ = writeln!(o, "  # ({})", c.reason);
-            let _ = writeln!(o, "{} {} {:?} {{", symbol(c, st), kind_word(c.kind), c.name);
+            let _ = writeln!(o, "  {}", st.bold(&format!("# {} {}", safe(&c.address), verb(c))));
+            let _ = writeln!(o, "  # ({})", safe(&c.reason));
+            let _ = writeln!(o, "{} {} {:?} {{", symbol(c, st), kind_word(c.kind), safe(&c.name));
             let diff = attribute_diff(c);
             let width = diff.iter().map(|d| d.0.len()).max().unwrap_or(0);
             for (k, b, a, forces) in diff {
                 let line = match (b, a) {
-                    (None, Some(a)) => format!("      {} {k:width$} = {a}", st.green("+")),
-                    (Some(b), None) => format!("      {} {k:width$} = {b}", st.red("-")),
-                    (Some(b), Some(a)) => format!("      {} {k:width$} = {b} -> {a}", st.yellow("~")),
+                    (None, Some(a)) => format!("      {} {k:width$} = {}", st.green("+"), safe(&a)),
+                    (Some(b), None) => format!("      {} {k:width$} = {}", st.red("-"), safe(&b)),
+                    (Some(b), Some(a)) => format!("      {} {k:width$} = {} -> {}", st.yellow("~"), safe(&b), safe(&a)),
                     (None, None) => continue,
                 };
                 let note = if forces { format!(" {}", st.red("# forces replacement")) } else { String::new() };
@@ -112,15 +117,15 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
                 (None, DeferredKind::BusyRunner) => "when the running job finishes".to_string(),
                 (None, _) => "due when the provider allows".to_string(),
             };
-            let _ = writeln!(o, "  {} {} {what}, {when}", st.cyan("⏲"), d.address);
-            let _ = writeln!(o, "      {}", d.reason);
+            let _ = writeln!(o, "  {} {} {what}, {when}", st.cyan("⏲"), safe(&d.address));
+            let _ = writeln!(o, "      {}", safe(&d.reason));
         }
     }
     if !doc.warnings.is_empty() {
         let _ = writeln!(o);
         let _ = writeln!(o, "{}", st.bold("Warnings:"));
         for w in &doc.warnings {
-            let _ = writeln!(o, "  {} {}: {}", st.yellow("!"), w.address, w.message);
+            let _ = writeln!(o, "  {} {}: {}", st.yellow("!"), safe(&w.address), safe(&w.message));
         }
     }
     if !doc.resource_changes.is_empty() || !doc.deferred.is_empty() {
