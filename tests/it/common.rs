@@ -72,16 +72,17 @@ while [ $# -gt 0 ]; do
     --name) name="$2"; shift;;
     --labels) labels="$2"; shift;;
     --url) url="$2"; shift;;
-    --token) token="$2"; shift;;
+    --token) echo "the token must not be on the command line" >&2; exit 9;;
   esac
   shift
 done
+token="$ACTIONS_RUNNER_INPUT_TOKEN"
 printf '%s\n%s\n%s\n' "$name" "$labels" "$url" > .runner-config
 printf '%s' "$token" > .credentials
 "#;
     std::fs::write(src.join("config.sh"), config).unwrap();
     std::fs::write(src.join("svc.sh"), "#!/bin/sh\necho \"$1\" >> .service\n").unwrap();
-    std::fs::write(src.join("run.sh"), "#!/bin/sh\nprintf '%s' \"$2\" > .jitconfig\n").unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\n[ $# -eq 0 ] || { echo \"no arguments expected: the JIT config is in the environment\" >&2; exit 9; }\nprintf '%s' \"$ACTIONS_RUNNER_INPUT_JITCONFIG\" > .jitconfig\n").unwrap();
     for f in ["config.sh", "svc.sh", "run.sh"] {
         let p = src.join(f);
         let mut perm = std::fs::metadata(&p).unwrap().permissions();

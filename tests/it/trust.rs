@@ -100,3 +100,39 @@ fn setup_steps_never_run_during_plan() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(marker.exists(), "apply runs the step");
 }
+
+/// Issue 13: the registration token and the JIT config reach the agent through its environment, never its
+/// command line (where `ps` shows them for the runner's whole life): neither the script nimbus runs with
+/// `sh -c` nor any command in it carries the secret.
+#[test]
+fn runner_secrets_never_reach_a_command_line() {
+    use nimbus::forges::github::agent::GithubAgent;
+    use nimbus::forges::{AgentTarget, Registration, RunnerAgent, Secret};
+    let agent = GithubAgent { download_url: "https://example.invalid/{os}-{arch}.tgz".into() };
+    let labels = vec!["linux".to_string()];
+    let target = AgentTarget {
+        machine: "nimbus.acme.linux.0",
+        labels: &labels,
+        os: nimbus::config::Os::Linux,
+        arch: nimbus::config::Arch::X86_64,
+        dir: None,
+    };
+    for ephemeral in [false, true] {
+        let reg = Registration {
+            runner_id: None,
+            url: Some("https://github.com/acme".into()),
+            secret: Secret::new("s3cr3t-registration-value"),
+            ephemeral,
+        };
+        let install = agent.install(&target, &reg);
+        assert!(!install.script.contains("s3cr3t"), "{}", install.script);
+        assert!(!install.script.contains("--token") && !install.script.contains("--jitconfig"), "{}", install.script);
+        let var = if ephemeral {
+            "ACTIONS_RUNNER_INPUT_JITCONFIG=\"$secret\""
+        } else {
+            "ACTIONS_RUNNER_INPUT_TOKEN=\"$secret\""
+        };
+        assert!(install.script.contains(var), "{}", install.script);
+        assert_eq!(install.stdin, b"s3cr3t-registration-value\n");
+    }
+}

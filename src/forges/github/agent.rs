@@ -1,6 +1,7 @@
 //! GitHub's runner agent (`actions/runner`) on a machine: download, `config.sh` (persistent, as a service)
-//! or `run.sh --jitconfig` (ephemeral), and removal. The registration secret is read from stdin, never put on
-//! a command line.
+//! or `run.sh` with a JIT config (ephemeral), and removal. The registration secret is read from stdin and
+//! handed to the agent in its environment (`ACTIONS_RUNNER_INPUT_TOKEN` / `ACTIONS_RUNNER_INPUT_JITCONFIG`),
+//! never put on a command line.
 
 use crate::config::{Arch, Os};
 use crate::forges::{AgentInstall, AgentTarget, Registration, RunnerAgent};
@@ -48,10 +49,12 @@ impl RunnerAgent for GithubAgent {
             url = shell::quote(&url),
         );
         let script = if reg.ephemeral {
-            format!("{install}nohup ./run.sh --jitconfig \"$secret\" >/dev/null 2>&1 &\n")
+            // The agent reads any argument from `ACTIONS_RUNNER_INPUT_<NAME>`: in its environment, the secret is
+            // not in argv, where `ps` would show it for the runner's whole life.
+            format!("{install}ACTIONS_RUNNER_INPUT_JITCONFIG=\"$secret\" nohup ./run.sh >/dev/null 2>&1 &\n")
         } else {
             format!(
-                "{install}./config.sh --unattended --replace --url {} --token \"$secret\" --name {} --labels {}\n\
+                "{install}ACTIONS_RUNNER_INPUT_TOKEN=\"$secret\" ./config.sh --unattended --replace --url {} --name {} --labels {}\n\
                  if [ -x ./svc.sh ]; then (sudo -n ./svc.sh install 2>/dev/null || ./svc.sh install) && (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start); fi\n",
                 shell::quote(reg.url.as_deref().unwrap_or_default()),
                 shell::quote(t.machine),
