@@ -49,6 +49,7 @@ impl Transport for LocalTransport {
         cmd.arg("-c").arg(script).current_dir(&self.root).stdin(Stdio::piped()).kill_on_drop(true);
         // Its own process group, as sshd gives each command its own session: a stuck step can be killed whole.
         cmd.process_group(0);
+        crate::util::shell::minimal_env(&mut cmd);
         cmd.env("HOME", &self.root);
         match log {
             Some(path) => {

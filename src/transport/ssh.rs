@@ -296,7 +296,9 @@ impl SshConnector {
         let fut = async {
             if let Some(template) = &s.proxy_command {
                 let cmd = expand_proxy_command(template, host, s.port, &s.user);
-                let mut child = tokio::process::Command::new("sh")
+                let mut proxy = tokio::process::Command::new("sh");
+                crate::util::shell::minimal_env(&mut proxy);
+                let mut child = proxy
                     .arg("-c")
                     .arg(&cmd)
                     .stdin(Stdio::piped())

@@ -26,6 +26,21 @@ pub fn exports(vars: &[(&str, &str)]) -> String {
         .collect()
 }
 
+/// What a child nimbus starts on this computer (`ssh.proxy_command`, a local machine's setup steps) inherits
+/// from nimbus's environment: these only. Credentials nimbus holds (AWS keys, the GitHub App's key given by
+/// `{env: ...}`, tokens) never reach it.
+pub const CHILD_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR", "TERM"];
+
+/// Clears `cmd`'s environment down to [`CHILD_ENV`].
+pub fn minimal_env(cmd: &mut tokio::process::Command) {
+    cmd.env_clear();
+    for k in CHILD_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

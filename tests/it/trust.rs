@@ -136,3 +136,31 @@ fn runner_secrets_never_reach_a_command_line() {
         assert_eq!(install.stdin, b"s3cr3t-registration-value\n");
     }
 }
+
+/// Issue 13: a local machine's setup steps run with a minimal environment: the credentials nimbus holds (AWS
+/// keys, a GitHub App key passed by `{env: ...}`) are not in the child's environment.
+#[test]
+fn local_setup_steps_do_not_inherit_nimbus_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("child-env");
+    let fleet = base("").replace(
+        "    machine:",
+        &format!("    setup:\n      - name: dump\n        run: env > {}\n    machine:", dump.display()),
+    );
+    std::fs::write(dir.path().join("fleet.yaml"), &fleet).unwrap();
+    let o = nimbus_env(
+        dir.path(),
+        &["apply", "--auto-approve"],
+        &[
+            ("AWS_SECRET_ACCESS_KEY", "aws-secret-value-123".into()),
+            ("NIMBUS_APP_KEY", "-----BEGIN PRIVATE KEY-----app-key-456".into()),
+            ("GITHUB_TOKEN", "ghs_token789".into()),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert!(env.contains("PATH="), "the step still has a PATH: {env}");
+    for secret in ["aws-secret-value-123", "app-key-456", "ghs_token789", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(!env.contains(secret), "`{secret}` reached the step's environment");
+    }
+}
