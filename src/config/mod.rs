@@ -110,14 +110,9 @@ pub fn check_trusted(loaded: &LoadedConfig, base: &LoadedConfig) -> Result<(), C
     if changed.is_empty() {
         return Ok(());
     }
-    let text = loaded.source.strip_prefix('\u{feff}').unwrap_or(&loaded.source);
     let name = loaded.path.display().to_string();
-    let index = SpanIndex::build(text).ok();
-    let shown = match &index {
-        Some(i) => mask_inline_secrets(i, text),
-        None => text.to_string(),
-    };
-    let ctx = Ctx { name: name.clone(), src: Arc::new(shown) };
+    let (_, index, ctx) = prepare(&name, &loaded.source);
+    let index = index.ok();
     let diagnostics = changed
         .into_iter()
         .map(|path| {
@@ -197,17 +192,22 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     Ok(LoadedConfig { config, path: path.to_path_buf(), base_dir, source: Arc::new(text) })
 }
 
-/// Parses and validates fleet file text; `name` is how errors name the file.
-pub fn parse(name: &str, text: &str) -> Result<FleetConfig, ConfigError> {
-    // Editors on Windows start UTF-8 files with a byte order mark; it is not part of the YAML.
+/// Fleet file text ready for diagnostics: without the byte order mark editors on Windows start UTF-8 files
+/// with (it is not part of the YAML), its span index, and a context whose error snippets never show a secret
+/// someone wrote inline.
+fn prepare<'t>(name: &str, text: &'t str) -> (&'t str, Result<SpanIndex, span::SyntaxError>, Ctx) {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let index = SpanIndex::build(text);
-    // Error snippets must never show a secret someone wrote inline.
     let shown = match &index {
         Ok(i) => mask_inline_secrets(i, text),
         Err(_) => text.to_string(),
     };
-    let ctx = Ctx { name: name.to_string(), src: Arc::new(shown) };
+    (text, index, Ctx { name: name.to_string(), src: Arc::new(shown) })
+}
+
+/// Parses and validates fleet file text; `name` is how errors name the file.
+pub fn parse(name: &str, text: &str) -> Result<FleetConfig, ConfigError> {
+    let (text, index, ctx) = prepare(name, text);
     let index = match index {
         Ok(i) => i,
         Err(e) => {

@@ -238,6 +238,18 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl Desired {
+    /// Whether `h` is settled at `now`: EC2 Mac hosts are unusable for a while after they report available
+    /// again after a scrub (the provider's `post_available_delay`). A host nimbus never saw scrubbing is.
+    pub fn host_settled(&self, h: &Host, now: DateTime<Utc>) -> bool {
+        let delay = self
+            .providers
+            .get(&h.provider)
+            .and_then(|p| p.capabilities.host_policy(&h.instance_type))
+            .map(|p| p.post_available_delay)
+            .unwrap_or_default();
+        h.available_since.is_none_or(|t| window_end_at(t, delay) <= now)
+    }
+
     pub fn from_config(c: &FleetConfig) -> Desired {
         Desired {
             tenant: c.tenant.clone(),

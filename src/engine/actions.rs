@@ -80,8 +80,8 @@ pub struct Applier {
     runner_dir: Option<String>,
     /// Who holds a machine's setup lock while this applier runs setup (`host:journal`).
     lock_owner: String,
-    /// The journal that holds idempotency keys (its own connection: actions run concurrently).
-    keys: Option<Mutex<crate::state::journal::Journal>>,
+    /// The journal (its own connection: actions run concurrently): idempotency keys, and where hosts were allocated.
+    journal: Option<Mutex<crate::state::journal::Journal>>,
     /// The idempotency-key scopes of what discovery saw: those creations are done and visible, so their keys
     /// are forgotten (a later creation of the same name gets a new key).
     seen: Vec<String>,
@@ -119,7 +119,7 @@ impl Applier {
                 std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
                 std::process::id()
             ),
-            keys: None,
+            journal: None,
             seen: actual
                 .machines
                 .iter()
@@ -142,12 +142,12 @@ impl Applier {
         for scope in &self.seen {
             j.forget_key(scope)?;
         }
-        self.keys = Some(Mutex::new(j));
+        self.journal = Some(Mutex::new(j));
         Ok(self)
     }
 
     fn key(&self, scope: &str) -> Result<Option<String>, ActionError> {
-        let Some(j) = &self.keys else { return Ok(None) };
+        let Some(j) = &self.journal else { return Ok(None) };
         j.lock()
             .expect("lock")
             .idempotency_key(scope)
@@ -156,7 +156,7 @@ impl Applier {
     }
 
     fn forget_key(&self, scope: &str) {
-        if let Some(j) = &self.keys
+        if let Some(j) = &self.journal
             && let Err(e) = j.lock().expect("lock").forget_key(scope)
         {
             tracing::warn!(scope, error = %e, "could not forget a used idempotency key");
@@ -478,7 +478,7 @@ impl Applier {
                     })
                     .await?;
                 // The journal records which of the pool's zones the host is in.
-                if let Some(j) = &self.keys {
+                if let Some(j) = &self.journal {
                     let zone = &host.availability_zone;
                     let recorded = j.lock().expect("lock").event(
                         None,

@@ -144,16 +144,7 @@ impl Simulator {
                         let h = world.hosts.iter_mut().find(|h| &h.id == hid).expect("host exists");
                         assert!(h.instance_ids.is_empty(), "host {hid} already has an instance");
                         assert_eq!(h.state, HostState::Available, "host {hid} is not available (scrubbing?)");
-                        let delay = desired
-                            .providers
-                            .get(&h.provider)
-                            .and_then(|p| p.capabilities.host_policy(&h.instance_type))
-                            .map(|p| p.post_available_delay)
-                            .unwrap_or_default();
-                        assert!(
-                            h.available_since.is_none_or(|t| window_end_at(t, delay) <= now),
-                            "host {hid} was used before it settled after its scrub"
-                        );
+                        assert!(desired.host_settled(h, now), "host {hid} was used before it settled after its scrub");
                         assert_eq!(Some(&h.instance_type), spec.instance_type.as_ref());
                         h.instance_ids.push(instance_id.clone());
                         h.tags = machine_tags(&desired.tenant, provider, pool, machine);

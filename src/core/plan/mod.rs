@@ -158,15 +158,7 @@ impl<'a> Builder<'a> {
         let mut idle_by_kind: HashMap<(String, String, String), Vec<String>> = HashMap::new();
         // Reusable: available, empty, and past the settling time after a scrub (EC2 Mac hosts are unusable for a
         // few minutes after they report available).
-        let settled = |h: &Host| {
-            let delay = desired
-                .providers
-                .get(&h.provider)
-                .and_then(|p| p.capabilities.host_policy(&h.instance_type))
-                .map(|p| p.post_available_delay)
-                .unwrap_or_default();
-            h.available_since.is_none_or(|t| window_end_at(t, delay) <= now)
-        };
+        let settled = |h: &Host| desired.host_settled(h, now);
         let mut idle: Vec<&&Host> = hosts
             .values()
             .filter(|h| h.state == HostState::Available && h.instance_ids.is_empty() && settled(h))
