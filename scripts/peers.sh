@@ -319,6 +319,15 @@ PY
   NIMBUS_EC2_SERVICE_MODEL="$("$venv/bin/python" -c 'import botocore, os; print(os.path.join(os.path.dirname(botocore.__file__), "data/ec2/2016-11-15/service-2.json.gz"))')"
   export NIMBUS_EC2_SERVICE_MODEL
   echo "peers: moto on $NIMBUS_MOTO_URL" >&2
+  # A second moto enforces IAM (INITIAL_NO_AUTH_ACTION_COUNT=0: every request is signed by a known user and allowed
+  # by its policies). The IAM policy tests make their users through /moto-api/reset-auth, which lets the next few
+  # requests through.
+  port=$(free_port)
+  INITIAL_NO_AUTH_ACTION_COUNT=0 "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PEERS_DIR/moto-iam.log" 2>&1 &
+  PEER_PIDS+=($!)
+  wait_http "http://127.0.0.1:$port/" "moto (IAM enforced)"
+  export NIMBUS_MOTO_IAM_URL="http://127.0.0.1:$port"
+  echo "peers: moto with IAM enforced on $NIMBUS_MOTO_IAM_URL" >&2
 }
 
 # A real OpenSSH server on 127.0.0.1 stands in for machines.

@@ -172,5 +172,50 @@ pub fn report(e: &CommandError, color: bool) {
     if e.kind() == ErrorKind::Internal {
         errln!("internal error (nimbus or this computer, not the fleet):");
     }
-    err!("{}", render(e, color));
+    err!("{}", render(&Defused::of(e), color));
+}
+
+/// An error as shown: its message, hint and causes with control characters defused (they may quote what a
+/// machine, forge or cloud said).
+#[derive(Debug)]
+struct Defused {
+    message: String,
+    help: Option<String>,
+    source: Option<Box<Defused>>,
+}
+
+impl Defused {
+    fn of(e: &dyn Diagnostic) -> Defused {
+        Defused {
+            message: crate::util::text::terminal_lines(&e.to_string()),
+            help: e.help().map(|h| crate::util::text::terminal_lines(&h.to_string())),
+            source: e.source().map(|s| Box::new(Defused::cause(s))),
+        }
+    }
+
+    fn cause(e: &(dyn std::error::Error + 'static)) -> Defused {
+        Defused {
+            message: crate::util::text::terminal_lines(&e.to_string()),
+            help: None,
+            source: e.source().map(|s| Box::new(Defused::cause(s))),
+        }
+    }
+}
+
+impl fmt::Display for Defused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Defused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl Diagnostic for Defused {
+    fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
+        self.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
+    }
 }

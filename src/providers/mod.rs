@@ -67,7 +67,7 @@ impl ProviderError {
                 "the provider is limiting requests and nimbus already retried with backoff; try again later, or lower `--parallelism`"
             }
             ProviderError::Auth { .. } => {
-                "check the credentials (for AWS: the standard chain, AWS_PROFILE, the IAM policy in examples/aws-mac/iam-policy.json)"
+                "check the credentials and what they may do (for AWS: the standard chain, AWS_PROFILE; `apply` needs the policy in examples/aws-mac/iam-policy.json, `plan` only examples/aws-mac/iam-policy-plan.json)"
             }
             ProviderError::Capacity { .. } => {
                 "the provider has no capacity of this kind now; try again later, or another zone or instance type"

@@ -20,6 +20,12 @@ pub fn terminal(s: &str) -> String {
         .collect()
 }
 
+/// `s` for a terminal, keeping its lines (an error with a command's output): as [`terminal`], but a newline
+/// stays, indented so that no line of it can pass for one of nimbus's own.
+pub fn terminal_lines(s: &str) -> String {
+    s.split('\n').map(terminal).collect::<Vec<_>>().join("\n    ")
+}
+
 /// `s` as literal Markdown text (GitHub's flavour): [`terminal`] first, then every character Markdown or HTML
 /// would act on is escaped, `@` cannot start a mention and a URL is not linked.
 pub fn markdown(s: &str) -> String {

@@ -164,3 +164,22 @@ fn local_setup_steps_do_not_inherit_nimbus_credentials() {
         assert!(!env.contains(secret), "`{secret}` reached the step's environment");
     }
 }
+
+/// Issue 13.4: what a machine prints when a step fails reaches the apply's progress and error lines with its
+/// control characters defused: no escape sequence, carriage return or bidirectional override gets through.
+#[test]
+fn a_failing_steps_hostile_output_is_defused_on_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = base("").replace(
+        "    machine:",
+        "    setup:\n      - name: hostile\n        run: printf 'boom\\033[2J\\033]8;;http://evil.example\\007link\\033]8;;\\007\\r\\342\\200\\256txt.exe\\n' >&2; exit 3\n    machine:",
+    );
+    std::fs::write(dir.path().join("fleet.yaml"), &fleet).unwrap();
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("boom"), "the step's output is shown: {err}");
+    for bad in ['\u{1b}', '\u{7}', '\r', '\u{202E}'] {
+        assert!(!err.contains(bad), "{bad:?} reached the terminal: {err:?}");
+    }
+}

@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::core::plan::Action;
 use crate::engine::apply::{ApplyOutcome, Hook};
 use crate::engine::walk::{ExecEvent, Outcome};
+use crate::util::text::{terminal, terminal_lines};
 
 /// Prints each action as it starts and ends.
 pub struct Progress {
@@ -50,8 +51,18 @@ impl Hook for Progress {
                 let secs = elapsed.as_secs_f64();
                 self.say(match outcome {
                     Outcome::Success => format!("{stamp} {}: {} done ({secs:.1}s)", a.address, a.kind.name()),
-                    Outcome::Failed(e) => format!("{stamp} {}: {} FAILED ({secs:.1}s): {e}", a.address, a.kind.name()),
-                    Outcome::Deferred(why) => format!("{stamp} {}: {} deferred: {why}", a.address, a.kind.name()),
+                    // What a machine, forge or cloud said is shown with its control characters defused.
+                    Outcome::Failed(e) => {
+                        format!(
+                            "{stamp} {}: {} FAILED ({secs:.1}s): {}",
+                            a.address,
+                            a.kind.name(),
+                            terminal_lines(&e.to_string())
+                        )
+                    }
+                    Outcome::Deferred(why) => {
+                        format!("{stamp} {}: {} deferred: {}", a.address, a.kind.name(), terminal(why))
+                    }
                     Outcome::Skipped { root_cause } => {
                         format!("{stamp} {}: {} skipped (action {root_cause} failed)", a.address, a.kind.name())
                     }
@@ -68,19 +79,26 @@ pub fn summary(o: &ApplyOutcome, deferred: usize, action: impl Fn(usize) -> Acti
     let resources = format!("Resources: {} added, {} changed, {} destroyed.", done.add, done.change, done.destroy);
     let incomplete = || {
         for (address, why) in &o.tally.incomplete {
-            errln!("Incomplete: {address}: {why}; `nimbus apply` continues it");
+            errln!("Incomplete: {address}: {}; `nimbus apply` continues it", terminal(why));
         }
     };
     let errors = || {
+        let mut hints = Vec::new();
         for id in &o.report.root_causes {
             if let Some(Outcome::Failed(e)) = o.report.outcomes.get(id) {
                 let a = action(*id);
                 let skipped = o.report.count(|x| *x == Outcome::Skipped { root_cause: *id });
-                errln!("Error: {} {}: {e}", a.address, a.kind.name());
+                errln!("Error: {} {}: {}", a.address, a.kind.name(), terminal_lines(&e.to_string()));
                 if skipped > 0 {
                     errln!("  ({skipped} dependent action(s) skipped)");
                 }
+                if let Some(hint) = e.provider_error().map(|p| p.hint()).filter(|h| !hints.contains(h)) {
+                    hints.push(hint);
+                }
             }
+        }
+        for hint in hints {
+            errln!("hint: {hint}");
         }
     };
     if !o.journal_errors.is_empty() {
@@ -106,7 +124,12 @@ pub fn summary(o: &ApplyOutcome, deferred: usize, action: impl Fn(usize) -> Acti
         for id in &o.report.deferred {
             if let Some(Outcome::Deferred(why)) = o.report.outcomes.get(id) {
                 let a = action(*id);
-                outln!("Deferred: {} {}: {why}; `nimbus plan` shows it until it can happen.", a.address, a.kind.name());
+                outln!(
+                    "Deferred: {} {}: {}; `nimbus plan` shows it until it can happen.",
+                    a.address,
+                    a.kind.name(),
+                    terminal(why)
+                );
             }
         }
     } else {

@@ -138,6 +138,8 @@ fn classify(code: &str) -> Class {
         | "UnauthorizedOperation"
         | "InvalidClientTokenId"
         | "SignatureDoesNotMatch"
+        | "AccessDenied"
+        | "AccessDeniedException"
         | "OptInRequired" => Class::Auth,
         "InsufficientHostCapacity"
         | "InsufficientInstanceCapacity"
