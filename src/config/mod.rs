@@ -79,16 +79,36 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
         out.insert(path, value.cloned().unwrap_or(serde_json::Value::Null));
     };
     take("tenant".into(), v.get("tenant"));
-    for k in ["proxy_command", "jump_host", "key", "known_hosts", "user", "port", "state_path", "host_key_policy"] {
+    for k in [
+        "proxy_command",
+        "jump_host",
+        "key",
+        "known_hosts",
+        "user",
+        "port",
+        "state_path",
+        "host_key_policy",
+        "env_passthrough",
+    ] {
         take(format!("ssh.{k}"), v.get("ssh").and_then(|s| s.get(k)));
     }
-    for k in ["type", "api_url", "private_key", "app_id", "installation_id", "org", "runner_download_url"] {
+    for k in [
+        "type",
+        "api_url",
+        "private_key",
+        "app_id",
+        "installation_id",
+        "org",
+        "runner_group_id",
+        "runner_download_url",
+        "runner_sha256",
+    ] {
         take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
     }
     take("journal.path".into(), v.get("journal").and_then(|j| j.get("path")));
     if let Some(providers) = v.get("providers").and_then(|p| p.as_object()) {
         for (name, p) in providers {
-            for k in ["type", "region", "data_dir", "subnet_id", "security_group_ids", "key_name"] {
+            for k in ["type", "region", "data_dir", "subnet_id", "security_group_ids", "key_name", "env_passthrough"] {
                 take(format!("providers.{name}.{k}"), p.get(k));
             }
         }

@@ -148,6 +148,10 @@ pub struct SshConfig {
     /// never writes known_hosts. `require-known`: every host key must already be in known_hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key_policy: Option<HostKeyPolicy>,
+    /// Variables of nimbus's environment that `proxy_command` gets besides PATH, HOME, LANG, LC_ALL, USER,
+    /// LOGNAME, TMPDIR and TERM (e.g. `AWS_PROFILE` for SSM). Nothing else reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_passthrough: Option<Vec<String>>,
 }
 
 /// How nimbus trusts a machine's SSH host key.

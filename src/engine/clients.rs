@@ -90,6 +90,7 @@ pub fn ssh_connector(loaded: &LoadedConfig, purpose: Purpose) -> Result<Option<A
         pin_new_keys: purpose == Purpose::Change
             && ssh.host_key_policy.unwrap_or(crate::config::HostKeyPolicy::PinOnFirstApply)
                 == crate::config::HostKeyPolicy::PinOnFirstApply,
+        env_passthrough: ssh.env_passthrough.clone().unwrap_or_default(),
     })))
 }
 

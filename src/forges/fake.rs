@@ -28,8 +28,13 @@ impl FakeForge {
     pub fn new(download_url: impl Into<String>) -> Self {
         FakeForge {
             state: Mutex::new(State { next_id: 100, ..Default::default() }),
-            agent: GithubAgent { download_url: download_url.into() },
+            agent: GithubAgent::new(download_url),
         }
+    }
+    /// The agent download's checksums (`os-arch` → sha256), as the fleet file's `forge.runner_sha256` gives them.
+    pub fn with_sha256(mut self, platform: &str, sha256: &str) -> Self {
+        self.agent.sha256.insert(platform.to_string(), sha256.to_string());
+        self
     }
     pub fn calls(&self) -> Vec<String> {
         self.state.lock().unwrap().calls.clone()
@@ -123,7 +128,13 @@ impl Forge for FakeForge {
                 busy: false,
                 offline_since: None,
             });
-            Ok(Registration { runner_id: Some(id), url: None, secret: Secret::new(token), ephemeral: true })
+            Ok(Registration {
+                runner_id: Some(id),
+                url: None,
+                secret: Secret::new(token),
+                ephemeral: true,
+                group: None,
+            })
         } else {
             s.calls.push("POST /orgs/{org}/actions/runners/registration-token".into());
             Ok(Registration {
@@ -131,6 +142,7 @@ impl Forge for FakeForge {
                 url: Some("https://github.com/acme".into()),
                 secret: Secret::new(token),
                 ephemeral: false,
+                group: None,
             })
         }
     }

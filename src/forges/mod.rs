@@ -108,6 +108,9 @@ pub struct Registration {
     pub secret: Secret,
     /// One job, then the runner is gone.
     pub ephemeral: bool,
+    /// The runner group a persistent runner joins, by name (what the agent takes); `None`: the default group.
+    /// (An ephemeral runner's group is in its JIT config.)
+    pub group: Option<String>,
 }
 
 /// The machine a runner agent is installed on.

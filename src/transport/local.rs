@@ -12,6 +12,8 @@ use super::{ExecOutput, Transport, TransportError, tail};
 pub struct LocalTransport {
     machine: String,
     root: PathBuf,
+    /// Variables of nimbus's environment its steps get besides the minimal ones (`env_passthrough`).
+    passthrough: Vec<String>,
 }
 
 /// The state database's path inside a local sandbox's root.
@@ -20,7 +22,13 @@ pub const LOCAL_STATE_PATH: &str = "var/lib/nimbus/state.db";
 impl LocalTransport {
     /// `root` is the sandbox's file system root; scripts run there.
     pub fn new(machine: impl Into<String>, root: impl Into<PathBuf>) -> Self {
-        LocalTransport { machine: machine.into(), root: root.into() }
+        LocalTransport { machine: machine.into(), root: root.into(), passthrough: Vec::new() }
+    }
+
+    /// Lets these variables of nimbus's environment through to the steps.
+    pub fn with_passthrough(mut self, names: Vec<String>) -> Self {
+        self.passthrough = names;
+        self
     }
 
     fn io(&self, source: std::io::Error) -> TransportError {
@@ -49,7 +57,7 @@ impl Transport for LocalTransport {
         cmd.arg("-c").arg(script).current_dir(&self.root).stdin(Stdio::piped()).kill_on_drop(true);
         // Its own process group, as sshd gives each command its own session: a stuck step can be killed whole.
         cmd.process_group(0);
-        crate::util::shell::minimal_env(&mut cmd);
+        crate::util::shell::minimal_env(&mut cmd, &self.passthrough);
         cmd.env("HOME", &self.root);
         match log {
             Some(path) => {

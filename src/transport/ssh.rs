@@ -81,6 +81,8 @@ pub struct SshSettings {
     /// Record the host key of a machine seen for the first time. Off for `plan` (read-only: it never writes
     /// known_hosts) and with `ssh.host_key_policy: require-known`; then an unknown key is refused.
     pub pin_new_keys: bool,
+    /// Variables of nimbus's environment `proxy_command` gets besides the minimal ones (`ssh.env_passthrough`).
+    pub env_passthrough: Vec<String>,
 }
 
 /// Expands OpenSSH's `%h %p %r %%` tokens, quoting each value for the shell.
@@ -297,7 +299,7 @@ impl SshConnector {
             if let Some(template) = &s.proxy_command {
                 let cmd = expand_proxy_command(template, host, s.port, &s.user);
                 let mut proxy = tokio::process::Command::new("sh");
-                crate::util::shell::minimal_env(&mut proxy);
+                crate::util::shell::minimal_env(&mut proxy, &s.env_passthrough);
                 let mut child = proxy
                     .arg("-c")
                     .arg(&cmd)

@@ -31,10 +31,11 @@ pub fn exports(vars: &[(&str, &str)]) -> String {
 /// `{env: ...}`, tokens) never reach it.
 pub const CHILD_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR", "TERM"];
 
-/// Clears `cmd`'s environment down to [`CHILD_ENV`].
-pub fn minimal_env(cmd: &mut tokio::process::Command) {
+/// Clears `cmd`'s environment down to [`CHILD_ENV`] and the variables the fleet file lets through
+/// (`env_passthrough`).
+pub fn minimal_env(cmd: &mut tokio::process::Command, passthrough: &[String]) {
     cmd.env_clear();
-    for k in CHILD_ENV {
+    for k in CHILD_ENV.iter().copied().chain(passthrough.iter().map(String::as_str)) {
         if let Some(v) = std::env::var_os(k) {
             cmd.env(k, v);
         }

@@ -2,6 +2,7 @@
 //! peer skips the test on a developer's machine, and fails it when
 //! `NIMBUS_REQUIRE_PEERS=1` (as `scripts/test.sh` and CI set).
 
+use sha2::Digest;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -61,12 +62,15 @@ pub fn unique_tenant(prefix: &str) -> String {
     format!("{prefix}-{:x}", n % 0xffff_ffff)
 }
 
-/// A runner agent tarball whose scripts record how they were called.
-pub fn fake_runner(dir: &Path) -> String {
+/// A runner agent tarball whose scripts record how they were called: its URL template and the sha256 of the
+/// `linux-x64` download.
+pub fn fake_runner(dir: &Path) -> (String, String) {
     let src = dir.join("runner-src");
     std::fs::create_dir_all(&src).unwrap();
     let config = r#"#!/bin/sh
-# records: name, labels, url, and the token (a real runner keeps its credentials too)
+# records: name, labels, url, and the token (a real runner keeps its credentials too). It takes a moment, as a
+# real one does, so that `ps` can see it running.
+sleep 0.3
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) name="$2"; shift;;
@@ -93,7 +97,9 @@ printf '%s' "$token" > .credentials
     let real = dir.join("runner-linux-x64.tgz");
     let ok = std::process::Command::new("tar").arg("czf").arg(&real).arg("-C").arg(&src).arg(".").status().unwrap();
     assert!(ok.success());
-    format!("file://{}", tgz.display())
+    let sum = sha2::Sha256::digest(std::fs::read(&real).unwrap());
+    let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+    (format!("file://{}", tgz.display()), hex)
 }
 
 /// The machine side of registration: each runner the fake runner's config.sh

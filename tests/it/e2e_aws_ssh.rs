@@ -218,6 +218,7 @@ fn aws_ssh_and_forge_end_to_end() {
         connect_timeout: std::time::Duration::from_secs(5),
         state_path: format!("{d}/machines/{{machine}}/state.db"),
         pin_new_keys: true,
+        env_passthrough: Vec::new(),
     });
     let connector = ssh.clone();
     let provider: Arc<dyn Provider> = Arc::new(
@@ -229,7 +230,8 @@ fn aws_ssh_and_forge_end_to_end() {
         .unwrap()
         .with_transport(Arc::new(move |m: &MachineRef| Some(ssh.transport(&m.name, m.instance_id.as_deref()?)))),
     );
-    let forge = Arc::new(FakeForge::new(fake_runner(dir.path())));
+    let (url, sha256) = fake_runner(dir.path());
+    let forge = Arc::new(FakeForge::new(url).with_sha256("linux-x64", &sha256));
     let actual = || {
         rt.block_on(nimbus::engine::discovery::discover_with_forge(
             &tenant,
@@ -255,7 +257,30 @@ fn aws_ssh_and_forge_end_to_end() {
     };
 
     let two = desired(2);
+    // Issue 13.3: `ps -eo args` sampled on this computer (where the sshd peer runs the machines' commands)
+    // throughout setup and registration never shows a registration token, while it does see the agent run.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+                seen.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string));
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            seen
+        })
+    };
     let first = apply(&two);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = sampler.join().unwrap();
+    assert!(seen.iter().any(|l| l.contains("config.sh --unattended")), "the sampler saw the agent being configured");
+    let tokens = forge.tokens_issued();
+    assert_eq!(tokens.len(), 2);
+    for line in &seen {
+        assert!(!tokens.iter().any(|t| line.contains(t.as_str())) && !line.contains("--token"), "in argv: {line}");
+    }
     assert_eq!(first.summary().add, 2);
     assert_eq!(forge.runners().len(), 2);
     let again = nimbus::core::plan::plan(&two, &actual(), chrono::Utc::now());

@@ -36,10 +36,10 @@ struct World {
 impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let url = fake_runner(dir.path());
+        let (url, sha256) = fake_runner(dir.path());
         let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new("local", "t", dir.path().join("sandboxes")));
         World {
-            forge: Arc::new(FakeForge::new(url)),
+            forge: Arc::new(FakeForge::new(url).with_sha256("linux-x64", &sha256)),
             provider,
             dir,
             rt: tokio::runtime::Runtime::new().unwrap(),
@@ -67,14 +67,18 @@ impl World {
         p
     }
 
-    fn apply(&mut self, d: &Desired) {
+    fn try_apply(&mut self, d: &Desired) -> nimbus::engine::walk::ExecReport {
         let p = self.plan(d);
         let actual = self.actual();
         let logs = self.dir.path().join("logs");
         std::fs::create_dir_all(&logs).unwrap();
         let applier = Applier::new(d.clone(), &actual, vec![self.provider.clone()], Some(logs))
             .with_forge(self.forge.clone(), None);
-        let report = self.rt.block_on(execute(Arc::new(p.graph.clone()), Arc::new(applier), 10, |_| {}));
+        self.rt.block_on(execute(Arc::new(p.graph.clone()), Arc::new(applier), 10, |_| {}))
+    }
+
+    fn apply(&mut self, d: &Desired) {
+        let report = self.try_apply(d);
         assert!(report.succeeded(), "{:?}", report.outcomes);
         // The machine side: each configured runner shows up on the forge.
         for root in self.roots() {
@@ -88,6 +92,40 @@ impl World {
             .unwrap_or_default();
         v.sort();
         v
+    }
+}
+
+/// Issue 13.3: the agent download is checked against its sha256 before it is unpacked; a mismatch, or a download
+/// of its own URL with no checksum given, fails the step and leaves no agent behind.
+#[test]
+fn the_agent_download_is_verified_before_it_is_unpacked() {
+    for (what, sum) in [("a wrong sha256", Some("0".repeat(64))), ("no sha256", None)] {
+        let mut w = World::new();
+        let (url, _) = fake_runner(w.dir.path());
+        let mut forge = FakeForge::new(url);
+        if let Some(s) = &sum {
+            forge = forge.with_sha256("linux-x64", s);
+        }
+        w.forge = Arc::new(forge);
+        let d = w.desired("linux", "persistent");
+        let report = w.try_apply(&d);
+        assert!(!report.succeeded(), "{what}: the apply succeeded");
+        let errors: Vec<String> = report
+            .outcomes
+            .values()
+            .filter_map(|o| match o {
+                nimbus::engine::walk::Outcome::Failed(e) => Some(e.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors.len(), 2, "{what}: {errors:?}");
+        let want = if sum.is_some() { "has sha256" } else { "add forge.runner_sha256.linux-x64" };
+        assert!(errors.iter().all(|e| e.contains(want)), "{what}: {errors:?}");
+        for root in w.roots() {
+            let dir = root.join("actions-runner");
+            assert!(!dir.join("config.sh").exists() && !dir.join("runner.tgz").exists(), "{what}: an agent was left");
+        }
+        assert!(w.forge.runners().is_empty());
     }
 }
 

@@ -12,6 +12,7 @@ use nimbus::forges::github::{GitHubForge, rate_limit_wait};
 const COVERED: &[&str] = &[
     "GET /orgs/{org}/actions/runners",
     "POST /orgs/{org}/actions/runners/registration-token",
+    "GET /orgs/{org}/actions/runner-groups/{runner_group_id}",
     "POST /orgs/{org}/actions/runners/generate-jitconfig",
     "DELETE /orgs/{org}/actions/runners/{runner_id}",
     "PUT /orgs/{org}/actions/runners/{runner_id}/labels",
@@ -44,6 +45,9 @@ fn every_github_request_validates_against_the_spec() {
             f.register("nimbus.acme.mac.0", &["macOS".into()], false).await.expect("registration-token validates");
         assert_eq!(reg.url.as_deref(), Some("https://github.com/acme"));
         assert!(!reg.ephemeral && reg.runner_id.is_none());
+        // The forge is configured with runner group 7: a persistent runner joins it by name, looked up with
+        // GET /orgs/{org}/actions/runner-groups/{id} (the spec's example group).
+        assert!(reg.group.as_deref().is_some_and(|g| !g.is_empty()), "{:?}", reg.group);
         assert!(!reg.secret.expose().is_empty());
         assert_eq!(format!("{:?}", reg.secret), "Secret(<redacted>)");
         let jit = f.register("nimbus.acme.mac.1", &["macOS".into()], true).await.expect("generate-jitconfig validates");

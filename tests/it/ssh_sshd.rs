@@ -38,6 +38,7 @@ fn settings(s: &Sshd, dir: &Path) -> SshSettings {
         connect_timeout: Duration::from_secs(10),
         state_path: dir.join("machines/{machine}/state.db").display().to_string(),
         pin_new_keys: true,
+        env_passthrough: Vec::new(),
     }
 }
 
@@ -126,6 +127,28 @@ fn proxy_command_gets_quoted_tokens() {
     assert_eq!(std::fs::read_to_string(&seen).unwrap(), format!("{hostile}|{}|{}", s.port, s.user));
     assert!(!marker.exists());
     assert_eq!(expand_proxy_command("a %h %p %r %% %x", "h", 2, "u"), "a 'h' 2 'u' % %x");
+}
+
+/// Issue 13.3: `proxy_command` runs with a minimal environment plus `ssh.env_passthrough`: none of the test
+/// process's other variables (here the peers' `NIMBUS_*`, as an AWS key or an App key given to nimbus would be)
+/// reach it.
+#[test]
+fn proxy_command_gets_a_minimal_environment() {
+    let Some(s) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("proxy-env");
+    let mut st = settings(&s, dir.path());
+    st.proxy_command = Some(format!("env > {}; exec nc 127.0.0.1 {}", dump.display(), s.port));
+    st.env_passthrough = vec!["NIMBUS_SSHD_USER".into()];
+    let c = SshConnector::new(st);
+    rt().block_on(async { c.transport("m", "i-0env").probe().await.unwrap() });
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert!(std::env::var("NIMBUS_SSHD_KEY").is_ok() && std::env::var("NIMBUS_SSHD_URL").is_ok());
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+    assert!(env.lines().any(|l| l == format!("NIMBUS_SSHD_USER={}", s.user)), "the allowlisted variable: {env}");
+    let leaked: Vec<&str> =
+        env.lines().filter(|l| l.starts_with("NIMBUS_") && !l.starts_with("NIMBUS_SSHD_USER=")).collect();
+    assert!(leaked.is_empty(), "reached proxy_command: {leaked:?}");
 }
 
 #[test]

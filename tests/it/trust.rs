@@ -77,6 +77,29 @@ fn every_changed_trusted_field_is_named_and_other_changes_plan_normally() {
     for field in ["tenant", "journal.path", "providers.extra.type", "providers.extra.data_dir"] {
         assert!(err.contains(&format!("a change to {field} must be applied by a maintainer")), "{field}: {err}");
     }
+    // What lets a credential through to a child, or chooses the code a machine runs, is trusted too.
+    let pr = trusted.replace("    type: local\n", "    type: local\n    env_passthrough: [AWS_SECRET_ACCESS_KEY]\n");
+    let o = plan(dir.path(), &pr, &trusted);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("a change to providers.local.env_passthrough must"),
+        "{}",
+        text(&o)
+    );
+    let forge = "forge:\n  type: github\n  app_id: 1\n  installation_id: 2\n  private_key: {env: K}\n  org: acme\n";
+    let with_forge = trusted.replace("pools:\n", &format!("{forge}pools:\n"));
+    for (field, line) in [
+        (
+            "forge.runner_sha256",
+            "  runner_sha256: {linux-x64: 0000000000000000000000000000000000000000000000000000000000000000}\n",
+        ),
+        ("forge.runner_group_id", "  runner_group_id: 9\n"),
+    ] {
+        let pr = with_forge.replace("  org: acme\n", &format!("  org: acme\n{line}"));
+        let o = plan(dir.path(), &pr, &with_forge);
+        assert_eq!(o.status.code(), Some(1), "{field}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("a change to {field} must")), "{}", text(&o));
+    }
     // A change a reviewer can judge from the plan (the pool's size) plans as usual.
     let o = plan(dir.path(), &trusted.replace("count: 1", "count: 3"), &trusted);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
@@ -108,7 +131,7 @@ fn setup_steps_never_run_during_plan() {
 fn runner_secrets_never_reach_a_command_line() {
     use nimbus::forges::github::agent::GithubAgent;
     use nimbus::forges::{AgentTarget, Registration, RunnerAgent, Secret};
-    let agent = GithubAgent { download_url: "https://example.invalid/{os}-{arch}.tgz".into() };
+    let agent = GithubAgent::new("https://example.invalid/{os}-{arch}.tgz");
     let labels = vec!["linux".to_string()];
     let target = AgentTarget {
         machine: "nimbus.acme.linux.0",
@@ -118,11 +141,13 @@ fn runner_secrets_never_reach_a_command_line() {
         dir: None,
     };
     for ephemeral in [false, true] {
+        let group = (!ephemeral).then(|| "ci macs; $(id)".to_string());
         let reg = Registration {
             runner_id: None,
             url: Some("https://github.com/acme".into()),
             secret: Secret::new("s3cr3t-registration-value"),
             ephemeral,
+            group: group.clone(),
         };
         let install = agent.install(&target, &reg);
         assert!(!install.script.contains("s3cr3t"), "{}", install.script);
@@ -134,6 +159,14 @@ fn runner_secrets_never_reach_a_command_line() {
         };
         assert!(install.script.contains(var), "{}", install.script);
         assert_eq!(install.stdin, b"s3cr3t-registration-value\n");
+        // A persistent runner joins its group (issue 13.3), the name quoted as one word.
+        if let Some(g) = &group {
+            assert!(
+                install.script.contains(&format!("--runnergroup {}", nimbus::util::shell::quote(g))),
+                "{}",
+                install.script
+            );
+        }
     }
 }
 
@@ -143,7 +176,7 @@ fn runner_secrets_never_reach_a_command_line() {
 fn local_setup_steps_do_not_inherit_nimbus_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("child-env");
-    let fleet = base("").replace(
+    let fleet = base("    env_passthrough: [BUILD_CACHE_URL]\n").replace(
         "    machine:",
         &format!("    setup:\n      - name: dump\n        run: env > {}\n    machine:", dump.display()),
     );
@@ -152,6 +185,7 @@ fn local_setup_steps_do_not_inherit_nimbus_credentials() {
         dir.path(),
         &["apply", "--auto-approve"],
         &[
+            ("BUILD_CACHE_URL", "http://cache.invalid".into()),
             ("AWS_SECRET_ACCESS_KEY", "aws-secret-value-123".into()),
             ("NIMBUS_APP_KEY", "-----BEGIN PRIVATE KEY-----app-key-456".into()),
             ("GITHUB_TOKEN", "ghs_token789".into()),
@@ -160,6 +194,7 @@ fn local_setup_steps_do_not_inherit_nimbus_credentials() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let env = std::fs::read_to_string(&dump).unwrap();
     assert!(env.contains("PATH="), "the step still has a PATH: {env}");
+    assert!(env.contains("BUILD_CACHE_URL=http://cache.invalid"), "env_passthrough lets a variable through: {env}");
     for secret in ["aws-secret-value-123", "app-key-456", "ghs_token789", "AWS_SECRET_ACCESS_KEY"] {
         assert!(!env.contains(secret), "`{secret}` reached the step's environment");
     }

@@ -27,6 +27,11 @@ pub struct GithubConfig {
     /// Where machines download the runner agent; `{os}` (`linux`/`osx`) and `{arch}` (`x64`/`arm64`) are filled in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_download_url: Option<String>,
+    /// The sha256 of the agent download per platform (`linux-x64`, `linux-arm64`, `osx-x64`, `osx-arm64`). Needed
+    /// with a `runner_download_url` of your own; official releases nimbus knows are pinned already. A download
+    /// that does not match is not installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_sha256: Option<std::collections::BTreeMap<String, String>>,
     /// Where the runner agent is installed on machines (default `~/actions-runner`); `{machine}` is replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_dir: Option<String>,
@@ -35,6 +40,25 @@ pub struct GithubConfig {
 impl GithubConfig {
     pub fn validate(&self, out: &mut Vec<Problem>) {
         secret_rules(out, "forge.private_key", &self.private_key);
+        for (platform, sum) in self.runner_sha256.iter().flatten() {
+            if !["linux-x64", "linux-arm64", "osx-x64", "osx-arm64"].contains(&platform.as_str()) {
+                out.push(problem(
+                    format!("forge.runner_sha256.{platform}"),
+                    At::Key,
+                    format!("`{platform}` is not a runner platform"),
+                    "unknown platform",
+                    "use linux-x64, linux-arm64, osx-x64 or osx-arm64".to_string(),
+                ));
+            } else if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
+                out.push(problem(
+                    format!("forge.runner_sha256.{platform}"),
+                    At::Value,
+                    format!("`forge.runner_sha256.{platform}` is not a sha256"),
+                    "not 64 hex digits",
+                    "give the download's sha256 as 64 hex digits (`sha256sum FILE`)".to_string(),
+                ));
+            }
+        }
         if self.org.trim().is_empty() {
             out.push(problem(
                 "forge.org".into(),

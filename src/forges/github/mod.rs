@@ -33,8 +33,16 @@ pub struct GitHubForge {
     octo: Octocrab,
     org: String,
     web_url: String,
-    runner_group_id: u64,
+    /// The fleet file's `runner_group_id`; `None` is the organisation's default group (id 1).
+    runner_group_id: Option<u64>,
+    /// The group's name, looked up once (the agent's `config.sh` takes a name).
+    group_name: tokio::sync::OnceCell<String>,
     agent: agent::GithubAgent,
+}
+
+#[derive(Deserialize)]
+struct GroupJson {
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +106,7 @@ impl GitHubForge {
             c.runner_group_id,
             c.runner_download_url.as_deref(),
         )
+        .map(|f| f.with_sha256(c.runner_sha256.clone().unwrap_or_default()))
         .map_err(|e| ForgeError::Auth(format!("{e}; use the App's private key as downloaded from GitHub (PEM)")))
     }
 
@@ -133,9 +142,34 @@ impl GitHubForge {
             octo,
             org: org.to_string(),
             web_url,
-            runner_group_id: runner_group_id.unwrap_or(1),
-            agent: agent::GithubAgent { download_url: download_url.unwrap_or(DEFAULT_RUNNER_URL).to_string() },
+            runner_group_id,
+            group_name: tokio::sync::OnceCell::new(),
+            agent: agent::GithubAgent::new(download_url.unwrap_or(DEFAULT_RUNNER_URL)),
         })
+    }
+
+    /// The fleet file's checksums for the agent download (`os-arch` → sha256), over the pinned ones.
+    pub fn with_sha256(mut self, sums: std::collections::BTreeMap<String, String>) -> Self {
+        self.agent.sha256 = sums;
+        self
+    }
+
+    /// The configured runner group's name (`GET /orgs/{org}/actions/runner-groups/{id}`), once.
+    async fn group_name(&self, id: u64) -> Result<String, ForgeError> {
+        self.group_name
+            .get_or_try_init(|| async {
+                let path = format!("/orgs/{}/actions/runner-groups/{id}", self.org);
+                let g: GroupJson = self.ok_json(Method::GET, &path, None).await.map_err(|e| match e {
+                    ForgeError::NotFound(m) => ForgeError::NotFound(format!(
+                        "{m}; runner group {id} (forge.runner_group_id) does not exist in {}, or the App cannot see it",
+                        self.org
+                    )),
+                    e => e,
+                })?;
+                Ok(g.name)
+            })
+            .await
+            .cloned()
     }
 
     /// Sends one request, waiting out rate limits; returns status and body.
@@ -249,7 +283,7 @@ impl Forge for GitHubForge {
             if labels.is_empty() {
                 labels.push("self-hosted".into());
             }
-            let body = json!({ "name": name, "runner_group_id": self.runner_group_id, "labels": labels, "work_folder": "_work" });
+            let body = json!({ "name": name, "runner_group_id": self.runner_group_id.unwrap_or(1), "labels": labels, "work_folder": "_work" });
             let path = format!("/orgs/{}/actions/runners/generate-jitconfig", self.org);
             let jit: JitJson = self.ok_json(Method::POST, &path, Some(body)).await?;
             Ok(Registration {
@@ -257,15 +291,22 @@ impl Forge for GitHubForge {
                 url: None,
                 secret: Secret::new(jit.encoded_jit_config),
                 ephemeral: true,
+                group: None,
             })
         } else {
             let path = format!("/orgs/{}/actions/runners/registration-token", self.org);
             let t: TokenJson = self.ok_json(Method::POST, &path, None).await?;
+            // A persistent runner joins the configured group too, so the group's repository access applies to it.
+            let group = match self.runner_group_id {
+                Some(id) => Some(self.group_name(id).await?),
+                None => None,
+            };
             Ok(Registration {
                 runner_id: None,
                 url: Some(self.web_url.clone()),
                 secret: Secret::new(t.token),
                 ephemeral: false,
+                group,
             })
         }
     }

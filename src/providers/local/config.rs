@@ -23,6 +23,10 @@ pub struct LocalConfig {
     /// An artificial delay added to every provider action, to watch an apply unfold (default `0s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_delay: Option<HumanDuration>,
+    /// Variables of nimbus's environment that setup steps get besides PATH, HOME, LANG, LC_ALL, USER, LOGNAME,
+    /// TMPDIR and TERM. Nothing else reaches them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_passthrough: Option<Vec<String>>,
 }
 
 impl LocalConfig {

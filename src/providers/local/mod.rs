@@ -46,6 +46,7 @@ pub struct LocalProvider {
     data_dir: PathBuf,
     delay: Duration,
     adopt_legacy: bool,
+    passthrough: Vec<String>,
 }
 
 /// A sandbox folder as discovery found it.
@@ -64,7 +65,14 @@ impl LocalProvider {
     pub fn new(name: impl Into<String>, tenant: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         let data_dir: PathBuf = data_dir.into();
         let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
-        LocalProvider { name: name.into(), tenant: tenant.into(), data_dir, delay: Duration::ZERO, adopt_legacy: false }
+        LocalProvider {
+            name: name.into(),
+            tenant: tenant.into(),
+            data_dir,
+            delay: Duration::ZERO,
+            adopt_legacy: false,
+            passthrough: Vec::new(),
+        }
     }
 
     /// The provider of a fleet file's `local` section: sandboxes under `data_dir` (default `.nimbus/local`
@@ -78,6 +86,13 @@ impl LocalProvider {
         LocalProvider::new(name, ctx.tenant.clone(), dir)
             .with_delay(c.action_delay.map(|d| d.0).unwrap_or_default())
             .adopting_legacy(ctx.sole_of_kind)
+            .with_passthrough(c.env_passthrough.clone().unwrap_or_default())
+    }
+
+    /// Lets these variables of nimbus's environment through to setup steps (`env_passthrough`).
+    pub fn with_passthrough(mut self, names: Vec<String>) -> Self {
+        self.passthrough = names;
+        self
     }
 
     /// Sandboxes without a `nimbus:provider` tag (made by nimbus before it recorded providers) are this
@@ -397,7 +412,9 @@ impl Provider for LocalProvider {
 
     fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
         let dir = self.sandbox(&machine.name)?;
-        Ok(Some(Arc::new(LocalTransport::new(machine.name.clone(), dir.join("root")))))
+        Ok(Some(Arc::new(
+            LocalTransport::new(machine.name.clone(), dir.join("root")).with_passthrough(self.passthrough.clone()),
+        )))
     }
 
     async fn prepare(&self) -> Result<(), ProviderError> {
