@@ -79,6 +79,8 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
         out.insert(path, value.cloned().unwrap_or(serde_json::Value::Null));
     };
     take("tenant".into(), v.get("tenant"));
+    take("fleet".into(), v.get("fleet"));
+    take("adopt_fleets".into(), v.get("adopt_fleets"));
     for k in [
         "proxy_command",
         "jump_host",
@@ -197,6 +199,32 @@ impl LoadedConfig {
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
     }
+
+    /// This fleet's id (`nimbus:fleet`): the file's `fleet`, or else its path in its git repository, or its name
+    /// outside one. The same in every clone of the repository, wherever it is checked out.
+    pub fn fleet_id(&self) -> String {
+        if let Some(id) = &self.config.fleet {
+            return id.clone();
+        }
+        let name = self.path.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("fleet.yaml"));
+        let file = self.base_dir.join(&name);
+        let root = self.base_dir.ancestors().find(|d| d.join(".git").exists());
+        let rel = root.and_then(|r| file.strip_prefix(r).ok()).unwrap_or(&name);
+        let id: String = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/")
+            .chars()
+            .map(|c| if fleet_id_char(c) { c } else { '-' })
+            .collect();
+        id.chars().take(128).collect()
+    }
+}
+
+/// Characters a fleet id may have: what an EC2 tag value allows, in ASCII.
+pub fn fleet_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || " _.:/=+-@".contains(c)
 }
 
 /// Reads and validates a fleet file.

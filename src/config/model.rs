@@ -25,6 +25,16 @@ pub struct FleetConfig {
     /// a run never touches another tenant's resources.
     #[schemars(regex(pattern = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"), length(max = 32))]
     pub tenant: String,
+    /// This fleet's id among the tenant's fleet files, tagged `nimbus:fleet=<id>` on everything it makes; a
+    /// fleet file leaves another fleet's resources alone. Default: the file's path in its git repository
+    /// (`fleets/mac.yaml`), or its name outside one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub fleet: Option<String>,
+    /// Other fleets (by id) whose resources this fleet takes over: after a fleet file was moved or renamed, or
+    /// to merge two fleets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt_fleets: Option<Vec<String>>,
     /// Where machines come from, by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Where runners register.

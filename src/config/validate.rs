@@ -60,6 +60,22 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
             "use at most 32 lowercase letters, digits and single hyphens, starting with a letter, e.g. `acme`; it becomes the `nimbus:tenant` tag".to_string(),
         ));
     }
+    let fleet_ids = c
+        .fleet
+        .iter()
+        .map(|f| ("fleet".to_string(), f))
+        .chain(c.adopt_fleets.iter().flatten().enumerate().map(|(i, f)| (format!("adopt_fleets[{i}]"), f)));
+    for (path, id) in fleet_ids {
+        if id.is_empty() || id.len() > 128 || !id.chars().all(super::fleet_id_char) {
+            out.push(problem(
+                path,
+                At::Value,
+                format!("invalid fleet id `{id}`"),
+                "invalid fleet id",
+                "use 1 to 128 letters, digits, spaces and `_ . : / = + - @`, e.g. `mac-fleet`; it becomes the `nimbus:fleet` tag".to_string(),
+            ));
+        }
+    }
     if c.providers.is_empty() {
         out.push(problem(
             "providers".into(),

@@ -320,6 +320,24 @@ pub struct Actual {
     /// and their machine names are never reused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unusable: Vec<Unusable>,
+    /// Machines of this tenant that other fleet files manage: left alone, their names not reused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_fleets: Vec<OtherFleetResource>,
+}
+
+/// A resource of this tenant and provider that another fleet file manages (its `nimbus:fleet` tag): left alone,
+/// and its machine name is not reused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtherFleetResource {
+    pub provider: String,
+    /// Provider id (instance id, host id, sandbox folder).
+    pub id: String,
+    /// The machine name it stands for, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// The fleet it belongs to; empty when it has no `nimbus:fleet` tag (made before nimbus recorded fleets)
+    /// and its pool is not in this fleet file.
+    pub fleet: String,
 }
 
 /// A resource that carries this tenant's name but cannot be used: a damaged record, or a resource that

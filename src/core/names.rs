@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A machine's name, `nimbus.<tenant>.<pool>.<index>`: deterministic, so a rerun finds what an earlier run
 /// made, and the runner registered for the machine has the same name.
@@ -87,6 +87,9 @@ pub mod tags {
     pub const GENERATION: &str = "nimbus:generation";
     /// The name (in the fleet file) of the provider a resource belongs to.
     pub const PROVIDER: &str = "nimbus:provider";
+    /// The fleet file a resource belongs to ([`super::FleetScope::id`]): a second fleet file of the same tenant
+    /// leaves it alone.
+    pub const FLEET: &str = "nimbus:fleet";
     pub const MANAGED_BY: &str = "nimbus:managed-by";
     pub const MANAGED_BY_VALUE: &str = "nimbus";
 }
@@ -99,6 +102,28 @@ pub fn owned_by(tags: &Tags, tenant: &str) -> bool {
         && tags.get(tags::TENANT).map(String::as_str) == Some(tenant)
 }
 
+/// Which fleet file a provider works for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetScope {
+    /// The fleet's id: the `nimbus:fleet` tag on everything it makes.
+    pub id: String,
+    /// Other fleets whose resources this one takes over (`adopt_fleets`).
+    pub adopt: Vec<String>,
+    /// The pools the fleet file declares: a resource made before nimbus recorded fleets (no `nimbus:fleet`
+    /// tag) belongs to the fleet that declares its pool.
+    pub pools: BTreeSet<String>,
+}
+
+impl FleetScope {
+    /// Whether a resource with `tags` (already known to be this tenant's and this provider's) is this fleet's.
+    pub fn claims(&self, tags: &Tags) -> bool {
+        match tags.get(tags::FLEET) {
+            Some(f) => *f == self.id || self.adopt.contains(f),
+            None => tags.get(tags::POOL).is_some_and(|p| self.pools.contains(p)),
+        }
+    }
+}
+
 /// Whose a resource is, as one provider sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ownership {
@@ -109,21 +134,34 @@ pub enum Ownership {
     /// Tagged for this tenant, with no `nimbus:provider` tag (made before nimbus recorded providers), and
     /// this provider may not adopt it because another provider of the same kind could own it.
     Unattributed,
+    /// This tenant's and this provider's, but another fleet file's (`nimbus:fleet`): left alone.
+    OtherFleet,
     /// Not this tenant's, or not nimbus-managed.
     NotOurs,
 }
 
-/// Classifies `tags` for `provider` of `tenant`. A resource without a provider tag is adopted when
-/// `adopt_legacy` (the provider is the only one of its kind in the fleet).
-pub fn ownership(tags: &Tags, tenant: &str, provider: &str, adopt_legacy: bool) -> Ownership {
+/// Classifies `tags` for `provider` of `tenant`, working for `fleet` (`None`: every fleet of the tenant). A
+/// resource without a provider tag is adopted when `adopt_legacy` (the provider is the only one of its kind in
+/// the fleet).
+pub fn ownership(
+    tags: &Tags,
+    tenant: &str,
+    provider: &str,
+    adopt_legacy: bool,
+    fleet: Option<&FleetScope>,
+) -> Ownership {
     if !owned_by(tags, tenant) {
         return Ownership::NotOurs;
     }
-    match tags.get(tags::PROVIDER) {
+    let mine = match tags.get(tags::PROVIDER) {
         Some(p) if p == provider => Ownership::Mine,
         Some(_) => Ownership::OtherProvider,
         None if adopt_legacy => Ownership::Mine,
         None => Ownership::Unattributed,
+    };
+    match fleet {
+        Some(f) if mine != Ownership::OtherProvider && !f.claims(tags) => Ownership::OtherFleet,
+        _ => mine,
     }
 }
 
@@ -144,13 +182,17 @@ pub fn parse_machine_name(name: &str) -> Option<(&str, &str, u32)> {
     Some((tenant, pool, index.parse().ok()?))
 }
 
-/// The standard tags for a machine (and its host).
-pub fn machine_tags(tenant: &str, provider: &str, pool: &str, machine: &str) -> Tags {
-    Tags::from([
+/// The standard tags for a machine (and its host); `fleet` is the fleet's id, when the provider works for one.
+pub fn machine_tags(tenant: &str, provider: &str, pool: &str, machine: &str, fleet: Option<&str>) -> Tags {
+    let mut t = Tags::from([
         (tags::TENANT.to_string(), tenant.to_string()),
         (tags::PROVIDER.to_string(), provider.to_string()),
         (tags::POOL.to_string(), pool.to_string()),
         (tags::MACHINE.to_string(), machine.to_string()),
         (tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string()),
-    ])
+    ]);
+    if let Some(f) = fleet {
+        t.insert(tags::FLEET.to_string(), f.to_string());
+    }
+    t
 }

@@ -94,6 +94,15 @@ pub fn ssh_connector(loaded: &LoadedConfig, purpose: Purpose) -> Result<Option<A
     })))
 }
 
+/// The fleet file's scope: its id, the fleets it adopts, and its pools.
+pub fn fleet_scope(loaded: &LoadedConfig) -> crate::core::model::FleetScope {
+    crate::core::model::FleetScope {
+        id: loaded.fleet_id(),
+        adopt: loaded.config.adopt_fleets.clone().unwrap_or_default(),
+        pools: loaded.config.pools.iter().map(|p| p.name.clone()).collect(),
+    }
+}
+
 /// Builds the providers the fleet file names.
 pub async fn build_providers(loaded: &LoadedConfig, purpose: Purpose) -> Result<Vec<Arc<dyn Provider>>, ClientError> {
     let ssh = ssh_connector(loaded, purpose)?;
@@ -105,6 +114,7 @@ pub async fn build_providers(loaded: &LoadedConfig, purpose: Purpose) -> Result<
             ssh: ssh.clone(),
             // Resources made before nimbus tagged providers belong to the only provider of their kind.
             sole_of_kind: loaded.config.providers.values().filter(|q| q.kind() == p.kind()).count() == 1,
+            fleet: fleet_scope(loaded),
         };
         out.push(crate::providers::build(name, p, &ctx).await?);
     }

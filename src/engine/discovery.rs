@@ -49,6 +49,7 @@ pub async fn discover_with_forge(
         actual.hosts.extend(d.hosts);
         actual.machines.extend(d.machines);
         actual.unusable.extend(d.unusable);
+        actual.other_fleets.extend(d.other_fleets);
     }
     let machines = std::mem::take(&mut actual.machines);
     actual.machines =

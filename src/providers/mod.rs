@@ -85,6 +85,8 @@ pub struct Discovered {
     pub machines: Vec<ActualMachine>,
     /// This tenant's resources that could not be read or attributed to this provider.
     pub unusable: Vec<Unusable>,
+    /// This tenant's and provider's resources that another fleet file manages.
+    pub other_fleets: Vec<crate::core::model::OtherFleetResource>,
 }
 
 /// What to launch.
@@ -209,6 +211,8 @@ pub struct BuildContext {
     /// Whether this is the fleet's only provider of its kind (it then adopts resources made before nimbus
     /// recorded providers).
     pub sole_of_kind: bool,
+    /// The fleet file the provider works for.
+    pub fleet: crate::core::model::FleetScope,
 }
 
 /// Builds the provider named `name` from its section: the one registration point for provider kinds.

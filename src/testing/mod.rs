@@ -121,7 +121,7 @@ impl Simulator {
                     world.hosts.push(Host {
                         provider: provider.clone(),
                         id,
-                        tags: machine_tags(&desired.tenant, provider, pool, machine),
+                        tags: machine_tags(&desired.tenant, provider, pool, machine, None),
                         instance_type: instance_type.clone(),
                         availability_zone: availability_zone.clone(),
                         state: HostState::Available,
@@ -147,12 +147,12 @@ impl Simulator {
                         assert!(desired.host_settled(h, now), "host {hid} was used before it settled after its scrub");
                         assert_eq!(Some(&h.instance_type), spec.instance_type.as_ref());
                         h.instance_ids.push(instance_id.clone());
-                        h.tags = machine_tags(&desired.tenant, provider, pool, machine);
+                        h.tags = machine_tags(&desired.tenant, provider, pool, machine, None);
                     }
                     world.machines.push(ActualMachine {
                         provider: provider.clone(),
                         instance_id,
-                        tags: machine_tags(&desired.tenant, provider, pool, machine),
+                        tags: machine_tags(&desired.tenant, provider, pool, machine, None),
                         state: InstanceState::Running,
                         image: spec.image.clone(),
                         instance_type: spec.instance_type.clone(),

@@ -417,7 +417,8 @@ fn a_leftover_host_is_not_doubled_up() {
     let host = rt().block_on(async {
         let c = sdk().await;
         let mut spec = TagSpecification::builder().resource_type(ResourceType::DedicatedHost);
-        for (k, v) in nimbus::core::model::machine_tags(&f.tenant, "aws", "mac", &format!("nimbus.{}.mac.1", f.tenant))
+        for (k, v) in
+            nimbus::core::model::machine_tags(&f.tenant, "aws", "mac", &format!("nimbus.{}.mac.1", f.tenant), None)
         {
             spec = spec.tags(Tag::builder().key(k).value(v).build());
         }
@@ -592,7 +593,7 @@ fn allocation_never_adopts_a_host_of_another_kind() {
     rt().block_on(async {
         let c = sdk().await;
         let mut spec = TagSpecification::builder().resource_type(ResourceType::DedicatedHost);
-        for (k, v) in nimbus::core::model::machine_tags(&tenant, "aws", "mac", &machine) {
+        for (k, v) in nimbus::core::model::machine_tags(&tenant, "aws", "mac", &machine, None) {
             spec = spec.tags(Tag::builder().key(k).value(v).build());
         }
         let old = c
@@ -870,4 +871,28 @@ fn a_launch_never_retags_another_tenants_host() {
         assert_eq!(tenant, Some(owner.tenant.as_str()), "the host was retagged: {tags:?}");
         assert!(tenant_resources(&c, &intruder).await.1.is_empty(), "nothing launched for the intruder");
     });
+}
+
+/// Issue 13.5: what a fleet file makes carries its `nimbus:fleet` tag; a second fleet file of the same tenant
+/// (even one declaring pools of the same names, at count 0) leaves it alone.
+#[test]
+fn a_second_fleet_file_of_the_tenant_leaves_the_first_ones_instances_alone() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "fleets");
+    f.write(0, 1, None);
+    f.ok(&["apply", "--auto-approve"]);
+    std::fs::write(f.dir.path().join("other.yaml"), fleet(&f.tenant, 0, 0, None)).unwrap();
+    let o = f.run(&["plan", "-f", "other.yaml", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "the other fleet file plans nothing\n{}", text(&o));
+    rt().block_on(async {
+        let c = sdk().await;
+        let (_, instances) = tenant_resources(&c, &f.tenant).await;
+        assert_eq!(instances.len(), 1);
+        let id = instances.keys().next().unwrap();
+        let out = c.describe_instances().instance_ids(id).send().await.unwrap();
+        let tags = out.reservations()[0].instances()[0].tags();
+        assert!(tags.iter().any(|t| t.key() == Some("nimbus:fleet") && t.value() == Some("fleet.yaml")), "{tags:?}");
+    });
+    // The first fleet file still sees its own machine.
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
 }

@@ -145,14 +145,11 @@ fn local_discovery_sees_only_its_tenant() {
         .iter()
         .map(|c| (c["address"].as_str().unwrap().to_string(), c["actions"][0].as_str().unwrap().to_string()))
         .collect();
-    assert_eq!(
-        changes,
-        [
-            ("linux[0]".into(), "create".into()),
-            ("linux[1]".into(), "create".into()),
-            ("retired[0]".into(), "delete".into())
-        ]
-    );
+    assert_eq!(changes, [("linux[0]".into(), "create".into()), ("linux[1]".into(), "create".into()),]);
+    // `retired` was made before nimbus recorded fleets (no `nimbus:fleet` tag) and its pool is not in the file:
+    // it could be another fleet file's, so it is left alone, and the plan says so (issue 13.5).
+    let warnings = v["warnings"].to_string();
+    assert!(warnings.contains("`nimbus.quickstart.retired.0` has no `nimbus:fleet` tag"), "{warnings}");
     let all = stdout(&o);
     assert!(!all.contains("nimbus.other") && !all.contains("hand-made"));
 }

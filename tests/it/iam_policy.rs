@@ -124,6 +124,16 @@ fn problems(policy: &Value) -> Vec<String> {
 fn apply_policy_pins_every_mutating_action_to_the_tenant() {
     let policy = load(APPLY_POLICY);
     assert_eq!(problems(&policy), Vec::<String>::new());
+    // Retagging a reused host writes exactly the tags nimbus puts on a machine: the policy lets each of them
+    // through (`aws:TagKeys`), or real EC2 refuses the retag.
+    let retag = policy["Statement"].as_array().unwrap().iter().find(|s| s["Sid"] == "RetagOwnHostsOnReuse").unwrap();
+    let allowed: BTreeSet<String> =
+        list(&retag["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]).into_iter().collect();
+    let written: BTreeSet<String> =
+        nimbus::core::model::machine_tags("acme", "aws", "mac", "nimbus.acme.mac.0", Some("fleet.yaml"))
+            .into_keys()
+            .collect();
+    assert_eq!(allowed, written);
 }
 
 /// The check above has teeth: each of these edits to the shipped policy is caught.

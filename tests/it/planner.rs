@@ -366,7 +366,7 @@ fn leftover_host(machine: &str, id: &str) -> Host {
     Host {
         provider: "aws".into(),
         id: id.into(),
-        tags: machine_tags("acme", "aws", "mac", machine),
+        tags: machine_tags("acme", "aws", "mac", machine, None),
         instance_type: "mac2.metal".into(),
         availability_zone: "us-east-1a".into(),
         state: HostState::Available,
@@ -500,7 +500,7 @@ fn hosts_are_released_late_never_early() {
     world.hosts.push(Host {
         provider: "aws".into(),
         id: "h-idle".into(),
-        tags: machine_tags("acme", "aws", "mac", "nimbus.acme.mac.0"),
+        tags: machine_tags("acme", "aws", "mac", "nimbus.acme.mac.0", None),
         instance_type: "mac2.metal".into(),
         availability_zone: "us-east-1a".into(),
         state: HostState::Available,

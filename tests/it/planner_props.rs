@@ -257,7 +257,7 @@ fn leftover(pool: &str, index: u32, pending: bool, az_b: bool, n: usize) -> Host
     Host {
         provider: "aws".into(),
         id: format!("h-left{n}"),
-        tags: machine_tags("acme", "aws", pool, &machine_name("acme", pool, index)),
+        tags: machine_tags("acme", "aws", pool, &machine_name("acme", pool, index), None),
         instance_type: "mac2.metal".into(),
         availability_zone: if az_b { "us-east-1b" } else { "us-east-1a" }.into(),
         state: if pending { HostState::Pending } else { HostState::Available },

@@ -218,3 +218,74 @@ fn a_failing_steps_hostile_output_is_defused_on_the_terminal() {
         assert!(!err.contains(bad), "{bad:?} reached the terminal: {err:?}");
     }
 }
+
+fn fleet_file(dir: &std::path::Path, file: &str, extra: &str, pools: &[(&str, u32)]) {
+    let pools: String = pools
+        .iter()
+        .map(|(name, count)| {
+            format!("  - name: {name}\n    provider: local\n    count: {count}\n    machine: {{os: linux, arch: x86_64, image: ubuntu-24.04}}\n")
+        })
+        .collect();
+    let text = format!("version: 1\ntenant: shared\n{extra}providers:\n  local:\n    type: local\npools:\n{pools}");
+    std::fs::write(dir.join(file), text).unwrap();
+}
+
+fn plan_of(dir: &std::path::Path, file: &str) -> serde_json::Value {
+    let o = nimbus_env(dir, &["plan", "-f", file, "--json"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn changes(plan: &serde_json::Value) -> Vec<String> {
+    plan["resource_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{} {}", c["actions"][0].as_str().unwrap(), c["address"].as_str().unwrap()))
+        .collect()
+}
+
+/// Issue 13.5: two fleet files of one tenant (same folder, same sandboxes) each tag what they make
+/// `nimbus:fleet=<id>` and leave the other's machines alone; a pool name both use keeps apart by number;
+/// `adopt_fleets` takes the other's machines over; a machine made before fleets were recorded belongs to the
+/// fleet that declares its pool.
+#[test]
+fn two_fleet_files_of_one_tenant_leave_each_other_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fleet_file(d, "one.yaml", "", &[("a", 2)]);
+    fleet_file(d, "two.yaml", "", &[("b", 1)]);
+    for f in ["one.yaml", "two.yaml"] {
+        let o = nimbus_env(d, &["apply", "-f", f, "--auto-approve"], &[]);
+        assert_eq!(o.status.code(), Some(0), "{f}: {}", text(&o));
+    }
+    for f in ["one.yaml", "two.yaml"] {
+        let p = plan_of(d, f);
+        assert!(changes(&p).is_empty(), "{f} plans to touch the other fleet: {:?}", changes(&p));
+    }
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join(".nimbus/local/nimbus.shared.a.0/nimbus.json")).unwrap()).unwrap();
+    assert_eq!(rec["tags"]["nimbus:fleet"], "one.yaml", "{rec}");
+
+    // The same pool name in both: the second fleet's machine takes the next free number, and says why.
+    fleet_file(d, "two.yaml", "", &[("b", 1), ("a", 1)]);
+    let p = plan_of(d, "two.yaml");
+    assert_eq!(changes(&p), ["create a[2]"], "{p}");
+    let warnings = p["warnings"].to_string();
+    assert!(warnings.contains("fleet `one.yaml` has machines of a pool named `a` too"), "{warnings}");
+    fleet_file(d, "two.yaml", "", &[("b", 1)]);
+
+    // Adopting: the other fleet's machines are this one's now (here: orphans of a pool it does not declare).
+    fleet_file(d, "two.yaml", "adopt_fleets: [one.yaml]\n", &[("b", 1)]);
+    let p = plan_of(d, "two.yaml");
+    assert_eq!(changes(&p), ["delete a[0]", "delete a[1]"], "{p}");
+    fleet_file(d, "two.yaml", "", &[("b", 1)]);
+
+    // A machine without a fleet tag (made before nimbus recorded fleets) is the fleet's that declares its pool.
+    let path = d.join(".nimbus/local/nimbus.shared.a.1/nimbus.json");
+    let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    rec["tags"].as_object_mut().unwrap().remove("nimbus:fleet");
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    assert!(changes(&plan_of(d, "one.yaml")).is_empty());
+    assert!(changes(&plan_of(d, "two.yaml")).is_empty());
+}

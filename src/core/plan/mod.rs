@@ -59,6 +59,10 @@ struct Builder<'a> {
     runners_handled: HashSet<String>,
     /// Machine indexes held by unusable resources, by pool: never reused, never created again.
     occupied: HashMap<String, BTreeSet<u32>>,
+    /// Machine indexes other fleet files' machines hold, by pool: not this fleet's, never created here.
+    reserved: HashMap<String, BTreeSet<u32>>,
+    /// Names of other fleet files' machines: their runners are never ghosts here.
+    other_fleet_names: HashSet<String>,
     /// The terminate action of each machine being torn down, by name: a new machine of the same name waits for it.
     teardowns: HashMap<String, usize>,
     /// Known hosts by the machine their tag names.
@@ -149,6 +153,43 @@ impl<'a> Builder<'a> {
                 kind: WarningKind::Unusable,
             });
         }
+        let mut reserved: HashMap<String, BTreeSet<u32>> = HashMap::new();
+        let mut other_fleet_names = HashSet::new();
+        let mut shared: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+        for o in &actual.other_fleets {
+            let Some(name) = o.machine.as_deref() else { continue };
+            other_fleet_names.insert(name.to_string());
+            if o.fleet.is_empty() {
+                let pool = parse_machine_name(name).map(|(_, p, _)| p).unwrap_or("?");
+                warnings.push(Warning {
+                    address: format!("machine.{}", o.id),
+                    message: format!(
+                        "`{name}` has no `{}` tag (it was made before nimbus recorded fleets) and its pool `{pool}` is not in this fleet file, so it is left alone; if it is this fleet's, declare pool `{pool}` again (`count: 0` removes it), or tag it with this fleet's id",
+                        tags::FLEET
+                    ),
+                    kind: WarningKind::Other,
+                });
+            }
+            if let Some((t, pool, index)) = parse_machine_name(name)
+                && t == tenant
+                && !o.fleet.is_empty()
+            {
+                reserved.entry(pool.to_string()).or_default().insert(index);
+                if desired.pools.iter().any(|p| p.name == pool) {
+                    shared.entry((pool, o.fleet.as_str())).or_default().push(name.to_string());
+                }
+            }
+        }
+        for ((pool, fleet), names) in shared {
+            warnings.push(Warning {
+                address: format!("pool.{pool}"),
+                message: format!(
+                    "fleet `{fleet}` has machines of a pool named `{pool}` too ({}); they are left alone and this fleet's take other numbers (list `{fleet}` in `adopt_fleets` to manage them here)",
+                    names.join(", ")
+                ),
+                kind: WarningKind::Other,
+            });
+        }
         let mut hosts_by_machine_tag: HashMap<&str, Vec<&str>> = HashMap::new();
         for h in hosts.values() {
             if let Some(m) = h.tags.get(tags::MACHINE) {
@@ -184,6 +225,8 @@ impl<'a> Builder<'a> {
             runners,
             runners_handled: HashSet::new(),
             occupied,
+            reserved,
+            other_fleet_names,
             teardowns: HashMap::new(),
             hosts_by_machine_tag,
             held_for_jobs: HashSet::new(),

@@ -82,6 +82,8 @@ impl<'a> Builder<'a> {
         let held: BTreeSet<u32> = self.occupied.get(&pool.name).cloned().unwrap_or_default();
         let held_only = held.difference(&used).count();
         used.extend(held);
+        // Other fleets' machines of a pool of the same name keep their names, and do not count here.
+        used.extend(self.reserved.get(&pool.name).cloned().unwrap_or_default());
         for (m, repl) in ranked.iter().cloned() {
             match repl {
                 Some(causes) => self.replace(pool, m, causes),

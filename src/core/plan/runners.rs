@@ -20,6 +20,8 @@ impl<'a> Builder<'a> {
             .copied()
             .filter(|r| parse_machine_name(&r.name).is_some_and(|(t, _, _)| t == tenant))
             .filter(|r| !self.runners_handled.contains(&r.name) && !live.contains(r.name.as_str()))
+            // Another fleet file's machine has this runner: not a ghost, not ours.
+            .filter(|r| !self.other_fleet_names.contains(&r.name))
             .collect();
         ghosts.sort_by_key(|r| (r.name.clone(), r.id));
         for r in ghosts {

@@ -32,8 +32,8 @@ use chrono::{DateTime, Utc};
 
 use super::{AllocatedHost, Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::core::model::{
-    ActualMachine, Host, HostState, InstanceState, OnMachine, Ownership, Tags, Unusable, machine_tags, owned_by,
-    ownership, tags,
+    ActualMachine, FleetScope, Host, HostState, InstanceState, OnMachine, OtherFleetResource, Ownership, Tags,
+    Unusable, machine_tags, owned_by, ownership, tags,
 };
 use crate::transport::Transport;
 pub use limits::{Limits, TokenBucket};
@@ -83,6 +83,8 @@ pub struct AwsProvider {
     /// Part of every ClientToken: one run's retries share a token, a later run never reuses it.
     run_token: String,
     adopt_legacy: bool,
+    /// The fleet file it works for; `None`: all of the tenant's resources.
+    fleet: Option<FleetScope>,
     clock: clock::ClockWatch,
 }
 
@@ -280,6 +282,7 @@ impl AwsProvider {
             transport: None,
             run_token,
             adopt_legacy: false,
+            fleet: None,
             clock,
         })
     }
@@ -291,8 +294,19 @@ impl AwsProvider {
         self
     }
 
+    /// Works for one fleet file: what it makes carries the fleet's `nimbus:fleet` tag, and another fleet's
+    /// resources are left alone.
+    pub fn with_fleet(mut self, fleet: FleetScope) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
     fn ownership(&self, t: &Tags) -> Ownership {
-        ownership(t, &self.tenant, &self.name, self.adopt_legacy)
+        ownership(t, &self.tenant, &self.name, self.adopt_legacy, self.fleet.as_ref())
+    }
+
+    fn tags_for(&self, pool: &str, machine: &str) -> Tags {
+        machine_tags(&self.tenant, &self.name, pool, machine, self.fleet.as_ref().map(|f| f.id.as_str()))
     }
 
     fn mine(&self, t: &Tags) -> bool {
@@ -305,6 +319,9 @@ impl AwsProvider {
                 format!("it belongs to provider `{}`", t.get(tags::PROVIDER).map(String::as_str).unwrap_or("?"))
             }
             Ownership::Unattributed => "it has no `nimbus:provider` tag".to_string(),
+            Ownership::OtherFleet => {
+                format!("it belongs to fleet `{}`", t.get(tags::FLEET).map(String::as_str).unwrap_or("?"))
+            }
             _ => "it is not tagged for this tenant".to_string(),
         };
         err(
@@ -331,7 +348,10 @@ impl AwsProvider {
             security_group_ids: c.security_group_ids.clone(),
             key_name: c.key_name.clone(),
         };
-        let mut aws = AwsProvider::new(name, &ctx.tenant, settings).await?.adopting_legacy(ctx.sole_of_kind);
+        let mut aws = AwsProvider::new(name, &ctx.tenant, settings)
+            .await?
+            .adopting_legacy(ctx.sole_of_kind)
+            .with_fleet(ctx.fleet.clone());
         if let Some(ssh) = &ctx.ssh {
             aws = aws.with_transport(reach::over_ssh(ssh.clone()));
         }
@@ -500,6 +520,7 @@ impl Provider for AwsProvider {
         }
         let (hosts, instances) = tokio::try_join!(self.list_hosts(vec![], vec![]), self.list_instances(vec![]))?;
         let mut unusable = Vec::new();
+        let mut other_fleets = Vec::new();
         let mut keep = |id: &str, t: &Tags| match self.ownership(t) {
             Ownership::Mine => true,
             Ownership::Unattributed => {
@@ -516,6 +537,15 @@ impl Provider for AwsProvider {
                         tags::PROVIDER,
                         self.name
                     ),
+                });
+                false
+            }
+            Ownership::OtherFleet => {
+                other_fleets.push(OtherFleetResource {
+                    provider: self.name.clone(),
+                    id: id.to_string(),
+                    machine: t.get(tags::MACHINE).cloned(),
+                    fleet: t.get(tags::FLEET).cloned().unwrap_or_default(),
                 });
                 false
             }
@@ -577,7 +607,7 @@ impl Provider for AwsProvider {
             })
             .filter(|h| h.state != HostState::Released)
             .collect();
-        Ok(Discovered { hosts, machines, unusable })
+        Ok(Discovered { hosts, machines, unusable, other_fleets })
     }
 
     async fn allocate_host(&self, req: &HostRequest) -> Result<String, ProviderError> {
@@ -615,7 +645,7 @@ impl Provider for AwsProvider {
                 availability_zone: h.availability_zone().unwrap_or_default().to_string(),
             });
         }
-        let mut host_tags = machine_tags(&self.tenant, &self.name, &req.pool, &req.machine);
+        let mut host_tags = self.tags_for(&req.pool, &req.machine);
         if let Some(g) = &generation {
             host_tags.insert(tags::GENERATION.to_string(), g.clone());
         }
@@ -667,7 +697,7 @@ impl Provider for AwsProvider {
     }
 
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
-        let tags = machine_tags(&self.tenant, &self.name, &req.pool, &req.machine);
+        let tags = self.tags_for(&req.pool, &req.machine);
         let existing = self
             .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
             .await?

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Discovered, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::core::model::{
-    ActualMachine, InstanceState, OnMachine, Ownership, Tags, Unusable, machine_tags, ownership, parse_machine_name,
+    ActualMachine, FleetScope, InstanceState, OnMachine, OtherFleetResource, Ownership, Tags, Unusable, machine_tags,
+    ownership, parse_machine_name,
 };
 use crate::transport::Transport;
 use crate::transport::local::LocalTransport;
@@ -47,6 +48,8 @@ pub struct LocalProvider {
     delay: Duration,
     adopt_legacy: bool,
     passthrough: Vec<String>,
+    /// The fleet file it works for; `None`: all of the tenant's sandboxes.
+    fleet: Option<FleetScope>,
 }
 
 /// A sandbox folder as discovery found it.
@@ -72,6 +75,7 @@ impl LocalProvider {
             delay: Duration::ZERO,
             adopt_legacy: false,
             passthrough: Vec::new(),
+            fleet: None,
         }
     }
 
@@ -87,6 +91,14 @@ impl LocalProvider {
             .with_delay(c.action_delay.map(|d| d.0).unwrap_or_default())
             .adopting_legacy(ctx.sole_of_kind)
             .with_passthrough(c.env_passthrough.clone().unwrap_or_default())
+            .with_fleet(ctx.fleet.clone())
+    }
+
+    /// Works for one fleet file: its sandboxes carry the fleet's `nimbus:fleet` tag, and another fleet's are
+    /// left alone.
+    pub fn with_fleet(mut self, fleet: FleetScope) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Lets these variables of nimbus's environment through to setup steps (`env_passthrough`).
@@ -174,7 +186,7 @@ impl LocalProvider {
     }
 
     fn ownership(&self, tags: &Tags) -> Ownership {
-        ownership(tags, &self.tenant, &self.name, self.adopt_legacy)
+        ownership(tags, &self.tenant, &self.name, self.adopt_legacy, self.fleet.as_ref())
     }
 
     /// The record of sandbox `dir`, if it is one. Errors when the record is unreadable.
@@ -207,6 +219,10 @@ impl LocalProvider {
                             rec.tags.get(crate::core::model::tags::PROVIDER).map(String::as_str).unwrap_or("?")
                         ),
                         Ownership::Unattributed => "it has no `nimbus:provider` tag".to_string(),
+                        Ownership::OtherFleet => format!(
+                            "it belongs to fleet `{}`",
+                            rec.tags.get(crate::core::model::tags::FLEET).map(String::as_str).unwrap_or("?")
+                        ),
                         _ => "another tenant's, or not managed by nimbus".to_string(),
                     }
                 ),
@@ -264,6 +280,7 @@ impl Provider for LocalProvider {
         let folder = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut mine = Vec::new();
         let mut unusable = Vec::new();
+        let mut other_fleets = Vec::new();
         for entry in self.records()? {
             match entry {
                 SandboxEntry::Record(path, rec) => match self.ownership(&rec.tags) {
@@ -281,6 +298,12 @@ impl Provider for LocalProvider {
                             crate::core::model::tags::PROVIDER,
                             path.join(RECORD_FILE).display()
                         ),
+                    }),
+                    Ownership::OtherFleet => other_fleets.push(OtherFleetResource {
+                        provider: self.name.clone(),
+                        id: folder(&path),
+                        machine: rec.tags.get(crate::core::model::tags::MACHINE).cloned(),
+                        fleet: rec.tags.get(crate::core::model::tags::FLEET).cloned().unwrap_or_default(),
                     }),
                     Ownership::OtherProvider | Ownership::NotOurs => {}
                 },
@@ -320,7 +343,7 @@ impl Provider for LocalProvider {
                 unreachable_since: None,
             })
             .collect();
-        Ok(Discovered { hosts: Vec::new(), machines, unusable })
+        Ok(Discovered { hosts: Vec::new(), machines, unusable, other_fleets })
     }
 
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
@@ -335,7 +358,13 @@ impl Provider for LocalProvider {
         let tmp = self.data_dir.join(format!(".tmp-{}-{}", req.machine, unique_suffix()));
         std::fs::create_dir_all(tmp.join("root")).map_err(|e| self.io(e))?;
         let rec = SandboxRecord {
-            tags: machine_tags(&self.tenant, &self.name, &req.pool, &req.machine),
+            tags: machine_tags(
+                &self.tenant,
+                &self.name,
+                &req.pool,
+                &req.machine,
+                self.fleet.as_ref().map(|f| f.id.as_str()),
+            ),
             image: req.spec.image.clone(),
             instance_type: req.spec.instance_type.clone(),
             state: InstanceState::Running,

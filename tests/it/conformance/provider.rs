@@ -304,7 +304,7 @@ impl Peer for AwsPeer {
                 r.instances()[0].instance_id().unwrap().to_string()
             }
         };
-        let other = nimbus::core::model::machine_tags("someone-else", "aws", "p", "nimbus.someone-else.p.0");
+        let other = nimbus::core::model::machine_tags("someone-else", "aws", "p", "nimbus.someone-else.p.0", None);
         vec![
             run(other.into_iter().collect()).await,
             run(vec![]).await,
