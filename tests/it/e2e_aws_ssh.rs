@@ -40,7 +40,7 @@ ssh:
   key: {{file: {key}}}
   known_hosts: known_hosts
   # Every instance id (%h) is routed to the loopback sshd; the log proves the token.
-  proxy_command: "echo %h >> {d}/proxied; exec nc 127.0.0.1 {proxy_port}"
+  proxy_command: "echo %h >> {d}/proxied; env > {d}/proxy-env; exec nc 127.0.0.1 {proxy_port}"
   state_path: "{d}/machines/{{machine}}/state.db"
   connect_timeout: 5s
 pools:
@@ -91,6 +91,13 @@ fn aws_fleet_over_ssh_end_to_end() {
     }
     let proxied = std::fs::read_to_string(dir.path().join("proxied")).unwrap();
     assert!(proxied.lines().all(|l| l.starts_with("i-")), "%h is the instance id: {proxied}");
+    // Issue 13.3: proxy_command runs with a minimal environment: the AWS keys nimbus was given are not in it.
+    let proxy_env = std::fs::read_to_string(dir.path().join("proxy-env")).unwrap();
+    assert!(proxy_env.lines().any(|l| l.starts_with("PATH=")), "{proxy_env}");
+    assert!(env.iter().any(|(k, _)| *k == "AWS_SECRET_ACCESS_KEY"));
+    for k in ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL"] {
+        assert!(!proxy_env.contains(k), "{k} reached proxy_command: {proxy_env}");
+    }
     // Each machine's host key was pinned on first contact, under the name SSH knows it by (%h).
     let pinned = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
     assert_eq!(pinned.lines().filter(|l| l.starts_with("i-") || l.starts_with("[i-")).count(), 2, "{pinned}");
