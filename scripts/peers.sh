@@ -306,6 +306,38 @@ InstanceResponse.create_replace_root_volume_task = _nimbus_create_replace_root_v
 InstanceResponse.describe_replace_root_volume_tasks = _nimbus_describe_replace_root_volume_tasks
 """
     p.write_text(s)
+
+# S3 evaluates a conditional write (If-None-Match, If-Match) and the write as one step: of two conditional PUTs
+# racing for one key, one wins. moto checks the condition, then writes, with no lock between (its server is
+# threaded), so two racing `If-None-Match: *` PUTs could both succeed. Conditional writes and deletes are made
+# atomic here, as S3's are.
+import moto.s3.responses as s3r
+p = pathlib.Path(s3r.__file__)
+s = p.read_text()
+marker = "# nimbus: atomic conditional writes"
+if marker not in s:
+    if "    def put_object(self) -> TYPE_RESPONSE:" not in s or "    def delete_object(self) -> TYPE_RESPONSE:" not in s or "class S3Response(" not in s:
+        raise SystemExit("peers: moto's s3/responses.py changed; cannot apply the atomic write patch")
+    s += """
+
+""" + marker + """
+import threading as _nimbus_threading
+
+_nimbus_s3_write_lock = _nimbus_threading.Lock()
+
+
+def _nimbus_atomic(method):
+    def wrapped(self, *args, **kwargs):
+        with _nimbus_s3_write_lock:
+            return method(self, *args, **kwargs)
+
+    return wrapped
+
+
+S3Response.put_object = _nimbus_atomic(S3Response.put_object)
+S3Response.delete_object = _nimbus_atomic(S3Response.delete_object)
+"""
+    p.write_text(s)
 PY
   local port
   port=$(free_port)

@@ -40,6 +40,8 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Show past runs, their actions and the event log from the journal.
     History(HistoryArgs),
+    /// Free a remote state lock whose holder is gone (`state.backend: s3`), by the id its error named.
+    ForceUnlock(ForceUnlockArgs),
     /// Record what exists (an inventory) for offline planning.
     Discover(DiscoverArgs),
     /// Print the JSON schema of the fleet file (for editors).
@@ -131,6 +133,15 @@ pub struct HistoryArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ForceUnlockArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// The lock's id, as the error of the apply it stopped names it.
+    #[arg(value_name = "LOCK_ID")]
+    pub lock_id: String,
 }
 
 #[derive(Debug, Args)]

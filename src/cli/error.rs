@@ -38,6 +38,9 @@ pub enum CommandError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Planfile(#[from] PlanfileError),
+    /// Remote state (the S3 backend's lock and journal).
+    #[error(transparent)]
+    State(#[from] crate::state::remote::RemoteError),
     #[error("{message}")]
     Usage { message: String, hint: Option<String> },
     #[error("cannot {what} `{path}`: {source}")]
@@ -70,6 +73,15 @@ impl From<crate::engine::discovery::DiscoveryError> for CommandError {
     }
 }
 
+impl From<crate::engine::apply::SessionError> for CommandError {
+    fn from(e: crate::engine::apply::SessionError) -> Self {
+        match e {
+            crate::engine::apply::SessionError::Journal(j) => CommandError::Journal(j),
+            crate::engine::apply::SessionError::Remote(r) => CommandError::State(r),
+        }
+    }
+}
+
 impl CommandError {
     pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> Self {
         CommandError::Usage { message: message.into(), hint: Some(hint.into()) }
@@ -84,6 +96,8 @@ impl CommandError {
             CommandError::Journal(_) | CommandError::Io { .. } => ErrorKind::Internal,
             CommandError::Planfile(PlanfileError::Read { .. } | PlanfileError::Write { .. }) => ErrorKind::Internal,
             CommandError::Planfile(_) | CommandError::Usage { .. } => ErrorKind::User,
+            CommandError::State(e) if e.is_user_error() => ErrorKind::User,
+            CommandError::State(_) => ErrorKind::Provider,
         }
     }
 
@@ -105,6 +119,7 @@ impl CommandError {
                 Some("check that the journal's folder is writable and the file is a nimbus journal".into())
             }
             CommandError::Planfile(e) => Some(e.hint().to_string()),
+            CommandError::State(e) => Some(e.hint()),
             CommandError::Usage { hint, .. } => hint.clone(),
             CommandError::Io { .. } => Some("check the path and its permissions".into()),
         }

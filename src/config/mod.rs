@@ -108,6 +108,9 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
         take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
     }
     take("journal.path".into(), v.get("journal").and_then(|j| j.get("path")));
+    for k in ["backend", "bucket", "key", "region", "endpoint"] {
+        take(format!("state.{k}"), v.get("state").and_then(|s| s.get(k)));
+    }
     if let Some(providers) = v.get("providers").and_then(|p| p.as_object()) {
         for (name, p) in providers {
             for k in ["type", "region", "data_dir", "subnet_id", "security_group_ids", "key_name", "env_passthrough"] {

@@ -49,6 +49,43 @@ pub struct FleetConfig {
     /// The operator-side journal of runs, actions and events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<JournalConfig>,
+    /// Where the apply lock and the journal live: `local` (default: beside the fleet file) or `s3`, shared by
+    /// every checkout of the fleet (CI jobs and laptops alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateConfig>,
+}
+
+/// Where a fleet's lock and journal live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `local` (the default) or `s3`.
+    pub backend: StateBackend,
+    /// The S3 bucket (`s3` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// The journal's object key (`s3` only), e.g. `nimbus/acme/journal.db`; the lock is `<key>.lock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The bucket's region (default: the AWS chain's, e.g. AWS_REGION).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// An S3-compatible endpoint (path-style addressing), e.g. a MinIO or test server. Default: AWS, or
+    /// AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// How long the lock holds without renewal (default `2m`; renewed every third of it). A lock past it is
+    /// reported as stale, never broken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_lease: Option<HumanDuration>,
+}
+
+/// A state backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    Local,
+    S3,
 }
 
 /// Where the journal lives and how long it keeps rows.

@@ -76,6 +76,49 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
             ));
         }
     }
+    if let Some(s) = &c.state {
+        let s3 = s.backend == super::StateBackend::S3;
+        for (field, value) in [("bucket", &s.bucket), ("key", &s.key), ("region", &s.region), ("endpoint", &s.endpoint)]
+        {
+            match (s3, value) {
+                (true, None) if field == "bucket" || field == "key" => out.push(problem(
+                    "state.backend".into(),
+                    At::Value,
+                    format!("`state.backend: s3` needs `state.{field}`"),
+                    "s3 without a bucket or key",
+                    "e.g. `state: {backend: s3, bucket: acme-nimbus, key: fleets/mac/journal.db}`".to_string(),
+                )),
+                (false, Some(_)) => out.push(problem(
+                    format!("state.{field}"),
+                    At::Key,
+                    format!("`state.{field}` is for `backend: s3`"),
+                    "not used by the local backend",
+                    "remove it, or set `backend: s3`".to_string(),
+                )),
+                (true, Some(v))
+                    if v.trim().is_empty() || (field == "key" && (v.ends_with('/') || v.starts_with('/'))) =>
+                {
+                    out.push(problem(
+                        format!("state.{field}"),
+                        At::Value,
+                        format!("`state.{field}` `{v}` is not usable"),
+                        "invalid",
+                        "give an object key such as `nimbus/acme/journal.db` (no leading or trailing `/`)".to_string(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if s.lock_lease.is_some_and(|l| l.0 < std::time::Duration::from_secs(1)) {
+            out.push(problem(
+                "state.lock_lease".into(),
+                At::Value,
+                "`state.lock_lease` is shorter than a second".into(),
+                "too short",
+                "a lease is renewed every third of it; use at least `3s` (default `2m`)".to_string(),
+            ));
+        }
+    }
     if c.providers.is_empty() {
         out.push(problem(
             "providers".into(),

@@ -15,19 +15,49 @@ use crate::core::plan::document::PlanDocument;
 use crate::core::plan::{Action, ActionKind, ChangeAction, ResourceKind, Summary};
 use crate::state::journal::{Category, Journal, JournalError, Retention, RunStatus};
 use crate::state::lock::ApplyLock;
+use crate::state::remote::{HeldLock, RemoteError, S3State};
 
 /// Sees every action start and finish, in order.
 pub trait Hook {
     fn event(&mut self, action: &Action, event: &ExecEvent);
 }
 
-/// An open apply: holds the lock for its lifetime.
+/// An open apply: holds the lock for its lifetime (a remote lock until [`Session::close`]).
 pub struct Session {
     journal: Journal,
-    _lock: ApplyLock,
+    _lock: Option<ApplyLock>,
+    remote: Option<Remote>,
     /// Actions a killed run left EXECUTING, now marked ORPHANED.
     pub orphaned: usize,
 }
+
+/// The remote side of a session: the lock (renewed by a task), and the journal's uploads.
+struct Remote {
+    state: S3State,
+    lock: Arc<tokio::sync::Mutex<HeldLock>>,
+    /// The ETag of the journal as last uploaded.
+    etag: Arc<tokio::sync::Mutex<Option<String>>>,
+    /// What stopped the lock's renewal or an upload: the apply must stop.
+    failed: Arc<std::sync::Mutex<Option<RemoteError>>>,
+    /// Counts journal writes: the uploader takes a snapshot when it moves.
+    dirty: tokio::sync::watch::Sender<u64>,
+    /// Wakes the uploader from its pause when the session closes.
+    closing: Arc<tokio::sync::Notify>,
+    renewer: tokio::task::JoinHandle<()>,
+    uploader: tokio::task::JoinHandle<()>,
+}
+
+/// Why a session could not open or close.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
+
+/// At most one journal upload a second while an apply runs.
+const UPLOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What an apply did.
 pub struct ApplyOutcome {
@@ -53,7 +83,126 @@ impl Session {
         let journal = Journal::open(journal_path)?;
         let orphaned = journal.recover()?;
         journal.prune(retention)?;
-        Ok(Session { journal, _lock: lock, orphaned })
+        Ok(Session { journal, _lock: Some(lock), remote: None, orphaned })
+    }
+
+    /// Takes the remote lock, downloads the journal to `working` (the first time: uploads the local journal
+    /// there, if any), recovers and prunes it, and uploads it. The lock's lease is renewed until
+    /// [`Session::close`]. Must run inside a Tokio runtime.
+    pub async fn open_remote(state: S3State, working: &Path, retention: Retention) -> Result<Session, SessionError> {
+        let lock = state.acquire("apply").await?;
+        let opened = async {
+            let etag = match state.download().await? {
+                Some((image, etag)) => {
+                    Journal::restore(working, &image)?;
+                    Some(etag)
+                }
+                None => None,
+            };
+            let journal = Journal::open(working)?;
+            let orphaned = journal.recover()?;
+            journal.prune(retention)?;
+            let etag = state.upload(journal.snapshot()?, etag.as_deref()).await?;
+            Ok::<_, SessionError>((journal, orphaned, etag))
+        }
+        .await;
+        let (journal, orphaned, etag) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = state.release(&lock).await;
+                return Err(e);
+            }
+        };
+        let lock = Arc::new(tokio::sync::Mutex::new(lock));
+        let etag = Arc::new(tokio::sync::Mutex::new(Some(etag)));
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let renewer = {
+            let (state, lock, failed) = (state.clone(), lock.clone(), failed.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(state.lease() / 3).await;
+                    let mut held = lock.lock().await;
+                    if let Err(e) = state.renew(&mut held).await {
+                        tracing::warn!(error = %e, "the state lock could not be renewed");
+                        *failed.lock().expect("lock") = Some(e);
+                        return;
+                    }
+                }
+            })
+        };
+        let (dirty, mut rx) = tokio::sync::watch::channel(0u64);
+        let closing = Arc::new(tokio::sync::Notify::new());
+        let uploader = {
+            let (state, etag, failed, closing) = (state.clone(), etag.clone(), failed.clone(), closing.clone());
+            // Its own connection to the working copy: a snapshot sees everything committed so far.
+            let reader = Journal::open(working)?;
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    rx.borrow_and_update();
+                    let image = match reader.snapshot() {
+                        Ok(i) => i,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the journal could not be read for upload");
+                            continue;
+                        }
+                    };
+                    let mut current = etag.lock().await;
+                    match state.upload(image, current.as_deref()).await {
+                        Ok(new) => *current = Some(new),
+                        Err(e) => {
+                            *failed.lock().expect("lock") = Some(e);
+                            return;
+                        }
+                    }
+                    drop(current);
+                    tokio::select! {
+                        _ = tokio::time::sleep(UPLOAD_INTERVAL) => {}
+                        _ = closing.notified() => return,
+                    }
+                }
+            })
+        };
+        let remote = Remote { state, lock, etag, failed, dirty, closing, renewer, uploader };
+        Ok(Session { journal, _lock: None, remote: Some(remote), orphaned })
+    }
+
+    /// Ends the session: for remote state, a last upload of the journal, then the lock is released. A local
+    /// session's lock goes with the value.
+    pub async fn close(self) -> Result<(), SessionError> {
+        let Some(r) = self.remote else { return Ok(()) };
+        r.renewer.abort();
+        r.closing.notify_one();
+        drop(r.dirty);
+        // The uploader ends once the channel closes (after its pending upload).
+        let _ = r.uploader.await;
+        let failed = r.failed.lock().expect("lock").take();
+        let result = match failed {
+            Some(e) => Err(SessionError::Remote(e)),
+            None => {
+                let mut etag = r.etag.lock().await;
+                match self.journal.snapshot() {
+                    Ok(image) => match r.state.upload(image, etag.as_deref()).await {
+                        Ok(new) => {
+                            *etag = Some(new);
+                            Ok(())
+                        }
+                        Err(e) => Err(SessionError::Remote(e)),
+                    },
+                    Err(e) => Err(SessionError::Journal(e)),
+                }
+            }
+        };
+        let held = r.lock.lock().await;
+        let released = r.state.release(&held).await;
+        result?;
+        released.map_err(SessionError::Remote)
+    }
+
+    /// Tells the uploader the journal changed (it uploads at most once per [`UPLOAD_INTERVAL`]).
+    fn journal_changed(&self) {
+        if let Some(r) = &self.remote {
+            r.dirty.send_modify(|n| *n += 1);
+        }
     }
 
     pub fn journal(&self) -> &Journal {
@@ -90,6 +239,7 @@ impl Session {
         planfile: Option<&Path>,
     ) -> Result<i64, JournalError> {
         let run = self.journal.start_run("apply", &doc.tenant, fleet_path)?;
+        self.journal_changed();
         let rows: Vec<(usize, String, String, serde_json::Value)> = doc
             .actions
             .iter()
@@ -132,6 +282,8 @@ impl Session {
         let graph = Arc::new(doc.graph().expect("a plan made by the planner is a DAG"));
         let mut journal_errors = Vec::new();
         let journal = &self.journal;
+        let remote = self.remote.as_ref();
+        let mut remote_failed = false;
         let report = execute_until(graph.clone(), runner, parallelism, stop.subscribe(), |ev| {
             let id = match ev {
                 ExecEvent::Started { id, .. } | ExecEvent::Finished { id, .. } => *id,
@@ -140,6 +292,17 @@ impl Session {
             if let Err(e) = journal_event(journal, run, action, ev) {
                 journal_errors.push(e.to_string());
                 let _ = stop.send(true);
+            }
+            if let Some(r) = remote {
+                r.dirty.send_modify(|n| *n += 1);
+                // A lost lock or a second writer: nothing new starts.
+                if let Some(e) = r.failed.lock().expect("lock").as_ref()
+                    && !remote_failed
+                {
+                    remote_failed = true;
+                    journal_errors.push(format!("{e} ({})", e.hint()));
+                    let _ = stop.send(true);
+                }
             }
             for h in hooks.iter_mut() {
                 h.event(action, ev);
@@ -168,6 +331,7 @@ impl Session {
             RunStatus::Error
         };
         self.journal.finish_run_as(run, status, &summary)?;
+        self.journal_changed();
         self.journal.event(
             Some(run),
             Category::Audit,

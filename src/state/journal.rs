@@ -237,6 +237,32 @@ impl Journal {
         &self.path
     }
 
+    /// The whole database as one consistent image (what every connection committed, WAL included): what a
+    /// remote backend uploads.
+    pub fn snapshot(&self) -> Result<Vec<u8>, JournalError> {
+        let data = self.conn.serialize("main").map_err(|e| self.err(e))?;
+        Ok(data.to_vec())
+    }
+
+    /// Puts a downloaded image at `path` (replacing the file and its WAL), to be opened.
+    pub fn restore(path: &Path, image: &[u8]) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io { path: path.into(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            match std::fs::remove_file(std::path::PathBuf::from(p)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            }
+        }
+        let tmp = path.with_extension("download");
+        std::fs::write(&tmp, image).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
     /// Marks what a killed run left behind. Returns the number of orphaned actions.
     pub fn recover(&self) -> Result<usize, JournalError> {
         let orphaned: Vec<(i64, i64, String)> = {

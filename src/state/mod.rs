@@ -3,3 +3,4 @@
 pub mod journal;
 pub mod lock;
 pub mod machine_db;
+pub mod remote;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use super::plan::observe_with;
-use super::{CommandError, Output, build_providers, document, exit, journal_path, retention, runtime, sha256_hex};
+use super::{
+    CommandError, Output, build_providers, document, exit, journal_path, remote_state, retention, runtime, sha256_hex,
+};
 use crate::cli::ApplyArgs;
 use crate::cli::views::apply_progress::{self, Progress};
 use crate::cli::views::plan_text as text;
@@ -72,15 +74,47 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     for w in config::warnings(&loaded.config) {
         errln!("warning: {w}");
     }
-    // The lock, then the journal (created if missing: every apply records its run).
-    let mut session = Session::open(&journal_path(&loaded, args.journal.as_deref()), retention(&loaded))?;
-    if session.orphaned > 0 {
-        errln!("note: {} action(s) of an interrupted run were marked ORPHANED; see `nimbus history`", session.orphaned);
-    }
-
     let rt = runtime();
     // Clients (octocrab) spawn helpers on the runtime when built.
     let _in_runtime = rt.enter();
+    // The lock, then the journal (created if missing: every apply records its run). With an S3 backend both
+    // are remote: the lock object, and the journal downloaded here and uploaded as the apply goes.
+    let working = journal_path(&loaded, args.journal.as_deref());
+    let mut session = match remote_state(&loaded) {
+        Some(state) => rt.block_on(async {
+            let s3 = crate::state::remote::S3State::from_config(state).await?;
+            Session::open_remote(s3, &working, retention(&loaded)).await.map_err(CommandError::from)
+        })?,
+        None => Session::open(&working, retention(&loaded))?,
+    };
+    if session.orphaned > 0 {
+        errln!("note: {} action(s) of an interrupted run were marked ORPHANED; see `nimbus history`", session.orphaned);
+    }
+    let result = apply_in(args, out, quiet_progress, &loaded, saved, &rt, &mut session);
+    // The last upload of a remote journal, and the lock's release, whatever happened.
+    let closed = rt.block_on(session.close());
+    match (result, closed) {
+        (Ok(code), Ok(())) => Ok(code),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(c)) => {
+            errln!("error: {}", crate::util::text::terminal(&c.to_string()));
+            Err(e)
+        }
+    }
+}
+
+/// The apply itself, inside an open session.
+fn apply_in(
+    args: &ApplyArgs,
+    out: Output,
+    quiet_progress: bool,
+    loaded: &config::LoadedConfig,
+    saved: Option<crate::core::plan::document::PlanDocument>,
+    rt: &tokio::runtime::Runtime,
+    session: &mut Session,
+) -> Result<u8, CommandError> {
+    let loaded = loaded.clone();
     let providers = rt.block_on(build_providers(&loaded, crate::engine::clients::Purpose::Change))?;
     rt.block_on(async {
         for p in &providers {
@@ -149,7 +183,7 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     if let Some(f) = forge {
         applier = applier.with_forge(f, super::runner_dir(&loaded));
     }
-    let stop = stop_on_signals(&rt);
+    let stop = stop_on_signals(rt);
     let mut progress = Progress::new(doc.actions.len(), std::io::stderr().is_terminal(), quiet_progress);
     let outcome = rt.block_on(session.execute(
         run,

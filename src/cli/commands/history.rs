@@ -1,21 +1,26 @@
 //! `nimbus history`: runs and events from the journal, or one run's actions.
 
-use super::{CommandError, exit, journal_path};
+use super::{CommandError, exit, journal_path, read_journal, remote_state};
 use crate::cli::HistoryArgs;
 use crate::cli::views::history as view;
 use crate::config;
-use crate::state::journal::Journal;
 
 pub fn history(args: &HistoryArgs) -> Result<u8, CommandError> {
     let loaded = config::load(&args.fleet.file)?;
     let path = journal_path(&loaded, args.journal.as_deref());
-    if !path.exists() {
+    if remote_state(&loaded).is_none() && !path.exists() {
         return Err(CommandError::usage(
             format!("no journal at `{}`", path.display()),
             "the journal is created by the first `nimbus apply`",
         ));
     }
-    let j = Journal::open(&path)?;
+    let Some(read) = read_journal(&loaded, args.journal.as_deref())? else {
+        return Err(CommandError::usage(
+            "the fleet's remote state has no journal yet",
+            "the journal is uploaded by the first `nimbus apply`",
+        ));
+    };
+    let j = &read.journal;
     match &args.run {
         Some(run) => {
             let id = if run == "latest" {

@@ -3,6 +3,7 @@
 
 mod apply;
 mod discover;
+mod force_unlock;
 mod history;
 mod plan;
 mod validate;
@@ -57,6 +58,7 @@ pub fn run(cli: Cli) -> u8 {
     let result = match cli.command {
         Command::Apply(a) => apply::apply(&a, out, cli.log_format == Some(crate::cli::LogFormat::Json)),
         Command::History(a) => history::history(&a),
+        Command::ForceUnlock(a) => force_unlock::force_unlock(&a),
         Command::Validate(a) => validate::validate(&a.file),
         Command::Plan(a) => plan::plan(&a, out),
         Command::Discover(a) => discover::discover(&a),
@@ -103,6 +105,52 @@ pub fn journal_path(loaded: &LoadedConfig, flag: Option<&Path>) -> PathBuf {
         Some(p) => loaded.resolve(p),
         None => loaded.base_dir.join(".nimbus").join("journal.db"),
     }
+}
+
+/// The fleet's remote state, when `state.backend` is `s3`.
+pub fn remote_state(loaded: &LoadedConfig) -> Option<&crate::config::StateConfig> {
+    loaded.config.state.as_ref().filter(|s| s.backend == crate::config::StateBackend::S3)
+}
+
+/// A journal opened for reading: the local file, or a downloaded copy of the remote one (removed on drop).
+pub struct ReadJournal {
+    pub journal: crate::state::journal::Journal,
+    /// Where the journal was read from, for messages.
+    pub source: String,
+    copy: Option<PathBuf>,
+}
+
+impl Drop for ReadJournal {
+    fn drop(&mut self) {
+        if let Some(p) = &self.copy {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut f = p.as_os_str().to_owned();
+                f.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(f));
+            }
+        }
+    }
+}
+
+/// The journal to read (plan, history): with an S3 backend, the copy last uploaded, downloaded without taking
+/// the lock; `None` when there is none yet. A local journal is opened (created) where it lives.
+pub fn read_journal(loaded: &LoadedConfig, flag: Option<&Path>) -> Result<Option<ReadJournal>, CommandError> {
+    let Some(state) = remote_state(loaded) else {
+        let path = journal_path(loaded, flag);
+        let journal = crate::state::journal::Journal::open(&path)?;
+        return Ok(Some(ReadJournal { journal, source: path.display().to_string(), copy: None }));
+    };
+    let (image, url) = runtime().block_on(async {
+        let s3 = crate::state::remote::S3State::from_config(state).await?;
+        Ok::<_, CommandError>((s3.download().await?, s3.url()))
+    })?;
+    let Some((image, _)) = image else { return Ok(None) };
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let copy = std::env::temp_dir().join(format!("nimbus-journal-{}-{n}.db", std::process::id()));
+    crate::state::journal::Journal::restore(&copy, &image)?;
+    let read = ReadJournal { journal: crate::state::journal::Journal::open(&copy)?, source: url, copy: Some(copy) };
+    Ok(Some(read))
 }
 
 pub fn retention(loaded: &LoadedConfig) -> crate::state::journal::Retention {

@@ -82,10 +82,17 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
             // Since when runners have been offline and machines unreachable: the journal remembers.
             // A plan that cannot write the journal (a read-only checkout) still plans; it only cannot tell
             // how long something has been offline, so it repairs nothing for that yet.
-            let noted = crate::state::journal::Journal::open(&super::journal_path(loaded, None))
-                .and_then(|j| crate::engine::discovery::annotate_with_history(&mut actual, &j, now));
+            // With remote state, the copy last uploaded is read: a plan takes no lock.
+            let noted = super::read_journal(loaded, None).and_then(|j| match j {
+                Some(r) => crate::engine::discovery::annotate_with_history(&mut actual, &r.journal, now)
+                    .map_err(CommandError::from),
+                None => Ok(()),
+            });
             if let Err(e) = noted {
-                errln!("warning: {e}; offline runners and unreachable machines are not timed in this plan");
+                errln!(
+                    "warning: {}; offline runners and unreachable machines are not timed in this plan",
+                    crate::util::text::terminal(&e.to_string())
+                );
             }
             (actual, "discovery")
         }

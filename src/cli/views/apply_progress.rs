@@ -102,13 +102,15 @@ pub fn summary(o: &ApplyOutcome, deferred: usize, action: impl Fn(usize) -> Acti
         }
     };
     if !o.journal_errors.is_empty() {
-        errln!("\nApply stopped: the journal could not be written, so no new actions were started. {resources}");
+        errln!("\nApply stopped: the journal could not be kept, so no new actions were started. {resources}");
         for e in o.journal_errors.iter().take(3) {
-            errln!("Error: journal: {e}");
+            errln!("Error: journal: {}", terminal(e));
         }
         incomplete();
         errors();
-        errln!("hint: fix the journal's folder (space, permissions) and run `nimbus apply` again to continue");
+        errln!(
+            "hint: fix what the error says (a local journal: its folder's space and permissions) and run `nimbus apply` again to continue"
+        );
         return;
     }
     if o.report.interrupted {

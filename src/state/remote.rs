@@ -1,0 +1,410 @@
+//! The S3 state backend: the apply lock and the journal in a bucket, shared by every checkout of a fleet.
+//!
+//! - The lock is the object `<key>.lock`, created with a conditional write (`If-None-Match: *`): of two
+//!   applies, exactly one creates it. Its body says who holds it ([`LockInfo`]: user, host, pid, run, created,
+//!   expires; never a secret). The holder renews the lease with `If-Match` on the lock's ETag; a lease past its
+//!   expiry is reported as stale, never broken: `nimbus force-unlock ID` frees it, as in Terraform.
+//! - The journal (the SQLite file) is the object `<key>`. An apply downloads it when it takes the lock and
+//!   uploads it with a compare-and-swap on its ETag (`If-Match`) as it goes and at the end: a failed swap means
+//!   a second writer, and the apply stops.
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The default lease of a lock.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(120);
+
+/// Who holds a lock. Written as the lock object's body; nothing in it is secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// The lock's id: what `nimbus force-unlock` takes.
+    pub id: String,
+    pub operation: String,
+    pub user: String,
+    pub host: String,
+    pub pid: u32,
+    /// The run's token (the journal's run number is not known until the journal is read).
+    pub run: String,
+    pub created: DateTime<Utc>,
+    pub expires: DateTime<Utc>,
+}
+
+impl LockInfo {
+    /// A new lock for this process.
+    pub fn new(operation: &str, lease: Duration) -> LockInfo {
+        let now = Utc::now();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        let pid = std::process::id();
+        // Distinct per lock, even for two locks of one process in one clock tick.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seed = format!("{host}/{pid}/{}/{n}", now.timestamp_nanos_opt().unwrap_or_default());
+        let id = crate::core::model::sha256_hex(seed.as_bytes())[..16].to_string();
+        LockInfo {
+            id,
+            operation: operation.into(),
+            user: crate::engine::apply::actor(),
+            host,
+            pid,
+            run: format!("{:x}", now.timestamp_millis()),
+            created: now,
+            expires: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
+        }
+    }
+
+    /// `alice@ci-runner-7 (pid 4242, apply since 2026-11-26T01:00:00Z, lock id …)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}@{} (pid {}, {} since {}, lock id {})",
+            self.user,
+            self.host,
+            self.pid,
+            self.operation,
+            self.created.format("%Y-%m-%dT%H:%M:%SZ"),
+            self.id
+        )
+    }
+}
+
+/// What went wrong with remote state.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("the fleet's state is locked by {}; the lease runs until {}", .info.describe(), .info.expires.format("%Y-%m-%dT%H:%M:%SZ"))]
+    Locked { info: Box<LockInfo>, lock: String },
+    #[error("the fleet's state is locked by {}, whose lease expired at {}: the lock is stale (its holder stopped renewing it, probably killed)", .info.describe(), .info.expires.format("%Y-%m-%dT%H:%M:%SZ"))]
+    Stale { info: Box<LockInfo>, lock: String },
+    #[error(
+        "the lock `{lock}` was taken away from this apply (force-unlocked, or its lease passed and another apply took it)"
+    )]
+    LockLost { lock: String },
+    #[error("the remote journal `{key}` changed under this apply: a second writer")]
+    Conflict { key: String },
+    #[error("no lock is held on `{lock}`")]
+    NotLocked { lock: String },
+    #[error("the lock on `{lock}` has id `{held}`, not `{given}`")]
+    WrongLockId { lock: String, held: String, given: String },
+    #[error("S3 {op} `{target}`: {message}")]
+    S3 { op: &'static str, target: String, message: String },
+}
+
+impl RemoteError {
+    pub fn hint(&self) -> String {
+        match self {
+            RemoteError::Locked { .. } => {
+                "wait for that apply to finish; `plan` works meanwhile (it takes no lock)".into()
+            }
+            RemoteError::Stale { info, .. } => format!(
+                "nimbus never breaks a lock on its own: if that apply is gone, `nimbus force-unlock {}`, then apply again (it recovers what the killed run left)",
+                info.id
+            ),
+            RemoteError::LockLost { .. } => {
+                "nothing new was started; check who holds the lock now, then apply again".into()
+            }
+            RemoteError::Conflict { .. } => "two applies wrote one journal: nothing new was started; make sure one apply runs at a time (is a lock being force-unlocked?), then apply again".into(),
+            RemoteError::NotLocked { .. } => "nothing to unlock".into(),
+            RemoteError::WrongLockId { held, .. } => {
+                format!("give the id of the lock to free (`{held}` now), as the error that named it said")
+            }
+            RemoteError::S3 { .. } => "check the bucket, its region and endpoint, and the credentials (the standard AWS chain); RUST_LOG=debug shows the raw response".into(),
+        }
+    }
+
+    /// Whether the user (or another user) can resolve it, as opposed to the service or the network.
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, RemoteError::S3 { .. })
+    }
+}
+
+/// The lock as held: its body and the ETag to renew or release it with.
+#[derive(Debug, Clone)]
+pub struct HeldLock {
+    pub info: LockInfo,
+    etag: String,
+}
+
+/// A fleet's state in S3.
+#[derive(Clone)]
+pub struct S3State {
+    client: Client,
+    bucket: String,
+    key: String,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for S3State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3State(s3://{}/{})", self.bucket, self.key)
+    }
+}
+
+/// What a failed request was: a failed condition, a missing object, or another error.
+enum Failure {
+    Precondition,
+    Missing,
+    Other(String),
+}
+
+fn failure<E, R>(e: SdkError<E, R>) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let status = match &e {
+        SdkError::ServiceError(s) => Some(format!("{:?}", s.raw())),
+        _ => None,
+    };
+    tracing::debug!(error = %aws_sdk_s3::error::DisplayErrorContext(&e), "S3 call failed");
+    let code = e.as_service_error().and_then(|s| s.code()).map(str::to_string);
+    let raw_status = status.as_deref().unwrap_or_default();
+    match code.as_deref() {
+        // 409 ConditionalRequestConflict: a conditional write raced another; the condition did not hold for us.
+        Some("PreconditionFailed" | "ConditionalRequestConflict") => Failure::Precondition,
+        Some("NoSuchKey" | "NotFound") => Failure::Missing,
+        _ if raw_status.contains("status: StatusCode(412)") => Failure::Precondition,
+        _ if raw_status.contains("status: StatusCode(404)") && code.is_none() => Failure::Missing,
+        _ => Failure::Other(match (code, e.as_service_error().and_then(|s| s.message())) {
+            (Some(c), Some(m)) => format!("{c}: {m}"),
+            (Some(c), None) => c,
+            (None, Some(m)) => m.to_string(),
+            (None, None) => match &e {
+                SdkError::DispatchFailure(_) => "the request could not be sent (network)".to_string(),
+                SdkError::TimeoutError(_) => "the request timed out".to_string(),
+                _ => "the service returned an error without a code".to_string(),
+            },
+        }),
+    }
+}
+
+impl S3State {
+    /// The state of a fleet file's `state: {backend: s3, …}` section.
+    pub async fn from_config(c: &crate::config::StateConfig) -> Result<S3State, RemoteError> {
+        let (Some(bucket), Some(key)) = (&c.bucket, &c.key) else {
+            return Err(RemoteError::S3 {
+                op: "configuration",
+                target: "state".into(),
+                message: "`state.bucket` and `state.key` are needed".into(),
+            });
+        };
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = &c.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        let sdk = loader.load().await;
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk);
+        if sdk.region().is_none() {
+            b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
+        }
+        // An endpoint of one's own (MinIO, a test server) is addressed path-style: no bucket subdomains.
+        let env_endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"].iter().any(|v| std::env::var_os(v).is_some());
+        if let Some(u) = &c.endpoint {
+            b = b.endpoint_url(u);
+        }
+        if c.endpoint.is_some() || env_endpoint {
+            b = b.force_path_style(true);
+        }
+        Ok(S3State {
+            client: Client::from_conf(b.build()),
+            bucket: bucket.clone(),
+            key: key.clone(),
+            lease: c.lock_lease.map(|l| l.0).unwrap_or(DEFAULT_LEASE),
+        })
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn lock_key(&self) -> String {
+        format!("{}.lock", self.key)
+    }
+
+    /// `s3://bucket/key`.
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+
+    fn lock_url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.lock_key())
+    }
+
+    fn s3(&self, op: &'static str, target: String, message: String) -> RemoteError {
+        RemoteError::S3 { op, target, message }
+    }
+
+    /// The lock as it is now: its body and ETag, or `None`.
+    async fn read_lock(&self) -> Result<Option<(LockInfo, String)>, RemoteError> {
+        match self.client.get_object().bucket(&self.bucket).key(self.lock_key()).send().await {
+            Ok(out) => {
+                let etag = out.e_tag().unwrap_or_default().to_string();
+                let body = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| self.s3("GetObject", self.lock_url(), e.to_string()))?
+                    .into_bytes();
+                let info: LockInfo = serde_json::from_slice(&body).map_err(|e| {
+                    self.s3("GetObject", self.lock_url(), format!("the lock's body is not a nimbus lock ({e})"))
+                })?;
+                Ok(Some((info, etag)))
+            }
+            Err(e) => match failure(e) {
+                Failure::Missing => Ok(None),
+                Failure::Precondition => Ok(None),
+                Failure::Other(m) => Err(self.s3("GetObject", self.lock_url(), m)),
+            },
+        }
+    }
+
+    /// Takes the lock for `operation`, or says who holds it (and whether their lease has passed).
+    pub async fn acquire(&self, operation: &str) -> Result<HeldLock, RemoteError> {
+        let info = LockInfo::new(operation, self.lease);
+        let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.lock_key())
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .if_none_match("*")
+            .send()
+            .await;
+        match put {
+            Ok(out) => Ok(HeldLock { info, etag: out.e_tag().unwrap_or_default().to_string() }),
+            Err(e) => match failure(e) {
+                Failure::Precondition => match self.read_lock().await? {
+                    Some((held, _)) if held.expires <= Utc::now() => {
+                        Err(RemoteError::Stale { info: Box::new(held), lock: self.lock_url() })
+                    }
+                    Some((held, _)) => Err(RemoteError::Locked { info: Box::new(held), lock: self.lock_url() }),
+                    // Released between our write and our read: the next attempt is the caller's to make.
+                    None => Err(self.s3(
+                        "PutObject",
+                        self.lock_url(),
+                        "the lock changed while it was taken; try again".into(),
+                    )),
+                },
+                Failure::Missing => Err(self.s3("PutObject", self.lock_url(), "the bucket does not exist".into())),
+                Failure::Other(m) => Err(self.s3("PutObject", self.lock_url(), m)),
+            },
+        }
+    }
+
+    /// Extends the lease, if the lock is still ours.
+    pub async fn renew(&self, lock: &mut HeldLock) -> Result<(), RemoteError> {
+        let mut info = lock.info.clone();
+        info.expires = Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::MAX);
+        let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.lock_key())
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .if_match(&lock.etag)
+            .send()
+            .await;
+        match put {
+            Ok(out) => {
+                lock.etag = out.e_tag().unwrap_or_default().to_string();
+                lock.info = info;
+                Ok(())
+            }
+            Err(e) => match failure(e) {
+                Failure::Precondition | Failure::Missing => Err(RemoteError::LockLost { lock: self.lock_url() }),
+                Failure::Other(m) => Err(self.s3("PutObject", self.lock_url(), m)),
+            },
+        }
+    }
+
+    /// Releases the lock, if it is still ours.
+    pub async fn release(&self, lock: &HeldLock) -> Result<(), RemoteError> {
+        let del =
+            self.client.delete_object().bucket(&self.bucket).key(self.lock_key()).if_match(&lock.etag).send().await;
+        match del {
+            Ok(_) => Ok(()),
+            Err(e) => match failure(e) {
+                Failure::Precondition | Failure::Missing => Err(RemoteError::LockLost { lock: self.lock_url() }),
+                Failure::Other(m) => Err(self.s3("DeleteObject", self.lock_url(), m)),
+            },
+        }
+    }
+
+    /// Who holds the lock now, if anyone.
+    pub async fn holder(&self) -> Result<Option<LockInfo>, RemoteError> {
+        Ok(self.read_lock().await?.map(|(i, _)| i))
+    }
+
+    /// Frees the lock with id `id`, whoever holds it (`nimbus force-unlock`).
+    pub async fn force_unlock(&self, id: &str) -> Result<LockInfo, RemoteError> {
+        let Some((info, etag)) = self.read_lock().await? else {
+            return Err(RemoteError::NotLocked { lock: self.lock_url() });
+        };
+        if info.id != id {
+            return Err(RemoteError::WrongLockId { lock: self.lock_url(), held: info.id, given: id.to_string() });
+        }
+        let del = self.client.delete_object().bucket(&self.bucket).key(self.lock_key()).if_match(etag).send().await;
+        match del {
+            Ok(_) => Ok(info),
+            Err(e) => match failure(e) {
+                // Renewed (or replaced) meanwhile: the caller looks again.
+                Failure::Precondition => Err(RemoteError::Locked { info: Box::new(info), lock: self.lock_url() }),
+                Failure::Missing => Err(RemoteError::NotLocked { lock: self.lock_url() }),
+                Failure::Other(m) => Err(self.s3("DeleteObject", self.lock_url(), m)),
+            },
+        }
+    }
+
+    /// The journal as uploaded last, with its ETag; `None` before the first upload.
+    pub async fn download(&self) -> Result<Option<(Vec<u8>, String)>, RemoteError> {
+        match self.client.get_object().bucket(&self.bucket).key(&self.key).send().await {
+            Ok(out) => {
+                let etag = out.e_tag().unwrap_or_default().to_string();
+                let bytes =
+                    out.body.collect().await.map_err(|e| self.s3("GetObject", self.url(), e.to_string()))?.into_bytes();
+                Ok(Some((bytes.to_vec(), etag)))
+            }
+            Err(e) => match failure(e) {
+                Failure::Missing => Ok(None),
+                Failure::Precondition => Ok(None),
+                Failure::Other(m) => Err(self.s3("GetObject", self.url(), m)),
+            },
+        }
+    }
+
+    /// Uploads the journal over the version with ETag `expected` (`None`: there must be none yet); returns the
+    /// new ETag. Anything else there means a second writer.
+    pub async fn upload(&self, bytes: Vec<u8>, expected: Option<&str>) -> Result<String, RemoteError> {
+        let mut put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .content_type("application/vnd.sqlite3")
+            .body(ByteStream::from(bytes));
+        put = match expected {
+            Some(etag) => put.if_match(etag),
+            None => put.if_none_match("*"),
+        };
+        match put.send().await {
+            Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
+            Err(e) => match failure(e) {
+                Failure::Precondition => Err(RemoteError::Conflict { key: self.url() }),
+                Failure::Missing if expected.is_some() => Err(RemoteError::Conflict { key: self.url() }),
+                Failure::Missing => Err(self.s3("PutObject", self.url(), "the bucket does not exist".into())),
+                Failure::Other(m) => Err(self.s3("PutObject", self.url(), m)),
+            },
+        }
+    }
+}
