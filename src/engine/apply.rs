@@ -41,8 +41,8 @@ struct Remote {
     failed: Arc<std::sync::Mutex<Option<RemoteError>>>,
     /// Counts journal writes: the uploader takes a snapshot when it moves.
     dirty: tokio::sync::watch::Sender<u64>,
-    /// Wakes the uploader from its pause when the session closes.
-    closing: Arc<tokio::sync::Notify>,
+    /// Turns true when the session closes: the renewer and the uploader end at their next pause.
+    closing: tokio::sync::watch::Sender<bool>,
     renewer: tokio::task::JoinHandle<()>,
     uploader: tokio::task::JoinHandle<()>,
 }
@@ -116,11 +116,17 @@ impl Session {
         let lock = Arc::new(tokio::sync::Mutex::new(lock));
         let etag = Arc::new(tokio::sync::Mutex::new(Some(etag)));
         let failed = Arc::new(std::sync::Mutex::new(None));
+        let (closing, closed) = tokio::sync::watch::channel(false);
         let renewer = {
-            let (state, lock, failed) = (state.clone(), lock.clone(), failed.clone());
+            let (state, lock, failed, mut closed) = (state.clone(), lock.clone(), failed.clone(), closed.clone());
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(state.lease() / 3).await;
+                    // Only the pause is cut short when the session closes: a renewal in flight completes, so the
+                    // lock's ETag stays known.
+                    tokio::select! {
+                        _ = tokio::time::sleep(state.lease() / 3) => {}
+                        _ = closed.wait_for(|c| *c) => return,
+                    }
                     let mut held = lock.lock().await;
                     if let Err(e) = state.renew(&mut held).await {
                         tracing::warn!(error = %e, "the state lock could not be renewed");
@@ -131,9 +137,8 @@ impl Session {
             })
         };
         let (dirty, mut rx) = tokio::sync::watch::channel(0u64);
-        let closing = Arc::new(tokio::sync::Notify::new());
         let uploader = {
-            let (state, etag, failed, closing) = (state.clone(), etag.clone(), failed.clone(), closing.clone());
+            let (state, etag, failed, mut closed) = (state.clone(), etag.clone(), failed.clone(), closed);
             // Its own connection to the working copy: a snapshot sees everything committed so far.
             let reader = Journal::open(working)?;
             tokio::spawn(async move {
@@ -157,7 +162,7 @@ impl Session {
                     drop(current);
                     tokio::select! {
                         _ = tokio::time::sleep(UPLOAD_INTERVAL) => {}
-                        _ = closing.notified() => return,
+                        _ = closed.wait_for(|c| *c) => return,
                     }
                 }
             })
@@ -170,10 +175,10 @@ impl Session {
     /// session's lock goes with the value.
     pub async fn close(self) -> Result<(), SessionError> {
         let Some(r) = self.remote else { return Ok(()) };
-        r.renewer.abort();
-        r.closing.notify_one();
+        // Both tasks end at their next pause; a request in flight completes first.
+        let _ = r.closing.send(true);
         drop(r.dirty);
-        // The uploader ends once the channel closes (after its pending upload).
+        let _ = r.renewer.await;
         let _ = r.uploader.await;
         let failed = r.failed.lock().expect("lock").take();
         let result = match failed {

@@ -328,17 +328,25 @@ impl S3State {
         }
     }
 
-    /// Releases the lock, if it is still ours.
+    /// Releases the lock, if it is still ours: by its ETag, or (when a renewal's answer was lost) by its id.
     pub async fn release(&self, lock: &HeldLock) -> Result<(), RemoteError> {
-        let del =
-            self.client.delete_object().bucket(&self.bucket).key(self.lock_key()).if_match(&lock.etag).send().await;
-        match del {
-            Ok(_) => Ok(()),
-            Err(e) => match failure(e) {
-                Failure::Precondition | Failure::Missing => Err(RemoteError::LockLost { lock: self.lock_url() }),
-                Failure::Other(m) => Err(self.s3("DeleteObject", self.lock_url(), m)),
-            },
+        let mut etag = lock.etag.clone();
+        for _ in 0..2 {
+            let del =
+                self.client.delete_object().bucket(&self.bucket).key(self.lock_key()).if_match(&etag).send().await;
+            match del {
+                Ok(_) => return Ok(()),
+                Err(e) => match failure(e) {
+                    Failure::Precondition => match self.read_lock().await? {
+                        Some((info, current)) if info.id == lock.info.id => etag = current,
+                        _ => return Err(RemoteError::LockLost { lock: self.lock_url() }),
+                    },
+                    Failure::Missing => return Err(RemoteError::LockLost { lock: self.lock_url() }),
+                    Failure::Other(m) => return Err(self.s3("DeleteObject", self.lock_url(), m)),
+                },
+            }
         }
+        Err(RemoteError::LockLost { lock: self.lock_url() })
     }
 
     /// Who holds the lock now, if anyone.
