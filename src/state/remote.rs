@@ -220,6 +220,19 @@ impl S3State {
         })
     }
 
+    /// Makes the bucket (tests and benchmarks; nimbus never creates buckets).
+    #[cfg(feature = "testing")]
+    pub async fn create_bucket(&self) -> Result<(), RemoteError> {
+        match self.client.create_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match failure(e) {
+                Failure::Other(m) if m.contains("BucketAlreadyOwnedByYou") => Ok(()),
+                Failure::Other(m) => Err(self.s3("CreateBucket", self.bucket.clone(), m)),
+                _ => Ok(()),
+            },
+        }
+    }
+
     pub fn lease(&self) -> Duration {
         self.lease
     }

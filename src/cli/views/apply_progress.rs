@@ -102,7 +102,7 @@ pub fn summary(o: &ApplyOutcome, deferred: usize, action: impl Fn(usize) -> Acti
         }
     };
     if !o.journal_errors.is_empty() {
-        errln!("\nApply stopped: the journal could not be kept, so no new actions were started. {resources}");
+        errln!("\nApply stopped: the journal could not be written, so no new actions were started. {resources}");
         for e in o.journal_errors.iter().take(3) {
             errln!("Error: journal: {}", terminal(e));
         }
