@@ -280,37 +280,40 @@ impl S3State {
 
     /// Takes the lock for `operation`, or says who holds it (and whether their lease has passed).
     pub async fn acquire(&self, operation: &str) -> Result<HeldLock, RemoteError> {
-        let info = LockInfo::new(operation, self.lease);
-        let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
-        let put = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.lock_key())
-            .content_type("application/json")
-            .body(ByteStream::from(body))
-            .if_none_match("*")
-            .send()
-            .await;
-        match put {
-            Ok(out) => Ok(HeldLock { info, etag: out.e_tag().unwrap_or_default().to_string() }),
-            Err(e) => match failure(e) {
-                Failure::Precondition => match self.read_lock().await? {
-                    Some((held, _)) if held.expires <= Utc::now() => {
-                        Err(RemoteError::Stale { info: Box::new(held), lock: self.lock_url() })
+        // A lock released between our write and our read of it: try again (a few times).
+        for _ in 0..3 {
+            let info = LockInfo::new(operation, self.lease);
+            let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
+            let put = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.lock_key())
+                .content_type("application/json")
+                .body(ByteStream::from(body))
+                .if_none_match("*")
+                .send()
+                .await;
+            match put {
+                Ok(out) => return Ok(HeldLock { info, etag: out.e_tag().unwrap_or_default().to_string() }),
+                Err(e) => match failure(e) {
+                    Failure::Precondition => match self.read_lock().await? {
+                        Some((held, _)) if held.expires <= Utc::now() => {
+                            return Err(RemoteError::Stale { info: Box::new(held), lock: self.lock_url() });
+                        }
+                        Some((held, _)) => {
+                            return Err(RemoteError::Locked { info: Box::new(held), lock: self.lock_url() });
+                        }
+                        None => continue,
+                    },
+                    Failure::Missing => {
+                        return Err(self.s3("PutObject", self.lock_url(), "the bucket does not exist".into()));
                     }
-                    Some((held, _)) => Err(RemoteError::Locked { info: Box::new(held), lock: self.lock_url() }),
-                    // Released between our write and our read: the next attempt is the caller's to make.
-                    None => Err(self.s3(
-                        "PutObject",
-                        self.lock_url(),
-                        "the lock changed while it was taken; try again".into(),
-                    )),
+                    Failure::Other(m) => return Err(self.s3("PutObject", self.lock_url(), m)),
                 },
-                Failure::Missing => Err(self.s3("PutObject", self.lock_url(), "the bucket does not exist".into())),
-                Failure::Other(m) => Err(self.s3("PutObject", self.lock_url(), m)),
-            },
+            }
         }
+        Err(self.s3("PutObject", self.lock_url(), "the lock kept changing while it was taken; try again".into()))
     }
 
     /// Extends the lease, if the lock is still ours.
