@@ -307,3 +307,27 @@ fn the_state_section_is_validated() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nothing to force-unlock"), "{}", text(&o));
 }
+
+/// The holder renews its lease: an apply that outlives its lease is still "locked", never "stale", and the
+/// lock's expiry moves on.
+#[test]
+fn the_holder_renews_its_lease() {
+    let Some(url) = moto() else { return };
+    let repo = Repo::new(&url, 1, "5s", "3s");
+    let (a, b) = (repo.clone(), repo.clone());
+    let apply = repo.spawn(a.path(), &["apply", "--auto-approve"]);
+    repo.wait_for("the lock", || repo.lock_body().is_some());
+    let first: serde_json::Value = serde_json::from_str(&repo.lock_body().unwrap()).unwrap();
+    std::thread::sleep(Duration::from_millis(4000));
+    let now: serde_json::Value = serde_json::from_str(&repo.lock_body().expect("still held")).unwrap();
+    assert_eq!(now["id"], first["id"]);
+    let expiry =
+        |v: &serde_json::Value| v["expires"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert!(expiry(&now) > expiry(&first), "renewed: {first} → {now}");
+    assert!(expiry(&now) > chrono::Utc::now(), "the lease is current: {now}");
+    let o = repo.run(b.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = flat(&o.stderr);
+    assert!(err.contains("locked by") && !err.contains("stale"), "{err}");
+    assert_eq!(done(apply).status.code(), Some(0));
+}
