@@ -109,11 +109,20 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                 _ => {}
             }
         }
-        if s.lock_lease.is_some_and(|l| l.0 < std::time::Duration::from_secs(1)) {
+        if !s3 && s.lock_lease.is_some() {
+            out.push(problem(
+                "state.lock_lease".into(),
+                At::Key,
+                "`state.lock_lease` is for `backend: s3`".into(),
+                "not used by the local backend",
+                "a local lock is held by the apply's process and freed when it ends; remove it, or set `backend: s3`"
+                    .to_string(),
+            ));
+        } else if s.lock_lease.is_some_and(|l| l.0 < std::time::Duration::from_secs(3)) {
             out.push(problem(
                 "state.lock_lease".into(),
                 At::Value,
-                "`state.lock_lease` is shorter than a second".into(),
+                "`state.lock_lease` is shorter than 3 seconds".into(),
                 "too short",
                 "a lease is renewed every third of it; use at least `3s` (default `2m`)".to_string(),
             ));

@@ -41,6 +41,8 @@ struct Remote {
     failed: Arc<std::sync::Mutex<Option<RemoteError>>>,
     /// Counts journal writes: the uploader takes a snapshot when it moves.
     dirty: tokio::sync::watch::Sender<u64>,
+    /// The running apply's stop switch: a lost lock or a second writer stops it at once.
+    stop: StopSlot,
     /// Turns true when the session closes: the renewer and the uploader end at their next pause.
     closing: tokio::sync::watch::Sender<bool>,
     renewer: tokio::task::JoinHandle<()>,
@@ -54,6 +56,17 @@ pub enum SessionError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Remote(#[from] RemoteError),
+}
+
+/// Where the remote tasks find the running apply's stop switch.
+type StopSlot = Arc<std::sync::Mutex<Option<Arc<tokio::sync::watch::Sender<bool>>>>>;
+
+/// Records what stopped the remote side (the first thing only) and stops the running apply.
+fn fail(failed: &std::sync::Mutex<Option<RemoteError>>, stop: &StopSlot, e: RemoteError) {
+    failed.lock().expect("lock").get_or_insert(e);
+    if let Some(s) = stop.lock().expect("lock").as_ref() {
+        let _ = s.send(true);
+    }
 }
 
 /// At most one journal upload a second while an apply runs.
@@ -86,14 +99,49 @@ impl Session {
         Ok(Session { journal, _lock: Some(lock), remote: None, orphaned })
     }
 
-    /// Takes the remote lock, downloads the journal to `working` (the first time: uploads the local journal
-    /// there, if any), recovers and prunes it, and uploads it. The lock's lease is renewed until
-    /// [`Session::close`]. Must run inside a Tokio runtime.
+    /// Takes the remote lock (renewed from then on, until [`Session::close`]), downloads the journal to
+    /// `working` (the first time: uploads the local journal there, if any; a working copy that is replaced is
+    /// kept as `<file>.previous`), recovers and prunes it, and uploads it. Must run inside a Tokio runtime.
     pub async fn open_remote(state: S3State, working: &Path, retention: Retention) -> Result<Session, SessionError> {
-        let lock = state.acquire("apply").await?;
+        let lock = Arc::new(tokio::sync::Mutex::new(state.acquire("apply").await?));
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let stop: StopSlot = Arc::new(std::sync::Mutex::new(None));
+        let (closing, closed) = tokio::sync::watch::channel(false);
+        // Renewed from the moment it is taken: a long download never lets the lease run out.
+        let renewer = {
+            let (state, lock, failed, stop, mut closed) =
+                (state.clone(), lock.clone(), failed.clone(), stop.clone(), closed.clone());
+            tokio::spawn(async move {
+                let mut since_renewed = std::time::Instant::now();
+                loop {
+                    // Only the pause is cut short when the session closes: a renewal in flight completes, so the
+                    // lock's ETag stays known.
+                    tokio::select! {
+                        _ = tokio::time::sleep(state.lease() / 3) => {}
+                        _ = closed.wait_for(|c| *c) => return,
+                    }
+                    let mut held = lock.lock().await;
+                    match state.renew(&mut held).await {
+                        Ok(()) => since_renewed = std::time::Instant::now(),
+                        // A passing S3 error: try again at the next pause while the lease lasts.
+                        Err(e @ RemoteError::S3 { .. }) if since_renewed.elapsed() < state.lease() * 2 / 3 => {
+                            tracing::warn!(error = %e, "the state lock's renewal failed; retrying");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the state lock could not be renewed");
+                            fail(&failed, &stop, e);
+                            return;
+                        }
+                    }
+                }
+            })
+        };
         let opened = async {
             let etag = match state.download().await? {
                 Some((image, etag)) => {
+                    if working.exists() {
+                        let _ = std::fs::copy(working, working.with_extension("db.previous"));
+                    }
                     Journal::restore(working, &image)?;
                     Some(etag)
                 }
@@ -103,44 +151,25 @@ impl Session {
             let orphaned = journal.recover()?;
             journal.prune(retention)?;
             let etag = state.upload(journal.snapshot()?, etag.as_deref()).await?;
-            Ok::<_, SessionError>((journal, orphaned, etag))
+            // The uploader's own connection to the working copy: a snapshot sees everything committed so far.
+            let reader = Journal::open(working)?;
+            Ok::<_, SessionError>((journal, orphaned, etag, reader))
         }
         .await;
-        let (journal, orphaned, etag) = match opened {
+        let (journal, orphaned, etag, reader) = match opened {
             Ok(x) => x,
             Err(e) => {
-                let _ = state.release(&lock).await;
+                let _ = closing.send(true);
+                let _ = renewer.await;
+                let _ = state.release(&*lock.lock().await).await;
                 return Err(e);
             }
         };
-        let lock = Arc::new(tokio::sync::Mutex::new(lock));
         let etag = Arc::new(tokio::sync::Mutex::new(Some(etag)));
-        let failed = Arc::new(std::sync::Mutex::new(None));
-        let (closing, closed) = tokio::sync::watch::channel(false);
-        let renewer = {
-            let (state, lock, failed, mut closed) = (state.clone(), lock.clone(), failed.clone(), closed.clone());
-            tokio::spawn(async move {
-                loop {
-                    // Only the pause is cut short when the session closes: a renewal in flight completes, so the
-                    // lock's ETag stays known.
-                    tokio::select! {
-                        _ = tokio::time::sleep(state.lease() / 3) => {}
-                        _ = closed.wait_for(|c| *c) => return,
-                    }
-                    let mut held = lock.lock().await;
-                    if let Err(e) = state.renew(&mut held).await {
-                        tracing::warn!(error = %e, "the state lock could not be renewed");
-                        *failed.lock().expect("lock") = Some(e);
-                        return;
-                    }
-                }
-            })
-        };
         let (dirty, mut rx) = tokio::sync::watch::channel(0u64);
         let uploader = {
-            let (state, etag, failed, mut closed) = (state.clone(), etag.clone(), failed.clone(), closed);
-            // Its own connection to the working copy: a snapshot sees everything committed so far.
-            let reader = Journal::open(working)?;
+            let (state, etag, failed, stop, mut closed) =
+                (state.clone(), etag.clone(), failed.clone(), stop.clone(), closed);
             tokio::spawn(async move {
                 while rx.changed().await.is_ok() {
                     rx.borrow_and_update();
@@ -152,12 +181,23 @@ impl Session {
                         }
                     };
                     let mut current = etag.lock().await;
-                    match state.upload(image, current.as_deref()).await {
-                        Ok(new) => *current = Some(new),
-                        Err(e) => {
-                            *failed.lock().expect("lock") = Some(e);
-                            return;
+                    let mut tries = 0;
+                    loop {
+                        match state.upload(image.clone(), current.as_deref()).await {
+                            Ok(new) => *current = Some(new),
+                            // A passing S3 error: the next tries (the SDK has retried already).
+                            Err(e @ RemoteError::S3 { .. }) if tries < 3 => {
+                                tries += 1;
+                                tracing::warn!(error = %e, "a journal upload failed; retrying");
+                                tokio::time::sleep(UPLOAD_INTERVAL * tries).await;
+                                continue;
+                            }
+                            Err(e) => {
+                                fail(&failed, &stop, e);
+                                return;
+                            }
                         }
+                        break;
                     }
                     drop(current);
                     tokio::select! {
@@ -167,12 +207,12 @@ impl Session {
                 }
             })
         };
-        let remote = Remote { state, lock, etag, failed, dirty, closing, renewer, uploader };
+        let remote = Remote { state, lock, etag, failed, stop, dirty, closing, renewer, uploader };
         Ok(Session { journal, _lock: None, remote: Some(remote), orphaned })
     }
 
-    /// Ends the session: for remote state, a last upload of the journal, then the lock is released. A local
-    /// session's lock goes with the value.
+    /// Ends the session: for remote state, a last upload of the journal (unless another writer changed it), then
+    /// the lock is released. A local session's lock goes with the value.
     pub async fn close(self) -> Result<(), SessionError> {
         let Some(r) = self.remote else { return Ok(()) };
         // Both tasks end at their next pause; a request in flight completes first.
@@ -181,9 +221,10 @@ impl Session {
         let _ = r.renewer.await;
         let _ = r.uploader.await;
         let failed = r.failed.lock().expect("lock").take();
-        let result = match failed {
-            Some(e) => Err(SessionError::Remote(e)),
-            None => {
+        // After a lost lock the last upload is still made: its compare-and-swap refuses it if anyone else wrote.
+        let uploaded = match &failed {
+            Some(RemoteError::Conflict { .. }) => Ok(()),
+            _ => {
                 let mut etag = r.etag.lock().await;
                 match self.journal.snapshot() {
                     Ok(image) => match r.state.upload(image, etag.as_deref()).await {
@@ -197,9 +238,11 @@ impl Session {
                 }
             }
         };
-        let held = r.lock.lock().await;
-        let released = r.state.release(&held).await;
-        result?;
+        let released = r.state.release(&*r.lock.lock().await).await;
+        if let Some(e) = failed {
+            return Err(SessionError::Remote(e));
+        }
+        uploaded?;
         released.map_err(SessionError::Remote)
     }
 
@@ -288,6 +331,14 @@ impl Session {
         let mut journal_errors = Vec::new();
         let journal = &self.journal;
         let remote = self.remote.as_ref();
+        if let Some(r) = remote {
+            // From now on a lost lock or a second writer stops the walk at once; one already lost stops it
+            // before anything starts.
+            *r.stop.lock().expect("lock") = Some(stop.clone());
+            if r.failed.lock().expect("lock").is_some() {
+                let _ = stop.send(true);
+            }
+        }
         let mut remote_failed = false;
         let report = execute_until(graph.clone(), runner, parallelism, stop.subscribe(), |ev| {
             let id = match ev {
@@ -314,6 +365,12 @@ impl Session {
             }
         })
         .await;
+        if let Some(e) = remote
+            .filter(|_| !remote_failed)
+            .and_then(|r| r.failed.lock().expect("lock").as_ref().map(|e| format!("{e} ({})", e.hint())))
+        {
+            journal_errors.push(e);
+        }
 
         let tally = Tally::of(doc, &report);
         let done = tally.done;

@@ -83,6 +83,8 @@ pub enum RemoteError {
     Locked { info: Box<LockInfo>, lock: String },
     #[error("the fleet's state is locked by {}, whose lease expired at {}: the lock is stale (its holder stopped renewing it, probably killed)", .info.describe(), .info.expires.format("%Y-%m-%dT%H:%M:%SZ"))]
     Stale { info: Box<LockInfo>, lock: String },
+    #[error("the lock {} was renewed while it was being freed: its holder is probably alive", .info.describe())]
+    Renewed { info: Box<LockInfo>, lock: String },
     #[error(
         "the lock `{lock}` was taken away from this apply (force-unlocked, or its lease passed and another apply took it)"
     )]
@@ -108,10 +110,13 @@ impl RemoteError {
                 info.id
             ),
             RemoteError::LockLost { .. } => {
-                "nothing new was started; check who holds the lock now, then apply again".into()
+                "no action starts after this (running ones finish); check who holds the lock now (was it force-unlocked?), then apply again".into()
             }
-            RemoteError::Conflict { .. } => "two applies wrote one journal: nothing new was started; make sure one apply runs at a time (is a lock being force-unlocked?), then apply again".into(),
+            RemoteError::Conflict { .. } => "two applies wrote one journal: no action starts after this, and this apply's record stays in its local working copy (`.nimbus/journal.db`, or `journal.path`); make sure one apply runs at a time (was a lock force-unlocked?), then apply again".into(),
             RemoteError::NotLocked { .. } => "nothing to unlock".into(),
+            RemoteError::Renewed { .. } => {
+                "wait for that apply; if it really is gone, its lease runs out and force-unlock works then".into()
+            }
             RemoteError::WrongLockId { held, .. } => {
                 format!("give the id of the lock to free (`{held}` now), as the error that named it said")
             }
@@ -154,24 +159,22 @@ enum Failure {
     Other(String),
 }
 
-fn failure<E, R>(e: SdkError<E, R>) -> Failure
+fn failure<E>(e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Failure
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     let status = match &e {
-        SdkError::ServiceError(s) => Some(format!("{:?}", s.raw())),
+        SdkError::ServiceError(s) => Some(s.raw().status().as_u16()),
         _ => None,
     };
     tracing::debug!(error = %aws_sdk_s3::error::DisplayErrorContext(&e), "S3 call failed");
     let code = e.as_service_error().and_then(|s| s.code()).map(str::to_string);
-    let raw_status = status.as_deref().unwrap_or_default();
     match code.as_deref() {
         // 409 ConditionalRequestConflict: a conditional write raced another; the condition did not hold for us.
         Some("PreconditionFailed" | "ConditionalRequestConflict") => Failure::Precondition,
         Some("NoSuchKey" | "NotFound") => Failure::Missing,
-        _ if raw_status.contains("status: StatusCode(412)") => Failure::Precondition,
-        _ if raw_status.contains("status: StatusCode(404)") && code.is_none() => Failure::Missing,
+        _ if status == Some(412) => Failure::Precondition,
+        _ if status == Some(404) && code.is_none() => Failure::Missing,
         _ => Failure::Other(match (code, e.as_service_error().and_then(|s| s.message())) {
             (Some(c), Some(m)) => format!("{c}: {m}"),
             (Some(c), None) => c,
@@ -298,6 +301,8 @@ impl S3State {
                 Ok(out) => return Ok(HeldLock { info, etag: out.e_tag().unwrap_or_default().to_string() }),
                 Err(e) => match failure(e) {
                     Failure::Precondition => match self.read_lock().await? {
+                        // The SDK retried a write whose answer was lost: the lock there is this one.
+                        Some((held, etag)) if held.id == info.id => return Ok(HeldLock { info: held, etag }),
                         Some((held, _)) if held.expires <= Utc::now() => {
                             return Err(RemoteError::Stale { info: Box::new(held), lock: self.lock_url() });
                         }
@@ -338,7 +343,16 @@ impl S3State {
                 Ok(())
             }
             Err(e) => match failure(e) {
-                Failure::Precondition | Failure::Missing => Err(RemoteError::LockLost { lock: self.lock_url() }),
+                Failure::Precondition => match self.read_lock().await? {
+                    // The SDK retried a renewal whose answer was lost: it took effect.
+                    Some((held, etag)) if held.id == info.id && held.expires == info.expires => {
+                        lock.etag = etag;
+                        lock.info = held;
+                        Ok(())
+                    }
+                    _ => Err(RemoteError::LockLost { lock: self.lock_url() }),
+                },
+                Failure::Missing => Err(RemoteError::LockLost { lock: self.lock_url() }),
                 Failure::Other(m) => Err(self.s3("PutObject", self.lock_url(), m)),
             },
         }
@@ -382,8 +396,8 @@ impl S3State {
         match del {
             Ok(_) => Ok(info),
             Err(e) => match failure(e) {
-                // Renewed (or replaced) meanwhile: the caller looks again.
-                Failure::Precondition => Err(RemoteError::Locked { info: Box::new(info), lock: self.lock_url() }),
+                // Renewed (or replaced) meanwhile: its holder may well be alive.
+                Failure::Precondition => Err(RemoteError::Renewed { info: Box::new(info), lock: self.lock_url() }),
                 Failure::Missing => Err(RemoteError::NotLocked { lock: self.lock_url() }),
                 Failure::Other(m) => Err(self.s3("DeleteObject", self.lock_url(), m)),
             },

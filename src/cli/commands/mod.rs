@@ -117,17 +117,14 @@ pub struct ReadJournal {
     pub journal: crate::state::journal::Journal,
     /// Where the journal was read from, for messages.
     pub source: String,
+    /// The private folder a downloaded copy lives in.
     copy: Option<PathBuf>,
 }
 
 impl Drop for ReadJournal {
     fn drop(&mut self) {
-        if let Some(p) = &self.copy {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut f = p.as_os_str().to_owned();
-                f.push(suffix);
-                let _ = std::fs::remove_file(PathBuf::from(f));
-            }
+        if let Some(dir) = &self.copy {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -135,7 +132,8 @@ impl Drop for ReadJournal {
 /// The journal to read (plan, history): with an S3 backend, the copy last uploaded, downloaded without taking
 /// the lock; `None` when there is none yet. A local journal is opened (created) where it lives.
 pub fn read_journal(loaded: &LoadedConfig, flag: Option<&Path>) -> Result<Option<ReadJournal>, CommandError> {
-    let Some(state) = remote_state(loaded) else {
+    // `--journal FILE` reads that file, whatever the backend.
+    let Some(state) = remote_state(loaded).filter(|_| flag.is_none()) else {
         let path = journal_path(loaded, flag);
         let journal = crate::state::journal::Journal::open(&path)?;
         return Ok(Some(ReadJournal { journal, source: path.display().to_string(), copy: None }));
@@ -145,12 +143,29 @@ pub fn read_journal(loaded: &LoadedConfig, flag: Option<&Path>) -> Result<Option
         Ok::<_, CommandError>((s3.download().await?, s3.url()))
     })?;
     let Some((image, _)) = image else { return Ok(None) };
+    // A folder only this user can enter, made fresh (never one that exists, or a link planted in its place).
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let copy = std::env::temp_dir().join(format!("nimbus-journal-{}-{n}.db", std::process::id()));
-    crate::state::journal::Journal::restore(&copy, &image)?;
-    let read = ReadJournal { journal: crate::state::journal::Journal::open(&copy)?, source: url, copy: Some(copy) };
-    Ok(Some(read))
+    let nanos = Utc::now().timestamp_subsec_nanos();
+    let dir = std::env::temp_dir().join(format!("nimbus-journal-{}-{n}-{nanos:x}", std::process::id()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|source| CommandError::Io {
+            what: "create a private folder for",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let copy = dir.join("journal.db");
+    let guard = ReadJournal {
+        journal: {
+            crate::state::journal::Journal::restore(&copy, &image)?;
+            crate::state::journal::Journal::open(&copy)?
+        },
+        source: url,
+        copy: Some(dir),
+    };
+    Ok(Some(guard))
 }
 
 pub fn retention(loaded: &LoadedConfig) -> crate::state::journal::Retention {
