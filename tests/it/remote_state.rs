@@ -300,6 +300,8 @@ fn the_state_section_is_validated() {
         ("state:\n  backend: s3\n  key: k\n", "`state.backend: s3` needs `state.bucket`"),
         ("state:\n  backend: local\n  bucket: b\n", "`state.bucket` is for `backend: s3`"),
         ("state:\n  backend: s3\n  bucket: b\n  key: /k/\n", "`state.key` `/k/` is not usable"),
+        ("state:\n  backend: local\n  lock_lease: 1m\n", "`state.lock_lease` is for `backend: s3`"),
+        ("state:\n  backend: s3\n  bucket: b\n  key: k\n  lock_lease: 1s\n", "shorter than 3 seconds"),
     ] {
         std::fs::write(dir.path().join("fleet.yaml"), format!("{base}{state}")).unwrap();
         let o = nimbus_env(dir.path(), &["validate"], &[]);
