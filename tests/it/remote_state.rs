@@ -339,3 +339,22 @@ fn the_holder_renews_its_lease() {
     assert!(err.contains("locked by") && !err.contains("stale"), "{err}");
     assert_eq!(done(apply).status.code(), Some(0));
 }
+
+/// A lock force-unlocked under a live apply is lost at its next renewal: that apply starts nothing more and says
+/// so.
+#[test]
+fn an_apply_whose_lock_is_force_unlocked_stops() {
+    let Some(url) = moto() else { return };
+    let repo = Repo::new(&url, 4, "3s", "3s");
+    let (a, b) = (repo.clone(), repo.clone());
+    let apply = repo.spawn(a.path(), &["apply", "--auto-approve", "--parallelism", "1"]);
+    repo.wait_for("the lock", || repo.lock_body().is_some());
+    let id = lock_id(&repo.lock_body().unwrap());
+    let o = repo.run(b.path(), &["force-unlock", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = done(apply);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = flat(&o.stderr);
+    assert!(err.contains("was taken away from this apply"), "{err}");
+    assert!(repo.sandboxes().len() < 4, "it went on without its lock: {:?}", repo.sandboxes());
+}
