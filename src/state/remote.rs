@@ -424,6 +424,12 @@ impl S3State {
     /// Uploads the journal over the version with ETag `expected` (`None`: there must be none yet); returns the
     /// new ETag. Anything else there means a second writer.
     pub async fn upload(&self, bytes: Vec<u8>, expected: Option<&str>) -> Result<String, RemoteError> {
+        // S3's ETag of a single-part upload is the body's MD5: how a write of ours whose answer was lost (and
+        // which the SDK then retried) is told from another writer's.
+        let md5: String = {
+            use md5::Digest;
+            md5::Md5::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+        };
         let mut put = self
             .client
             .put_object()
@@ -438,7 +444,14 @@ impl S3State {
         match put.send().await {
             Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
             Err(e) => match failure(e) {
-                Failure::Precondition => Err(RemoteError::Conflict { key: self.url() }),
+                Failure::Precondition => {
+                    match self.client.head_object().bucket(&self.bucket).key(&self.key).send().await {
+                        Ok(head) if head.e_tag().is_some_and(|t| t.trim_matches('"') == md5) => {
+                            Ok(head.e_tag().unwrap_or_default().to_string())
+                        }
+                        _ => Err(RemoteError::Conflict { key: self.url() }),
+                    }
+                }
                 Failure::Missing if expected.is_some() => Err(RemoteError::Conflict { key: self.url() }),
                 Failure::Missing => Err(self.s3("PutObject", self.url(), "the bucket does not exist".into())),
                 Failure::Other(m) => Err(self.s3("PutObject", self.url(), m)),

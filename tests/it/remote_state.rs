@@ -358,3 +358,33 @@ fn an_apply_whose_lock_is_force_unlocked_stops() {
     assert!(err.contains("was taken away from this apply"), "{err}");
     assert!(repo.sandboxes().len() < 4, "it went on without its lock: {:?}", repo.sandboxes());
 }
+
+/// A write of ours that the SDK retried after its answer was lost finds its own object there: not a conflict.
+/// Another body there is one.
+#[test]
+fn a_retried_upload_of_our_own_is_not_a_second_writer() {
+    let Some(url) = moto() else { return };
+    use_moto_env(&url);
+    let bucket = format!("nimbus-{}", unique_tenant("retry"));
+    let config = nimbus::config::StateConfig {
+        backend: nimbus::config::StateBackend::S3,
+        bucket: Some(bucket),
+        key: Some("journal.db".into()),
+        region: None,
+        endpoint: Some(url.clone()),
+        lock_lease: None,
+    };
+    rt().block_on(async {
+        let s = nimbus::state::remote::S3State::from_config(&config).await.unwrap();
+        s.create_bucket().await.unwrap();
+        let first = s.upload(b"journal one".to_vec(), None).await.unwrap();
+        // The same body sent again under the same condition, as a retry would: the object is ours.
+        assert_eq!(s.upload(b"journal one".to_vec(), None).await.unwrap(), first);
+        let e = s.upload(b"journal two".to_vec(), None).await.unwrap_err();
+        assert!(matches!(e, nimbus::state::remote::RemoteError::Conflict { .. }), "{e}");
+        let second = s.upload(b"journal two".to_vec(), Some(&first)).await.unwrap();
+        let e = s.upload(b"journal three".to_vec(), Some(&first)).await.unwrap_err();
+        assert!(matches!(e, nimbus::state::remote::RemoteError::Conflict { .. }), "{e}");
+        assert_ne!(first, second);
+    });
+}
