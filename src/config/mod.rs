@@ -81,6 +81,7 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
     take("tenant".into(), v.get("tenant"));
     take("fleet".into(), v.get("fleet"));
     take("adopt_fleets".into(), v.get("adopt_fleets"));
+    take("env_passthrough".into(), v.get("env_passthrough"));
     for k in [
         "proxy_command",
         "jump_host",

@@ -35,6 +35,11 @@ pub struct FleetConfig {
     /// to merge two fleets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopt_fleets: Option<Vec<String>>,
+    /// Variables of nimbus's environment that every child it starts on this computer (`ssh.proxy_command`, a
+    /// `local` provider's setup steps) gets besides PATH, HOME, LANG, LC_ALL, USER, LOGNAME, TMPDIR and TERM.
+    /// `ssh.env_passthrough` and a provider's `env_passthrough` add to it for their own children.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_passthrough: Option<Vec<String>>,
     /// Where machines come from, by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Where runners register.

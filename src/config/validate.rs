@@ -76,6 +76,33 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
             ));
         }
     }
+    let mut lists: Vec<(String, &Vec<String>)> = Vec::new();
+    lists.extend(c.env_passthrough.iter().map(|l| ("env_passthrough".to_string(), l)));
+    lists.extend(
+        c.ssh.iter().filter_map(|s| s.env_passthrough.as_ref()).map(|l| ("ssh.env_passthrough".to_string(), l)),
+    );
+    for (name, p) in &c.providers {
+        if let super::ProviderConfig::Local(l) = p
+            && let Some(list) = &l.env_passthrough
+        {
+            lists.push((format!("providers.{name}.env_passthrough"), list));
+        }
+    }
+    for (path, list) in lists {
+        for (i, v) in list.iter().enumerate() {
+            let ok = v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                out.push(problem(
+                    format!("{path}[{i}]"),
+                    At::Value,
+                    format!("`{v}` is not an environment variable's name"),
+                    "not a variable name",
+                    "list names such as `AWS_PROFILE` (letters, digits and `_`)".to_string(),
+                ));
+            }
+        }
+    }
     if let Some(s) = &c.state {
         let s3 = s.backend == super::StateBackend::S3;
         for (field, value) in [("bucket", &s.bucket), ("key", &s.key), ("region", &s.region), ("endpoint", &s.endpoint)]

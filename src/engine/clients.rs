@@ -90,8 +90,17 @@ pub fn ssh_connector(loaded: &LoadedConfig, purpose: Purpose) -> Result<Option<A
         pin_new_keys: purpose == Purpose::Change
             && ssh.host_key_policy.unwrap_or(crate::config::HostKeyPolicy::PinOnFirstApply)
                 == crate::config::HostKeyPolicy::PinOnFirstApply,
-        env_passthrough: ssh.env_passthrough.clone().unwrap_or_default(),
+        env_passthrough: passthrough(loaded, ssh.env_passthrough.as_deref()),
     })))
+}
+
+/// The variables a child gets besides the minimal ones: the fleet's `env_passthrough`, then its section's.
+pub fn passthrough(loaded: &LoadedConfig, section: Option<&[String]>) -> Vec<String> {
+    let mut names: Vec<String> = loaded.config.env_passthrough.iter().flatten().cloned().collect();
+    names.extend(section.into_iter().flatten().cloned());
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// The fleet file's scope: its id, the fleets it adopts, and its pools.
@@ -115,6 +124,7 @@ pub async fn build_providers(loaded: &LoadedConfig, purpose: Purpose) -> Result<
             // Resources made before nimbus tagged providers belong to the only provider of their kind.
             sole_of_kind: loaded.config.providers.values().filter(|q| q.kind() == p.kind()).count() == 1,
             fleet: fleet_scope(loaded),
+            env_passthrough: loaded.config.env_passthrough.clone().unwrap_or_default(),
         };
         out.push(crate::providers::build(name, p, &ctx).await?);
     }

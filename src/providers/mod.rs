@@ -213,6 +213,8 @@ pub struct BuildContext {
     pub sole_of_kind: bool,
     /// The fleet file the provider works for.
     pub fleet: crate::core::model::FleetScope,
+    /// The fleet's `env_passthrough`: variables children on this computer get besides the minimal ones.
+    pub env_passthrough: Vec<String>,
 }
 
 /// Builds the provider named `name` from its section: the one registration point for provider kinds.

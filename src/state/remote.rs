@@ -28,8 +28,8 @@ pub struct LockInfo {
     pub user: String,
     pub host: String,
     pub pid: u32,
-    /// The run's token (the journal's run number is not known until the journal is read).
-    pub run: String,
+    /// The run's id: a token of this apply (the journal's run number is not known until the journal is read).
+    pub run_id: String,
     pub created: DateTime<Utc>,
     pub expires: DateTime<Utc>,
 }
@@ -56,7 +56,7 @@ impl LockInfo {
             user: crate::engine::apply::actor(),
             host,
             pid,
-            run: format!("{:x}", now.timestamp_millis()),
+            run_id: format!("{:x}", now.timestamp_millis()),
             created: now,
             expires: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
         }

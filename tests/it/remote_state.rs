@@ -279,7 +279,7 @@ fn plan_during_an_apply_takes_no_lock_and_the_lock_holds_no_secret() {
     assert_eq!(done(apply).status.code(), Some(0));
 
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    for k in ["id", "user", "host", "pid", "run", "created", "expires"] {
+    for k in ["id", "user", "host", "pid", "run_id", "created", "expires"] {
         assert!(!v[k].is_null(), "the lock names its holder's {k}: {body}");
     }
     for (k, secret) in &repo.env {

@@ -176,16 +176,19 @@ fn runner_secrets_never_reach_a_command_line() {
 fn local_setup_steps_do_not_inherit_nimbus_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("child-env");
-    let fleet = base("    env_passthrough: [BUILD_CACHE_URL]\n").replace(
-        "    machine:",
-        &format!("    setup:\n      - name: dump\n        run: env > {}\n    machine:", dump.display()),
-    );
+    let fleet = base("    env_passthrough: [BUILD_CACHE_URL]\n")
+        .replace("tenant: trust\n", "tenant: trust\nenv_passthrough: [FLEET_WIDE]\n")
+        .replace(
+            "    machine:",
+            &format!("    setup:\n      - name: dump\n        run: env > {}\n    machine:", dump.display()),
+        );
     std::fs::write(dir.path().join("fleet.yaml"), &fleet).unwrap();
     let o = nimbus_env(
         dir.path(),
         &["apply", "--auto-approve"],
         &[
             ("BUILD_CACHE_URL", "http://cache.invalid".into()),
+            ("FLEET_WIDE", "yes".into()),
             ("AWS_SECRET_ACCESS_KEY", "aws-secret-value-123".into()),
             ("NIMBUS_APP_KEY", "-----BEGIN PRIVATE KEY-----app-key-456".into()),
             ("GITHUB_TOKEN", "ghs_token789".into()),
@@ -195,6 +198,12 @@ fn local_setup_steps_do_not_inherit_nimbus_credentials() {
     let env = std::fs::read_to_string(&dump).unwrap();
     assert!(env.contains("PATH="), "the step still has a PATH: {env}");
     assert!(env.contains("BUILD_CACHE_URL=http://cache.invalid"), "env_passthrough lets a variable through: {env}");
+    assert!(env.contains("FLEET_WIDE=yes"), "the fleet-wide env_passthrough too: {env}");
+    // A name that is not a variable's is refused at its position.
+    std::fs::write(dir.path().join("fleet.yaml"), fleet.replace("[FLEET_WIDE]", "[\"A B\"]")).unwrap();
+    let o = nimbus_env(dir.path(), &["validate"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not an environment variable's name"), "{}", text(&o));
     for secret in ["aws-secret-value-123", "app-key-456", "ghs_token789", "AWS_SECRET_ACCESS_KEY"] {
         assert!(!env.contains(secret), "`{secret}` reached the step's environment");
     }
