@@ -226,6 +226,16 @@ fn a_failing_steps_hostile_output_is_defused_on_the_terminal() {
     for bad in ['\u{1b}', '\u{7}', '\r', '\u{202E}'] {
         assert!(!err.contains(bad), "{bad:?} reached the terminal: {err:?}");
     }
+    // The journal keeps the error as it was; `history` shows it defused too.
+    for args in [&["history"][..], &["history", "--run", "latest"]] {
+        let o = nimbus_env(dir.path(), args, &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("boom"), "{args:?}: {out}");
+        for bad in ['\u{1b}', '\u{7}', '\r', '\u{202E}'] {
+            assert!(!out.contains(bad), "{args:?}: {bad:?} reached the terminal: {out:?}");
+        }
+    }
 }
 
 fn fleet_file(dir: &std::path::Path, file: &str, extra: &str, pools: &[(&str, u32)]) {

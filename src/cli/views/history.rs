@@ -1,6 +1,7 @@
 //! `nimbus history`: runs, events, and one run's actions.
 
 use crate::state::journal::{ActionRow, EventRow, RunRow};
+use crate::util::text::terminal;
 
 pub fn actions(id: i64, actions: &[ActionRow], json: bool) {
     if json {
@@ -15,7 +16,8 @@ pub fn actions(id: i64, actions: &[ActionRow], json: bool) {
             a.status,
             a.kind,
             a.address,
-            a.error.as_ref().map(|e| format!("  error: {e}")).unwrap_or_default(),
+            // Errors quote what machines and clouds said: defused for the terminal.
+            a.error.as_ref().map(|e| format!("  error: {}", terminal(e))).unwrap_or_default(),
             a.log_path.as_ref().map(|p| format!("  log: {p}")).unwrap_or_default()
         );
     }
@@ -42,6 +44,6 @@ pub fn runs_and_events(runs: &[RunRow], events: &[EventRow], json: bool) {
     }
     outln!("\nEvents (newest first):");
     for e in events {
-        outln!("  {}  {:<6} {:<5} {:<10} {}", e.ts, e.category, e.level, e.actor, e.message);
+        outln!("  {}  {:<6} {:<5} {:<10} {}", e.ts, e.category, e.level, terminal(&e.actor), terminal(&e.message));
     }
 }
