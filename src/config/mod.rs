@@ -211,8 +211,10 @@ impl LoadedConfig {
             return id.clone();
         }
         let name = self.path.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("fleet.yaml"));
-        let file = self.base_dir.join(&name);
-        let root = self.base_dir.ancestors().find(|d| d.join(".git").exists());
+        // The file's real path: `..`, symlinks and the folder nimbus was started from make no difference.
+        let file = std::fs::canonicalize(self.base_dir.join(&name)).unwrap_or_else(|_| self.base_dir.join(&name));
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| self.base_dir.clone());
+        let root = dir.ancestors().find(|d| d.join(".git").exists());
         let rel = root.and_then(|r| file.strip_prefix(r).ok()).unwrap_or(&name);
         let id: String = rel
             .components()

@@ -323,6 +323,11 @@ pub struct Actual {
     /// Machines of this tenant that other fleet files manage: left alone, their names not reused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_fleets: Vec<OtherFleetResource>,
+    /// The pools this fleet's journal has acted on. When known, a leftover runner is removed only if its pool is
+    /// declared in the fleet file or is one of these: another fleet file's runners are never this fleet's
+    /// ghosts. `None` (no journal read): every runner named for the tenant is a candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_pools: Option<std::collections::BTreeSet<String>>,
 }
 
 /// A resource of this tenant and provider that another fleet file manages (its `nimbus:fleet` tag): left alone,
@@ -525,6 +530,9 @@ impl Actual {
         a.hosts.sort_by(|x, y| (&x.provider, &x.id).cmp(&(&y.provider, &y.id)));
         a.machines.sort_by(|x, y| (&x.provider, &x.instance_id).cmp(&(&y.provider, &y.instance_id)));
         a.unusable.sort_by(|x, y| (&x.provider, &x.id).cmp(&(&y.provider, &y.id)));
+        a.other_fleets.sort_by(|x, y| (&x.provider, &x.id).cmp(&(&y.provider, &y.id)));
+        // What this fleet's journal remembers is not what exists.
+        a.known_pools = None;
         if let Some(r) = a.runners.as_mut() {
             r.sort_by_key(|r| r.id);
             // Online/busy flip constantly and do not change the plan.

@@ -65,6 +65,7 @@ pub fn annotate_with_history(
     journal: &crate::state::journal::Journal,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), crate::state::journal::JournalError> {
+    actual.known_pools = Some(journal.pools_seen()?);
     let offline: Vec<String> = actual.runners.iter().flatten().filter(|r| !r.online).map(|r| r.name.clone()).collect();
     let since = journal.observe("runner_offline", &offline, now)?;
     for r in actual.runners.iter_mut().flatten() {

@@ -558,6 +558,23 @@ impl Journal {
     }
 
     /// What is recorded for `kind`, without changing it.
+    /// The pools this journal's runs acted on (from machine addresses `pool[i]` and runner addresses): whose
+    /// leftover runners this fleet may remove.
+    pub fn pools_seen(&self) -> Result<std::collections::BTreeSet<String>, JournalError> {
+        let mut st = self.conn.prepare("SELECT DISTINCT address FROM actions").map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(|e| self.err(e))?;
+        let mut out = std::collections::BTreeSet::new();
+        for a in rows {
+            let a = a.map_err(|e| self.err(e))?;
+            let pool = match a.strip_prefix("runner.") {
+                Some(name) => crate::core::model::parse_machine_name(name).map(|(_, p, _)| p.to_string()),
+                None => a.split_once('[').map(|(p, _)| p.to_string()),
+            };
+            out.extend(pool);
+        }
+        Ok(out)
+    }
+
     pub fn observed(&self, kind: &str) -> Result<std::collections::HashSet<String>, JournalError> {
         let mut st = self.conn.prepare("SELECT name FROM observations WHERE kind = ?1").map_err(|e| self.err(e))?;
         let rows = st.query_map(params![kind], |r| r.get::<_, String>(0)).map_err(|e| self.err(e))?;

@@ -247,6 +247,31 @@ fn orphans_are_destroyed_and_ghost_runners_deregistered() {
     );
 }
 
+/// Issue 13.5: with this fleet's journal read, a leftover runner is removed only if its pool is declared here or
+/// the journal acted on it: another fleet file's runners (on providers this one cannot see) are not ghosts.
+#[test]
+fn another_fleets_runners_are_not_ghosts() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (mut world, _) = built(&d, t0());
+    for (id, name) in [(901, "nimbus.acme.linux.0"), (902, "nimbus.acme.gone.3"), (903, "nimbus.acme.mac.7")] {
+        world.runners.as_mut().unwrap().push(ForgeRunner {
+            id,
+            name: name.into(),
+            labels: vec![],
+            online: false,
+            busy: false,
+            offline_since: None,
+        });
+    }
+    let ghosts =
+        |world: &Actual| -> Vec<String> { plan(&d, world, t0()).changes.iter().map(|c| c.address.clone()).collect() };
+    // Without a journal (a library caller, an offline inventory): every runner named for the tenant.
+    assert_eq!(ghosts(&world), ["runner.nimbus.acme.gone.3", "runner.nimbus.acme.linux.0", "runner.nimbus.acme.mac.7"]);
+    // With it: `mac` is declared, `gone` was this fleet's once (its journal says), `linux` never was.
+    world.known_pools = Some(["gone".to_string()].into());
+    assert_eq!(ghosts(&world), ["runner.nimbus.acme.gone.3", "runner.nimbus.acme.mac.7"]);
+}
+
 #[test]
 fn idle_host_inside_window_is_reused_before_allocating() {
     let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);

@@ -286,12 +286,14 @@ fn two_fleet_files_of_one_tenant_leave_each_other_alone() {
         serde_json::from_slice(&std::fs::read(d.join(".nimbus/local/nimbus.shared.a.0/nimbus.json")).unwrap()).unwrap();
     assert_eq!(rec["tags"]["nimbus:fleet"], "one.yaml", "{rec}");
 
-    // The same pool name in both: the second fleet's machine takes the next free number, and says why.
+    // The same pool name in both: it could be one fleet under two ids (a moved file, a checkout without git), so
+    // nothing is created in that pool, and the plan says how to settle it.
     fleet_file(d, "two.yaml", "", &[("b", 1), ("a", 1)]);
     let p = plan_of(d, "two.yaml");
-    assert_eq!(changes(&p), ["create a[2]"], "{p}");
+    assert!(changes(&p).is_empty(), "{p}");
     let warnings = p["warnings"].to_string();
     assert!(warnings.contains("fleet `one.yaml` has machines of a pool named `a` too"), "{warnings}");
+    assert!(warnings.contains("no machine of pool `a` is created"), "{warnings}");
     fleet_file(d, "two.yaml", "", &[("b", 1)]);
 
     // Adopting: the other fleet's machines are this one's now (here: orphans of a pool it does not declare).
@@ -307,4 +309,29 @@ fn two_fleet_files_of_one_tenant_leave_each_other_alone() {
     std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
     assert!(changes(&plan_of(d, "one.yaml")).is_empty());
     assert!(changes(&plan_of(d, "two.yaml")).is_empty());
+}
+
+/// The default fleet id is the file's real path in its git repository: the same from any folder and through
+/// `..`, so a fleet always finds its own machines.
+#[test]
+fn the_default_fleet_id_is_the_files_path_in_its_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join(".git")).unwrap();
+    std::fs::create_dir_all(d.join("fleets/sub")).unwrap();
+    fleet_file(&d.join("fleets"), "mac.yaml", "", &[("a", 1)]);
+    let o = nimbus_env(d, &["apply", "-f", "fleets/sub/../mac.yaml", "--auto-approve"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("fleets/.nimbus/local/nimbus.shared.a.0/nimbus.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["tags"]["nimbus:fleet"], "fleets/mac.yaml", "{rec}");
+    // From the fleet's own folder, the same fleet: nothing to do.
+    let o = nimbus_env(&d.join("fleets"), &["plan", "-f", "mac.yaml", "--detailed-exitcode"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // An explicit `fleet:` is another id: its plan leaves these machines alone, and creates none in their pool.
+    fleet_file(&d.join("fleets"), "mac.yaml", "fleet: renamed\n", &[("a", 1)]);
+    let p = plan_of(&d.join("fleets"), "mac.yaml");
+    assert!(changes(&p).is_empty(), "{p}");
+    assert!(p["warnings"].to_string().contains("set `fleet: fleets/mac.yaml`"), "{p}");
 }

@@ -63,6 +63,8 @@ struct Builder<'a> {
     reserved: HashMap<String, BTreeSet<u32>>,
     /// Names of other fleet files' machines: their runners are never ghosts here.
     other_fleet_names: HashSet<String>,
+    /// Pools this fleet's journal acted on (see [`Actual::known_pools`]).
+    known_pools: Option<&'a BTreeSet<String>>,
     /// The terminate action of each machine being torn down, by name: a new machine of the same name waits for it.
     teardowns: HashMap<String, usize>,
     /// Known hosts by the machine their tag names.
@@ -184,7 +186,7 @@ impl<'a> Builder<'a> {
             warnings.push(Warning {
                 address: format!("pool.{pool}"),
                 message: format!(
-                    "fleet `{fleet}` has machines of a pool named `{pool}` too ({}); they are left alone and this fleet's take other numbers (list `{fleet}` in `adopt_fleets` to manage them here)",
+                    "fleet `{fleet}` has machines of a pool named `{pool}` too ({}); they are left alone, and no machine of pool `{pool}` is created until this is settled: if `{fleet}` is this fleet under another id (a moved file, a checkout without git), set `fleet: {fleet}` or list it in `adopt_fleets`; if they are two fleets, rename one of the pools",
                     names.join(", ")
                 ),
                 kind: WarningKind::Other,
@@ -227,6 +229,7 @@ impl<'a> Builder<'a> {
             occupied,
             reserved,
             other_fleet_names,
+            known_pools: actual.known_pools.as_ref(),
             teardowns: HashMap::new(),
             hosts_by_machine_tag,
             held_for_jobs: HashSet::new(),

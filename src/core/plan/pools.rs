@@ -90,7 +90,13 @@ impl<'a> Builder<'a> {
                 None => self.converge(pool, m),
             }
         }
-        let missing = count.saturating_sub(ranked.len() + held_only);
+        let mut missing = count.saturating_sub(ranked.len() + held_only);
+        // Another fleet file of the tenant has machines in a pool of this name: it may be this very fleet under
+        // another id (a moved file, a checkout without git), so nothing is created here (a Mac host costs a day);
+        // the plan's warning says how to settle it.
+        if missing > 0 && self.reserved.get(&pool.name).is_some_and(|r| !r.is_empty()) {
+            missing = 0;
+        }
         let mut next = 0u32;
         for _ in 0..missing {
             while used.contains(&next) {

@@ -22,6 +22,14 @@ impl<'a> Builder<'a> {
             .filter(|r| !self.runners_handled.contains(&r.name) && !live.contains(r.name.as_str()))
             // Another fleet file's machine has this runner: not a ghost, not ours.
             .filter(|r| !self.other_fleet_names.contains(&r.name))
+            // Nor is a runner of a pool this fleet never declared nor acted on (another fleet file's, on providers
+            // this one cannot see).
+            .filter(|r| {
+                let pool = parse_machine_name(&r.name).map(|(_, p, _)| p).unwrap_or_default();
+                self.known_pools
+                    .as_ref()
+                    .is_none_or(|k| k.contains(pool) || self.desired.pools.iter().any(|p| p.name == pool))
+            })
             .collect();
         ghosts.sort_by_key(|r| (r.name.clone(), r.id));
         for r in ghosts {

@@ -230,8 +230,8 @@ impl LocalProvider {
         }
     }
 
-    /// Removes half-built and half-removed sandboxes left by a killed run. Call it only while holding the
-    /// apply lock.
+    /// Removes half-built and half-removed sandboxes left by a killed run: those untouched for an hour, so that
+    /// another fleet's apply sharing the folder (its own lock) keeps the ones it is building now.
     pub fn sweep(&self) -> Result<usize, ProviderError> {
         let entries = match std::fs::read_dir(&self.data_dir) {
             Ok(e) => e,
@@ -241,7 +241,12 @@ impl LocalProvider {
         let mut n = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp-") || name.starts_with(".trash-") {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600))
+                .unwrap_or(false);
+            if (name.starts_with(".tmp-") || name.starts_with(".trash-")) && stale {
                 std::fs::remove_dir_all(entry.path()).map_err(|e| self.io(e))?;
                 n += 1;
             }
