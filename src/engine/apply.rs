@@ -58,6 +58,19 @@ pub enum SessionError {
     Remote(#[from] RemoteError),
 }
 
+/// What an immediate exit (a second interrupt) still does first: free a remote lock, so the next apply need not
+/// wait for its lease (it recovers the run from the journal last uploaded, as after a crash).
+type AbortHook = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+static ON_ABORT: std::sync::Mutex<Option<AbortHook>> = std::sync::Mutex::new(None);
+
+/// Runs the abort hook, if a remote session is open (bounded: at most 3 seconds).
+pub async fn before_abort() {
+    let hook = ON_ABORT.lock().expect("lock").take();
+    if let Some(h) = hook {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), h()).await;
+    }
+}
+
 /// Where the remote tasks find the running apply's stop switch.
 type StopSlot = Arc<std::sync::Mutex<Option<Arc<tokio::sync::watch::Sender<bool>>>>>;
 
@@ -207,6 +220,17 @@ impl Session {
                 }
             })
         };
+        {
+            let (state, lock) = (state.clone(), lock.clone());
+            let hook: AbortHook = Arc::new(move || {
+                let (state, lock) = (state.clone(), lock.clone());
+                Box::pin(async move {
+                    let held = lock.lock().await;
+                    let _ = state.release(&held).await;
+                })
+            });
+            *ON_ABORT.lock().expect("lock") = Some(hook);
+        }
         let remote = Remote { state, lock, etag, failed, stop, dirty, closing, renewer, uploader };
         Ok(Session { journal, _lock: None, remote: Some(remote), orphaned })
     }
@@ -215,6 +239,7 @@ impl Session {
     /// the lock is released. A local session's lock goes with the value.
     pub async fn close(self) -> Result<(), SessionError> {
         let Some(r) = self.remote else { return Ok(()) };
+        ON_ABORT.lock().expect("lock").take();
         // Both tasks end at their next pause; a request in flight completes first.
         let _ = r.closing.send(true);
         drop(r.dirty);

@@ -388,3 +388,27 @@ fn a_retried_upload_of_our_own_is_not_a_second_writer() {
         assert_ne!(first, second);
     });
 }
+
+/// A second interrupt exits at once, but frees the lock first: the next apply need not wait out the lease, and
+/// recovers the run from the journal last uploaded.
+#[test]
+fn a_second_interrupt_frees_the_lock_before_exiting() {
+    let Some(url) = moto() else { return };
+    let repo = Repo::new(&url, 2, "8s", "60s");
+    let (a, b) = (repo.clone(), repo.clone());
+    let apply = repo.spawn(a.path(), &["apply", "--auto-approve"]);
+    repo.wait_for("the lock", || repo.lock_body().is_some());
+    std::thread::sleep(Duration::from_millis(500));
+    for sig in ["INT", "INT"] {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(apply.id().to_string()).status().unwrap();
+        assert!(ok.success());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let o = done(apply);
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(flat(&o.stderr).contains("Second interrupt"), "{}", text(&o));
+    assert!(repo.lock_body().is_none(), "the lock was freed before the exit");
+    let o = repo.run(b.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(repo.sandboxes().len(), 2, "{:?}", repo.sandboxes());
+}

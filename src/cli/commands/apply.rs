@@ -54,6 +54,8 @@ fn stop_on_signals(rt: &tokio::runtime::Runtime) -> Arc<tokio::sync::watch::Send
                 let _ = stop_tx.send(true);
             } else {
                 errln!("\nSecond interrupt: exiting now. Run `nimbus apply` again to continue.");
+                // A remote lock is freed first (briefly), so the next apply need not wait out its lease.
+                crate::engine::apply::before_abort().await;
                 std::process::exit(i32::from(exit::INTERRUPTED));
             }
         }
