@@ -114,11 +114,7 @@ impl Applier {
             log_dir,
             forge: None,
             runner_dir: None,
-            lock_owner: format!(
-                "{} pid {}",
-                std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
-                std::process::id()
-            ),
+            lock_owner: format!("{} pid {}", super::apply::hostname().unwrap_or_default(), std::process::id()),
             journal: None,
             seen: actual
                 .machines

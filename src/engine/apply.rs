@@ -71,6 +71,14 @@ pub async fn before_abort() {
     }
 }
 
+/// A remote task's pause between requests: false when the session closed meanwhile.
+async fn pause(d: std::time::Duration, closed: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = closed.wait_for(|c| *c) => false,
+    }
+}
+
 /// Where the remote tasks find the running apply's stop switch.
 type StopSlot = Arc<std::sync::Mutex<Option<Arc<tokio::sync::watch::Sender<bool>>>>>;
 
@@ -95,6 +103,12 @@ pub struct ApplyOutcome {
     pub not_started: usize,
     /// Journal writes that failed during the walk (the apply went on).
     pub journal_errors: Vec<String>,
+}
+
+/// This computer's name, if it has one (`/proc/sys/kernel/hostname`).
+pub fn hostname() -> Option<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(h.trim().to_string()).filter(|h| !h.is_empty())
 }
 
 /// Who runs the apply, for the audit log.
@@ -129,9 +143,8 @@ impl Session {
                 loop {
                     // Only the pause is cut short when the session closes: a renewal in flight completes, so the
                     // lock's ETag stays known.
-                    tokio::select! {
-                        _ = tokio::time::sleep(state.lease() / 3) => {}
-                        _ = closed.wait_for(|c| *c) => return,
+                    if !pause(state.lease() / 3, &mut closed).await {
+                        return;
                     }
                     let mut held = lock.lock().await;
                     match state.renew(&mut held).await {
@@ -213,9 +226,8 @@ impl Session {
                         break;
                     }
                     drop(current);
-                    tokio::select! {
-                        _ = tokio::time::sleep(UPLOAD_INTERVAL) => {}
-                        _ = closed.wait_for(|c| *c) => return,
+                    if !pause(UPLOAD_INTERVAL, &mut closed).await {
+                        return;
                     }
                 }
             })

@@ -90,17 +90,11 @@ pub fn ssh_connector(loaded: &LoadedConfig, purpose: Purpose) -> Result<Option<A
         pin_new_keys: purpose == Purpose::Change
             && ssh.host_key_policy.unwrap_or(crate::config::HostKeyPolicy::PinOnFirstApply)
                 == crate::config::HostKeyPolicy::PinOnFirstApply,
-        env_passthrough: passthrough(loaded, ssh.env_passthrough.as_deref()),
+        env_passthrough: crate::util::shell::passthrough(
+            loaded.config.env_passthrough.as_deref().unwrap_or_default(),
+            ssh.env_passthrough.as_deref(),
+        ),
     })))
-}
-
-/// The variables a child gets besides the minimal ones: the fleet's `env_passthrough`, then its section's.
-pub fn passthrough(loaded: &LoadedConfig, section: Option<&[String]>) -> Vec<String> {
-    let mut names: Vec<String> = loaded.config.env_passthrough.iter().flatten().cloned().collect();
-    names.extend(section.into_iter().flatten().cloned());
-    names.sort();
-    names.dedup();
-    names
 }
 
 /// The fleet file's scope: its id, the fleets it adopts, and its pools.

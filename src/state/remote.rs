@@ -38,11 +38,8 @@ impl LockInfo {
     /// A new lock for this process.
     pub fn new(operation: &str, lease: Duration) -> LockInfo {
         let now = Utc::now();
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
+        let host = crate::engine::apply::hostname()
+            .or_else(|| std::env::var("HOSTNAME").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()))
             .unwrap_or_else(|| "unknown".into());
         let pid = std::process::id();
         // Distinct per lock, even for two locks of one process in one clock tick.
@@ -58,7 +55,7 @@ impl LockInfo {
             pid,
             run_id: format!("{:x}", now.timestamp_millis()),
             created: now,
-            expires: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
+            expires: expiry(now, lease),
         }
     }
 
@@ -74,6 +71,11 @@ impl LockInfo {
             self.id
         )
     }
+}
+
+/// When a lease taken or renewed at `now` ends.
+fn expiry(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)
 }
 
 /// What went wrong with remote state.
@@ -257,28 +259,76 @@ impl S3State {
         RemoteError::S3 { op, target, message }
     }
 
-    /// The lock as it is now: its body and ETag, or `None`.
-    async fn read_lock(&self) -> Result<Option<(LockInfo, String)>, RemoteError> {
-        match self.client.get_object().bucket(&self.bucket).key(self.lock_key()).send().await {
+    /// A failure no caller handles on its own, as an error.
+    fn failed(&self, op: &'static str, target: &str, f: Failure) -> RemoteError {
+        let message = match f {
+            Failure::Other(m) => m,
+            Failure::Missing => "no such object or bucket".into(),
+            Failure::Precondition => "a condition did not hold".into(),
+        };
+        self.s3(op, target.to_string(), message)
+    }
+
+    /// GetObject: the body and ETag, or `None` when there is no such object.
+    async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, String)>, Failure> {
+        match self.client.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => {
                 let etag = out.e_tag().unwrap_or_default().to_string();
-                let body = out
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| self.s3("GetObject", self.lock_url(), e.to_string()))?
-                    .into_bytes();
-                let info: LockInfo = serde_json::from_slice(&body).map_err(|e| {
-                    self.s3("GetObject", self.lock_url(), format!("the lock's body is not a nimbus lock ({e})"))
-                })?;
-                Ok(Some((info, etag)))
+                let body = out.body.collect().await.map_err(|e| Failure::Other(e.to_string()))?.into_bytes();
+                Ok(Some((body.to_vec(), etag)))
             }
             Err(e) => match failure(e) {
-                Failure::Missing => Ok(None),
-                Failure::Precondition => Ok(None),
-                Failure::Other(m) => Err(self.s3("GetObject", self.lock_url(), m)),
+                Failure::Missing | Failure::Precondition => Ok(None),
+                other => Err(other),
             },
         }
+    }
+
+    /// PutObject under a condition: over the version with ETag `expected`, or (`None`) where there is none yet.
+    /// Returns the new ETag.
+    async fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        expected: Option<&str>,
+    ) -> Result<String, Failure> {
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body));
+        let put = match expected {
+            Some(etag) => put.if_match(etag),
+            None => put.if_none_match("*"),
+        };
+        match put.send().await {
+            Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
+            Err(e) => Err(failure(e)),
+        }
+    }
+
+    /// DeleteObject of the version with ETag `etag`.
+    async fn delete(&self, key: &str, etag: &str) -> Result<(), Failure> {
+        match self.client.delete_object().bucket(&self.bucket).key(key).if_match(etag).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(failure(e)),
+        }
+    }
+
+    /// The lock as it is now: its body and ETag, or `None`.
+    async fn read_lock(&self) -> Result<Option<(LockInfo, String)>, RemoteError> {
+        let Some((body, etag)) =
+            self.get(&self.lock_key()).await.map_err(|f| self.failed("GetObject", &self.lock_url(), f))?
+        else {
+            return Ok(None);
+        };
+        let info: LockInfo = serde_json::from_slice(&body).map_err(|e| {
+            self.s3("GetObject", self.lock_url(), format!("the lock's body is not a nimbus lock ({e})"))
+        })?;
+        Ok(Some((info, etag)))
     }
 
     /// Takes the lock for `operation`, or says who holds it (and whether their lease has passed).
@@ -287,19 +337,10 @@ impl S3State {
         for _ in 0..3 {
             let info = LockInfo::new(operation, self.lease);
             let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
-            let put = self
-                .client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(self.lock_key())
-                .content_type("application/json")
-                .body(ByteStream::from(body))
-                .if_none_match("*")
-                .send()
-                .await;
+            let put = self.put(&self.lock_key(), body, "application/json", None).await;
             match put {
-                Ok(out) => return Ok(HeldLock { info, etag: out.e_tag().unwrap_or_default().to_string() }),
-                Err(e) => match failure(e) {
+                Ok(etag) => return Ok(HeldLock { info, etag }),
+                Err(f) => match f {
                     Failure::Precondition => match self.read_lock().await? {
                         // The SDK retried a write whose answer was lost: the lock there is this one.
                         Some((held, etag)) if held.id == info.id => return Ok(HeldLock { info: held, etag }),
@@ -324,25 +365,15 @@ impl S3State {
     /// Extends the lease, if the lock is still ours.
     pub async fn renew(&self, lock: &mut HeldLock) -> Result<(), RemoteError> {
         let mut info = lock.info.clone();
-        info.expires = Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::MAX);
+        info.expires = expiry(Utc::now(), self.lease);
         let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
-        let put = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.lock_key())
-            .content_type("application/json")
-            .body(ByteStream::from(body))
-            .if_match(&lock.etag)
-            .send()
-            .await;
-        match put {
-            Ok(out) => {
-                lock.etag = out.e_tag().unwrap_or_default().to_string();
+        match self.put(&self.lock_key(), body, "application/json", Some(&lock.etag)).await {
+            Ok(etag) => {
+                lock.etag = etag;
                 lock.info = info;
                 Ok(())
             }
-            Err(e) => match failure(e) {
+            Err(f) => match f {
                 Failure::Precondition => match self.read_lock().await? {
                     // The SDK retried a renewal whose answer was lost: it took effect.
                     Some((held, etag)) if held.id == info.id && held.expires == info.expires => {
@@ -362,11 +393,9 @@ impl S3State {
     pub async fn release(&self, lock: &HeldLock) -> Result<(), RemoteError> {
         let mut etag = lock.etag.clone();
         for _ in 0..2 {
-            let del =
-                self.client.delete_object().bucket(&self.bucket).key(self.lock_key()).if_match(&etag).send().await;
-            match del {
-                Ok(_) => return Ok(()),
-                Err(e) => match failure(e) {
+            match self.delete(&self.lock_key(), &etag).await {
+                Ok(()) => return Ok(()),
+                Err(f) => match f {
                     Failure::Precondition => match self.read_lock().await? {
                         Some((info, current)) if info.id == lock.info.id => etag = current,
                         _ => return Err(RemoteError::LockLost { lock: self.lock_url() }),
@@ -379,11 +408,6 @@ impl S3State {
         Err(RemoteError::LockLost { lock: self.lock_url() })
     }
 
-    /// Who holds the lock now, if anyone.
-    pub async fn holder(&self) -> Result<Option<LockInfo>, RemoteError> {
-        Ok(self.read_lock().await?.map(|(i, _)| i))
-    }
-
     /// Frees the lock with id `id`, whoever holds it (`nimbus force-unlock`).
     pub async fn force_unlock(&self, id: &str) -> Result<LockInfo, RemoteError> {
         let Some((info, etag)) = self.read_lock().await? else {
@@ -392,10 +416,9 @@ impl S3State {
         if info.id != id {
             return Err(RemoteError::WrongLockId { lock: self.lock_url(), held: info.id, given: id.to_string() });
         }
-        let del = self.client.delete_object().bucket(&self.bucket).key(self.lock_key()).if_match(etag).send().await;
-        match del {
-            Ok(_) => Ok(info),
-            Err(e) => match failure(e) {
+        match self.delete(&self.lock_key(), &etag).await {
+            Ok(()) => Ok(info),
+            Err(f) => match f {
                 // Renewed (or replaced) meanwhile: its holder may well be alive.
                 Failure::Precondition => Err(RemoteError::Renewed { info: Box::new(info), lock: self.lock_url() }),
                 Failure::Missing => Err(RemoteError::NotLocked { lock: self.lock_url() }),
@@ -406,19 +429,7 @@ impl S3State {
 
     /// The journal as uploaded last, with its ETag; `None` before the first upload.
     pub async fn download(&self) -> Result<Option<(Vec<u8>, String)>, RemoteError> {
-        match self.client.get_object().bucket(&self.bucket).key(&self.key).send().await {
-            Ok(out) => {
-                let etag = out.e_tag().unwrap_or_default().to_string();
-                let bytes =
-                    out.body.collect().await.map_err(|e| self.s3("GetObject", self.url(), e.to_string()))?.into_bytes();
-                Ok(Some((bytes.to_vec(), etag)))
-            }
-            Err(e) => match failure(e) {
-                Failure::Missing => Ok(None),
-                Failure::Precondition => Ok(None),
-                Failure::Other(m) => Err(self.s3("GetObject", self.url(), m)),
-            },
-        }
+        self.get(&self.key).await.map_err(|f| self.failed("GetObject", &self.url(), f))
     }
 
     /// Uploads the journal over the version with ETag `expected` (`None`: there must be none yet); returns the
@@ -430,20 +441,9 @@ impl S3State {
             use md5::Digest;
             md5::Md5::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
         };
-        let mut put = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .content_type("application/vnd.sqlite3")
-            .body(ByteStream::from(bytes));
-        put = match expected {
-            Some(etag) => put.if_match(etag),
-            None => put.if_none_match("*"),
-        };
-        match put.send().await {
-            Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
-            Err(e) => match failure(e) {
+        match self.put(&self.key, bytes, "application/vnd.sqlite3", expected).await {
+            Ok(etag) => Ok(etag),
+            Err(f) => match f {
                 Failure::Precondition => {
                     match self.client.head_object().bucket(&self.bucket).key(&self.key).send().await {
                         Ok(head) if head.e_tag().is_some_and(|t| t.trim_matches('"') == md5) => {

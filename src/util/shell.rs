@@ -31,6 +31,14 @@ pub fn exports(vars: &[(&str, &str)]) -> String {
 /// `{env: ...}`, tokens) never reach it.
 pub const CHILD_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TMPDIR", "TERM"];
 
+/// The variables a child gets besides [`CHILD_ENV`]: the fleet's `env_passthrough`, then its section's, each once.
+pub fn passthrough(fleet: &[String], section: Option<&[String]>) -> Vec<String> {
+    let mut names: Vec<String> = fleet.iter().chain(section.into_iter().flatten()).cloned().collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Clears `cmd`'s environment down to [`CHILD_ENV`] and the variables the fleet file lets through
 /// (`env_passthrough`).
 pub fn minimal_env(cmd: &mut tokio::process::Command, passthrough: &[String]) {

@@ -2,7 +2,6 @@
 //! peer skips the test on a developer's machine, and fails it when
 //! `NIMBUS_REQUIRE_PEERS=1` (as `scripts/test.sh` and CI set).
 
-use sha2::Digest;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -97,8 +96,7 @@ printf '%s' "$token" > .credentials
     let real = dir.join("runner-linux-x64.tgz");
     let ok = std::process::Command::new("tar").arg("czf").arg(&real).arg("-C").arg(&src).arg(".").status().unwrap();
     assert!(ok.success());
-    let sum = sha2::Sha256::digest(std::fs::read(&real).unwrap());
-    let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = nimbus::core::model::sha256_hex(&std::fs::read(&real).unwrap());
     (format!("file://{}", tgz.display()), hex)
 }
 

@@ -176,11 +176,11 @@ fn apply_in(
         source,
     })?;
     // This fleet's applies (one at a time, by the apply lock) own the machines' setup locks they leave behind.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = crate::engine::apply::hostname().unwrap_or_default();
     let journal =
         std::path::absolute(session.journal().path()).unwrap_or_else(|_| session.journal().path().to_path_buf());
     let mut applier = Applier::new(desired, &actual, providers, Some(log_dir.clone()))
-        .with_lock_owner(format!("nimbus on {} ({})", host.trim(), journal.display()))
+        .with_lock_owner(format!("nimbus on {host} ({})", journal.display()))
         .with_idempotency_keys(&journal)?;
     if let Some(f) = forge {
         applier = applier.with_forge(f, super::runner_dir(&loaded));

@@ -90,7 +90,7 @@ impl LocalProvider {
         LocalProvider::new(name, ctx.tenant.clone(), dir)
             .with_delay(c.action_delay.map(|d| d.0).unwrap_or_default())
             .adopting_legacy(ctx.sole_of_kind)
-            .with_passthrough(ctx.env_passthrough.iter().chain(c.env_passthrough.iter().flatten()).cloned().collect())
+            .with_passthrough(crate::util::shell::passthrough(&ctx.env_passthrough, c.env_passthrough.as_deref()))
             .with_fleet(ctx.fleet.clone())
     }
 
