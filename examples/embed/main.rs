@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use nimbus::api::{MemoryStorage, Nimbus, Storage};
+use nimbus::api::{MemoryStorage, Nimbus, Storage, Termination};
 
 /// What an application would keep in its database for a tenant, here as fleet-file YAML.
 fn tenant_fleet(tenant: &str) -> String {
@@ -52,7 +52,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             all.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
         );
         let t = nimbus.can_terminate(&tenant, &m.name).await?;
-        println!("{tenant}: can terminate {}: {}", m.name, t.allowed);
+        println!("{tenant}: can terminate {}: {}", m.name, t.instance_can_go());
+        if let Termination::Busy { .. } = t {
+            continue; // a job runs: nothing goes (jobs are sacred)
+        }
         nimbus.terminate(&tenant, &m.name).await?;
         println!("{tenant}: terminated {}; {} machine(s) left", m.name, nimbus.list_machines(&tenant).await?.len());
     }

@@ -2,27 +2,36 @@
 //!
 //! An application that keeps its tenants, their providers and their forge in its own database implements
 //! [`Storage`]; `fleet.yaml` is one implementation ([`FileStorage`]), an in-memory map another
-//! ([`MemoryStorage`]). Every call discovers what exists first (by tags, on the forge, on the machines), and
-//! keeps nimbus's rules: a tenant's call never sees or touches another tenant's resources, a busy runner is
-//! never terminated, and a dedicated host is never released inside its minimum allocation window.
+//! ([`MemoryStorage`]).
+//!
+//! # Guarantees
+//! - The facade is a thin client of the engine. [`Nimbus::provision`] and [`Nimbus::terminate`] change the
+//!   desired state in the [`Storage`] (the pool's `count`; for `terminate`, which machine goes), then run the
+//!   same plan → apply path as `nimbus apply`: under the fleet's lock (local or S3), recorded in the journal as
+//!   runs by actor `api` (`nimbus history` shows them), with the same telemetry. An `apply` afterwards has
+//!   nothing to do, and neither call can race an apply of the same fleet.
+//! - A tenant's call never sees or touches another tenant's resources; a busy runner is never terminated; a
+//!   dedicated host is released by the plan's rules (never inside its minimum allocation period: until then
+//!   [`Nimbus::list_hosts`] shows it `held`, with its release time).
 //!
 //! ```text
-//! use nimbus::api::{MemoryStorage, Nimbus};
+//! use nimbus::api::{MemoryStorage, Nimbus, Termination};
 //!
 //! let storage = MemoryStorage::default();
 //! storage.put(fleet_config_for_acme, "/srv/fleets/acme")?;    // a `FleetConfig`, as `fleet.yaml` holds it
 //! let nimbus = Nimbus::new(storage);
 //! let m = nimbus.provision("acme", "ci").await?;             // one more machine in pool `ci`, set up
 //! let all = nimbus.list_machines("acme").await?;
-//! let t = nimbus.can_terminate("acme", &m.name).await?;      // busy? host window left?
-//! if t.allowed { nimbus.terminate("acme", &m.name).await?; }
+//! match nimbus.can_terminate("acme", &m.name).await? {
+//!     Termination::Busy { .. } => {}                            // a job runs: nothing can go
+//!     _ => { nimbus.terminate("acme", &m.name).await?; }       // the instance goes (its host when due)
+//! }
 //! ```
 //!
 //! `examples/embed/` is a complete program serving two tenants from a [`MemoryStorage`] on the local provider.
 
 mod storage;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,13 +41,15 @@ pub use storage::{FileStorage, MemoryStorage, Storage, StorageError};
 
 use crate::config::LoadedConfig;
 use crate::core::model::{Actual, ActualMachine, Desired, HostState};
-use crate::core::plan::{Action, ChangeAction, plan};
-use crate::engine::actions::Applier;
-use crate::engine::clients::{ClientError, build_forge, build_providers, runner_dir};
-use crate::engine::discovery::{DiscoveryError, discover_with_forge};
-use crate::engine::walk::{ActionError, ActionRunner, Outcome, Outputs, execute};
+use crate::core::plan::document::{FleetRef, Observed, PlanDocument};
+use crate::core::plan::{ChangeAction, plan};
+use crate::engine::apply::SessionError;
+use crate::engine::clients::{ClientError, build_forge, build_providers};
+use crate::engine::discovery::{DiscoveryError, discover_for_change, discover_with_forge};
+use crate::engine::walk::{ActionError, Outcome};
 use crate::forges::{Forge, ForgeError};
-use crate::providers::{MachineRef, Provider, ProviderError};
+use crate::providers::ProviderError;
+use crate::state::journal::JournalError;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +64,11 @@ pub enum ApiError {
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Forge(#[from] ForgeError),
+    /// The fleet's lock (another apply runs) or its journal.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     #[error("tenant `{tenant}` has no pool `{pool}`")]
     UnknownPool { tenant: String, pool: String },
     #[error("tenant `{tenant}` has no machine `{machine}`")]
@@ -86,16 +102,49 @@ pub struct Runner {
     pub busy: bool,
 }
 
-/// Whether a machine can be terminated now, and what its host's window says.
+/// Whether a machine can be terminated now: the seed's reasons, as values. What can go is explicit:
+/// [`Termination::Allowed`] (the instance and its host, if any), [`Termination::MinimumAllocationPeriod`]
+/// (the instance now, its dedicated host only once the period ends), [`Termination::Busy`] (nothing).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Termination {
-    pub allowed: bool,
-    /// Why not, when not.
-    pub reason: Option<String>,
-    /// The machine's dedicated host, if it has one; it stays allocated after the machine goes until this time.
-    pub host_releasable_at: Option<DateTime<Utc>>,
-    /// Time left in the host's minimum allocation window (zero once past it).
-    pub host_window_remaining: Option<Duration>,
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Termination {
+    /// The machine can go now, and its dedicated host (if it has one) too.
+    Allowed,
+    /// Its runner is running a job: nothing can go until the job ends.
+    Busy { runner_id: u64 },
+    /// The instance can go now; its dedicated host is inside its minimum allocation period and stays allocated
+    /// (held) for `remaining`, until `releasable_at`.
+    MinimumAllocationPeriod { host_id: String, remaining: Duration, releasable_at: DateTime<Utc> },
+}
+
+impl Termination {
+    /// Whether the machine (its instance) can be terminated now.
+    pub fn instance_can_go(&self) -> bool {
+        !matches!(self, Termination::Busy { .. })
+    }
+
+    /// Whether its dedicated host (if any) can be released with it now.
+    pub fn host_can_go(&self) -> bool {
+        matches!(self, Termination::Allowed)
+    }
+}
+
+/// A dedicated host of the tenant, as the ledger sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Host {
+    pub id: String,
+    pub provider: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+    /// `in_use` (an instance runs on it), `scrubbing`, `held` (idle, inside its minimum allocation period),
+    /// `due` (idle, past it: the next apply releases it unless a machine needs it), `other` (a provider state
+    /// nimbus leaves alone).
+    pub state: String,
+    /// The machine its tag names, if any.
+    pub machine: Option<String>,
+    pub allocated_at: DateTime<Utc>,
+    /// When it may be released (the end of its minimum allocation period, with the provider's margin).
+    pub releasable_at: DateTime<Utc>,
 }
 
 /// The facade: one per application, over its [`Storage`].
@@ -103,10 +152,9 @@ pub struct Nimbus<S: Storage> {
     storage: S,
 }
 
+/// What a read-only call sees.
 struct Clients {
     loaded: LoadedConfig,
-    providers: Vec<Arc<dyn Provider>>,
-    forge: Option<Arc<dyn Forge>>,
     actual: Actual,
 }
 
@@ -119,17 +167,18 @@ impl<S: Storage> Nimbus<S> {
         &self.storage
     }
 
+    /// Discovers what exists for `tenant` (read-only: no lock).
     async fn open(&self, tenant: &str) -> Result<Clients, ApiError> {
         let loaded = self.storage.fleet(tenant).await?;
-        let providers = build_providers(&loaded, crate::engine::clients::Purpose::Change).await?;
+        let providers = build_providers(&loaded, crate::engine::clients::Purpose::Look).await?;
         let forge = build_forge(&loaded)?;
         let actual = discover_with_forge(tenant, &providers, forge.as_deref()).await?;
-        Ok(Clients { loaded, providers, forge, actual })
+        Ok(Clients { loaded, actual })
     }
 
-    fn machine(c: &Clients, m: &ActualMachine) -> Machine {
+    fn machine(actual: &Actual, m: &ActualMachine) -> Machine {
         let name = m.name().unwrap_or(&m.instance_id).to_string();
-        let runner = c.actual.runners.as_ref().and_then(|rs| rs.iter().find(|r| r.name == name));
+        let runner = actual.runners.as_ref().and_then(|rs| rs.iter().find(|r| r.name == name));
         Machine {
             pool: m.pool().unwrap_or_default().to_string(),
             provider: m.provider.clone(),
@@ -141,14 +190,14 @@ impl<S: Storage> Nimbus<S> {
         }
     }
 
-    fn live(c: &Clients) -> impl Iterator<Item = &ActualMachine> {
-        c.actual.machines.iter().filter(|m| !m.state.is_gone() && m.name().is_some())
+    fn live(actual: &Actual) -> impl Iterator<Item = &ActualMachine> {
+        actual.machines.iter().filter(|m| !m.state.is_gone() && m.name().is_some())
     }
 
     /// The tenant's machines, as they are now.
     pub async fn list_machines(&self, tenant: &str) -> Result<Vec<Machine>, ApiError> {
         let c = self.open(tenant).await?;
-        let mut out: Vec<Machine> = Self::live(&c).map(|m| Self::machine(&c, m)).collect();
+        let mut out: Vec<Machine> = Self::live(&c.actual).map(|m| Self::machine(&c.actual, m)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -158,100 +207,203 @@ impl<S: Storage> Nimbus<S> {
         Ok(self.list_machines(tenant).await?.into_iter().find(|m| m.name == name))
     }
 
-    /// Provisions one more machine in `pool`: a host if its type needs one (an idle one is reused), the
-    /// instance, its setup steps and its runner, as `apply` would. Other drift is left alone.
-    pub async fn provision(&self, tenant: &str, pool: &str) -> Result<Machine, ApiError> {
+    /// The tenant's dedicated hosts: in use, scrubbing, held inside their minimum allocation period (with when
+    /// they may be released), or due.
+    pub async fn list_hosts(&self, tenant: &str) -> Result<Vec<Host>, ApiError> {
         let c = self.open(tenant).await?;
-        let mut desired = Desired::from_config(&c.loaded.config);
-        let existing = Self::live(&c).filter(|m| m.pool() == Some(pool)).count() as u32;
-        let Some(p) = desired.pools.iter_mut().find(|p| p.name == pool) else {
+        let desired = Desired::from_config(&c.loaded.config);
+        let now = Utc::now();
+        let mut out: Vec<Host> = c
+            .actual
+            .hosts
+            .iter()
+            .filter(|h| h.state != HostState::Released)
+            .map(|h| {
+                let releasable_at = releasable_at(&desired, h);
+                let state = match h.state {
+                    _ if !h.instance_ids.is_empty() => "in_use",
+                    HostState::Pending => "scrubbing",
+                    HostState::Available if releasable_at > now => "held",
+                    HostState::Available => "due",
+                    _ => "other",
+                };
+                Host {
+                    id: h.id.clone(),
+                    provider: h.provider.clone(),
+                    instance_type: h.instance_type.clone(),
+                    availability_zone: h.availability_zone.clone(),
+                    state: state.into(),
+                    machine: h.tags.get(crate::core::names::tags::MACHINE).cloned(),
+                    allocated_at: h.allocated_at,
+                    releasable_at,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Provisions one more machine in `pool`: the pool's count in the [`Storage`] goes up by one, then the
+    /// fleet is planned and applied as `nimbus apply` does (a host if its type needs one, an idle one reused;
+    /// the instance, its setup steps and its runner). Returns the machine made.
+    pub async fn provision(&self, tenant: &str, pool: &str) -> Result<Machine, ApiError> {
+        let loaded = self.storage.fleet(tenant).await?;
+        let Some(count) = loaded.config.pools.iter().find(|p| p.name == pool).map(|p| p.count) else {
             return Err(ApiError::UnknownPool { tenant: tenant.into(), pool: pool.into() });
         };
-        p.count = existing + 1;
-        let planned = plan(&desired, &c.actual, Utc::now());
-        let change = planned
-            .changes
+        let (doc, actual) = self.change(tenant, "provision", (pool, count + 1), Vec::new()).await?;
+        // The machine made for the pool (the last, when other drift made more); else its newest machine.
+        let made = doc
+            .resource_changes
             .iter()
-            .find(|ch| ch.actions == [ChangeAction::Create] && ch.pool.as_deref() == Some(pool))
-            .expect("one more machine than exists is a create");
-        let name = change.name.clone();
-        let only: HashSet<usize> = change.action_ids.iter().copied().collect();
-        let mut applier = Applier::new(desired, &c.actual, c.providers.clone(), None);
-        if let Some(f) = c.forge.clone() {
-            applier = applier.with_forge(f, runner_dir(&c.loaded));
-        }
-        let runner = Arc::new(Only { inner: applier, only });
-        let report = execute(Arc::new(planned.graph.clone()), runner, 10, |_| {}).await;
-        if let Some(id) = report.root_causes.first()
-            && let Some(Outcome::Failed(error)) = report.outcomes.get(id)
-        {
-            let action = planned.graph[petgraph::graph::NodeIndex::new(*id)].kind.name().to_string();
-            return Err(ApiError::Action { machine: name, action, error: error.clone() });
-        }
+            .filter(|ch| ch.actions == [ChangeAction::Create] && ch.pool.as_deref() == Some(pool))
+            .map(|ch| ch.name.clone())
+            .max_by_key(|n| crate::core::names::parse_machine_name(n).map(|(_, _, i)| i));
+        let name = match made {
+            Some(n) => n,
+            None => Self::live(&actual)
+                .filter(|m| m.pool() == Some(pool))
+                .filter_map(|m| m.name().map(str::to_string))
+                .max_by_key(|n| crate::core::names::parse_machine_name(n).map(|(_, _, i)| i))
+                .ok_or_else(|| ApiError::UnknownMachine { tenant: tenant.into(), machine: format!("{pool}[?]") })?,
+        };
         self.get_machine(tenant, &name)
             .await?
             .ok_or_else(|| ApiError::UnknownMachine { tenant: tenant.into(), machine: name })
     }
 
-    /// Whether `name` can be terminated now: not while its runner runs a job. A dedicated host outlives the
-    /// machine until its minimum allocation window ends; the answer says when that is.
+    /// Whether `name` can be terminated now (read-only: takes no lock).
     pub async fn can_terminate(&self, tenant: &str, name: &str) -> Result<Termination, ApiError> {
         let c = self.open(tenant).await?;
-        Self::termination(&c, tenant, name)
+        Self::termination(&c.loaded, &c.actual, tenant, name)
     }
 
-    fn termination(c: &Clients, tenant: &str, name: &str) -> Result<Termination, ApiError> {
-        let m = Self::live(c)
+    fn termination(loaded: &LoadedConfig, actual: &Actual, tenant: &str, name: &str) -> Result<Termination, ApiError> {
+        let m = Self::live(actual)
             .find(|m| m.name() == Some(name))
             .ok_or_else(|| ApiError::UnknownMachine { tenant: tenant.into(), machine: name.into() })?;
-        let busy = c.actual.runners.iter().flatten().any(|r| r.name == name && r.busy);
-        let desired = Desired::from_config(&c.loaded.config);
-        let host = m.host_id.as_ref().and_then(|h| c.actual.hosts.iter().find(|x| &x.id == h));
-        let releasable_at = host.filter(|h| h.state != HostState::Released).map(|h| {
-            let w = desired
-                .providers
-                .get(&h.provider)
-                .map(|p| p.releasable_after(&h.instance_type))
-                .unwrap_or(Duration::MAX);
-            crate::core::model::window_end_at(h.allocated_at, w)
-        });
-        let remaining = releasable_at.map(|t| (t - Utc::now()).to_std().unwrap_or_default());
-        Ok(Termination {
-            allowed: !busy,
-            reason: busy.then(|| "its runner is running a job".to_string()),
-            host_releasable_at: releasable_at,
-            host_window_remaining: remaining,
-        })
+        if let Some(r) = actual.runners.iter().flatten().find(|r| r.name == name && r.busy) {
+            return Ok(Termination::Busy { runner_id: r.id });
+        }
+        let desired = Desired::from_config(&loaded.config);
+        let host = m.host_id.as_ref().and_then(|h| actual.hosts.iter().find(|x| &x.id == h));
+        let now = Utc::now();
+        match host.filter(|h| h.state != HostState::Released).map(|h| (h, releasable_at(&desired, h))) {
+            Some((h, at)) if at > now => Ok(Termination::MinimumAllocationPeriod {
+                host_id: h.id.clone(),
+                remaining: (at - now).to_std().unwrap_or_default(),
+                releasable_at: at,
+            }),
+            _ => Ok(Termination::Allowed),
+        }
     }
 
-    /// Terminates `name`: its runner is deregistered, then the machine goes. Refused while its runner runs
-    /// a job. Its host, if any, stays until its window ends (the next `apply` releases it when due).
+    /// Terminates `name`: the pool's count in the [`Storage`] goes down by one and this machine is the one that
+    /// goes; the fleet is then planned and applied as `nimbus apply` does (its runner is deregistered, the
+    /// instance terminated, its host released when due and held until then). Refused while its runner runs a
+    /// job. Returns what [`Nimbus::can_terminate`] said.
     pub async fn terminate(&self, tenant: &str, name: &str) -> Result<Termination, ApiError> {
         let c = self.open(tenant).await?;
-        let t = Self::termination(&c, tenant, name)?;
-        if !t.allowed {
+        let t = Self::termination(&c.loaded, &c.actual, tenant, name)?;
+        if !t.instance_can_go() {
             return Err(ApiError::Busy { machine: name.into() });
         }
-        let m = Self::live(&c).find(|m| m.name() == Some(name)).expect("checked above");
-        if let (Some(f), Some(r)) = (&c.forge, c.actual.runners.iter().flatten().find(|r| r.name == name)) {
-            f.delete_runner(r.id).await?;
+        let m = Self::live(&c.actual).find(|m| m.name() == Some(name)).expect("checked above");
+        let pool = m.pool().unwrap_or_default().to_string();
+        let count = c.loaded.config.pools.iter().find(|p| p.name == pool).map(|p| p.count).unwrap_or(0);
+        let (doc, _) =
+            self.change(tenant, "terminate", (&pool, count.saturating_sub(1)), vec![name.to_string()]).await?;
+        // The job may have started between the check and the plan: the plan then defers the removal.
+        if doc
+            .deferred
+            .iter()
+            .any(|d| d.kind == crate::core::plan::DeferredKind::BusyRunner && d.action.machine() == Some(name))
+        {
+            return Err(ApiError::Busy { machine: name.into() });
         }
-        let provider = c.providers.iter().find(|p| p.name() == m.provider).expect("discovered by it");
-        let r = MachineRef { name: name.into(), instance_id: Some(m.instance_id.clone()), address: m.address.clone() };
-        provider.terminate(&r).await?;
         Ok(t)
     }
-}
 
-/// Runs only some of a plan's actions; the rest count as done without running (they are not this call's).
-struct Only {
-    inner: Applier,
-    only: HashSet<usize>,
-}
-
-#[async_trait::async_trait]
-impl ActionRunner for Only {
-    async fn run(&self, id: usize, action: &Action, outputs: &Outputs) -> Result<(), ActionError> {
-        if self.only.contains(&id) { self.inner.run(id, action, outputs).await } else { Ok(()) }
+    /// Sets a pool's count in the storage (`count`), then plans and applies the tenant's fleet, as
+    /// `nimbus apply` does, under the fleet's lock, as a journal run of `command` by actor `api`. `remove_first`
+    /// names machines a scale-down removes before any other. Returns the plan and what was discovered.
+    async fn change(
+        &self,
+        tenant: &str,
+        command: &str,
+        count: (&str, u32),
+        remove_first: Vec<String>,
+    ) -> Result<(PlanDocument, Actual), ApiError> {
+        let before = self.storage.fleet(tenant).await?;
+        // The fleet's lock first: nothing changes while another apply runs.
+        let mut session = crate::engine::fleet::open_session(&before, None).await?;
+        let result = async {
+            self.storage.set_count(tenant, count.0, count.1).await?;
+            let loaded = self.storage.fleet(tenant).await?;
+            let providers = build_providers(&loaded, crate::engine::clients::Purpose::Change).await?;
+            for p in &providers {
+                p.prepare().await?;
+            }
+            let forge: Option<Arc<dyn Forge>> = build_forge(&loaded)?;
+            let mut actual = discover_for_change(tenant, &providers, forge.as_deref()).await?;
+            let now = Utc::now();
+            crate::engine::discovery::annotate_with_history(&mut actual, session.journal(), now)?;
+            let mut desired = Desired::from_config(&loaded.config);
+            desired.remove_first = remove_first.into_iter().collect();
+            let doc = PlanDocument::from_plan(
+                &plan(&desired, &actual, now),
+                Some(FleetRef {
+                    path: loaded.path.display().to_string(),
+                    sha256: crate::core::model::sha256_hex(loaded.source.as_bytes()),
+                    content: None,
+                }),
+                Some(Observed { source: "discovery".into(), fingerprint: actual.fingerprint() }),
+            );
+            let fleet_path = loaded.path.display().to_string();
+            if !doc.has_changes() {
+                session.record_noop_by(tenant, &fleet_path, command, "api")?;
+                return Ok((doc, actual));
+            }
+            let run = session.start_by(&doc, &fleet_path, None, command, "api")?;
+            let applier = crate::engine::fleet::applier(
+                &loaded,
+                None,
+                &session,
+                run,
+                desired,
+                &actual,
+                providers.clone(),
+                forge,
+                Some({
+                    let d = session.log_dir(run);
+                    let _ = std::fs::create_dir_all(&d);
+                    d
+                }),
+            )?;
+            let stop = Arc::new(tokio::sync::watch::channel(false).0);
+            let outcome = session.execute(run, &doc, applier, 10, stop, &mut []).await?;
+            if let Some(id) = outcome.report.root_causes.first()
+                && let Some(Outcome::Failed(error)) = outcome.report.outcomes.get(id)
+            {
+                let a = &doc.actions[*id].action;
+                return Err(ApiError::Action {
+                    machine: a.kind.machine().unwrap_or(&a.address).to_string(),
+                    action: a.kind.name().to_string(),
+                    error: error.clone(),
+                });
+            }
+            Ok((doc, actual))
+        }
+        .await;
+        let closed = session.close().await;
+        let out = result?;
+        closed?;
+        Ok(out)
     }
+}
+
+/// When a host may be released: its allocation plus the provider's minimum period and margin.
+fn releasable_at(desired: &Desired, h: &crate::core::model::Host) -> DateTime<Utc> {
+    let w = desired.providers.get(&h.provider).map(|p| p.releasable_after(&h.instance_type)).unwrap_or(Duration::MAX);
+    crate::core::model::window_end_at(h.allocated_at, w)
 }

@@ -14,6 +14,8 @@ pub enum StorageError {
     UnknownTenant(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("tenant `{tenant}` has no pool `{pool}`")]
+    UnknownPool { tenant: String, pool: String },
     #[error("storage: {0}")]
     Other(String),
 }
@@ -26,6 +28,9 @@ pub trait Storage: Send + Sync {
     async fn tenants(&self) -> Result<Vec<String>, StorageError>;
     /// A tenant's fleet, validated, with the folder its relative paths resolve against.
     async fn fleet(&self, tenant: &str) -> Result<LoadedConfig, StorageError>;
+    /// Sets the desired `count` of a tenant's pool: where [`crate::api::Nimbus::provision`] and
+    /// [`crate::api::Nimbus::terminate`] record what they change, so the next apply agrees with them.
+    async fn set_count(&self, tenant: &str, pool: &str, count: u32) -> Result<(), StorageError>;
 }
 
 /// A `fleet.yaml` file: one tenant.
@@ -50,6 +55,29 @@ impl Storage for FileStorage {
             return Err(StorageError::UnknownTenant(tenant.into()));
         }
         Ok(loaded)
+    }
+
+    /// Rewrites the pool's `count:` value in the file, in place (comments and layout kept), atomically; the
+    /// result is validated before it replaces the file.
+    async fn set_count(&self, tenant: &str, pool: &str, count: u32) -> Result<(), StorageError> {
+        let loaded = self.fleet(tenant).await?;
+        let i = loaded
+            .config
+            .pools
+            .iter()
+            .position(|p| p.name == pool)
+            .ok_or_else(|| StorageError::UnknownPool { tenant: tenant.into(), pool: pool.into() })?;
+        let text = loaded.source.as_str();
+        let spans = crate::config::span::SpanIndex::build(text).map_err(|e| StorageError::Other(e.message))?;
+        let span = spans.value_span(&format!("pools[{i}].count")).ok_or_else(|| {
+            StorageError::Other(format!("pool `{pool}` in `{}` has no `count:` to change", self.path.display()))
+        })?;
+        let edited = format!("{}{count}{}", &text[..span.offset()], &text[span.offset() + span.len()..]);
+        crate::config::parse(&self.path.display().to_string(), &edited)?;
+        let tmp = self.path.with_extension("yaml.nimbus-tmp");
+        let io = |e: std::io::Error| StorageError::Other(format!("`{}`: {e}", self.path.display()));
+        std::fs::write(&tmp, &edited).map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)
     }
 }
 
@@ -76,5 +104,20 @@ impl Storage for MemoryStorage {
     }
     async fn fleet(&self, tenant: &str) -> Result<LoadedConfig, StorageError> {
         self.fleets.lock().expect("lock").get(tenant).cloned().ok_or_else(|| StorageError::UnknownTenant(tenant.into()))
+    }
+
+    async fn set_count(&self, tenant: &str, pool: &str, count: u32) -> Result<(), StorageError> {
+        let mut fleets = self.fleets.lock().expect("lock");
+        let loaded = fleets.get(tenant).ok_or_else(|| StorageError::UnknownTenant(tenant.into()))?;
+        let mut config = loaded.config.clone();
+        let p = config
+            .pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| StorageError::UnknownPool { tenant: tenant.into(), pool: pool.into() })?;
+        p.count = count;
+        let updated = LoadedConfig::from_config(&loaded.path.display().to_string(), config, &loaded.base_dir)?;
+        fleets.insert(tenant.to_string(), updated);
+        Ok(())
     }
 }

@@ -28,6 +28,9 @@ pub struct Desired {
     /// Without it, a busy runner is never deregistered, relabelled or terminated: its removal waits.
     #[serde(default)]
     pub interrupt_jobs: bool,
+    /// Machines a scale-down removes before any other (the library's `terminate` names the one that goes).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub remove_first: std::collections::BTreeSet<String>,
 }
 
 /// A provider as the planner sees it: its kind (for messages only) and its capabilities. The planner never
@@ -260,6 +263,7 @@ impl Desired {
                 .collect(),
             forge: c.forge.is_some(),
             interrupt_jobs: false,
+            remove_first: Default::default(),
             pools: c
                 .pools
                 .iter()
@@ -328,6 +332,27 @@ pub struct Actual {
     /// ghosts. `None` (no journal read): every runner named for the tenant is a candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub known_pools: Option<std::collections::BTreeSet<String>>,
+    /// Resources this fleet's runs made (the journal recorded what their idempotent calls returned) that
+    /// discovery does not show yet: EC2's reads lag behind its writes. The plan waits for them, for a while,
+    /// instead of making them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub made_unseen: Vec<MadeUnseen>,
+}
+
+/// A resource a run made that discovery has not seen yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadeUnseen {
+    pub provider: String,
+    /// The machine it was made for.
+    pub machine: String,
+    /// `instance` or `host`.
+    pub kind: String,
+    /// The provider's id of what was made.
+    pub id: String,
+    /// The journal's run that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<i64>,
+    pub made_at: DateTime<Utc>,
 }
 
 /// A resource of this tenant and provider that another fleet file manages (its `nimbus:fleet` tag): left alone,
@@ -497,6 +522,10 @@ pub struct StepRecord {
 pub struct RunnerRecord {
     pub name: String,
     pub labels: Vec<String>,
+    /// The forge's id of the runner the machine registered (when it recorded one): of two copies of one machine,
+    /// the one whose id the forge knows is the one that stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_id: Option<u64>,
 }
 
 /// A runner registered on the forge.
@@ -533,6 +562,7 @@ impl Actual {
         a.other_fleets.sort_by(|x, y| (&x.provider, &x.id).cmp(&(&y.provider, &y.id)));
         // What this fleet's journal remembers is not what exists.
         a.known_pools = None;
+        a.made_unseen.clear();
         if let Some(r) = a.runners.as_mut() {
             r.sort_by_key(|r| r.id);
             // Online/busy flip constantly and do not change the plan.

@@ -68,6 +68,80 @@ fn emit(event: &str, tenant: &str, machine: &str, duration: Option<Duration>, er
     }
 }
 
+/// How long a dead apply's setup step gets between TERM and KILL.
+const STEP_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Who takes machines' setup locks: the fleet's identity and the journal's run.
+#[derive(Debug, Clone, Default)]
+struct SetupOwner {
+    fleet: String,
+    run: i64,
+    /// The run's start time in the journal: with the id, names the run even if a lost upload let an id be reused.
+    run_started: String,
+    /// `alice@ci-7 pid 4242`, for people.
+    who: String,
+}
+
+fn who() -> String {
+    format!(
+        "{}@{} pid {}",
+        crate::util::actor(),
+        crate::util::hostname().unwrap_or_else(|| "unknown".into()),
+        std::process::id()
+    )
+}
+
+/// A setup lock's record, as read from the machine. Records of earlier nimbus versions (`owner\nsince`) have no
+/// fleet or run: they are only ever taken back once stale.
+#[derive(Debug, Default)]
+struct SetupHolder {
+    fleet: Option<String>,
+    run: Option<(i64, String)>,
+    who: Option<String>,
+    since: Option<i64>,
+}
+
+impl SetupHolder {
+    fn parse(text: &str) -> SetupHolder {
+        let mut h = SetupHolder::default();
+        if !text.starts_with("fleet=") {
+            let mut lines = text.lines();
+            h.who = lines.next().map(str::to_string).filter(|s| !s.is_empty());
+            h.since = lines.next().and_then(|s| s.trim().parse().ok());
+            return h;
+        }
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("fleet", v)) => h.fleet = Some(v.to_string()),
+                Some(("run", v)) => {
+                    h.run = v.split_once(' ').and_then(|(id, at)| Some((id.parse().ok()?, at.to_string())))
+                }
+                Some(("who", v)) => h.who = Some(v.to_string()),
+                Some(("since", v)) => h.since = v.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        h
+    }
+
+    /// `fleet `acme/fleet.yaml@s3://b/k`, run 7 (alice@vm pid 42), since 2026-12-06T20:00:00Z (3 min ago)`.
+    fn describe(&self, now: chrono::DateTime<chrono::Utc>) -> String {
+        let mut s = String::new();
+        if let Some(f) = &self.fleet {
+            s.push_str(&format!("fleet `{f}`"));
+        }
+        if let Some((id, _)) = &self.run {
+            s.push_str(&format!(", run {id}"));
+        }
+        let who = self.who.as_deref().unwrap_or("an unknown apply");
+        s.push_str(&if s.is_empty() { who.to_string() } else { format!(" ({who})") });
+        if let Some(t) = self.since.and_then(|t| chrono::DateTime::from_timestamp(t, 0)) {
+            s.push_str(&format!(", since {}", crate::util::time::at_ago(&t, &now)));
+        }
+        s
+    }
+}
+
 /// Runs plan actions.
 pub struct Applier {
     tenant: String,
@@ -78,13 +152,17 @@ pub struct Applier {
     forge: Option<Arc<dyn Forge>>,
     /// Where the runner agent goes (the fleet file's `runner_dir`); `None` is the agent's default.
     runner_dir: Option<String>,
-    /// Who holds a machine's setup lock while this applier runs setup (`host:journal`).
-    lock_owner: String,
+    /// Who holds a machine's setup lock while this applier runs setup: the fleet and the run.
+    setup_owner: SetupOwner,
     /// The journal (its own connection: actions run concurrently): idempotency keys, and where hosts were allocated.
     journal: Option<Mutex<crate::state::journal::Journal>>,
     /// The idempotency-key scopes of what discovery saw: those creations are done and visible, so their keys
     /// are forgotten (a later creation of the same name gets a new key).
     seen: Vec<String>,
+    /// The journal's run these actions belong to.
+    run: Option<i64>,
+    /// Actions answered with what an earlier run made (the same idempotency key): nothing new was made.
+    reused: Mutex<std::collections::HashSet<usize>>,
 }
 
 impl Applier {
@@ -114,7 +192,7 @@ impl Applier {
             log_dir,
             forge: None,
             runner_dir: None,
-            lock_owner: format!("{} pid {}", super::apply::hostname().unwrap_or_default(), std::process::id()),
+            setup_owner: SetupOwner::default(),
             journal: None,
             seen: actual
                 .machines
@@ -124,7 +202,32 @@ impl Applier {
                     h.tags.get(crate::core::names::tags::MACHINE).map(|n| format!("{}|AllocateHosts|{n}", h.provider))
                 }))
                 .collect(),
+            run: None,
+            reused: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// The journal's run these actions belong to (recorded with what each creation made).
+    pub fn with_run(mut self, run: i64) -> Self {
+        self.run = Some(run);
+        self
+    }
+
+    /// Records what the call under `scope` (action `id`) made; notes when it is what an earlier run made.
+    fn made(&self, id: usize, scope: &str, earlier: Option<String>, made: &str) {
+        if earlier.as_deref() == Some(made) {
+            self.reused.lock().expect("lock").insert(id);
+        }
+        if let Some(j) = &self.journal
+            && let Err(e) = j.lock().expect("lock").key_made(scope, self.run, made)
+        {
+            tracing::warn!(scope, error = %e, "could not record what a call made");
+        }
+    }
+
+    /// What an earlier call under `scope` made, as the journal recorded it.
+    fn made_before(&self, scope: &str) -> Option<String> {
+        self.journal.as_ref().and_then(|j| j.lock().expect("lock").made(scope).ok().flatten())
     }
 
     /// Mutating provider actions take their idempotency keys from the journal at `path`, written before each
@@ -159,10 +262,12 @@ impl Applier {
         }
     }
 
-    /// Names who holds machines' setup locks while this applier runs setup. An apply that died leaves its lock
-    /// behind; the next apply with the same owner takes it back at once.
-    pub fn with_lock_owner(mut self, owner: impl Into<String>) -> Self {
-        self.lock_owner = owner.into();
+    /// Names who holds machines' setup locks while this applier runs setup: the fleet (its identity, the same
+    /// in every clone: [`crate::engine::fleet::identity`]) and the journal's run. Under the fleet's lock, a
+    /// setup lock the same fleet's dead run left is taken over (after its step is stopped); see
+    /// [`Applier::run_setup`].
+    pub fn with_setup_owner(mut self, fleet: impl Into<String>, run: i64, run_started: impl Into<String>) -> Self {
+        self.setup_owner = SetupOwner { fleet: fleet.into(), run, run_started: run_started.into(), who: who() };
         self
     }
 
@@ -220,6 +325,7 @@ impl Applier {
             registered_at: crate::util::time::ts(&chrono::Utc::now()),
             runner_id: runner_id.map(|i| i as i64),
         });
+        db.set_lifecycle(machine_db::Lifecycle::Running);
         machine_db::write(t.as_ref(), &db).await?;
         Ok(())
     }
@@ -285,7 +391,9 @@ impl Applier {
         // A pool with setup steps records the machine with its first step; otherwise record it now.
         let has_setup = self.pool_of(machine).is_some_and(|p| !p.setup.is_empty());
         if !has_setup && machine_db::read(t.as_ref()).await?.is_none() {
-            machine_db::write(t.as_ref(), &self.first_state(provider, machine)).await?;
+            let mut db = self.first_state(provider, machine);
+            db.set_lifecycle(machine_db::Lifecycle::Ready);
+            machine_db::write(t.as_ref(), &db).await?;
         }
         Ok(())
     }
@@ -305,11 +413,157 @@ impl Applier {
                 db.machine.insert(k.into(), v.into());
             }
             db.machine.insert("created_at".into(), crate::util::time::ts(&chrono::Utc::now()));
+            db.set_lifecycle(machine_db::Lifecycle::Provisioning);
             if let Some(p) = self.pool_of(machine) {
                 db.images.push((p.spec.image.clone(), crate::util::time::ts(&chrono::Utc::now())));
             }
             db
         }
+    }
+
+    /// Takes `machine`'s setup lock (a folder beside its state database, holding a record of who took it).
+    ///
+    /// # Guarantees
+    /// - A lock held by another fleet, or by a live run of this one, is respected (until it is older than
+    ///   `stale_after`: then its apply died long ago).
+    /// - A lock this fleet's own dead run left (the journal shows that run ended, was interrupted, or never got
+    ///   recorded, and this applier holds the fleet's lock) is taken over at once, after the step it was
+    ///   running is stopped on the machine (its process group: TERM, then KILL after a grace). The journal
+    ///   records that.
+    ///
+    /// # Errors
+    /// "another apply is running setup", naming the fleet, run, process and since when (a time, and how long ago).
+    async fn take_setup_lock(
+        &self,
+        t: &dyn Transport,
+        machine: &str,
+        stale_after: Duration,
+    ) -> Result<(), ActionError> {
+        let now = chrono::Utc::now();
+        let locate = machine_db::locate(t.state_path());
+        let me = &self.setup_owner;
+        let record = format!(
+            "fleet={}\nrun={} {}\nwho={}\nsince={}\n",
+            me.fleet,
+            me.run,
+            me.run_started,
+            me.who,
+            now.timestamp()
+        );
+        let take = format!(
+            "{locate}; l=\"$d/.setup.lock\"; [ -d \"$d\" ] || $s mkdir -p \"$d\"\n\
+             if $s mkdir \"$l\" 2>/dev/null; then printf '%s' {rec} | $s tee \"$l/holder\" >/dev/null; exit 0; fi\n\
+             cat \"$l/holder\" 2>/dev/null; exit 75\n",
+            rec = shell::quote(&record),
+        );
+        let out = t.exec(&take, b"", None).await?;
+        if out.code == 0 {
+            return Ok(());
+        }
+        let seen = String::from_utf8_lossy(&out.stdout).to_string();
+        let holder = SetupHolder::parse(&seen);
+        let ours = holder.fleet.as_deref() == Some(me.fleet.as_str()) && !me.fleet.is_empty();
+        let same_run = ours && holder.run == Some((me.run, me.run_started.clone()));
+        let dead_run = ours && !same_run && self.run_is_over(holder.run.as_ref());
+        let stale = holder.since.is_some_and(|s| now.timestamp() - s > stale_after.as_secs() as i64);
+        if !(same_run || dead_run || stale) {
+            return Err(ActionError::new(format!(
+                "another apply is running setup on `{machine}` (lock held by {}); it is left alone: run `nimbus apply` again once it is done",
+                holder.describe(now)
+            )));
+        }
+        if dead_run || stale {
+            // Its step may still run on the machine (a killed apply's shell lives on): stop it first.
+            let stopped = self.stop_recorded_step(t).await;
+            let why = if dead_run { "a dead run of this fleet" } else { "an apply that stopped long ago" };
+            let message = format!(
+                "took over the setup lock on `{machine}` from {why} ({}); its setup step: {stopped}",
+                holder.describe(now)
+            );
+            tracing::warn!(event = "nimbus.setup.lock_taken_over", machine, "{message}");
+            if let Some(j) = &self.journal {
+                let _ = j.lock().expect("lock").event(
+                    (me.run > 0).then_some(me.run),
+                    crate::state::journal::Category::System,
+                    "warn",
+                    "nimbus",
+                    &message,
+                    Some(serde_json::json!({
+                        "event": "nimbus.setup.lock_taken_over",
+                        "machine": machine,
+                        "holder_fleet": holder.fleet,
+                        "holder_run": holder.run.as_ref().map(|r| r.0),
+                        "holder": holder.who,
+                        "step": stopped,
+                    })),
+                );
+            }
+        }
+        // Take it over only if it is still the lock we read (another fleet may have taken it meanwhile).
+        let again = format!(
+            "{locate}; l=\"$d/.setup.lock\"\n\
+             if [ \"$(cat \"$l/holder\" 2>/dev/null)\" = {seen} ]; then $s rm -rf \"$l\"; fi\n\
+             if $s mkdir \"$l\" 2>/dev/null; then printf '%s' {rec} | $s tee \"$l/holder\" >/dev/null; exit 0; fi\n\
+             cat \"$l/holder\" 2>/dev/null; exit 75\n",
+            seen = shell::quote(seen.trim_end_matches('\n')),
+            rec = shell::quote(&record),
+        );
+        let out = t.exec(&again, b"", None).await?;
+        if out.code != 0 {
+            let holder = SetupHolder::parse(&String::from_utf8_lossy(&out.stdout));
+            return Err(ActionError::new(format!(
+                "another apply is running setup on `{machine}` (lock held by {}); it is left alone: run `nimbus apply` again once it is done",
+                holder.describe(now)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the journal shows `run` over: finished, interrupted, or not there at all (a run killed before its
+    /// record reached the shared journal, or one pruned long ago). Only meaningful under the fleet's lock (no
+    /// other run of the fleet can be running then); a run still RUNNING with the same start is respected.
+    fn run_is_over(&self, run: Option<&(i64, String)>) -> bool {
+        let Some((id, started)) = run else { return false };
+        let Some(j) = &self.journal else { return false };
+        match j.lock().expect("lock").run_status(*id) {
+            Ok(Some((status, at))) => status != "RUNNING" || &at != started,
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Stops the process group a setup step recorded beside the state database, if it is alive: TERM, then KILL
+    /// after a grace. Says what it found and did.
+    async fn stop_recorded_step(&self, t: &dyn Transport) -> String {
+        let locate = machine_db::locate(t.state_path());
+        let grace = STEP_STOP_GRACE.as_secs();
+        let script = format!(
+            "{locate}; f=\"$d/.setup-step.pid\"; [ -f \"$f\" ] || {{ echo 'none was running'; exit 0; }}\n\
+             g=$(cat \"$f\"); case \"$g\" in ''|*[!0-9]*) echo 'its record is not a process group'; $s rm -f \"$f\"; exit 0;; esac\n\
+             if ! kill -0 -- \"-$g\" 2>/dev/null; then echo \"process group $g had ended\"; $s rm -f \"$f\"; exit 0; fi\n\
+             kill -s TERM -- \"-$g\" 2>/dev/null; i=0\n\
+             while kill -0 -- \"-$g\" 2>/dev/null && [ $i -lt {grace} ]; do sleep 1; i=$((i+1)); done\n\
+             if kill -0 -- \"-$g\" 2>/dev/null; then kill -s KILL -- \"-$g\" 2>/dev/null; echo \"process group $g was stopped with KILL after {grace}s\"; \
+             else echo \"process group $g was stopped with TERM\"; fi\n\
+             $s rm -f \"$f\"\n"
+        );
+        match t.exec(&script, b"", None).await {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            Err(e) => format!("could not be checked ({e})"),
+        }
+    }
+
+    /// Records `stopping` in the machine's database before it is terminated: best effort, briefly (a machine
+    /// being removed may well be unreachable).
+    async fn note_stopping(&self, p: &dyn Provider, r: &MachineRef) {
+        let Ok(Some(t)) = p.transport(r) else { return };
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            if let Ok(Some(mut db)) = machine_db::read(t.as_ref()).await {
+                db.set_lifecycle(machine_db::Lifecycle::Stopping);
+                let _ = machine_db::write(t.as_ref(), &db).await;
+            }
+        })
+        .await;
     }
 
     /// Runs setup steps under the machine's setup lock: two applies (two operators, two CI jobs) never run
@@ -332,26 +586,9 @@ impl Applier {
         let stale_after =
             self.pool_of(machine).map(|p| p.setup.iter().map(|s| s.timeout).sum::<Duration>()).unwrap_or_default()
                 + Duration::from_secs(600);
-        let now = chrono::Utc::now().timestamp();
-        let locate = machine_db::locate(t.state_path());
-        let lock = format!(
-            "{locate}; l=\"$d/.setup.lock\"; [ -d \"$d\" ] || $s mkdir -p \"$d\"\n\
-             take() {{ $s mkdir \"$l\" 2>/dev/null && printf '%s\\n%s\\n' {owner} {now} | $s tee \"$l/holder\" >/dev/null; }}\n\
-             if take; then exit 0; fi\n\
-             who=$(sed -n 1p \"$l/holder\" 2>/dev/null); since=$(sed -n 2p \"$l/holder\" 2>/dev/null)\n\
-             if [ \"$who\" = {owner} ] || {{ [ -n \"$since\" ] && [ $(({now} - since)) -gt {stale} ]; }}; then $s rm -rf \"$l\"; take && exit 0; fi\n\
-             printf '%s since %s' \"$who\" \"$since\"; exit 75\n",
-            owner = shell::quote(&self.lock_owner),
-            stale = stale_after.as_secs(),
-        );
-        let out = t.exec(&lock, b"", None).await?;
-        if out.code != 0 {
-            let held = String::from_utf8_lossy(&out.stdout).to_string();
-            return Err(ActionError::new(format!(
-                "another apply is running setup on `{machine}` (lock held by {held}); it is left alone: run `nimbus apply` again once it is done"
-            )));
-        }
+        self.take_setup_lock(t.as_ref(), machine, stale_after).await?;
         let result = self.run_setup_locked(&t, provider, pool, machine, steps, log).await;
+        let locate = machine_db::locate(t.state_path());
         let _ = t.exec(&format!("{locate}; $s rm -rf \"$d/.setup.lock\""), b"", None).await;
         result
     }
@@ -376,6 +613,7 @@ impl Applier {
             Some(db) => db,
             None => self.first_state(provider, machine),
         };
+        db.set_lifecycle(machine_db::Lifecycle::ImageInstalling);
         for step in steps {
             let (position, spec) =
                 pool_spec.setup.iter().enumerate().find(|(_, s)| s.name == step.name).ok_or_else(|| {
@@ -419,12 +657,13 @@ impl Applier {
                     );
                     let _ = t.exec(&kill, b"", None).await;
                     db.set_step(position as i64, &spec.name, &spec.hash, StepStatus::TimedOut, Some(124));
-                    machine_db::write(t.as_ref(), &db).await?;
                     let msg = format!(
                         "setup step `{}` ran past its timeout of {} and was stopped",
                         spec.name,
                         humantime::format_duration(spec.timeout)
                     );
+                    db.set_step_error(&spec.name, &msg);
+                    machine_db::write(t.as_ref(), &db).await?;
                     emit("nimbus.setup.step_timeout", &self.tenant, machine, Some(started.elapsed()), Some(&msg));
                     return Err(ActionError::timed_out(msg));
                 }
@@ -437,6 +676,9 @@ impl Applier {
                 if ok { StepStatus::Done } else { StepStatus::Failed },
                 Some(i64::from(out.code)),
             );
+            if !ok {
+                db.set_step_error(&spec.name, &out.stderr_tail);
+            }
             machine_db::write(t.as_ref(), &db).await?;
             if !ok {
                 let msg = format!("setup step `{}` failed with exit code {}: {}", spec.name, out.code, out.stderr_tail);
@@ -445,6 +687,12 @@ impl Applier {
             }
             emit("nimbus.setup.step_complete", &self.tenant, machine, Some(started.elapsed()), None);
         }
+        db.set_lifecycle(if db.runner.is_some() {
+            machine_db::Lifecycle::Running
+        } else {
+            machine_db::Lifecycle::Ready
+        });
+        machine_db::write(t.as_ref(), &db).await?;
         Ok(())
     }
 
@@ -459,7 +707,9 @@ impl Applier {
                 fallback_zones,
                 exclude_hosts,
             } => {
-                let idempotency_key = self.key(&format!("{provider}|AllocateHosts|{machine}"))?;
+                let scope = format!("{provider}|AllocateHosts|{machine}");
+                let idempotency_key = self.key(&scope)?;
+                let earlier = self.made_before(&scope);
                 let host = self
                     .provider(provider)?
                     .allocate_host_in_zone(&HostRequest {
@@ -498,6 +748,7 @@ impl Applier {
                         )));
                     }
                 }
+                self.made(id, &scope, earlier, &host.host_id);
                 outputs.lock().expect("lock").insert(id, host.host_id);
                 Ok(())
             }
@@ -514,7 +765,9 @@ impl Applier {
                             .ok_or_else(|| ActionError::new("the host allocation left no host id"))?,
                     ),
                 };
-                let idempotency_key = self.key(&format!("{provider}|RunInstances|{machine}"))?;
+                let scope = format!("{provider}|RunInstances|{machine}");
+                let idempotency_key = self.key(&scope)?;
+                let earlier = self.made_before(&scope);
                 let instance = self
                     .provider(provider)?
                     .launch(&LaunchRequest {
@@ -526,6 +779,7 @@ impl Applier {
                         idempotency_key,
                     })
                     .await?;
+                self.made(id, &scope, earlier, &instance);
                 self.machines.lock().expect("lock").insert(
                     machine.clone(),
                     MachineRef { name: machine.clone(), instance_id: Some(instance), address: None },
@@ -578,6 +832,7 @@ impl Applier {
                 let mut r = self.machine_ref(machine);
                 r.instance_id = Some(instance_id.clone());
                 let p = self.provider(provider)?;
+                self.note_stopping(p.as_ref(), &r).await;
                 p.terminate(&r).await?;
                 // Its connection (if one is open) goes with it.
                 if let Ok(Some(t)) = p.transport(&r) {
@@ -610,6 +865,10 @@ impl ActionRunner for Applier {
         }
         .instrument(span)
         .await
+    }
+
+    fn made_nothing_new(&self) -> std::collections::HashSet<usize> {
+        self.reused.lock().expect("lock").clone()
     }
 
     fn log_path(&self, id: usize, action: &Action) -> Option<PathBuf> {

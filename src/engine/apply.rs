@@ -47,6 +47,8 @@ struct Remote {
     closing: tokio::sync::watch::Sender<bool>,
     renewer: tokio::task::JoinHandle<()>,
     uploader: tokio::task::JoinHandle<()>,
+    /// The journal's run of this session, once recorded: the next renewal names it in the lock's body.
+    run: Arc<std::sync::Mutex<Option<i64>>>,
 }
 
 /// Why a session could not open or close.
@@ -105,16 +107,7 @@ pub struct ApplyOutcome {
     pub journal_errors: Vec<String>,
 }
 
-/// This computer's name, if it has one (`/proc/sys/kernel/hostname`).
-pub fn hostname() -> Option<String> {
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    Some(h.trim().to_string()).filter(|h| !h.is_empty())
-}
-
-/// Who runs the apply, for the audit log.
-pub fn actor() -> String {
-    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
-}
+pub use crate::util::{actor, hostname};
 
 impl Session {
     /// Takes the lock beside `journal_path` (`apply.lock`), then opens the journal, recovers and prunes it.
@@ -134,10 +127,11 @@ impl Session {
         let failed = Arc::new(std::sync::Mutex::new(None));
         let stop: StopSlot = Arc::new(std::sync::Mutex::new(None));
         let (closing, closed) = tokio::sync::watch::channel(false);
+        let run: Arc<std::sync::Mutex<Option<i64>>> = Arc::new(std::sync::Mutex::new(None));
         // Renewed from the moment it is taken: a long download never lets the lease run out.
         let renewer = {
-            let (state, lock, failed, stop, mut closed) =
-                (state.clone(), lock.clone(), failed.clone(), stop.clone(), closed.clone());
+            let (state, lock, failed, stop, mut closed, run) =
+                (state.clone(), lock.clone(), failed.clone(), stop.clone(), closed.clone(), run.clone());
             tokio::spawn(async move {
                 let mut since_renewed = std::time::Instant::now();
                 loop {
@@ -147,7 +141,8 @@ impl Session {
                         return;
                     }
                     let mut held = lock.lock().await;
-                    match state.renew(&mut held).await {
+                    let run = *run.lock().expect("lock");
+                    match state.renew_with_run(&mut held, run).await {
                         Ok(()) => since_renewed = std::time::Instant::now(),
                         // A passing S3 error: try again at the next pause while the lease lasts.
                         Err(e @ RemoteError::S3 { .. }) if since_renewed.elapsed() < state.lease() * 2 / 3 => {
@@ -243,7 +238,7 @@ impl Session {
             });
             *ON_ABORT.lock().expect("lock") = Some(hook);
         }
-        let remote = Remote { state, lock, etag, failed, stop, dirty, closing, renewer, uploader };
+        let remote = Remote { state, lock, etag, failed, stop, dirty, closing, renewer, uploader, run };
         Ok(Session { journal, _lock: None, remote: Some(remote), orphaned })
     }
 
@@ -283,6 +278,13 @@ impl Session {
         released.map_err(SessionError::Remote)
     }
 
+    /// The session's run is in the journal: the lock's body names it from its next renewal on.
+    fn run_recorded(&self, run: i64) {
+        if let Some(r) = &self.remote {
+            *r.run.lock().expect("lock") = Some(run);
+        }
+    }
+
     /// Tells the uploader the journal changed (it uploads at most once per [`UPLOAD_INTERVAL`]).
     fn journal_changed(&self) {
         if let Some(r) = &self.remote {
@@ -302,7 +304,19 @@ impl Session {
 
     /// Records an apply that had nothing to do.
     pub fn record_noop(&mut self, tenant: &str, fleet_path: &str) -> Result<i64, JournalError> {
-        let run = self.journal.start_run("apply", tenant, fleet_path)?;
+        self.record_noop_by(tenant, fleet_path, "apply", "cli")
+    }
+
+    /// Records a run of `command` by `actor` (`cli`, `api`, `reconcile`) that had nothing to do.
+    pub fn record_noop_by(
+        &mut self,
+        tenant: &str,
+        fleet_path: &str,
+        command: &str,
+        by: &str,
+    ) -> Result<i64, JournalError> {
+        let run = self.journal.start_run_by(command, by, tenant, fleet_path)?;
+        self.journal_changed();
         let summary = json!({ "added": 0, "changed": 0, "destroyed": 0, "actions": 0, "failed": 0, "skipped": 0 });
         self.journal.finish_run(run, true, &summary)?;
         self.journal.event(
@@ -323,7 +337,20 @@ impl Session {
         fleet_path: &str,
         planfile: Option<&Path>,
     ) -> Result<i64, JournalError> {
-        let run = self.journal.start_run("apply", &doc.tenant, fleet_path)?;
+        self.start_by(doc, fleet_path, planfile, "apply", "cli")
+    }
+
+    /// Starts a run of `command` by `actor` (`cli`, `api`, `reconcile`).
+    pub fn start_by(
+        &mut self,
+        doc: &PlanDocument,
+        fleet_path: &str,
+        planfile: Option<&Path>,
+        command: &str,
+        by: &str,
+    ) -> Result<i64, JournalError> {
+        let run = self.journal.start_run_by(command, by, &doc.tenant, fleet_path)?;
+        self.run_recorded(run);
         self.journal_changed();
         let rows: Vec<(usize, String, String, serde_json::Value)> = doc
             .actions
@@ -343,8 +370,8 @@ impl Session {
             Category::Audit,
             "info",
             &actor(),
-            &format!("apply started: {}", crate::cli::views::summary_line(&doc.summary)),
-            Some(json!({ "run_id": run, "summary": doc.summary, "planfile": planfile })),
+            &format!("{command} started: {}", crate::cli::views::summary_line(&doc.summary)),
+            Some(json!({ "run_id": run, "summary": doc.summary, "planfile": planfile, "by": by })),
         )?;
         tracing::info!(event = "nimbus.apply.start", tenant = %doc.tenant, run, actions = doc.actions.len(), "nimbus.apply.start");
         Ok(run)
@@ -377,7 +404,7 @@ impl Session {
             }
         }
         let mut remote_failed = false;
-        let report = execute_until(graph.clone(), runner, parallelism, stop.subscribe(), |ev| {
+        let report = execute_until(graph.clone(), runner.clone(), parallelism, stop.subscribe(), |ev| {
             let id = match ev {
                 ExecEvent::Started { id, .. } | ExecEvent::Finished { id, .. } => *id,
             };
@@ -409,7 +436,7 @@ impl Session {
             journal_errors.push(e);
         }
 
-        let tally = Tally::of(doc, &report);
+        let tally = Tally::of(doc, &report, &runner.made_nothing_new());
         let done = tally.done;
         let not_started = doc.actions.len() - report.outcomes.len();
         let summary = json!({
@@ -484,18 +511,26 @@ pub struct Tally {
 impl Tally {
     /// A resource counts once the action that makes or removes it succeeded, even when a later step of the
     /// same change did not (that change is listed as incomplete).
-    pub fn of(doc: &PlanDocument, report: &ExecReport) -> Tally {
+    /// A creation whose launch was answered with what an earlier run made (`made_nothing_new`) adds nothing.
+    pub fn of(doc: &PlanDocument, report: &ExecReport, made_nothing_new: &std::collections::HashSet<usize>) -> Tally {
         let ok = |i: &usize| report.outcomes.get(i) == Some(&Outcome::Success);
+        let launched_again = |c: &crate::core::plan::ResourceChange| {
+            c.action_ids.iter().any(|i| {
+                made_nothing_new.contains(i)
+                    && matches!(doc.actions.get(*i).map(|a| &a.action.kind), Some(ActionKind::LaunchInstance { .. }))
+            })
+        };
         let kind_of = |i: &usize| doc.actions.get(*i).map(|a| &a.action.kind);
         let mut done = Summary::default();
         let mut incomplete = Vec::new();
         for c in &doc.resource_changes {
-            if c.action_ids.iter().all(ok) {
+            let again = launched_again(c);
+            if c.action_ids.iter().all(ok) && !again {
                 done.count(c);
                 continue;
             }
-            let made =
-                c.action_ids.iter().any(|i| ok(i) && matches!(kind_of(i), Some(ActionKind::LaunchInstance { .. })));
+            let made = !again
+                && c.action_ids.iter().any(|i| ok(i) && matches!(kind_of(i), Some(ActionKind::LaunchInstance { .. })));
             let gone = c.action_ids.iter().any(|i| {
                 ok(i)
                     && matches!(
@@ -514,7 +549,7 @@ impl Tally {
                     _ => {}
                 }
             }
-            if any {
+            if any && !c.action_ids.iter().all(ok) {
                 let missing: Vec<String> = c
                     .action_ids
                     .iter()

@@ -35,6 +35,26 @@ pub async fn discover_with_forge(
     providers: &[Arc<dyn Provider>],
     forge: Option<&dyn Forge>,
 ) -> Result<Actual, DiscoveryError> {
+    discover_inner(tenant, providers, forge, false).await
+}
+
+/// Discovery for a change (`apply`, the library's calls): as [`discover_with_forge`], and a machine database of
+/// an older schema is rewritten in the current one as it is read (nothing it held is lost; see
+/// [`crate::state::machine_db::SCHEMA_VERSION`]). `plan` never writes.
+pub async fn discover_for_change(
+    tenant: &str,
+    providers: &[Arc<dyn Provider>],
+    forge: Option<&dyn Forge>,
+) -> Result<Actual, DiscoveryError> {
+    discover_inner(tenant, providers, forge, true).await
+}
+
+async fn discover_inner(
+    tenant: &str,
+    providers: &[Arc<dyn Provider>],
+    forge: Option<&dyn Forge>,
+    migrate: bool,
+) -> Result<Actual, DiscoveryError> {
     let runners = async {
         match forge {
             Some(f) => f.list_runners(tenant).await.map(Some),
@@ -53,7 +73,7 @@ pub async fn discover_with_forge(
     }
     let machines = std::mem::take(&mut actual.machines);
     actual.machines =
-        stream::iter(machines).map(|m| read_state(m, providers)).buffered(READ_CONCURRENCY).collect().await;
+        stream::iter(machines).map(|m| read_state(m, providers, migrate)).buffered(READ_CONCURRENCY).collect().await;
     actual.runners = runners;
     Ok(actual)
 }
@@ -66,6 +86,35 @@ pub fn annotate_with_history(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), crate::state::journal::JournalError> {
     actual.known_pools = Some(journal.pools_seen()?);
+    // What runs made that discovery does not show yet (the provider's reads lag behind its writes).
+    actual.made_unseen.clear();
+    for (scope, run, id, made_at) in journal.made_unseen()? {
+        let mut parts = scope.splitn(3, '|');
+        let (Some(provider), Some(op), Some(machine)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let kind = match op {
+            "RunInstances" => "instance",
+            "AllocateHosts" => "host",
+            _ => continue,
+        };
+        let visible = match kind {
+            "instance" => actual
+                .machines
+                .iter()
+                .any(|m| m.provider == provider && (m.instance_id == id || m.name() == Some(machine))),
+            _ => actual.hosts.iter().any(|h| h.provider == provider && h.id == id),
+        };
+        let Ok(made_at) = chrono::DateTime::parse_from_rfc3339(&made_at) else { continue };
+        if !visible {
+            actual.made_unseen.push(crate::core::model::MadeUnseen {
+                provider: provider.to_string(),
+                machine: machine.to_string(),
+                kind: kind.to_string(),
+                id,
+                run,
+                made_at: made_at.to_utc(),
+            });
+        }
+    }
     let offline: Vec<String> = actual.runners.iter().flatten().filter(|r| !r.online).map(|r| r.name.clone()).collect();
     let since = journal.observe("runner_offline", &offline, now)?;
     for r in actual.runners.iter_mut().flatten() {
@@ -105,7 +154,7 @@ pub fn annotate_with_history(
     Ok(())
 }
 
-async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>]) -> ActualMachine {
+async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>], migrate: bool) -> ActualMachine {
     if m.state != InstanceState::Running || m.on_machine != OnMachine::NotRead {
         return m;
     }
@@ -120,7 +169,23 @@ async fn read_state(mut m: ActualMachine, providers: &[Arc<dyn Provider>]) -> Ac
         Err(e) => OnMachine::Unreachable { reason: e.to_string() },
         Ok(Some(t)) => {
             let read = match crate::state::machine_db::read(t.as_ref()).await {
-                Ok(Some(db)) => OnMachine::Read { state: db.to_model() },
+                Ok(Some(db)) => {
+                    if migrate && db.needs_migration() {
+                        match crate::state::machine_db::write(t.as_ref(), &db).await {
+                            Ok(()) => tracing::info!(
+                                event = "nimbus.machine.state_migrated",
+                                machine = %r.name,
+                                from = db.read_schema.as_deref().unwrap_or("?"),
+                                to = crate::state::machine_db::SCHEMA_VERSION,
+                                "nimbus.machine.state_migrated"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(machine = %r.name, error = %e, "the machine's state database could not be migrated; it is read as it is")
+                            }
+                        }
+                    }
+                    OnMachine::Read { state: db.to_model() }
+                }
                 Ok(None) => OnMachine::Read { state: MachineState::default() },
                 Err(e) if e.is_bad_state() => OnMachine::BadState { reason: e.to_string() },
                 Err(e) => OnMachine::Unreachable { reason: e.to_string() },

@@ -5,4 +5,5 @@ pub mod actions;
 pub mod apply;
 pub mod clients;
 pub mod discovery;
+pub mod fleet;
 pub mod walk;

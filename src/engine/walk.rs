@@ -108,6 +108,11 @@ pub trait ActionRunner: Send + Sync + 'static {
     fn log_path(&self, _id: usize, _action: &Action) -> Option<PathBuf> {
         None
     }
+    /// Actions that succeeded without making anything new: the provider answered from the idempotency key with
+    /// what an earlier run made. The summary does not count them as added.
+    fn made_nothing_new(&self) -> std::collections::HashSet<usize> {
+        std::collections::HashSet::new()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

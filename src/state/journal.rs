@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS runs (
   command     TEXT NOT NULL,
   tenant      TEXT NOT NULL,
   fleet_path  TEXT NOT NULL,
-  summary     TEXT
+  summary     TEXT,
+  actor       TEXT
 );
 CREATE TABLE IF NOT EXISTS actions (
   id          INTEGER PRIMARY KEY,
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS event_log (
   ts       TEXT NOT NULL,
   run_id   INTEGER,
   category TEXT NOT NULL CHECK (category IN ('audit', 'system', 'error')),
-  level    TEXT NOT NULL CHECK (level IN ('debug', 'info', 'warn', 'error')),
+  level    TEXT NOT NULL CHECK (level IN ('debug', 'info', 'success', 'warn', 'error')),
   actor    TEXT NOT NULL,
   message  TEXT NOT NULL,
   details  TEXT
@@ -54,7 +55,10 @@ CREATE INDEX IF NOT EXISTS event_log_ts ON event_log(ts);
 CREATE TABLE IF NOT EXISTS idempotency_keys (
   scope       TEXT PRIMARY KEY,
   key         TEXT NOT NULL,
-  created_at  TEXT NOT NULL
+  created_at  TEXT NOT NULL,
+  run_id      INTEGER,
+  made_id     TEXT,
+  made_at     TEXT
 );
 CREATE TABLE IF NOT EXISTS observations (
   kind  TEXT NOT NULL,
@@ -153,6 +157,8 @@ pub struct RunRow {
     pub command: String,
     pub tenant: String,
     pub summary: Option<String>,
+    /// Who made the run: `cli`, `api`, `reconcile` (`None`: written by an earlier nimbus).
+    pub actor: Option<String>,
 }
 
 /// A row of `actions`.
@@ -211,7 +217,57 @@ impl Journal {
         j.exec_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(corrupt)?;
         j.exec_batch(SCHEMA).map_err(corrupt)?;
+        j.migrate().map_err(corrupt)?;
         Ok(j)
+    }
+
+    /// Brings a journal written by an earlier nimbus to this schema, in place: `runs.actor`, the made
+    /// resources of idempotency keys, and the seed's `success` level in `event_log` (a CHECK constraint, so
+    /// that table is rebuilt in one transaction, keeping every row).
+    fn migrate(&self) -> Result<(), JournalError> {
+        let has = |table: &str, column: &str| -> Result<bool, JournalError> {
+            let mut st = self.conn.prepare(&format!("PRAGMA table_info({table})")).map_err(|e| self.err(e))?;
+            let cols: Vec<String> = st
+                .query_map([], |r| r.get::<_, String>(1))
+                .map_err(|e| self.err(e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?;
+            Ok(cols.iter().any(|c| c == column))
+        };
+        if !has("runs", "actor")? {
+            self.exec_batch("ALTER TABLE runs ADD COLUMN actor TEXT;")?;
+        }
+        for col in ["run_id INTEGER", "made_id TEXT", "made_at TEXT"] {
+            if !has("idempotency_keys", col.split(' ').next().expect("a name"))? {
+                self.exec_batch(&format!("ALTER TABLE idempotency_keys ADD COLUMN {col};"))?;
+            }
+        }
+        let sql: String = self
+            .conn
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'event_log'", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if !sql.contains("'success'") {
+            self.exec_batch(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE event_log_new (
+                   id       INTEGER PRIMARY KEY,
+                   ts       TEXT NOT NULL,
+                   run_id   INTEGER,
+                   category TEXT NOT NULL CHECK (category IN ('audit', 'system', 'error')),
+                   level    TEXT NOT NULL CHECK (level IN ('debug', 'info', 'success', 'warn', 'error')),
+                   actor    TEXT NOT NULL,
+                   message  TEXT NOT NULL,
+                   details  TEXT
+                 );
+                 INSERT INTO event_log_new (id, ts, run_id, category, level, actor, message, details)
+                   SELECT id, ts, run_id, category, level, actor, message, details FROM event_log;
+                 DROP TABLE event_log;
+                 ALTER TABLE event_log_new RENAME TO event_log;
+                 CREATE INDEX IF NOT EXISTS event_log_ts ON event_log(ts);
+                 COMMIT;",
+            )?;
+        }
+        Ok(())
     }
 
     /// `NIMBUS_FAILPOINT=fail:journal-write:N` (a test facility) fails the N-th record of an action.
@@ -324,13 +380,34 @@ impl Journal {
     }
 
     pub fn start_run(&self, command: &str, tenant: &str, fleet_path: &str) -> Result<i64, JournalError> {
+        self.start_run_by(command, "cli", tenant, fleet_path)
+    }
+
+    /// Starts a run made by `actor`: `cli` (a person's command), `api` (the library facade), `reconcile`.
+    pub fn start_run_by(
+        &self,
+        command: &str,
+        actor: &str,
+        tenant: &str,
+        fleet_path: &str,
+    ) -> Result<i64, JournalError> {
         self.conn
             .execute(
-                "INSERT INTO runs (started_at, status, command, tenant, fleet_path) VALUES (?1, 'RUNNING', ?2, ?3, ?4)",
-                params![now(), command, tenant, fleet_path],
+                "INSERT INTO runs (started_at, status, command, tenant, fleet_path, actor) VALUES (?1, 'RUNNING', ?2, ?3, ?4, ?5)",
+                params![now(), command, tenant, fleet_path, actor],
             )
             .map_err(|e| self.err(e))?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// A run's status and start time (`None`: no such run here: never recorded, or pruned).
+    pub fn run_status(&self, run: i64) -> Result<Option<(String, String)>, JournalError> {
+        self.conn
+            .query_row("SELECT status, started_at FROM runs WHERE id = ?1", params![run], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     pub fn finish_run(&self, run: i64, success: bool, summary: &Value) -> Result<(), JournalError> {
@@ -412,7 +489,7 @@ impl Journal {
     pub fn runs(&self, limit: usize) -> Result<Vec<RunRow>, JournalError> {
         let mut st = self
             .conn
-            .prepare("SELECT id, started_at, finished_at, status, command, tenant, summary FROM runs ORDER BY id DESC LIMIT ?1")
+            .prepare("SELECT id, started_at, finished_at, status, command, tenant, summary, actor FROM runs ORDER BY id DESC LIMIT ?1")
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map(params![limit as i64], |r| {
@@ -424,6 +501,7 @@ impl Journal {
                     command: r.get(4)?,
                     tenant: r.get(5)?,
                     summary: r.get(6)?,
+                    actor: r.get(7)?,
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -549,6 +627,41 @@ impl Journal {
         self.conn
             .query_row("SELECT key FROM idempotency_keys WHERE scope = ?1", params![scope], |r| r.get(0))
             .map_err(|e| self.err(e))
+    }
+
+    /// Records what the call under `scope` made (its resource id), in run `run`: until discovery sees it, the
+    /// plan knows it exists (EC2's reads lag behind its writes) and does not make it again.
+    pub fn key_made(&self, scope: &str, run: Option<i64>, id: &str) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "UPDATE idempotency_keys SET run_id = ?1, made_id = ?2, made_at = ?3 WHERE scope = ?4",
+                params![run, id, now(), scope],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// What an earlier call under `scope` made, if it recorded it.
+    pub fn made(&self, scope: &str) -> Result<Option<String>, JournalError> {
+        self.conn
+            .query_row("SELECT made_id FROM idempotency_keys WHERE scope = ?1", params![scope], |r| r.get(0))
+            .optional()
+            .map(Option::flatten)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every resource a call made that discovery has not seen yet: (scope, run, id, made at).
+    pub fn made_unseen(&self) -> Result<Vec<(String, Option<i64>, String, String)>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT scope, run_id, made_id, made_at FROM idempotency_keys WHERE made_id IS NOT NULL")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Option<String>>(3)?.unwrap_or_default()))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
     /// The action under `scope` is done: a later one (a machine created again) gets a new key.

@@ -15,10 +15,24 @@ use crate::core::model::{MachineState, RunnerRecord, StepRecord, StepStatus};
 use crate::transport::{Transport, TransportError};
 use crate::util::shell::quote;
 
-pub const SCHEMA_VERSION: &str = "1";
+/// The schema this nimbus writes. `1` was a key-value `machine_state` and `setup_steps` without the seed's
+/// columns; a machine's database of an older schema is read as it is and rewritten in this one (by `apply`'s
+/// discovery, or the next write), keeping everything it held.
+pub const SCHEMA_VERSION: &str = "2";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS machine_state (
+  machine        TEXT NOT NULL,
+  state          TEXT NOT NULL CHECK (state IN ('provisioning', 'image_installing', 'ready', 'running', 'stopping', 'terminated')),
+  updated_at     TEXT NOT NULL,
+  tenant         TEXT,
+  pool           TEXT,
+  provider       TEXT,
+  created_at     TEXT,
+  nimbus_version TEXT,
+  schema_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS machine_info (
   key   TEXT PRIMARY KEY,
   value TEXT NOT NULL
 );
@@ -27,13 +41,16 @@ CREATE TABLE IF NOT EXISTS image_state (
   applied_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS setup_steps (
-  position    INTEGER NOT NULL,
-  name        TEXT PRIMARY KEY,
-  hash        TEXT NOT NULL,
-  status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'timeout')),
-  started_at  TEXT,
-  finished_at TEXT,
-  exit_code   INTEGER
+  position      INTEGER NOT NULL,
+  name          TEXT PRIMARY KEY,
+  step          TEXT NOT NULL,
+  hash          TEXT NOT NULL,
+  status        TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'timeout')),
+  started_at    TEXT,
+  finished_at   TEXT,
+  completed_at  TEXT,
+  exit_code     INTEGER,
+  error_message TEXT
 );
 CREATE TABLE IF NOT EXISTS runner_state (
   name          TEXT PRIMARY KEY,
@@ -42,7 +59,56 @@ CREATE TABLE IF NOT EXISTS runner_state (
   registered_at TEXT NOT NULL,
   runner_id     INTEGER
 );
+CREATE INDEX IF NOT EXISTS idx_machine_state_state ON machine_state(state);
+CREATE INDEX IF NOT EXISTS idx_setup_steps_status ON setup_steps(status);
 ";
+
+/// Keys of the machine record that are columns of `machine_state`; any other key lives in `machine_info`.
+const MACHINE_COLUMNS: [&str; 6] = ["machine", "tenant", "pool", "provider", "created_at", "nimbus_version"];
+
+/// Where a machine is in its life, as the seed's `machine_state.state` records it:
+/// `provisioning → image_installing → ready → running → stopping → terminated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lifecycle {
+    /// Launched and reachable; nothing set up yet.
+    #[default]
+    Provisioning,
+    /// Setup steps are running (or one failed, and the next apply resumes).
+    ImageInstalling,
+    /// Set up, no runner registered.
+    Ready,
+    /// Its runner is registered.
+    Running,
+    /// Being torn down.
+    Stopping,
+    Terminated,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Provisioning => "provisioning",
+            Lifecycle::ImageInstalling => "image_installing",
+            Lifecycle::Ready => "ready",
+            Lifecycle::Running => "running",
+            Lifecycle::Stopping => "stopping",
+            Lifecycle::Terminated => "terminated",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Lifecycle> {
+        [
+            Lifecycle::Provisioning,
+            Lifecycle::ImageInstalling,
+            Lifecycle::Ready,
+            Lifecycle::Running,
+            Lifecycle::Stopping,
+            Lifecycle::Terminated,
+        ]
+        .into_iter()
+        .find(|l| l.as_str() == s)
+    }
+}
 
 impl StateError {
     /// The machine answered, but its database is empty or damaged (as opposed to not reachable at all).
@@ -76,6 +142,8 @@ pub struct StepRow {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub exit_code: Option<i64>,
+    /// The last lines of a failed step's output, secrets redacted.
+    pub error_message: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +159,11 @@ pub struct RunnerRow {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateDb {
     pub machine: BTreeMap<String, String>,
+    /// Where the machine is in its life, and since when (`updated_at`).
+    pub lifecycle: Lifecycle,
+    pub updated_at: Option<String>,
+    /// The schema the database was read in (`None`: built here, never read).
+    pub read_schema: Option<String>,
     pub images: Vec<(String, String)>,
     pub steps: Vec<StepRow>,
     pub runner: Option<RunnerRow>,
@@ -115,22 +188,47 @@ fn parse_status(s: &str) -> StepStatus {
 }
 
 impl StateDb {
-    /// Serialises to SQLite file bytes.
+    /// Serialises to SQLite file bytes (always in the current schema).
     pub fn to_bytes(&self) -> rusqlite::Result<Vec<u8>> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
-        let mut kv = self.machine.clone();
-        kv.insert("schema_version".into(), SCHEMA_VERSION.into());
-        for (k, v) in &kv {
-            conn.execute("INSERT INTO machine_state (key, value) VALUES (?1, ?2)", params![k, v])?;
+        let col = |k: &str| self.machine.get(k).cloned();
+        let updated_at = self.updated_at.clone().unwrap_or_else(|| crate::util::time::ts(&chrono::Utc::now()));
+        conn.execute(
+            "INSERT INTO machine_state (machine, state, updated_at, tenant, pool, provider, created_at, nimbus_version, schema_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                col("machine").unwrap_or_default(),
+                self.lifecycle.as_str(),
+                updated_at,
+                col("tenant"),
+                col("pool"),
+                col("provider"),
+                col("created_at"),
+                col("nimbus_version"),
+                SCHEMA_VERSION
+            ],
+        )?;
+        for (k, v) in self.machine.iter().filter(|(k, _)| !MACHINE_COLUMNS.contains(&k.as_str())) {
+            conn.execute("INSERT INTO machine_info (key, value) VALUES (?1, ?2)", params![k, v])?;
         }
         for (image, at) in &self.images {
             conn.execute("INSERT INTO image_state (image, applied_at) VALUES (?1, ?2)", params![image, at])?;
         }
         for s in &self.steps {
+            let completed = if s.status == StepStatus::Running { None } else { s.finished_at.clone() };
             conn.execute(
-                "INSERT INTO setup_steps (position, name, hash, status, started_at, finished_at, exit_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![s.position, s.name, s.hash, status_str(s.status), s.started_at, s.finished_at, s.exit_code],
+                "INSERT INTO setup_steps (position, name, step, hash, status, started_at, finished_at, completed_at, exit_code, error_message) VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    s.position,
+                    s.name,
+                    s.hash,
+                    status_str(s.status),
+                    s.started_at,
+                    s.finished_at,
+                    completed,
+                    s.exit_code,
+                    s.error_message
+                ],
             )?;
         }
         if let Some(r) = &self.runner {
@@ -148,23 +246,60 @@ impl StateDb {
         Ok(conn.serialize("main")?.to_vec())
     }
 
-    /// Parses SQLite file bytes.
+    /// Parses SQLite file bytes, of this schema or an older one (schema 1: a key-value `machine_state`, steps
+    /// without the seed's columns): what the database held is kept, and the lifecycle of an older one is
+    /// inferred from its steps and runner.
     pub fn from_bytes(bytes: &[u8]) -> rusqlite::Result<StateDb> {
         let mut conn = Connection::open_in_memory()?;
         conn.deserialize_read_exact("main", bytes, bytes.len(), true)?;
+        let columns = |table: &str| -> rusqlite::Result<Vec<String>> {
+            let mut st = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+            st.query_map([], |r| r.get::<_, String>(1))?.collect()
+        };
         let mut db = StateDb::default();
-        let mut st = conn.prepare("SELECT key, value FROM machine_state")?;
-        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-            let (k, v) = row?;
-            db.machine.insert(k, v);
+        let machine_cols = columns("machine_state")?;
+        let legacy = machine_cols.iter().any(|c| c == "key");
+        let mut schema = None;
+        let mut lifecycle = None;
+        if legacy {
+            let mut st = conn.prepare("SELECT key, value FROM machine_state")?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                let (k, v) = row?;
+                db.machine.insert(k, v);
+            }
+            schema = db.machine.remove("schema_version").or(Some("1".into()));
+        } else {
+            let mut st = conn.prepare(&format!(
+                "SELECT state, updated_at, schema_version, {} FROM machine_state LIMIT 1",
+                MACHINE_COLUMNS.join(", ")
+            ))?;
+            let mut rows = st.query([])?;
+            if let Some(r) = rows.next()? {
+                lifecycle = Lifecycle::parse(&r.get::<_, String>(0)?);
+                db.updated_at = r.get(1)?;
+                schema = r.get(2)?;
+                for (i, k) in MACHINE_COLUMNS.iter().enumerate() {
+                    if let Some(v) = r.get::<_, Option<String>>(3 + i)? {
+                        db.machine.insert(k.to_string(), v);
+                    }
+                }
+            }
+            let mut st = conn.prepare("SELECT key, value FROM machine_info")?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                let (k, v) = row?;
+                db.machine.insert(k, v);
+            }
         }
+        db.read_schema = schema;
         let mut st = conn.prepare("SELECT image, applied_at FROM image_state ORDER BY rowid")?;
         for row in st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
             db.images.push(row?);
         }
-        let mut st = conn.prepare(
-            "SELECT position, name, hash, status, started_at, finished_at, exit_code FROM setup_steps ORDER BY position, name",
-        )?;
+        let has_error = columns("setup_steps")?.iter().any(|c| c == "error_message");
+        let mut st = conn.prepare(&format!(
+            "SELECT position, name, hash, status, started_at, finished_at, exit_code, {} FROM setup_steps ORDER BY position, name",
+            if has_error { "error_message" } else { "NULL" }
+        ))?;
         for row in st.query_map([], |r| {
             Ok(StepRow {
                 position: r.get(0)?,
@@ -174,6 +309,7 @@ impl StateDb {
                 started_at: r.get(4)?,
                 finished_at: r.get(5)?,
                 exit_code: r.get(6)?,
+                error_message: r.get(7)?,
             })
         })? {
             db.steps.push(row?);
@@ -189,8 +325,32 @@ impl StateDb {
                 runner_id: r.get(4)?,
             });
         }
-        db.machine.remove("schema_version");
+        db.lifecycle = lifecycle.unwrap_or_else(|| db.inferred_lifecycle());
         Ok(db)
+    }
+
+    /// The lifecycle an older database implies: a registered runner is running; unfinished steps are installing.
+    fn inferred_lifecycle(&self) -> Lifecycle {
+        if self.runner.is_some() {
+            Lifecycle::Running
+        } else if self.steps.iter().any(|s| s.status != StepStatus::Done) {
+            Lifecycle::ImageInstalling
+        } else if self.steps.is_empty() {
+            Lifecycle::Provisioning
+        } else {
+            Lifecycle::Ready
+        }
+    }
+
+    /// Whether the database on the machine is of an older schema (and is rewritten in this one).
+    pub fn needs_migration(&self) -> bool {
+        self.read_schema.as_deref().is_some_and(|v| v != SCHEMA_VERSION)
+    }
+
+    /// Moves the machine to `state`, now.
+    pub fn set_lifecycle(&mut self, state: Lifecycle) {
+        self.lifecycle = state;
+        self.updated_at = Some(crate::util::time::ts(&chrono::Utc::now()));
     }
 
     /// What the planner needs.
@@ -201,11 +361,24 @@ impl StateDb {
                 .iter()
                 .map(|s| StepRecord { name: s.name.clone(), hash: s.hash.clone(), status: s.status })
                 .collect(),
-            runner: self.runner.as_ref().map(|r| RunnerRecord { name: r.name.clone(), labels: r.labels.clone() }),
+            runner: self.runner.as_ref().map(|r| RunnerRecord {
+                name: r.name.clone(),
+                labels: r.labels.clone(),
+                runner_id: r.runner_id.and_then(|i| u64::try_from(i).ok()),
+            }),
         }
     }
 
     /// Records a step's progress, keeping one row per step name.
+    /// Records why a step failed: the last lines of its output, secrets redacted.
+    pub fn set_step_error(&mut self, name: &str, output_tail: &str) {
+        if let Some(r) = self.steps.iter_mut().find(|s| s.name == name) {
+            let lines: Vec<&str> = output_tail.lines().collect();
+            let last = lines[lines.len().saturating_sub(20)..].join("\n");
+            r.error_message = Some(crate::util::secrets::redact(&last)).filter(|m| !m.trim().is_empty());
+        }
+    }
+
     pub fn set_step(&mut self, position: i64, name: &str, hash: &str, status: StepStatus, exit_code: Option<i64>) {
         let now = crate::util::time::ts(&chrono::Utc::now());
         let row = match self.steps.iter_mut().find(|s| s.name == name) {
@@ -219,6 +392,7 @@ impl StateDb {
                     started_at: None,
                     finished_at: None,
                     exit_code: None,
+                    error_message: None,
                 });
                 self.steps.last_mut().expect("just pushed")
             }
@@ -227,6 +401,7 @@ impl StateDb {
         row.hash = hash.into();
         row.status = status;
         row.exit_code = exit_code;
+        row.error_message = None;
         match status {
             StepStatus::Running => {
                 row.started_at = Some(now);

@@ -28,7 +28,8 @@ pub struct LockInfo {
     pub user: String,
     pub host: String,
     pub pid: u32,
-    /// The run's id: a token of this apply (the journal's run number is not known until the journal is read).
+    /// The journal's run number (what `nimbus history --run ID` takes), written at the first renewal after the
+    /// run is recorded; `pending` until then (the journal is downloaded after the lock is taken).
     pub run_id: String,
     pub created: DateTime<Utc>,
     pub expires: DateTime<Utc>,
@@ -53,25 +54,33 @@ impl LockInfo {
             user: crate::engine::apply::actor(),
             host,
             pid,
-            run_id: format!("{:x}", now.timestamp_millis()),
+            run_id: RUN_PENDING.into(),
             created: now,
             expires: expiry(now, lease),
         }
     }
 
-    /// `alice@ci-runner-7 (pid 4242, apply since 2026-11-26T01:00:00Z, lock id …)`.
+    /// `alice@ci-runner-7 (pid 4242, apply run 7 since 2026-11-26T01:00:00Z (3 min ago), lock id …)`.
     pub fn describe(&self) -> String {
+        let run = if self.run_id == RUN_PENDING || self.run_id.is_empty() {
+            "(run not recorded yet)".to_string()
+        } else {
+            format!("run {}", self.run_id)
+        };
         format!(
-            "{}@{} (pid {}, {} since {}, lock id {})",
+            "{}@{} (pid {}, {} {run} since {}, lock id {})",
             self.user,
             self.host,
             self.pid,
             self.operation,
-            self.created.format("%Y-%m-%dT%H:%M:%SZ"),
+            crate::util::time::at_ago(&self.created, &Utc::now()),
             self.id
         )
     }
 }
+
+/// `run_id` before the journal's run is known.
+pub const RUN_PENDING: &str = "pending";
 
 /// When a lease taken or renewed at `now` ends.
 fn expiry(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
@@ -364,7 +373,15 @@ impl S3State {
 
     /// Extends the lease, if the lock is still ours.
     pub async fn renew(&self, lock: &mut HeldLock) -> Result<(), RemoteError> {
+        self.renew_with_run(lock, None).await
+    }
+
+    /// Extends the lease and, once the journal's run is known, names it in the lock's body.
+    pub async fn renew_with_run(&self, lock: &mut HeldLock, run: Option<i64>) -> Result<(), RemoteError> {
         let mut info = lock.info.clone();
+        if let Some(r) = run {
+            info.run_id = r.to_string();
+        }
         info.expires = expiry(Utc::now(), self.lease);
         let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
         match self.put(&self.lock_key(), body, "application/json", Some(&lock.etag)).await {

@@ -44,6 +44,7 @@ pub fn desired(tenant: &str, pools: Vec<DesiredPool>) -> Desired {
         forge: true,
         pools,
         interrupt_jobs: false,
+        remove_first: Default::default(),
     }
 }
 
@@ -195,7 +196,8 @@ impl Simulator {
                 ActionKind::RegisterRunner { machine, labels, .. } => {
                     // The machine records its runner (as the agent install does), no secret in it.
                     if let OnMachine::Read { state } = &mut live_mut(world, machine).on_machine {
-                        state.runner = Some(RunnerRecord { name: machine.clone(), labels: labels.clone() });
+                        state.runner =
+                            Some(RunnerRecord { name: machine.clone(), labels: labels.clone(), runner_id: None });
                     }
                     let runners = world.runners.get_or_insert_with(Vec::new);
                     assert!(!runners.iter().any(|r| &r.name == machine), "runner {machine} registered twice");

@@ -40,3 +40,80 @@ pub fn read(what: &str, r: &SecretRef, base: &Path) -> Result<String, SecretErro
         }
     }
 }
+
+/// Token prefixes of well-known credentials (GitHub, GitLab, AWS, Slack): the value after one is hidden.
+const TOKEN_PREFIXES: [&str; 11] =
+    ["ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_", "glpat-", "glrt-", "AKIA", "ASIA", "xox"];
+
+/// Words that mark the value after `=` or `:` as a secret.
+const SECRET_WORDS: [&str; 7] = ["token", "secret", "password", "passwd", "api_key", "apikey", "private_key"];
+
+/// Hides what looks like a credential in text a machine sent back (a failed step's output) before it is stored
+/// or shown: well-known token formats, `…token=VALUE` / `password: VALUE` pairs, and private key blocks.
+pub fn redact(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut in_key = false;
+    for line in text.lines() {
+        if line.contains("PRIVATE KEY-----") {
+            in_key = !line.contains("-----END");
+            out.push("[REDACTED private key]".to_string());
+            continue;
+        }
+        if in_key {
+            continue;
+        }
+        out.push(redact_line(line));
+    }
+    out.join("\n")
+}
+
+fn redact_line(line: &str) -> String {
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let mut s = String::with_capacity(line.len());
+    let mut rest = line;
+    'outer: while !rest.is_empty() {
+        for p in TOKEN_PREFIXES {
+            if rest.starts_with(p) && s.chars().last().is_none_or(|c| !is_token_char(c)) {
+                let after = &rest[p.len()..];
+                let n = after.find(|c: char| !is_token_char(c)).unwrap_or(after.len());
+                if n >= 8 {
+                    s.push_str(p);
+                    s.push_str("[REDACTED]");
+                    rest = &after[n..];
+                    continue 'outer;
+                }
+            }
+        }
+        let c = rest.chars().next().expect("not empty");
+        s.push(c);
+        rest = &rest[c.len_utf8()..];
+        // `token=VALUE`, `password: VALUE`: the value up to the next blank goes.
+        if c == '=' || c == ':' {
+            let lower = s.to_ascii_lowercase();
+            let key = lower.trim_end_matches([':', '=']).trim_end_matches(['"', '\'']);
+            if SECRET_WORDS.iter().any(|w| key.ends_with(w)) {
+                let trimmed = rest.trim_start();
+                s.push_str(&rest[..rest.len() - trimmed.len()]);
+                let n = trimmed.find(char::is_whitespace).unwrap_or(trimmed.len());
+                if n > 0 {
+                    s.push_str("[REDACTED]");
+                }
+                rest = &trimmed[n..];
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_tokens_pairs_and_keys() {
+        let r = super::redact(
+            "ok\nusing ghp_abcdefghijklmnop1234 now\nTOKEN=s3cr3tvalue rest\npassword: hunter22\n-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\nbye",
+        );
+        assert!(!r.contains("abcdefghijklmnop1234") && !r.contains("s3cr3tvalue") && !r.contains("hunter22"), "{r}");
+        assert!(!r.contains("AAAA"), "{r}");
+        assert!(r.contains("ok") && r.contains("bye") && r.contains("rest"), "{r}");
+    }
+}

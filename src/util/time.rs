@@ -29,3 +29,25 @@ pub fn until(due: &DateTime<Utc>, now: &DateTime<Utc>) -> String {
     }
     format!("in {}", parts.join(" "))
 }
+
+/// "3 min ago" / "just now" / "2h 5m ago" for a past time (a future one reads "in …").
+pub fn ago(t: &DateTime<Utc>, now: &DateTime<Utc>) -> String {
+    let secs = (*now - *t).num_seconds();
+    if secs < 0 {
+        return until(t, now);
+    }
+    if secs < 60 {
+        return if secs < 5 { "just now".into() } else { format!("{secs} s ago") };
+    }
+    let (d, h, m) = (secs / 86400, (secs % 86400) / 3600, (secs % 3600) / 60);
+    match (d, h) {
+        (0, 0) => format!("{m} min ago"),
+        (0, _) => format!("{h}h {m}m ago"),
+        _ => format!("{d}d {h}h ago"),
+    }
+}
+
+/// `2026-11-25T10:00:00Z (3 min ago)`.
+pub fn at_ago(t: &DateTime<Utc>, now: &DateTime<Utc>) -> String {
+    format!("{} ({})", ts(t), ago(t, now))
+}

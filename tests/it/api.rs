@@ -1,7 +1,7 @@
 //! The library facade (`nimbus::api`): provision, list, get, can-terminate and terminate, per tenant, fed by
 //! a `Storage`; and the `examples/embed` program that serves two tenants from memory.
 
-use nimbus::api::{ApiError, FileStorage, MemoryStorage, Nimbus, Storage};
+use nimbus::api::{ApiError, FileStorage, MemoryStorage, Nimbus, Storage, Termination};
 
 use crate::common::*;
 
@@ -38,7 +38,8 @@ fn two_tenants_from_memory_never_see_each_other() {
         assert_eq!(names, ["nimbus.acme.ci.0", "nimbus.acme.ci.1"]);
         assert!(n.get_machine("acme", "nimbus.globex.ci.0").await.unwrap().is_none(), "another tenant's machine");
         let t = n.can_terminate("acme", &a.name).await.unwrap();
-        assert!(t.allowed && t.host_releasable_at.is_none());
+        assert_eq!(t, Termination::Allowed);
+        assert!(t.instance_can_go() && t.host_can_go());
         // One tenant cannot terminate another's machine.
         assert!(matches!(n.terminate("acme", &g.name).await, Err(ApiError::UnknownMachine { .. })));
         n.terminate("acme", &a.name).await.unwrap();
@@ -56,12 +57,53 @@ fn a_fleet_file_is_one_storage() {
     let n = Nimbus::new(FileStorage::new(dir.path().join("fleet.yaml")));
     rt().block_on(async {
         assert_eq!(n.storage().tenants().await.unwrap(), ["quickstart"]);
+        // The pool wants 2; one more makes 3, and the fleet is applied as `nimbus apply` would.
         let m = n.provision("quickstart", "linux").await.unwrap();
-        assert_eq!(m.name, "nimbus.quickstart.linux.0");
+        assert_eq!(m.name, "nimbus.quickstart.linux.2");
     });
-    // The CLI sees the same machine: one more to add for a pool of two.
-    let o = nimbus_env(dir.path(), &["plan"], &[]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("Plan: 1 to add, 0 to change, 0 to destroy."), "{}", text(&o));
+    let fleet = std::fs::read_to_string(dir.path().join("fleet.yaml")).unwrap();
+    assert!(fleet.contains("count: 3") && fleet.contains("# nimbus quickstart"), "count changed in place: {fleet}");
+    // Issue 18.4: the CLI agrees: nothing to do after `provision` ...
+    let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    rt().block_on(async {
+        n.terminate("quickstart", "nimbus.quickstart.linux.1").await.unwrap();
+        let names: Vec<String> = n.list_machines("quickstart").await.unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["nimbus.quickstart.linux.0", "nimbus.quickstart.linux.2"], "the named machine went");
+    });
+    // ... nor after `terminate` (the machine is not made again).
+    let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("No changes."), "{}", text(&o));
+    // Both calls are runs in the journal, by actor `api`.
+    let j = nimbus::state::journal::Journal::open(&dir.path().join(".nimbus/journal.db")).unwrap();
+    let runs = j.runs(10).unwrap();
+    let api: Vec<(&str, Option<&str>)> = runs
+        .iter()
+        .filter(|r| r.actor.as_deref() == Some("api"))
+        .map(|r| (r.command.as_str(), r.actor.as_deref()))
+        .collect();
+    assert!(api.contains(&("provision", Some("api"))) && api.contains(&("terminate", Some("api"))), "{runs:?}");
+}
+
+/// Issue 18.4: the facade takes the fleet's lock: it never runs beside an apply of the same fleet.
+#[test]
+fn the_facade_waits_for_no_one_and_races_no_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("examples/quickstart/fleet.yaml", dir.path().join("fleet.yaml")).unwrap();
+    let n = Nimbus::new(FileStorage::new(dir.path().join("fleet.yaml")));
+    let held = nimbus::state::journal::ApplyLock::acquire(&dir.path().join(".nimbus/apply.lock")).unwrap();
+    let r = rt().block_on(n.provision("quickstart", "linux"));
+    let Err(ApiError::Session(e)) = r else { panic!("an apply holds the lock: {r:?}") };
+    assert!(e.to_string().contains("another apply of this fleet is running"), "{e}");
+    let fleet = std::fs::read_to_string(dir.path().join("fleet.yaml")).unwrap();
+    assert!(fleet.contains("count: 2"), "nothing changed while locked: {fleet}");
+    drop(held);
+    assert!(
+        !dir.path().join(".nimbus/local").exists()
+            || std::fs::read_dir(dir.path().join(".nimbus/local")).unwrap().next().is_none()
+    );
 }
 
 /// A Mac machine's host outlives it for the rest of its 24-hour window; the facade says how long.
@@ -81,13 +123,25 @@ fn can_terminate_tells_the_hosts_window_on_aws() {
         let m = n.provision(&tenant, "mac").await.unwrap();
         assert!(m.host_id.is_some(), "{m:?}");
         let t = n.can_terminate(&tenant, &m.name).await.unwrap();
-        assert!(t.allowed);
-        let left = t.host_window_remaining.unwrap();
+        // The instance can go now; the host cannot: the type says which.
+        let Termination::MinimumAllocationPeriod { host_id, remaining, releasable_at } = &t else {
+            panic!("inside the 24-hour minimum allocation period: {t:?}")
+        };
+        assert_eq!(Some(host_id), m.host_id.as_ref());
+        assert!(t.instance_can_go() && !t.host_can_go());
         assert!(
-            left > std::time::Duration::from_secs(23 * 3600) && left <= std::time::Duration::from_secs(24 * 3600 + 300)
+            *remaining > std::time::Duration::from_secs(23 * 3600)
+                && *remaining <= std::time::Duration::from_secs(24 * 3600 + 300)
         );
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(json["reason"], "minimum_allocation_period", "{json}");
         n.terminate(&tenant, &m.name).await.unwrap();
         assert!(n.list_machines(&tenant).await.unwrap().is_empty());
+        // Its host stays, held until its window ends (the same rule as `apply`), and says when it goes.
+        let hosts = n.list_hosts(&tenant).await.unwrap();
+        let h = hosts.iter().find(|h| &h.id == host_id).expect("the host is still allocated");
+        assert!(h.state == "held" || h.state == "scrubbing", "{h:?}");
+        assert_eq!(&h.releasable_at, releasable_at);
     });
 }
 

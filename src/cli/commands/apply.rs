@@ -6,17 +6,13 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use super::plan::observe_with;
-use super::{
-    CommandError, Output, build_providers, document, exit, journal_path, remote_state, retention, runtime, sha256_hex,
-};
+use super::{CommandError, Output, build_providers, document, exit, runtime, sha256_hex};
 use crate::cli::ApplyArgs;
 use crate::cli::views::apply_progress::{self, Progress};
 use crate::cli::views::plan_text as text;
 use crate::config;
 use crate::core::model::Desired;
 use crate::core::plan::planfile::{self, Current};
-use crate::engine::actions::Applier;
 use crate::engine::apply::Session;
 use crate::state::journal::RunStatus;
 
@@ -81,14 +77,7 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     let _in_runtime = rt.enter();
     // The lock, then the journal (created if missing: every apply records its run). With an S3 backend both
     // are remote: the lock object, and the journal downloaded here and uploaded as the apply goes.
-    let working = journal_path(&loaded, args.journal.as_deref());
-    let mut session = match remote_state(&loaded) {
-        Some(state) => rt.block_on(async {
-            let s3 = crate::state::remote::S3State::from_config(state).await?;
-            Session::open_remote(s3, &working, retention(&loaded)).await.map_err(CommandError::from)
-        })?,
-        None => Session::open(&working, retention(&loaded))?,
-    };
+    let mut session = rt.block_on(crate::engine::fleet::open_session(&loaded, args.journal.as_deref()))?;
     if session.orphaned > 0 {
         errln!("note: {} action(s) of an interrupted run were marked ORPHANED; see `nimbus history`", session.orphaned);
     }
@@ -126,7 +115,9 @@ fn apply_in(
     })?;
     // One forge client (and one installation token) for discovery and the actions.
     let forge = super::build_forge(&loaded)?;
-    let mut actual = rt.block_on(observe_with(&loaded, &providers, forge.as_deref()))?;
+    let mut actual = rt
+        .block_on(crate::engine::discovery::discover_for_change(&loaded.config.tenant, &providers, forge.as_deref()))
+        .map_err(CommandError::from)?;
     crate::engine::discovery::annotate_with_history(&mut actual, session.journal(), Utc::now())?;
     let mut desired = Desired::from_config(&loaded.config);
     desired.interrupt_jobs = args.interrupt_jobs;
@@ -175,22 +166,23 @@ fn apply_in(
         path: log_dir.clone(),
         source,
     })?;
-    // This fleet's applies (one at a time, by the apply lock) own the machines' setup locks they leave behind.
-    let host = crate::engine::apply::hostname().unwrap_or_default();
-    let journal =
-        std::path::absolute(session.journal().path()).unwrap_or_else(|_| session.journal().path().to_path_buf());
-    let mut applier = Applier::new(desired, &actual, providers, Some(log_dir.clone()))
-        .with_lock_owner(format!("nimbus on {host} ({})", journal.display()))
-        .with_idempotency_keys(&journal)?;
-    if let Some(f) = forge {
-        applier = applier.with_forge(f, super::runner_dir(&loaded));
-    }
+    let applier = crate::engine::fleet::applier(
+        &loaded,
+        args.journal.as_deref(),
+        session,
+        run,
+        desired,
+        &actual,
+        providers,
+        forge,
+        Some(log_dir.clone()),
+    )?;
     let stop = stop_on_signals(rt);
     let mut progress = Progress::new(doc.actions.len(), std::io::stderr().is_terminal(), quiet_progress);
     let outcome = rt.block_on(session.execute(
         run,
         &doc,
-        Arc::new(applier),
+        applier.clone(),
         args.parallelism as usize,
         stop,
         &mut [&mut progress],

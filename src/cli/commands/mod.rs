@@ -96,21 +96,7 @@ pub use crate::engine::clients::{build_forge, build_providers, runner_dir, ssh_c
 
 pub use crate::core::model::sha256_hex;
 
-/// The journal's path: `--journal`, `journal.path`, or `.nimbus/journal.db` beside the fleet file.
-pub fn journal_path(loaded: &LoadedConfig, flag: Option<&Path>) -> PathBuf {
-    if let Some(p) = flag {
-        return p.to_path_buf();
-    }
-    match loaded.config.journal.as_ref().and_then(|j| j.path.as_ref()) {
-        Some(p) => loaded.resolve(p),
-        None => loaded.base_dir.join(".nimbus").join("journal.db"),
-    }
-}
-
-/// The fleet's remote state, when `state.backend` is `s3`.
-pub fn remote_state(loaded: &LoadedConfig) -> Option<&crate::config::StateConfig> {
-    loaded.config.state.as_ref().filter(|s| s.backend == crate::config::StateBackend::S3)
-}
+pub use crate::engine::fleet::{journal_path, remote_state, retention};
 
 /// A journal opened for reading: the local file, or a downloaded copy of the remote one (removed on drop).
 pub struct ReadJournal {
@@ -166,15 +152,6 @@ pub fn read_journal(loaded: &LoadedConfig, flag: Option<&Path>) -> Result<Option
         copy: Some(dir),
     };
     Ok(Some(guard))
-}
-
-pub fn retention(loaded: &LoadedConfig) -> crate::state::journal::Retention {
-    let d = crate::state::journal::Retention::default();
-    let j = loaded.config.journal.as_ref();
-    crate::state::journal::Retention {
-        actions: j.and_then(|j| j.retain_actions).map(|x| x.0).unwrap_or(d.actions),
-        events: j.and_then(|j| j.retain_events).map(|x| x.0).unwrap_or(d.events),
-    }
 }
 
 /// A warning when a provider's clock and this computer's differ by more than a minute (host windows are

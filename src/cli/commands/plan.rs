@@ -139,5 +139,5 @@ pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
              with --detailed-exitcode an unchecked machine is an error (exit 1), never \"no changes\"",
         ));
     }
-    Ok(if args.detailed_exitcode && doc.has_changes() { exit::CHANGES } else { exit::OK })
+    Ok(if args.detailed_exitcode && (doc.has_changes() || doc.drift_pending()) { exit::CHANGES } else { exit::OK })
 }

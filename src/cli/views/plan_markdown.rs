@@ -74,7 +74,10 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
     let _ = writeln!(o, "{MARKER}");
     let _ = writeln!(o, "### nimbus plan for tenant {}", code(&doc.tenant));
     let _ = writeln!(o);
-    if doc.resource_changes.is_empty() {
+    if doc.resource_changes.is_empty() && doc.drift_pending() {
+        let _ =
+            writeln!(o, "**Nothing can be changed yet, but the fleet does not match the fleet file** (see Deferred).");
+    } else if doc.resource_changes.is_empty() {
         let _ = writeln!(o, "**No changes.** The fleet matches the fleet file.");
     } else {
         let _ = writeln!(o, "**{}**", summary_line(&doc.summary));
@@ -176,6 +179,7 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
             let due = match (d.due_at, d.kind) {
                 (Some(t), _) => format!("{} ({})", ts(&t), until(&t, &doc.planned_at)),
                 (None, DeferredKind::BusyRunner) => "when the running job finishes".into(),
+                (None, DeferredKind::NotVisibleYet) => "once the provider shows it".into(),
                 (None, _) => "when the provider allows".into(),
             };
             let row = format!("| {} | {} | {due} | {} |\n", code(&d.address), d.action.name(), escape(&d.reason));

@@ -76,7 +76,10 @@ fn safe(s: &str) -> String {
 /// Renders the plan for a terminal.
 pub fn render(doc: &PlanDocument, st: Style) -> String {
     let mut o = String::new();
-    if doc.resource_changes.is_empty() {
+    if doc.resource_changes.is_empty() && doc.drift_pending() {
+        let _ = writeln!(o, "{}", st.bold("Nothing can be changed yet, but the fleet does not match the fleet file."));
+        let _ = writeln!(o, "Tenant `{}`: see what waits, and for what, under Deferred.", doc.tenant);
+    } else if doc.resource_changes.is_empty() {
         let _ = writeln!(o, "{}", st.bold("No changes."));
         let _ = writeln!(o, "The fleet of tenant `{}` matches the fleet file.", doc.tenant);
     } else {
@@ -115,6 +118,7 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
             let when = match (&d.due_at, d.kind) {
                 (Some(t), _) => format!("due {} ({})", ts(t), until(t, &doc.planned_at)),
                 (None, DeferredKind::BusyRunner) => "when the running job finishes".to_string(),
+                (None, DeferredKind::NotVisibleYet) => "once the provider shows it".to_string(),
                 (None, _) => "due when the provider allows".to_string(),
             };
             let _ = writeln!(o, "  {} {} {what}, {when}", st.cyan("⏲"), safe(&d.address));

@@ -106,6 +106,16 @@ impl PlanDocument {
         !self.actions.is_empty()
     }
 
+    /// Drift that nothing can change yet: a desired machine that is missing (its creation waits for a host's
+    /// scrub or a job), or a copy of a machine whose removal waits for a job. A drift check never calls that
+    /// "no changes". (A machine made by a recent run and not visible yet is not drift.)
+    pub fn drift_pending(&self) -> bool {
+        self.deferred.iter().any(|d| {
+            d.kind != crate::core::plan::DeferredKind::NotVisibleYet
+                && (matches!(d.action, crate::core::plan::ActionKind::LaunchInstance { .. }) || d.address.contains('#'))
+        })
+    }
+
     /// Warnings about parts of the fleet that could not be checked (unreachable machines, unusable
     /// resources). While there are any, `plan --detailed-exitcode` exits 1: "no changes" cannot be known.
     pub fn unchecked(&self) -> Vec<&Warning> {

@@ -140,6 +140,29 @@ impl<'a> Builder<'a> {
     pub(super) fn create(&mut self, pool: &DesiredPool, index: u32, cause: ChangeReason) {
         let name = machine_name(&self.desired.tenant, &pool.name, index);
         let addr = address(&pool.name, index);
+        // A recent run made it, and the provider does not show it yet: wait for it; never make it twice.
+        if let Some(u) = self.made_unseen(&pool.provider, &name) {
+            let run = u.run.map(|r| format!("run {r}")).unwrap_or_else(|| "an earlier run".into());
+            self.deferred.push(Deferred {
+                address: addr,
+                action: ActionKind::LaunchInstance {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.clone(),
+                    spec: pool.spec.clone(),
+                    host: None,
+                },
+                due_at: None,
+                reason: format!(
+                    "made by {run} at {} (`{}`) and not visible yet: the provider's reads lag behind its writes; the plan waits for it instead of making it again (until {})",
+                    crate::util::time::ts(&u.made_at),
+                    u.id,
+                    crate::util::time::ts(&window_end_at(u.made_at, NOT_VISIBLE_GRACE))
+                ),
+                kind: DeferredKind::NotVisibleYet,
+            });
+            return;
+        }
         // Its own host (tagged for it) is being scrubbed or settling after its last instance: wait for it rather
         // than pay for another, unless another usable host is idle or the pool says to allocate.
         if let Some(h) = self.own_host_not_ready(pool, &name)

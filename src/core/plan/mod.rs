@@ -73,6 +73,8 @@ struct Builder<'a> {
     held_for_jobs: HashSet<String>,
     /// Running jobs this plan kills (`interrupt_jobs`).
     jobs_interrupted: usize,
+    /// Instances recent runs made that discovery does not show yet.
+    made_unseen: &'a [MadeUnseen],
 }
 
 fn machine_index(m: &ActualMachine) -> Option<u32> {
@@ -234,6 +236,7 @@ impl<'a> Builder<'a> {
             hosts_by_machine_tag,
             held_for_jobs: HashSet::new(),
             jobs_interrupted: 0,
+            made_unseen: &actual.made_unseen,
         }
     }
 
@@ -243,6 +246,16 @@ impl<'a> Builder<'a> {
             self.graph.add_edge(NodeIndex::new(*d), id, ());
         }
         id.index()
+    }
+
+    /// The instance of `name` a recent run made on `provider` that is not visible yet (within the grace).
+    fn made_unseen(&self, provider: &str, name: &str) -> Option<&'a MadeUnseen> {
+        self.made_unseen.iter().find(|u| {
+            u.kind == "instance"
+                && u.provider == provider
+                && u.machine == name
+                && window_end_at(u.made_at, NOT_VISIBLE_GRACE) > self.now
+        })
     }
 
     fn runner(&self, name: &str) -> Option<&'a ForgeRunner> {

@@ -315,7 +315,14 @@ pub enum DeferredKind {
     Scrubbing,
     /// A runner running a job: the job finishes first.
     BusyRunner,
+    /// Made by an earlier run (its idempotency key recorded it) but not visible yet: the provider's reads lag
+    /// behind its writes. Waited for, never made again; not drift until [`NOT_VISIBLE_GRACE`] has passed.
+    NotVisibleYet,
 }
+
+/// How long a resource a run made may stay invisible to discovery before the plan counts it as missing again
+/// (EC2's eventually consistent Describe calls usually catch up within seconds).
+pub const NOT_VISIBLE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Something the plan cannot act on but the operator should know.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,8 @@
 //! Pools: which machines stay, which go (scale-down order, moved and removed pools), which are created.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use super::attrs::to_value;
 
 use super::reason::{ChangeReason, ReplaceCause};
 use super::*;
@@ -48,6 +50,8 @@ impl<'a> Builder<'a> {
             self.destroy(m, cause);
         }
 
+        // One name, one machine: of copies of one name, one stays, the others go (drift).
+        let same_provider = self.remove_copies(same_provider);
         // Which machines stay: see the order below.
         let mut ranked: Vec<(&'a ActualMachine, Option<Replacement>)> =
             same_provider.into_iter().map(|m| (m, self.replacement_reason(pool, m))).collect();
@@ -57,10 +61,11 @@ impl<'a> Builder<'a> {
             let mut order: Vec<usize> = (0..ranked.len()).collect();
             order.sort_by_key(|&i| {
                 let (m, repl) = &ranked[i];
-                // Idle machines go first; then those needing replacement anyway, then those whose hosts can be
-                // released now, then the highest indexes.
+                // Idle machines go first; of those, the ones named to go (`remove_first`), then those needing
+                // replacement anyway, then those whose hosts can be released now, then the highest indexes.
                 (
                     m.name().is_some_and(|n| self.busy(n)),
+                    !m.name().is_some_and(|n| self.desired.remove_first.contains(n)),
                     repl.is_none(),
                     !self.host_releasable_now(m.host_id.as_deref()),
                     std::cmp::Reverse(machine_index(m)),
@@ -105,6 +110,93 @@ impl<'a> Builder<'a> {
             used.insert(next);
             self.create(pool, next, ChangeReason::PoolWants { pool: pool.name.clone(), count: pool.count });
         }
+    }
+
+    /// Keeps one instance per machine name and removes the other copies; returns the machines that stay.
+    ///
+    /// The one that stays is the one whose runner the forge has registered (by the runner id its state recorded),
+    /// else one that recorded a registration, else the oldest. A copy's removal never deregisters the runner of
+    /// its name (it is the kept machine's); it waits for a running job when the job may be the copy's; its host is
+    /// released only when the copy was the host's only instance, by the usual window rules.
+    pub(super) fn remove_copies(&mut self, machines: Vec<&'a ActualMachine>) -> Vec<&'a ActualMachine> {
+        let mut by_name: BTreeMap<&str, Vec<&'a ActualMachine>> = BTreeMap::new();
+        let mut out = Vec::new();
+        for m in machines {
+            match m.name() {
+                Some(n) => by_name.entry(n).or_default().push(m),
+                None => out.push(m),
+            }
+        }
+        for (name, mut copies) in by_name {
+            if copies.len() == 1 {
+                out.extend(copies);
+                continue;
+            }
+            let runner = self.runner(name);
+            let recorded_id = |m: &ActualMachine| match &m.on_machine {
+                OnMachine::Read { state } => state.runner.as_ref().map(|r| r.runner_id),
+                _ => None,
+            };
+            // Best first: the registered runner's machine, then one that registered, then the oldest.
+            copies.sort_by_key(|m| {
+                let rec = recorded_id(m);
+                (
+                    !(runner.is_some() && rec.flatten().is_some() && rec.flatten() == runner.map(|r| r.id)),
+                    rec.is_none(),
+                    m.launched_at,
+                    m.instance_id.clone(),
+                )
+            });
+            let kept = copies.remove(0);
+            let by_id = runner.is_some() && recorded_id(kept).flatten() == runner.map(|r| r.id);
+            let why_kept = if by_id {
+                "its runner is the one registered"
+            } else if recorded_id(kept).is_some() {
+                "it registered a runner"
+            } else {
+                "it is the oldest"
+            };
+            for m in copies {
+                let cause = ChangeReason::Copy {
+                    name: name.to_string(),
+                    kept: kept.instance_id.clone(),
+                    why_kept: why_kept.to_string(),
+                };
+                self.destroy_copy(m, kept, by_id, cause);
+            }
+            out.push(kept);
+        }
+        out.sort_by_key(|m| (machine_index(m), m.instance_id.clone()));
+        out
+    }
+
+    /// Terminates a copy of a machine (see [`Builder::remove_copies`]).
+    fn destroy_copy(&mut self, m: &'a ActualMachine, kept: &ActualMachine, job_is_kepts: bool, cause: ChangeReason) {
+        let name = m.name().unwrap_or(&m.instance_id).to_string();
+        let addr = format!("{}#{}", machine_address(m), m.instance_id);
+        let terminate = ActionKind::TerminateInstance {
+            provider: m.provider.clone(),
+            machine: name.clone(),
+            instance_id: m.instance_id.clone(),
+        };
+        // The running job may be this copy's: wait for it (unless the user asked to interrupt jobs).
+        if !job_is_kepts && self.must_wait_for_job(&name) {
+            self.defer_for_job(&addr, &name, terminate, &format!("then this copy is removed ({cause})"));
+            if let Some(h) = &m.host_id {
+                self.claimed_hosts.insert(h.clone());
+            }
+            return;
+        }
+        let mut ids = vec![self.add(&addr, terminate, &[])];
+        let t = ids[0];
+        let alone_on_host = m.host_id.as_ref().and_then(|h| self.hosts.get(h.as_str())).is_some_and(|h| {
+            h.instance_ids.iter().all(|i| i == &m.instance_id) && kept.host_id.as_ref() != Some(&h.id)
+        });
+        if let (Some(h), true) = (m.host_id.clone(), alone_on_host) {
+            self.release_or_defer(&h, &[t], &mut ids);
+        }
+        let subject = Subject::machine(addr, name, m.pool());
+        self.changes.push(ResourceChange::delete(subject, cause, to_value(&self.machine_before(m)), ids));
     }
 
     /// Why a kept machine must be replaced.

@@ -25,6 +25,8 @@ pub enum ChangeReason {
     GhostRunner,
     /// A host with no instance, past its window, that nothing needs.
     IdleHost,
+    /// A second instance (or host) carries the name of a machine that already has one: one name, one machine.
+    Copy { name: String, kept: String, why_kept: String },
 }
 
 /// What forces a replacement.
@@ -185,6 +187,10 @@ impl fmt::Display for ChangeReason {
             ChangeReason::Update { causes } => joined(f, causes),
             ChangeReason::GhostRunner => f.write_str("runner is registered but has no machine"),
             ChangeReason::IdleHost => f.write_str("host is idle and past its minimum allocation window"),
+            ChangeReason::Copy { name, kept, why_kept } => write!(
+                f,
+                "a copy: another instance carries the name `{name}`; one name is one machine, so `{kept}` stays ({why_kept}) and this one goes"
+            ),
         }
     }
 }

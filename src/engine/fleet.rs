@@ -1,0 +1,96 @@
+//! A fleet as the engine runs it: its identity (the same in every clone of its repository and on every CI
+//! runner that shares its state), where its state lives, and opening an apply session on it (the lock and the
+//! journal). The CLI, the library facade and (later) the reconcile loop all open sessions here.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{LoadedConfig, StateBackend, StateConfig};
+use crate::engine::apply::{Session, SessionError};
+use crate::state::journal::Retention;
+
+/// The journal's path: `--journal`, `journal.path`, or `.nimbus/journal.db` beside the fleet file. With an S3
+/// backend it is the working copy of the bucket's journal.
+pub fn journal_path(loaded: &LoadedConfig, flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match loaded.config.journal.as_ref().and_then(|j| j.path.as_ref()) {
+        Some(p) => loaded.resolve(p),
+        None => loaded.base_dir.join(".nimbus").join("journal.db"),
+    }
+}
+
+/// The fleet's remote state, when `state.backend` is `s3`.
+pub fn remote_state(loaded: &LoadedConfig) -> Option<&StateConfig> {
+    loaded.config.state.as_ref().filter(|s| s.backend == StateBackend::S3)
+}
+
+pub fn retention(loaded: &LoadedConfig) -> Retention {
+    let d = Retention::default();
+    let j = loaded.config.journal.as_ref();
+    Retention {
+        actions: j.and_then(|j| j.retain_actions).map(|x| x.0).unwrap_or(d.actions),
+        events: j.and_then(|j| j.retain_events).map(|x| x.0).unwrap_or(d.events),
+    }
+}
+
+/// Where the fleet's state (lock and journal) lives. Shared state (S3) is named by its bucket and key, the
+/// same in every clone; local state is one computer's file, so it is named by that computer and path (two
+/// checkouts with local state are two states, and cannot know of each other's applies).
+pub fn state_location(loaded: &LoadedConfig, journal_flag: Option<&Path>) -> String {
+    match remote_state(loaded) {
+        Some(s) => format!("s3://{}/{}", s.bucket.as_deref().unwrap_or_default(), s.key.as_deref().unwrap_or_default()),
+        None => {
+            let p = journal_path(loaded, journal_flag);
+            let p = std::path::absolute(&p).unwrap_or(p);
+            format!("local:{}:{}", crate::util::hostname().unwrap_or_default(), p.display())
+        }
+    }
+}
+
+/// The fleet's identity: tenant, fleet id and state location (`acme/fleets/mac.yaml@s3://bucket/key`). What
+/// owns the locks an apply leaves on machines; never a checkout's path alone.
+pub fn identity(loaded: &LoadedConfig, journal_flag: Option<&Path>) -> String {
+    format!("{}/{}@{}", loaded.config.tenant, loaded.fleet_id(), state_location(loaded, journal_flag))
+}
+
+/// Opens an apply session on the fleet (with an S3 backend, `journal_flag` only moves the working copy): takes its lock (the S3 object, or the file beside the local journal),
+/// opens the journal (downloaded with an S3 backend), and recovers what a killed run left. Must run inside a
+/// Tokio runtime; the local lock is taken without blocking.
+pub async fn open_session(loaded: &LoadedConfig, journal_flag: Option<&Path>) -> Result<Session, SessionError> {
+    let working = journal_path(loaded, journal_flag);
+    match remote_state(loaded) {
+        Some(state) => {
+            let s3 = crate::state::remote::S3State::from_config(state).await?;
+            Session::open_remote(s3, &working, retention(loaded)).await
+        }
+        None => Ok(Session::open(&working, retention(loaded))?),
+    }
+}
+
+/// The action runner of run `run` of this fleet: idempotency keys from the session's journal, machines' setup
+/// locks owned by the fleet's [`identity`] and the run, runner actions on `forge`.
+#[allow(clippy::too_many_arguments)]
+pub fn applier(
+    loaded: &LoadedConfig,
+    journal_flag: Option<&Path>,
+    session: &Session,
+    run: i64,
+    desired: crate::core::model::Desired,
+    actual: &crate::core::model::Actual,
+    providers: Vec<std::sync::Arc<dyn crate::providers::Provider>>,
+    forge: Option<std::sync::Arc<dyn crate::forges::Forge>>,
+    log_dir: Option<PathBuf>,
+) -> Result<std::sync::Arc<crate::engine::actions::Applier>, crate::state::journal::JournalError> {
+    let journal = session.journal();
+    let path = std::path::absolute(journal.path()).unwrap_or_else(|_| journal.path().to_path_buf());
+    let started = journal.run_status(run)?.map(|(_, at)| at).unwrap_or_default();
+    let mut applier = crate::engine::actions::Applier::new(desired, actual, providers, log_dir)
+        .with_setup_owner(identity(loaded, journal_flag), run, started)
+        .with_idempotency_keys(&path)?
+        .with_run(run);
+    if let Some(f) = forge {
+        applier = applier.with_forge(f, crate::engine::clients::runner_dir(loaded));
+    }
+    Ok(std::sync::Arc::new(applier))
+}
