@@ -237,6 +237,30 @@ HostsResponse.describe_hosts = _nimbus_describe_hosts_lagging
 """
     p.write_text(s)
 
+# A second lagging region, NIMBUS_MOTO_SLOW_LAG_REGION (default ap-northeast-3), whose instance listings lag
+# NIMBUS_MOTO_SLOW_LAG_SECONDS (default 30): long enough that a test can plan right after a successful apply
+# and still find what it made invisible, as EC2's tag-filtered listings can be (issue 18.7). Lookups by id stay
+# consistent there, as in the other lagging region.
+p = pathlib.Path(mi.__file__)
+s = p.read_text()
+marker = "# nimbus: a slow read lag region"
+if marker not in s:
+    if "def _nimbus_lag(backend):" not in s:
+        raise SystemExit("peers: the read lag patch is missing; cannot add the slow region")
+    s += """
+
+""" + marker + """
+_nimbus_lag_fast = _nimbus_lag
+
+
+def _nimbus_lag(backend):
+    slow = _nimbus_os.environ.get("NIMBUS_MOTO_SLOW_LAG_REGION") or "ap-northeast-3"
+    if getattr(backend, "region_name", None) == slow:
+        return float(_nimbus_os.environ.get("NIMBUS_MOTO_SLOW_LAG_SECONDS") or 30)
+    return _nimbus_lag_fast(backend)
+"""
+    p.write_text(s)
+
 # EC2's CreateReplaceRootVolumeTask (a fresh root volume, same instance and host), which moto lacks: the task
 # goes pending → in-progress → succeeded over DescribeReplaceRootVolumeTasks calls; the instance is pending
 # meanwhile and comes back running with a new root volume (the old one deleted when asked). Responses are
@@ -343,6 +367,7 @@ PY
   port=$(free_port)
   export NIMBUS_MOTO_SCRUB_SECONDS="${NIMBUS_MOTO_SCRUB_SECONDS:-2}"
   export NIMBUS_MOTO_READ_LAG_SECONDS="${NIMBUS_MOTO_READ_LAG_SECONDS:-3}" NIMBUS_MOTO_LAG_REGION="${NIMBUS_MOTO_LAG_REGION:-ap-southeast-2}"
+  export NIMBUS_MOTO_SLOW_LAG_SECONDS="${NIMBUS_MOTO_SLOW_LAG_SECONDS:-30}" NIMBUS_MOTO_SLOW_LAG_REGION="${NIMBUS_MOTO_SLOW_LAG_REGION:-ap-northeast-3}"
   "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PEERS_DIR/moto.log" 2>&1 &
   PEER_PIDS+=($!)
   wait_http "http://127.0.0.1:$port/" moto

@@ -896,3 +896,117 @@ fn a_second_fleet_file_of_the_tenant_leaves_the_first_ones_instances_alone() {
     // The first fleet file still sees its own machine.
     assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
 }
+
+/// A region's EC2 client.
+async fn sdk_in(region: &str) -> aws_sdk_ec2::Client {
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
+    aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::config::Builder::from(&cfg).region(aws_sdk_ec2::config::Region::new(region.to_string())).build(),
+    )
+}
+
+/// Issue 18.6: one name, one machine. A second instance launched by hand with exactly `linux[0]`'s tags is a
+/// copy: the plan removes the copy (the oldest stays), never the healthy `linux[1]`; after the apply every
+/// machine exists exactly once, and the drift check says so.
+#[test]
+fn a_copy_of_a_machine_is_removed_and_every_name_exists_once() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "copy");
+    f.write(1, 2, None);
+    f.ok(&["apply", "--auto-approve"]);
+    let name0 = format!("nimbus.{}.linux.0", f.tenant);
+    let copy = rt().block_on(async {
+        let c = sdk().await;
+        let all = c
+            .describe_instances()
+            .filters(Filter::builder().name("tag:nimbus:machine").values(&name0).build())
+            .send()
+            .await
+            .unwrap();
+        let original = all.reservations()[0].instances()[0].clone();
+        let tags: Vec<Tag> = original.tags().to_vec();
+        let out = c
+            .run_instances()
+            .image_id("ami-0def")
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Large)
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Instance).set_tags(Some(tags)).build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        out.instances()[0].instance_id().unwrap().to_string()
+    });
+    let o = f.run(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(2), "a doubled name is drift\n{}", text(&o));
+    let plan = f.plan_json(&[]);
+    let changes = plan["resource_changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["name"], name0.as_str());
+    assert!(changes[0]["address"].as_str().unwrap().ends_with(&copy), "{}", changes[0]);
+    assert!(changes[0]["reason"].as_str().unwrap().contains("copy"), "{}", changes[0]);
+    assert_eq!(kinds(&plan), ["terminate_instance"], "the copy goes, and nothing else: {plan}");
+    f.ok(&["apply", "--auto-approve"]);
+    let names = rt().block_on(async {
+        let c = sdk().await;
+        let (_, instances) = tenant_resources(&c, &f.tenant).await;
+        let mut names = Vec::new();
+        for id in instances.keys() {
+            let d = c.describe_instances().instance_ids(id).send().await.unwrap();
+            let i = &d.reservations()[0].instances()[0];
+            names.push(
+                i.tags().iter().find(|t| t.key() == Some("nimbus:machine")).unwrap().value().unwrap().to_string(),
+            );
+        }
+        assert!(!instances.contains_key(&copy), "the copy was terminated: {instances:?}");
+        names.sort();
+        names
+    });
+    let t = &f.tenant;
+    assert_eq!(names, [format!("nimbus.{t}.linux.0"), format!("nimbus.{t}.linux.1"), format!("nimbus.{t}.mac.0")]);
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// Issue 18.7: right after a successful apply, where EC2's listings do not show yet what it made (the peer's slow
+/// read-lag region), the plan says those machines were made by that run and are not visible yet, waits for them
+/// instead of counting them as to add, and the drift check does not call them drift; an immediate re-apply makes
+/// nothing. Once they show, the plan is empty.
+#[test]
+fn right_after_an_apply_the_plan_waits_for_what_it_made() {
+    let Some(url) = moto() else { return };
+    let region = std::env::var("NIMBUS_MOTO_SLOW_LAG_REGION").expect("scripts/peers.sh sets it");
+    let lag: u64 = std::env::var("NIMBUS_MOTO_SLOW_LAG_SECONDS").expect("scripts/peers.sh sets it").parse().unwrap();
+    let f = Fleet::new(&url, "unseen");
+    std::fs::write(f.dir.path().join("fleet.yaml"), fleet(&f.tenant, 0, 2, None).replace("us-east-1", &region))
+        .unwrap();
+    let o = f.ok(&["apply", "--auto-approve"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Resources: 2 added"), "{}", text(&o));
+    let made = std::time::Instant::now();
+    let o = f.run(&["plan", "--detailed-exitcode"]);
+    assert!(made.elapsed() < Duration::from_secs(lag), "the peer's lag must outlast the plan");
+    assert_eq!(o.status.code(), Some(0), "not drift while not visible yet\n{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("made by run 1") && out.contains("not visible yet"), "{out}");
+    assert!(!out.contains("to add"), "{out}");
+    let o = f.ok(&["apply", "--auto-approve"]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("added"), "nothing is made again: {}", text(&o));
+    assert!(made.elapsed() < Duration::from_secs(lag), "the peer's lag must outlast the re-apply");
+    let instances = rt().block_on(async {
+        let c = sdk_in(&region).await;
+        let mut n = 0;
+        for r in c.describe_instances().send().await.unwrap().reservations() {
+            n += r.instances().iter().filter(|i| i.tags().iter().any(|t| t.value() == Some(f.tenant.as_str()))).count();
+        }
+        n
+    });
+    assert!(instances <= 2, "{instances}");
+    // Once they show, the fleet is converged: exactly two.
+    std::thread::sleep(Duration::from_secs(lag).saturating_sub(made.elapsed()) + Duration::from_millis(500));
+    let o = f.run(&["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("No changes."), "{}", text(&o));
+    let (_, instances) = rt().block_on(async { tenant_resources(&sdk_in(&region).await, &f.tenant).await });
+    assert_eq!(instances.len(), 2, "{instances:?}");
+}

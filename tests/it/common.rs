@@ -128,3 +128,8 @@ pub async fn sdk() -> aws_sdk_ec2::Client {
     let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
     aws_sdk_ec2::Client::new(&cfg)
 }
+
+/// `2026-12-06T20:00:00Z` for epoch seconds.
+pub fn rfc3339(epoch: i64) -> String {
+    chrono::DateTime::from_timestamp(epoch, 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

@@ -95,3 +95,45 @@ fn an_idempotency_key_is_kept_until_forgotten_and_then_renewed() {
     j.forget_key("aws|RunInstances|acme-linux-0").unwrap();
     assert_ne!(j.idempotency_key("aws|RunInstances|acme-linux-0").unwrap(), first);
 }
+
+/// Issue 18.5: the event log takes the seed's `success` level, in a new journal and in one written by the
+/// previous nimbus (its CHECK constraint is migrated in place, every row kept).
+#[test]
+fn the_event_log_takes_the_success_level_after_migrating_an_old_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE runs (id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT,
+               status TEXT NOT NULL CHECK (status IN ('RUNNING', 'SUCCESS', 'ERROR', 'INTERRUPTED')),
+               command TEXT NOT NULL, tenant TEXT NOT NULL, fleet_path TEXT NOT NULL, summary TEXT);
+             CREATE TABLE event_log (id INTEGER PRIMARY KEY, ts TEXT NOT NULL, run_id INTEGER,
+               category TEXT NOT NULL CHECK (category IN ('audit', 'system', 'error')),
+               level TEXT NOT NULL CHECK (level IN ('debug', 'info', 'warn', 'error')),
+               actor TEXT NOT NULL, message TEXT NOT NULL, details TEXT);
+             CREATE TABLE idempotency_keys (scope TEXT PRIMARY KEY, key TEXT NOT NULL, created_at TEXT NOT NULL);
+             INSERT INTO runs VALUES (1, '2026-12-01T00:00:00.000Z', NULL, 'SUCCESS', 'apply', 't', 'f', NULL);
+             INSERT INTO event_log VALUES (1, '2099-12-01T00:00:00.000Z', 1, 'audit', 'info', 'ann', 'old event', NULL);",
+        )
+        .unwrap();
+        assert!(
+            c.execute("INSERT INTO event_log VALUES (2, 'x', NULL, 'audit', 'success', 'a', 'm', NULL)", []).is_err()
+        );
+    }
+    let j = nimbus::state::journal::Journal::open(&path).unwrap();
+    j.event(None, nimbus::state::journal::Category::Audit, "success", "nimbus", "converged", None).unwrap();
+    let events = j.events(10).unwrap();
+    let msgs: Vec<(&str, &str)> = events.iter().map(|e| (e.level.as_str(), e.message.as_str())).collect();
+    assert_eq!(msgs, [("success", "converged"), ("info", "old event")]);
+    // The old run is still there, and new runs record who made them.
+    let run = j.start_run_by("provision", "api", "t", "f").unwrap();
+    let runs = j.runs(10).unwrap();
+    assert_eq!(
+        runs.iter().map(|r| (r.id, r.actor.clone())).collect::<Vec<_>>(),
+        [(run, Some("api".into())), (1, None)]
+    );
+    drop(j);
+    // Opening again migrates nothing twice.
+    nimbus::state::journal::Journal::open(&path).unwrap();
+}

@@ -77,7 +77,7 @@ fn quickstart_flow_converges_and_detects_drift() {
     assert_eq!(std::fs::read_to_string(root.join("tools/installed")).unwrap().trim(), "git make");
     let db = state_db(dir.path(), "nimbus.quickstart.linux.0");
     assert_eq!(sqlite3(&db, "SELECT name, status FROM setup_steps ORDER BY position"), "tools|done\nwarm-cache|done\n");
-    assert_eq!(sqlite3(&db, "SELECT value FROM machine_state WHERE key = 'tenant'"), "quickstart\n");
+    assert_eq!(sqlite3(&db, "SELECT tenant FROM machine_state"), "quickstart\n");
     assert_eq!(sqlite3(&db, "SELECT image FROM image_state"), "ubuntu-24.04\n");
     let tables = sqlite3(&db, ".tables");
     for t in ["machine_state", "image_state", "setup_steps", "runner_state"] {
@@ -776,4 +776,168 @@ fn two_applies_never_run_setup_on_one_machine_at_once() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(!state.join(".setup.lock").exists(), "the lock is released after setup");
     assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// Issue 18.5: the seed's documented debugging queries work on the machine's database, the lifecycle is
+/// written as the machine moves through it, and a failed step leaves its last lines (secrets redacted).
+#[test]
+fn the_seeds_debugging_queries_work_on_the_machine_database() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    let db = state_db(dir.path(), "nimbus.quickstart.linux.0");
+    let row = sqlite3(&db, "SELECT state, updated_at FROM machine_state");
+    let (state, at) = row.trim().split_once('|').unwrap();
+    assert_eq!(state, "ready", "set up, no runner: {row}");
+    assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok(), "{row}");
+    let steps =
+        sqlite3(&db, "SELECT step, status, started_at, completed_at, error_message FROM setup_steps ORDER BY position");
+    let lines: Vec<&str> = steps.lines().collect();
+    assert_eq!(lines.len(), 2, "{steps}");
+    for (l, name) in lines.iter().zip(["tools", "warm-cache"]) {
+        let f: Vec<&str> = l.split('|').collect();
+        assert_eq!((f[0], f[1], f[4]), (name, "done", ""), "{l}");
+        assert!(!f[2].is_empty() && !f[3].is_empty(), "started and completed: {l}");
+    }
+    let indexes =
+        sqlite3(&db, "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'idx_%' ORDER BY name");
+    assert_eq!(indexes, "idx_machine_state_state\nidx_setup_steps_status\n");
+
+    // A failed step: its last lines, with a token it printed hidden.
+    let dir = tempfile::tempdir().unwrap();
+    write_fleet(
+        dir.path(),
+        "version: 1\ntenant: t\nproviders:\n  local: {type: local}\npools:\n  - name: p\n    provider: local\n    count: 1\n    machine: {os: linux, arch: x86_64, image: img}\n    setup:\n      - name: boom\n        run: |\n          echo \"using ghp_abcdefghijklmnopqrstuvwxyz0123456789\" >&2\n          echo \"the disk is full\" >&2\n          exit 3\n",
+    );
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(1));
+    let db = state_db(dir.path(), "nimbus.t.p.0");
+    let msg = sqlite3(&db, "SELECT error_message FROM setup_steps WHERE step = 'boom'");
+    assert!(msg.contains("the disk is full"), "{msg}");
+    assert!(!msg.contains("abcdefghijklmnopqrstuvwxyz0123456789"), "a secret reached the machine's state: {msg}");
+    assert_eq!(sqlite3(&db, "SELECT state FROM machine_state"), "image_installing\n");
+}
+
+/// The on-machine schema nimbus wrote before issue 18 (schema 1).
+const SCHEMA_1: &str = "
+CREATE TABLE machine_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE image_state (image TEXT NOT NULL, applied_at TEXT NOT NULL);
+CREATE TABLE setup_steps (position INTEGER NOT NULL, name TEXT PRIMARY KEY, hash TEXT NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'timeout')), started_at TEXT, finished_at TEXT,
+  exit_code INTEGER);
+CREATE TABLE runner_state (name TEXT PRIMARY KEY, labels TEXT NOT NULL, mode TEXT NOT NULL, registered_at TEXT NOT NULL,
+  runner_id INTEGER);
+";
+
+/// Issue 18.5: a machine set up by the previous version keeps what it holds, is migrated in place by the next
+/// apply, and is not set up again.
+#[test]
+fn a_database_of_the_previous_schema_is_migrated_and_not_set_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = "echo run >> one.count";
+    write_fleet(
+        dir.path(),
+        &format!(
+            "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\npools:\n  - name: p\n    provider: local\n    count: 1\n    machine: {{os: linux, arch: x86_64, image: img}}\n    setup:\n      - name: one\n        run: {run}\n"
+        ),
+    );
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    // The same machine as the previous nimbus left it: schema 1, step `one` done.
+    let db = state_db(dir.path(), "nimbus.t.p.0");
+    std::fs::remove_file(&db).unwrap();
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch(SCHEMA_1).unwrap();
+    for (k, v) in [
+        ("machine", "nimbus.t.p.0"),
+        ("tenant", "t"),
+        ("pool", "p"),
+        ("provider", "local"),
+        ("schema_version", "1"),
+        ("note", "kept"),
+    ] {
+        c.execute("INSERT INTO machine_state (key, value) VALUES (?1, ?2)", [k, v]).unwrap();
+    }
+    c.execute("INSERT INTO image_state VALUES ('img', '2026-11-01T00:00:00Z')", []).unwrap();
+    let hash = nimbus::core::model::step_hash(run);
+    c.execute(
+        "INSERT INTO setup_steps VALUES (0, 'one', ?1, 'done', '2026-11-01T00:00:00Z', '2026-11-01T00:00:01Z', 0)",
+        [&hash],
+    )
+    .unwrap();
+    drop(c);
+    // Plan (read-only) sees a set-up machine, and leaves the file as it is.
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(sqlite3(&db, "SELECT value FROM machine_state WHERE key = 'note'"), "kept\n");
+    // Apply migrates it in place: the seed's columns, everything it held, and no setup again.
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(sqlite3(&db, "SELECT state, tenant, pool, schema_version FROM machine_state"), "ready|t|p|2\n");
+    assert_eq!(sqlite3(&db, "SELECT value FROM machine_info WHERE key = 'note'"), "kept\n");
+    assert_eq!(
+        sqlite3(&db, "SELECT step, status, started_at, completed_at, exit_code FROM setup_steps"),
+        "one|done|2026-11-01T00:00:00Z|2026-11-01T00:00:01Z|0\n"
+    );
+    assert_eq!(sqlite3(&db, "SELECT image FROM image_state"), "img\n");
+    let root = dir.path().join(".nimbus/local/nimbus.t.p.0/root");
+    assert_eq!(std::fs::read_to_string(root.join("one.count")).unwrap(), "run\n", "the step ran once only");
+    assert_eq!(nimbus(dir.path(), &["plan", "--detailed-exitcode"]).status.code(), Some(0));
+}
+
+/// Issue 18.2: of two applies started together, the loser always names the holder: pid, user, host and start
+/// time (it may read the lock file before the winner has written itself into it).
+#[test]
+fn the_loser_of_a_lock_race_always_names_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("apply.lock");
+    for round in 0..200 {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let racers: Vec<_> = (0..2)
+            .map(|_| {
+                let (b, p) = (barrier.clone(), path.clone());
+                std::thread::spawn(move || {
+                    b.wait();
+                    let r = nimbus::state::journal::ApplyLock::acquire(&p);
+                    // Hold a winner's lock until the loser has looked.
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    r.map(|_| ()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        let results: Vec<Result<(), String>> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                e.contains("another apply of this fleet is running (pid ")
+                    && e.contains(", user ")
+                    && e.contains(", host ")
+                    && e.contains(", since 20"),
+                "round {round}: {e}"
+            );
+            assert!(!e.contains("unknown process") && !e.contains("no record"), "round {round}: {e}");
+        }
+    }
+}
+
+/// Issue 18.1: a setup lock held by another fleet is respected, and the error names who holds it since when,
+/// as a time and how long ago (never epoch seconds).
+#[test]
+fn another_fleets_setup_lock_is_respected_and_named_with_times() {
+    let dir = quickstart();
+    assert_eq!(nimbus(dir.path(), &["apply", "--auto-approve"]).status.code(), Some(0));
+    let state = dir.path().join(".nimbus/local/nimbus.quickstart.linux.0/root/var/lib/nimbus");
+    let fleet = dir.path().join("fleet.yaml");
+    std::fs::write(&fleet, std::fs::read_to_string(&fleet).unwrap().replace("echo warmed", "echo warmed again"))
+        .unwrap();
+    let since = chrono::Utc::now().timestamp() - 180;
+    std::fs::create_dir(state.join(".setup.lock")).unwrap();
+    std::fs::write(
+        state.join(".setup.lock/holder"),
+        format!("fleet=quickstart/other.yaml@s3://bucket/other\nrun=4 2026-12-01T00:00:00.000Z\nwho=ann@ci-7 pid 99\nsince={since}\n"),
+    )
+    .unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(err.contains("fleet `quickstart/other.yaml@s3://bucket/other`, run 4 (ann@ci-7 pid 99)"), "{err}");
+    assert!(err.contains("(3 min ago)") && err.contains(&crate::common::rfc3339(since)), "{err}");
+    assert!(!err.contains(&since.to_string()), "epoch seconds shown: {err}");
+    assert!(state.join(".setup.lock").exists(), "another fleet's lock was removed");
 }

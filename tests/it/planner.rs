@@ -545,3 +545,56 @@ fn hosts_are_released_late_never_early() {
     assert_eq!(p.deferred[0].due_at, None);
     assert!(p.deferred[0].reason.contains("no allocation time"), "{}", p.deferred[0].reason);
 }
+
+/// Issue 18.6: two instances carry one machine's name. The plan removes the copy, never another healthy
+/// machine to "scale down", keeps the one whose runner the forge registered (else the oldest), and never
+/// deregisters the runner of that name; while the name is doubled the drift check cannot say "No changes".
+#[test]
+fn a_copy_of_a_machine_is_drift_and_the_registered_one_stays() {
+    let mut p = pool("linux", "aws", 2, "t3.large", "ami-1");
+    p.runner = Some(RunnerSpec::new(vec!["l".into()], nimbus::config::RunnerMode::Persistent));
+    let d = desired("acme", vec![p]);
+    let (mut world, _) = built(&d, t0());
+    let name0 = machine_name("acme", "linux", 0);
+    let original = world.machines.iter().find(|m| m.name() == Some(name0.as_str())).unwrap().clone();
+    // A copy, launched earlier than the original (so "the oldest" would pick it), whose runner is not the one
+    // the forge knows.
+    let mut copy = original.clone();
+    copy.instance_id = "i-copy".into();
+    copy.launched_at = original.launched_at - Duration::hours(1);
+    let runner_id = world.runners.as_ref().unwrap().iter().find(|r| r.name == name0).unwrap().id;
+    if let OnMachine::Read { state } =
+        &mut world.machines.iter_mut().find(|m| m.instance_id == original.instance_id).unwrap().on_machine
+    {
+        state.runner.as_mut().unwrap().runner_id = Some(runner_id);
+    }
+    if let OnMachine::Read { state } = &mut copy.on_machine {
+        state.runner.as_mut().unwrap().runner_id = Some(runner_id + 1000);
+    }
+    world.machines.push(copy);
+    let p = plan(&d, &world, t0());
+    assert_eq!(kinds(&p), ["terminate_instance"], "{:?}", p.changes);
+    let (_, a) = p.actions().next().unwrap();
+    assert!(matches!(&a.kind, ActionKind::TerminateInstance { instance_id, .. } if instance_id == "i-copy"));
+    assert_eq!(p.changes.len(), 1);
+    assert!(
+        p.changes[0].reason.contains("copy") && p.changes[0].reason.contains(&original.instance_id),
+        "{}",
+        p.changes[0].reason
+    );
+
+    // The copy's runner name is busy and the copy might be the one running the job (no runner ids recorded):
+    // its removal waits, and the drift check still reports drift.
+    for m in &mut world.machines {
+        if let OnMachine::Read { state } = &mut m.on_machine {
+            state.runner.as_mut().unwrap().runner_id = None;
+        }
+    }
+    nimbus::testing::start_jobs(&mut world, &[name0.as_str()]);
+    let p = plan(&d, &world, t0());
+    assert!(p.is_empty(), "{:?}", p.changes);
+    let doc = nimbus::core::plan::document::PlanDocument::from_plan(&p, None, None);
+    assert!(doc.drift_pending(), "a doubled name is never \"No changes\"");
+    let text = nimbus::cli::views::plan_text::render(&doc, nimbus::cli::views::plan_text::Style { color: false });
+    assert!(!text.contains("No changes."), "{text}");
+}

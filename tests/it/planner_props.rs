@@ -69,6 +69,8 @@ enum Perturb {
     Ghost(u32),
     Unreachable(usize),
     Pending(usize),
+    /// A second instance carrying a machine's tags (a person, an expired ClientToken).
+    Copy(usize),
 }
 
 fn perturb_gen() -> impl Strategy<Value = Perturb> {
@@ -79,6 +81,7 @@ fn perturb_gen() -> impl Strategy<Value = Perturb> {
         (0u32..9).prop_map(Perturb::Ghost),
         (0usize..20).prop_map(Perturb::Unreachable),
         (0usize..20).prop_map(Perturb::Pending),
+        (0usize..20).prop_map(Perturb::Copy),
     ]
 }
 
@@ -104,6 +107,7 @@ fn apply_perturbations(world: &mut Actual, ps: &[Perturb]) {
                 }
             }
             Perturb::Stop(i) if n > 0 => world.machines[mine[i % n]].state = InstanceState::Stopped,
+            Perturb::Copy(i) if n > 0 => copy_machine(world, mine[i % n]),
             Perturb::Unreachable(i) if n > 0 => {
                 world.machines[mine[i % n]].on_machine = OnMachine::Unreachable { reason: "timeout".into() }
             }
@@ -130,6 +134,15 @@ fn apply_perturbations(world: &mut Actual, ps: &[Perturb]) {
             _ => {}
         }
     }
+}
+
+/// Launches a copy of machine `i` (on no host: EC2 never puts two instances on one), a minute later.
+fn copy_machine(world: &mut Actual, i: usize) {
+    let mut c = world.machines[i].clone();
+    c.instance_id = format!("{}-copy{}", c.instance_id, world.machines.len());
+    c.launched_at += Duration::minutes(1);
+    c.host_id = None;
+    world.machines.push(c);
 }
 
 /// Resources of another tenant, and untagged ones, sharing the account.
@@ -302,5 +315,55 @@ proptest! {
         let on_host: Vec<&String> = world.machines.iter().filter_map(|m| m.host_id.as_ref()).collect();
         let unique: std::collections::BTreeSet<&&String> = on_host.iter().collect();
         prop_assert_eq!(on_host.len(), unique.len(), "two machines on one host");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Issue 18.6: no plan removes the only copy of a name. Of copies of one name exactly one stays (the oldest
+    /// here: none registered a runner of its own), the others go, and after the apply every name exists once.
+    #[test]
+    fn copies_go_and_every_name_stays_exactly_once(
+        gens in prop::collection::vec(pool_gen(), 1..4),
+        copies in prop::collection::vec(0usize..20, 1..5),
+        busy in prop::collection::vec(0usize..20, 0..3),
+    ) {
+        let mut sim = Simulator::default();
+        let mut world = Actual { runners: Some(vec![]), ..Default::default() };
+        let d = make_desired("acme", &gens);
+        let p0 = plan(&d, &world, t0());
+        sim.apply(&d, &mut world, &p0, t0());
+        let originals: Vec<(String, String)> = world
+            .machines
+            .iter()
+            .filter(|m| !m.state.is_gone())
+            .filter_map(|m| Some((m.name()?.to_string(), m.instance_id.clone())))
+            .collect();
+        prop_assume!(!originals.is_empty());
+        for c in &copies {
+            let i = world.machines.iter().position(|m| m.instance_id == originals[c % originals.len()].1).unwrap();
+            copy_machine(&mut world, i);
+        }
+        let names: Vec<String> = originals.iter().map(|(n, _)| n.clone()).collect();
+        let busy_names: Vec<&str> = busy.iter().map(|b| names[b % names.len()].as_str()).collect();
+        nimbus::testing::start_jobs(&mut world, &busy_names);
+        let p1 = plan(&d, &world, t0() + Duration::hours(1));
+        for (name, original) in &originals {
+            for (_, a) in p1.actions() {
+                if let ActionKind::TerminateInstance { instance_id, .. } = &a.kind {
+                    prop_assert!(instance_id != original, "{name}: the original (oldest) copy was terminated");
+                }
+            }
+        }
+        sim.apply(&d, &mut world, &p1, t0() + Duration::hours(1));
+        nimbus::testing::finish_jobs(&mut world);
+        let p2 = plan(&d, &world, t0() + Duration::hours(1));
+        sim.apply(&d, &mut world, &p2, t0() + Duration::hours(1));
+        for (name, _) in &originals {
+            let live = world.machines.iter().filter(|m| !m.state.is_gone() && m.name() == Some(name.as_str())).count();
+            prop_assert_eq!(live, 1, "{} exists {} times", name, live);
+        }
+        prop_assert!(plan(&d, &world, t0() + Duration::hours(1)).is_empty());
     }
 }

@@ -35,6 +35,7 @@ struct Repo {
     bucket: String,
     key: String,
     env: Vec<(&'static str, String)>,
+    tenant: String,
 }
 
 impl Repo {
@@ -49,6 +50,7 @@ impl Repo {
             key: format!("fleets/{tenant}/journal.db"),
             bucket,
             env: aws_env(url),
+            tenant: tenant.clone(),
         };
         r.commit(&r.fleet(&tenant, count, delay, lease));
         r
@@ -411,4 +413,84 @@ fn a_second_interrupt_frees_the_lock_before_exiting() {
     let o = repo.run(b.path(), &["apply", "--auto-approve"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(repo.sandboxes().len(), 2, "{:?}", repo.sandboxes());
+}
+
+/// Issue 18.1: clone B's apply is killed with `kill -9` while a setup step runs, and its stale S3 lock is
+/// force-unlocked. Clone A's apply (another checkout, another path) recognises the setup lock B left on the
+/// machine as this fleet's dead run's, stops B's step (its whole process group) and journals that, takes the lock
+/// over at once and converges; nobody waits out the step timeouts.
+#[test]
+fn a_killed_applys_setup_lock_is_taken_over_by_the_fleets_next_apply() {
+    let Some(url) = moto() else { return };
+    let repo = Repo::new(&url, 1, "0s", "30s");
+    let mut fleet = repo.fleet(&repo.tenant, 1, "0s", "30s");
+    fleet.push_str(
+        "    setup:\n      - name: slow\n        run: |\n          if [ -f ../../fast ]; then exit 0; fi\n          sleep 300 &\n          echo $! > sleeper.pid\n          wait\n",
+    );
+    repo.commit(&fleet);
+    let machine = format!("nimbus.{}.linux.0", repo.tenant);
+    let root = repo.cloud.path().join(&machine).join("root");
+    let (a, b) = (repo.clone(), repo.clone());
+    let mut killed = repo.spawn(b.path(), &["apply", "--auto-approve"]);
+    repo.wait_for("B's setup step to run", || root.join("sleeper.pid").exists());
+    std::thread::sleep(Duration::from_millis(200));
+    killed.kill().unwrap(); // SIGKILL: its step's shell lives on, and so does its lock on the machine
+    killed.wait().unwrap();
+    let sleeper = std::fs::read_to_string(root.join("sleeper.pid")).unwrap().trim().to_string();
+    let alive = |pid: &str| Command::new("kill").args(["-0", pid]).status().unwrap().success();
+    assert!(alive(&sleeper), "B's step runs on after B was killed");
+    assert!(root.join("var/lib/nimbus/.setup.lock").exists(), "B left its setup lock");
+    let id = lock_id(&repo.lock_body().expect("a killed holder leaves its lock"));
+    let o = repo.run(a.path(), &["force-unlock", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    std::fs::write(repo.cloud.path().join("fast"), "").unwrap();
+    let o = repo.run(a.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("another apply is running setup"), "{}", text(&o));
+    let t0 = Instant::now();
+    while alive(&sleeper) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive(&sleeper), "the dead run's step (process group) was stopped before the lock was taken over");
+    // The journal (the bucket's, as A's working copy holds it) says what happened.
+    let j = nimbus::state::journal::Journal::open(&a.path().join("repo/.nimbus/journal.db")).unwrap();
+    let events: Vec<String> = j.events(200).unwrap().into_iter().map(|e| e.message).collect();
+    assert!(
+        events
+            .iter()
+            .any(|m| m.contains("took over the setup lock") && m.contains("process group") && m.contains("stopped")),
+        "{events:?}"
+    );
+    let o = repo.run(a.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// Issue 18.3: once the run is in the journal, the lock's body names it by the number `nimbus history` uses,
+/// and the "locked" error names it too.
+#[test]
+fn the_lock_body_names_the_journal_run() {
+    let Some(url) = moto() else { return };
+    let repo = Repo::new(&url, 2, "4s", "3s");
+    let (a, b) = (repo.clone(), repo.clone());
+    let holder = repo.spawn(a.path(), &["apply", "--auto-approve"]);
+    let run_id = || {
+        repo.lock_body()
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["run_id"].as_str().map(str::to_string))
+    };
+    repo.wait_for("the lock to name the run", || run_id().is_some_and(|r| r != "pending"));
+    let run = run_id().unwrap();
+    let n: i64 = run.parse().unwrap_or_else(|_| panic!("a journal run number: {run}"));
+    let o = repo.run(b.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = flat(&o.stderr);
+    assert!(err.contains(&format!("run {n} since")), "{err}");
+    assert!(err.contains(" ago)"), "the start is a time and how long ago: {err}");
+    let o = done(holder);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let h = repo.run(b.path(), &["history", "--run", &run, "--json"]);
+    assert_eq!(h.status.code(), Some(0), "{}", text(&h));
+    let actions: serde_json::Value = serde_json::from_slice(&h.stdout).unwrap();
+    assert!(actions.as_array().is_some_and(|a| !a.is_empty()), "the run the lock named is in history: {actions}");
 }

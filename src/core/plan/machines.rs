@@ -63,10 +63,10 @@ impl<'a> Builder<'a> {
         let mut ids = Vec::new();
         let mut deps = deps;
         // A machine of the same name going away (its pool moved provider) must be gone first.
-        if let Some(t) = self.teardowns.get(name).copied()
-            && !deps.contains(&t)
-        {
-            deps.push(t);
+        for t in self.teardowns.get(name).cloned().unwrap_or_default() {
+            if !deps.contains(&t) {
+                deps.push(t);
+            }
         }
         let launch = self.add(
             addr,
@@ -217,7 +217,8 @@ impl<'a> Builder<'a> {
         let mut ids = Vec::new();
         let name = m.name().unwrap_or(&m.instance_id).to_string();
         let mut deps = Vec::new();
-        if let Some(r) = self.runner(&name) {
+        // One runner per name: of two instances of one name (copies) going away, only one deregisters it.
+        if let Some(r) = self.runner(&name).filter(|_| !self.runners_handled.contains(&name)) {
             let d = self.add(addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
             ids.push(d);
             deps.push(d);
@@ -234,7 +235,7 @@ impl<'a> Builder<'a> {
         );
         ids.push(t);
         if let Some(n) = m.name() {
-            self.teardowns.insert(n.to_string(), t);
+            self.teardowns.entry(n.to_string()).or_default().push(t);
         }
         (ids, t)
     }

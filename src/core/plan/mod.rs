@@ -66,7 +66,7 @@ struct Builder<'a> {
     /// Pools this fleet's journal acted on (see [`Actual::known_pools`]).
     known_pools: Option<&'a BTreeSet<String>>,
     /// The terminate action of each machine being torn down, by name: a new machine of the same name waits for it.
-    teardowns: HashMap<String, usize>,
+    teardowns: HashMap<String, Vec<usize>>,
     /// Known hosts by the machine their tag names.
     hosts_by_machine_tag: HashMap<&'a str, Vec<&'a str>>,
     /// Machines whose removal waits for their runner's job: a new machine of the same name waits too.

@@ -182,6 +182,7 @@ impl<'a> Builder<'a> {
         // The running job may be this copy's: wait for it (unless the user asked to interrupt jobs).
         if !job_is_kepts && self.must_wait_for_job(&name) {
             self.defer_for_job(&addr, &name, terminate, &format!("then this copy is removed ({cause})"));
+            self.held_for_jobs.insert(name.clone());
             if let Some(h) = &m.host_id {
                 self.claimed_hosts.insert(h.clone());
             }
@@ -189,6 +190,8 @@ impl<'a> Builder<'a> {
         }
         let mut ids = vec![self.add(&addr, terminate, &[])];
         let t = ids[0];
+        // A new machine of this name (the kept one replaced) is made only once the copy is gone.
+        self.teardowns.entry(name.clone()).or_default().push(t);
         let alone_on_host = m.host_id.as_ref().and_then(|h| self.hosts.get(h.as_str())).is_some_and(|h| {
             h.instance_ids.iter().all(|i| i == &m.instance_id) && kept.host_id.as_ref() != Some(&h.id)
         });
