@@ -540,10 +540,10 @@ impl Applier {
         let script = format!(
             "{locate}; f=\"$d/.setup-step.pid\"; [ -f \"$f\" ] || {{ echo 'none was running'; exit 0; }}\n\
              g=$(cat \"$f\"); case \"$g\" in ''|*[!0-9]*) echo 'its record is not a process group'; $s rm -f \"$f\"; exit 0;; esac\n\
-             if ! kill -0 -- \"-$g\" 2>/dev/null; then echo \"process group $g had ended\"; $s rm -f \"$f\"; exit 0; fi\n\
+             if ! kill -s 0 -- \"-$g\" 2>/dev/null; then echo \"process group $g had ended\"; $s rm -f \"$f\"; exit 0; fi\n\
              kill -s TERM -- \"-$g\" 2>/dev/null; i=0\n\
-             while kill -0 -- \"-$g\" 2>/dev/null && [ $i -lt {grace} ]; do sleep 1; i=$((i+1)); done\n\
-             if kill -0 -- \"-$g\" 2>/dev/null; then kill -s KILL -- \"-$g\" 2>/dev/null; echo \"process group $g was stopped with KILL after {grace}s\"; \
+             while kill -s 0 -- \"-$g\" 2>/dev/null && [ $i -lt {grace} ]; do sleep 1; i=$((i+1)); done\n\
+             if kill -s 0 -- \"-$g\" 2>/dev/null; then kill -s KILL -- \"-$g\" 2>/dev/null; echo \"process group $g was stopped with KILL after {grace}s\"; \
              else echo \"process group $g was stopped with TERM\"; fi\n\
              $s rm -f \"$f\"\n"
         );

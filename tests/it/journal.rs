@@ -137,3 +137,27 @@ fn the_event_log_takes_the_success_level_after_migrating_an_old_journal() {
     // Opening again migrates nothing twice.
     nimbus::state::journal::Journal::open(&path).unwrap();
 }
+
+/// Issue 18.7: the apply summary counts what was made, not what was asked for: a launch the provider answered
+/// from its idempotency key with what an earlier run made adds nothing.
+#[test]
+fn a_launch_answered_with_an_earlier_runs_instance_adds_nothing() {
+    use nimbus::core::plan::document::PlanDocument;
+    use nimbus::engine::walk::{ExecReport, Outcome};
+    let d = nimbus::testing::desired("acme", vec![nimbus::testing::pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    let p = nimbus::core::plan::plan(&d, &nimbus::core::model::Actual::default(), Utc::now());
+    let doc = PlanDocument::from_plan(&p, None, None);
+    let report = ExecReport {
+        outcomes: doc.actions.iter().map(|a| (a.id, Outcome::Success)).collect(),
+        root_causes: vec![],
+        wall: std::time::Duration::ZERO,
+        interrupted: false,
+        deferred: vec![],
+    };
+    let launch = doc.actions.iter().find(|a| a.action.kind.name() == "launch_instance").unwrap().id;
+    let made = nimbus::engine::apply::Tally::of(&doc, &report, &Default::default());
+    assert_eq!(made.done.add, 1);
+    let again = nimbus::engine::apply::Tally::of(&doc, &report, &[launch].into_iter().collect());
+    assert_eq!(again.done.add, 0, "nothing new was made");
+    assert!(again.incomplete.is_empty());
+}

@@ -34,11 +34,13 @@ pub fn runs_and_events(runs: &[RunRow], events: &[EventRow], json: bool) {
     outln!("Runs (newest first):");
     for r in runs {
         outln!(
-            "  {:>5}  {:<11} {}  {}  {}",
+            "  {:>5}  {:<11} {}  {}{}  {}",
             r.id,
             r.status,
             r.started_at,
             r.command,
+            // Who made it, when it was not a person at the command line: `api`, `reconcile`.
+            r.actor.as_deref().filter(|a| *a != "cli").map(|a| format!(" (by {a})")).unwrap_or_default(),
             r.summary.clone().unwrap_or_default()
         );
     }
