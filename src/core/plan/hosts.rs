@@ -123,6 +123,27 @@ impl<'a> Builder<'a> {
         for h in idle {
             let addr = String::from(Address::host(&h.id));
             let due = window_end(self.desired, h);
+            // A second host tagged for a machine that runs on another host (a replacement's old host, or a copy):
+            // one name, one host. It is not that machine's; it is reused or goes by the window rules like any idle
+            // host, and the plan says so.
+            let copy_of = h.tags.get(tags::MACHINE).filter(|name| {
+                self.live_machines
+                    .iter()
+                    .any(|m| m.name() == Some(name.as_str()) && m.host_id.as_deref() != Some(h.id.as_str()))
+            });
+            if let Some(name) = copy_of
+                && !(h.state == HostState::Available && window_end(self.desired, h) <= self.now)
+            {
+                self.warnings.push(Warning {
+                    address: addr.clone(),
+                    message: format!(
+                        "host `{}` is a second host tagged for `{name}`, which runs on another: it is idle, reused by a machine that needs a host or released once its minimum allocation window ends ({})",
+                        h.id,
+                        crate::util::time::ts(&due)
+                    ),
+                    kind: WarningKind::Other,
+                });
+            }
             match h.state {
                 HostState::Available => {
                     let mut ids = Vec::new();

@@ -75,6 +75,8 @@ struct Builder<'a> {
     jobs_interrupted: usize,
     /// Instances recent runs made that discovery does not show yet.
     made_unseen: &'a [MadeUnseen],
+    /// This tenant's live machines (every provider, every pool).
+    live_machines: Vec<&'a ActualMachine>,
 }
 
 fn machine_index(m: &ActualMachine) -> Option<u32> {
@@ -237,6 +239,7 @@ impl<'a> Builder<'a> {
             held_for_jobs: HashSet::new(),
             jobs_interrupted: 0,
             made_unseen: &actual.made_unseen,
+            live_machines: actual.machines.iter().filter(|m| owned_by(&m.tags, tenant) && !m.state.is_gone()).collect(),
         }
     }
 
