@@ -230,8 +230,9 @@ impl LocalProvider {
         }
     }
 
-    /// Removes half-built and half-removed sandboxes left by a killed run: those untouched for an hour, so that
-    /// another fleet's apply sharing the folder (its own lock) keeps the ones it is building now.
+    /// Removes half-built and half-removed sandboxes left by a killed run: those whose process is gone, and those
+    /// untouched for an hour; another fleet's apply sharing the folder (its own lock) keeps the ones it is
+    /// building now.
     pub fn sweep(&self) -> Result<usize, ProviderError> {
         let entries = match std::fs::read_dir(&self.data_dir) {
             Ok(e) => e,
@@ -246,7 +247,14 @@ impl LocalProvider {
                 .and_then(|m| m.modified())
                 .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600))
                 .unwrap_or(false);
-            if (name.starts_with(".tmp-") || name.starts_with(".trash-")) && stale {
+            // A folder of a process that is gone (its name ends in `-<pid>-<nanos>`, and sandboxes are on this
+            // computer) is left over too, however fresh.
+            let dead = name
+                .rsplitn(3, '-')
+                .nth(1)
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists());
+            if (name.starts_with(".tmp-") || name.starts_with(".trash-")) && (stale || dead) {
                 std::fs::remove_dir_all(entry.path()).map_err(|e| self.io(e))?;
                 n += 1;
             }
