@@ -159,7 +159,7 @@ pub struct Applier {
     /// The idempotency-key scopes of what discovery saw: those creations are done and visible, so their keys
     /// are forgotten (a later creation of the same name gets a new key).
     seen: Vec<String>,
-    /// The journal's run these actions belong to.
+    /// The journal's run these actions belong to (recorded with what each creation made).
     run: Option<i64>,
     /// Actions answered with what an earlier run made (the same idempotency key): nothing new was made.
     reused: Mutex<std::collections::HashSet<usize>>,
@@ -205,12 +205,6 @@ impl Applier {
             run: None,
             reused: Mutex::new(std::collections::HashSet::new()),
         }
-    }
-
-    /// The journal's run these actions belong to (recorded with what each creation made).
-    pub fn with_run(mut self, run: i64) -> Self {
-        self.run = Some(run);
-        self
     }
 
     /// Records what the call under `scope` (action `id`) made; notes when it is what an earlier run made.
@@ -268,6 +262,7 @@ impl Applier {
     /// [`Applier::run_setup`].
     pub fn with_setup_owner(mut self, fleet: impl Into<String>, run: i64, run_started: impl Into<String>) -> Self {
         self.setup_owner = SetupOwner { fleet: fleet.into(), run, run_started: run_started.into(), who: who() };
+        self.run = Some(run);
         self
     }
 

@@ -87,8 +87,7 @@ pub fn applier(
     let started = journal.run_status(run)?.map(|(_, at)| at).unwrap_or_default();
     let mut applier = crate::engine::actions::Applier::new(desired, actual, providers, log_dir)
         .with_setup_owner(identity(loaded, journal_flag), run, started)
-        .with_idempotency_keys(&path)?
-        .with_run(run);
+        .with_idempotency_keys(&path)?;
     if let Some(f) = forge {
         applier = applier.with_forge(f, crate::engine::clients::runner_dir(loaded));
     }
