@@ -114,7 +114,17 @@ pub enum Termination {
     Busy { runner_id: u64 },
     /// The instance can go now; its dedicated host is inside its minimum allocation period and stays allocated
     /// (held) for `remaining`, until `releasable_at`.
-    MinimumAllocationPeriod { host_id: String, remaining: Duration, releasable_at: DateTime<Utc> },
+    MinimumAllocationPeriod {
+        host_id: String,
+        /// Written as whole seconds.
+        #[serde(serialize_with = "as_secs")]
+        remaining: Duration,
+        releasable_at: DateTime<Utc>,
+    },
+}
+
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
 }
 
 impl Termination {

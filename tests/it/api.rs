@@ -135,6 +135,7 @@ fn can_terminate_tells_the_hosts_window_on_aws() {
         );
         let json = serde_json::to_value(&t).unwrap();
         assert_eq!(json["reason"], "minimum_allocation_period", "{json}");
+        assert_eq!(json["remaining"], remaining.as_secs(), "{json}");
         n.terminate(&tenant, &m.name).await.unwrap();
         assert!(n.list_machines(&tenant).await.unwrap().is_empty());
         // Its host stays, held until its window ends (the same rule as `apply`), and says when it goes.
