@@ -41,8 +41,8 @@ pub use storage::{FileStorage, MemoryStorage, Storage, StorageError};
 
 use crate::config::LoadedConfig;
 use crate::core::model::{Actual, ActualMachine, Desired, HostState};
-use crate::core::plan::document::{FleetRef, Observed, PlanDocument};
-use crate::core::plan::{ChangeAction, plan};
+use crate::core::plan::ChangeAction;
+use crate::core::plan::document::PlanDocument;
 use crate::engine::apply::SessionError;
 use crate::engine::clients::{ClientError, build_forge, build_providers};
 use crate::engine::discovery::{DiscoveryError, discover_for_change, discover_with_forge};
@@ -73,6 +73,9 @@ pub enum ApiError {
     UnknownPool { tenant: String, pool: String },
     #[error("tenant `{tenant}` has no machine `{machine}`")]
     UnknownMachine { tenant: String, machine: String },
+    /// The pool follows demand (`scale:`): its size is the controller's, not a count to change.
+    #[error("pool `{pool}` follows demand (`scale:`); `nimbus reconcile` sizes it")]
+    FollowsDemand { pool: String },
     /// The machine's runner is running a job: it is not terminated (jobs are sacred).
     #[error("`{machine}` is running a job; it is not terminated")]
     Busy { machine: String },
@@ -258,9 +261,10 @@ impl<S: Storage> Nimbus<S> {
     /// the instance, its setup steps and its runner). Returns the machine made.
     pub async fn provision(&self, tenant: &str, pool: &str) -> Result<Machine, ApiError> {
         let loaded = self.storage.fleet(tenant).await?;
-        let Some(count) = loaded.config.pools.iter().find(|p| p.name == pool).map(|p| p.count) else {
+        let Some(p) = loaded.config.pools.iter().find(|p| p.name == pool) else {
             return Err(ApiError::UnknownPool { tenant: tenant.into(), pool: pool.into() });
         };
+        let Some(count) = p.count else { return Err(ApiError::FollowsDemand { pool: pool.into() }) };
         let (doc, actual) = self.change(tenant, "provision", (pool, count + 1), Vec::new()).await?;
         // The machine made for the pool (the last, when other drift made more); else its newest machine.
         let made = doc
@@ -320,7 +324,11 @@ impl<S: Storage> Nimbus<S> {
         }
         let m = Self::live(&c.actual).find(|m| m.name() == Some(name)).expect("checked above");
         let pool = m.pool().unwrap_or_default().to_string();
-        let count = c.loaded.config.pools.iter().find(|p| p.name == pool).map(|p| p.count).unwrap_or(0);
+        let count = match c.loaded.config.pools.iter().find(|p| p.name == pool).map(|p| p.count) {
+            Some(Some(n)) => n,
+            Some(None) => return Err(ApiError::FollowsDemand { pool }),
+            None => 0,
+        };
         let (doc, _) =
             self.change(tenant, "terminate", (&pool, count.saturating_sub(1)), vec![name.to_string()]).await?;
         // The job may have started between the check and the plan: the plan then defers the removal.
@@ -360,15 +368,7 @@ impl<S: Storage> Nimbus<S> {
             crate::engine::discovery::annotate_with_history(&mut actual, session.journal(), now)?;
             let mut desired = Desired::from_config(&loaded.config);
             desired.remove_first = remove_first.into_iter().collect();
-            let doc = PlanDocument::from_plan(
-                &plan(&desired, &actual, now),
-                Some(FleetRef {
-                    path: loaded.path.display().to_string(),
-                    sha256: crate::core::model::sha256_hex(loaded.source.as_bytes()),
-                    content: None,
-                }),
-                Some(Observed { source: "discovery".into(), fingerprint: actual.fingerprint() }),
-            );
+            let doc = crate::engine::fleet::document(&loaded, &desired, &actual, now);
             let fleet_path = loaded.path.display().to_string();
             if !doc.has_changes() {
                 session.record_noop_by(tenant, &fleet_path, command, "api")?;

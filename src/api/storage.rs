@@ -115,7 +115,7 @@ impl Storage for MemoryStorage {
             .iter_mut()
             .find(|p| p.name == pool)
             .ok_or_else(|| StorageError::UnknownPool { tenant: tenant.into(), pool: pool.into() })?;
-        p.count = count;
+        p.count = Some(count);
         let updated = LoadedConfig::from_config(&loaded.path.display().to_string(), config, &loaded.base_dir)?;
         fleets.insert(tenant.to_string(), updated);
         Ok(())

@@ -38,6 +38,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Carry out a plan: from the fleet file (asks first), or a saved plan file.
     Apply(ApplyArgs),
+    /// Run the controller: discover → plan → apply every interval, following demand, under the fleet's lock
+    /// only while it works. SIGTERM/SIGINT stop it (running actions finish); SIGHUP reloads the fleet file.
+    Reconcile(ReconcileArgs),
     /// Show past runs, their actions and the event log from the journal.
     History(HistoryArgs),
     /// Free a remote state lock whose holder is gone (`state.backend: s3`), by the id its error named.
@@ -93,6 +96,21 @@ pub struct PlanArgs {
     /// runner's removal waits until its job has finished.
     #[arg(long)]
     pub interrupt_jobs: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// Time between iterations (default: `reconcile.interval`, else `30s`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub interval: Option<std::time::Duration>,
+    /// Run one iteration and exit (0: it worked or had nothing to do; 1: it failed).
+    #[arg(long)]
+    pub once: bool,
+    /// Journal database (default: `.nimbus/journal.db` beside the fleet file).
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

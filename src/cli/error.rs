@@ -64,6 +64,19 @@ impl From<crate::engine::clients::ClientError> for CommandError {
     }
 }
 
+impl From<crate::engine::reconcile::ReconcileError> for CommandError {
+    fn from(e: crate::engine::reconcile::ReconcileError) -> Self {
+        use crate::engine::reconcile::ReconcileError as R;
+        match e {
+            R::Session(s) => s.into(),
+            R::Journal(j) => CommandError::Journal(j),
+            R::Discovery(d) => d.into(),
+            R::Forge(f) => CommandError::Forge(f),
+            R::Provider(p) => CommandError::Provider(p),
+        }
+    }
+}
+
 impl From<crate::engine::discovery::DiscoveryError> for CommandError {
     fn from(e: crate::engine::discovery::DiscoveryError) -> Self {
         match e {

@@ -58,6 +58,9 @@ pub struct FleetConfig {
     /// every checkout of the fleet (CI jobs and laptops alike).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<StateConfig>,
+    /// The long-running controller (`nimbus reconcile`): its interval and what it applies by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile: Option<ReconcileConfig>,
 }
 
 /// Where a fleet's lock and journal live.
@@ -223,8 +226,13 @@ pub struct PoolConfig {
     pub name: String,
     /// Name of an entry under `providers`.
     pub provider: String,
-    /// How many machines the pool holds.
-    pub count: u32,
+    /// How many machines the pool holds. A pool has either `count` or `scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Follow demand instead of a fixed `count` (`nimbus reconcile`): queued jobs this pool can serve, its busy
+    /// runners, and warm idle ones, within `min`..`max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleConfig>,
     /// What each machine is.
     pub machine: MachineSpecConfig,
     /// The runner each machine registers, if any.
@@ -239,6 +247,62 @@ pub struct PoolConfig {
     /// (at least 24 more host-hours).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac_replacement: Option<MacReplacement>,
+}
+
+/// A pool that follows demand: desired size = clamp(busy + queued jobs it can serve + `idle`, `min`, `max`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleConfig {
+    /// Never fewer machines than this.
+    #[serde(default)]
+    pub min: u32,
+    /// Never more machines than this.
+    pub max: u32,
+    /// Warm idle runners to keep for the next jobs (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<u32>,
+    /// How long a runner must have been idle before scale-in may remove its machine (default `10m`): a
+    /// short lull never removes a machine the next job needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<HumanDuration>,
+}
+
+/// What `nimbus reconcile` applies on its own (`reconcile.auto_apply`); the rest waits for a person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoApply {
+    /// Creating and removing machines as a pool's count or demand says.
+    Scale,
+    /// In-place changes: setup steps, runner labels, runner registration.
+    Update,
+    /// Repairs: damaged state databases, stopped or unreachable machines, copies of a machine, ghost runners.
+    Repair,
+    /// Restarting offline runners' agents.
+    Restart,
+    /// Reimaging (or replacing) an ephemeral runner's machine after its job.
+    Reimage,
+    /// Releasing idle hosts whose minimum allocation window has passed.
+    ReleaseHosts,
+    /// Replacements the fleet file asks for (a new image, instance type or zone). Not by default.
+    Replace,
+    /// Removing a pool (or moving it to another provider). Not by default.
+    RemovePool,
+}
+
+/// The controller's settings (`nimbus reconcile`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Time between iterations (default `30s`); `--interval` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<HumanDuration>,
+    /// What it applies by itself. Default: `[scale, update, repair, restart, reimage, release_hosts]`; the rest
+    /// (`replace`, `remove_pool`) is logged, shown in `nimbus plan`, and counted as pending review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_apply: Option<Vec<AutoApply>>,
+    /// How long a stopping controller lets running actions finish before it abandons them (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<HumanDuration>,
 }
 
 /// See [`PoolConfig::mac_replacement`].

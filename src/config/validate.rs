@@ -226,6 +226,37 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                     .to_string(),
             ));
         }
+        match (&pool.count, &pool.scale) {
+            (None, None) => out.push(problem(
+                at("name"),
+                At::Value,
+                format!("pool `{}` has neither `count` nor `scale`", pool.name),
+                "how many machines?",
+                "give a fixed `count: N`, or `scale: {min: 0, max: 10, idle: 1}` to follow demand".to_string(),
+            )),
+            (Some(_), Some(_)) => out.push(problem(
+                at("scale"),
+                At::Key,
+                format!("pool `{}` has both `count` and `scale`", pool.name),
+                "one or the other",
+                "a pool has a fixed `count`, or follows demand within `scale`; remove one".to_string(),
+            )),
+            (None, Some(sc)) if sc.max == 0 || sc.min > sc.max => out.push(problem(
+                at("scale.max"),
+                At::Value,
+                format!("pool `{}` scales within {}..{}, which holds no machine", pool.name, sc.min, sc.max),
+                "max must be at least 1 and at least min",
+                format!("e.g. `scale: {{min: {}, max: {}}}`", sc.min, sc.min.max(1)),
+            )),
+            (None, Some(sc)) if sc.idle.is_some_and(|i| i > sc.max) => out.push(problem(
+                at("scale.idle"),
+                At::Value,
+                format!("pool `{}` keeps more idle runners than its `max`", pool.name),
+                "more than max",
+                format!("keep at most {} idle", sc.max),
+            )),
+            _ => {}
+        }
         if let Some(first) = first_seen.insert(&pool.name, i) {
             first_seen.insert(&pool.name, first);
             out.push(problem(

@@ -148,7 +148,12 @@ impl ProviderInfo {
 pub struct DesiredPool {
     pub name: String,
     pub provider: String,
+    /// How many machines: the fleet file's `count`, or (a pool that follows demand) what
+    /// [`crate::core::scale::follow_demand`] decided; `scale.min` until then.
     pub count: u32,
+    /// The pool follows demand within these bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleSpec>,
     pub spec: MachineSpec,
     pub runner: Option<RunnerSpec>,
     pub setup: Vec<StepSpec>,
@@ -156,6 +161,19 @@ pub struct DesiredPool {
     #[serde(default)]
     pub allocate_on_replace: bool,
 }
+
+/// A pool's demand bounds (`scale:`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScaleSpec {
+    pub min: u32,
+    pub max: u32,
+    pub idle: u32,
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+}
+
+/// `scale.idle_timeout` unless the fleet file says otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct MachineSpec {
@@ -271,7 +289,13 @@ impl Desired {
                     allocate_on_replace: p.mac_replacement == Some(crate::config::MacReplacement::Allocate),
                     name: p.name.clone(),
                     provider: p.provider.clone(),
-                    count: p.count,
+                    count: p.count.or(p.scale.as_ref().map(|s| s.min)).unwrap_or(0),
+                    scale: p.scale.as_ref().map(|s| ScaleSpec {
+                        min: s.min,
+                        max: s.max,
+                        idle: s.idle.unwrap_or(0),
+                        idle_timeout: s.idle_timeout.map(|d| d.0).unwrap_or(DEFAULT_IDLE_TIMEOUT),
+                    }),
                     spec: MachineSpec {
                         os: p.machine.os,
                         arch: p.machine.arch,
@@ -539,6 +563,18 @@ pub struct ForgeRunner {
     /// When nimbus first saw it offline (kept in the journal across runs); `None` while online.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_since: Option<DateTime<Utc>>,
+    /// Since when it has been online and idle without a break (kept in the journal across runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<DateTime<Utc>>,
+}
+
+/// A job queued on the forge, waiting for a runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedJob {
+    pub id: u64,
+    /// The labels it asks for (`runs-on`): a runner must have every one.
+    pub labels: Vec<String>,
+    pub queued_at: DateTime<Utc>,
 }
 
 /// A recorded discovery, for `nimbus discover -o` / `plan --inventory`.
@@ -570,6 +606,7 @@ impl Actual {
                 x.online = false;
                 x.busy = false;
                 x.offline_since = None;
+                x.idle_since = None;
             }
         }
         sha256_hex(&serde_json::to_vec(&a).expect("actual serialises"))

@@ -29,6 +29,8 @@ pub struct Session {
     remote: Option<Remote>,
     /// Actions a killed run left EXECUTING, now marked ORPHANED.
     pub orphaned: usize,
+    /// What the session's run does (`apply`, `provision`, `reconcile`), for the journal's messages.
+    command: String,
 }
 
 /// The remote side of a session: the lock (renewed by a task), and the journal's uploads.
@@ -116,7 +118,7 @@ impl Session {
         let journal = Journal::open(journal_path)?;
         let orphaned = journal.recover()?;
         journal.prune(retention)?;
-        Ok(Session { journal, _lock: Some(lock), remote: None, orphaned })
+        Ok(Session { journal, _lock: Some(lock), remote: None, orphaned, command: "apply".into() })
     }
 
     /// Takes the remote lock (renewed from then on, until [`Session::close`]), downloads the journal to
@@ -239,7 +241,7 @@ impl Session {
             *ON_ABORT.lock().expect("lock") = Some(hook);
         }
         let remote = Remote { state, lock, etag, failed, stop, dirty, closing, renewer, uploader, run };
-        Ok(Session { journal, _lock: None, remote: Some(remote), orphaned })
+        Ok(Session { journal, _lock: None, remote: Some(remote), orphaned, command: "apply".into() })
     }
 
     /// Ends the session: for remote state, a last upload of the journal (unless another writer changed it), then
@@ -324,7 +326,7 @@ impl Session {
             Category::Audit,
             "info",
             &actor(),
-            "apply finished: no changes",
+            &format!("{command} finished: no changes"),
             Some(summary),
         )?;
         Ok(run)
@@ -350,6 +352,7 @@ impl Session {
         by: &str,
     ) -> Result<i64, JournalError> {
         let run = self.journal.start_run_by(command, by, &doc.tenant, fleet_path)?;
+        self.command = command.to_string();
         self.run_recorded(run);
         self.journal_changed();
         let rows: Vec<(usize, String, String, serde_json::Value)> = doc
@@ -463,7 +466,7 @@ impl Session {
             Category::Audit,
             "info",
             &actor(),
-            &format!("apply finished: {}", status.as_str().to_lowercase()),
+            &format!("{} finished: {}", self.command, status.as_str().to_lowercase()),
             Some(summary),
         )?;
         tracing::info!(event = "nimbus.apply.complete", tenant = %doc.tenant, run, duration_ms = report.wall.as_millis() as u64, success = report.succeeded(), "nimbus.apply.complete");

@@ -120,6 +120,13 @@ pub fn annotate_with_history(
     for r in actual.runners.iter_mut().flatten() {
         r.offline_since = if r.online { None } else { since.get(&r.name).copied() };
     }
+    // Since when online runners have been idle: scale-in waits for `idle_timeout`.
+    let idle: Vec<String> =
+        actual.runners.iter().flatten().filter(|r| r.online && !r.busy).map(|r| r.name.clone()).collect();
+    let since = journal.observe("runner_idle", &idle, now)?;
+    for r in actual.runners.iter_mut().flatten() {
+        r.idle_since = since.get(&r.name).copied();
+    }
     let unreachable: Vec<String> = actual
         .machines
         .iter()

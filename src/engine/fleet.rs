@@ -93,3 +93,33 @@ pub fn applier(
     }
     Ok(std::sync::Arc::new(applier))
 }
+
+/// The plan document of `desired` against `actual` as of `at`, from discovery.
+pub fn document(
+    loaded: &LoadedConfig,
+    desired: &crate::core::model::Desired,
+    actual: &crate::core::model::Actual,
+    at: chrono::DateTime<chrono::Utc>,
+) -> crate::core::plan::document::PlanDocument {
+    document_from(loaded, desired, actual, at, "discovery")
+}
+
+/// [`document`], naming what `actual` came from (`discovery`, `inventory`).
+pub fn document_from(
+    loaded: &LoadedConfig,
+    desired: &crate::core::model::Desired,
+    actual: &crate::core::model::Actual,
+    at: chrono::DateTime<chrono::Utc>,
+    source: &str,
+) -> crate::core::plan::document::PlanDocument {
+    use crate::core::plan::document::{FleetRef, Observed, PlanDocument};
+    PlanDocument::from_plan(
+        &crate::core::plan::plan(desired, actual, at),
+        Some(FleetRef {
+            path: loaded.path.display().to_string(),
+            sha256: crate::core::model::sha256_hex(loaded.source.as_bytes()),
+            content: None,
+        }),
+        Some(Observed { source: source.into(), fingerprint: actual.fingerprint() }),
+    )
+}

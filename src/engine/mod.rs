@@ -6,4 +6,5 @@ pub mod apply;
 pub mod clients;
 pub mod discovery;
 pub mod fleet;
+pub mod reconcile;
 pub mod walk;

@@ -22,6 +22,8 @@ struct State {
     runners: Vec<ForgeRunner>,
     calls: Vec<String>,
     tokens_issued: Vec<String>,
+    jobs: Vec<crate::core::model::QueuedJob>,
+    next_job: u64,
 }
 
 impl FakeForge {
@@ -64,6 +66,7 @@ impl FakeForge {
             online: true,
             busy: false,
             offline_since: None,
+            idle_since: None,
         });
         Ok(id)
     }
@@ -85,6 +88,33 @@ impl FakeForge {
             r.online = online;
         }
     }
+    /// A workflow job is queued, asking for `labels`; returns its id.
+    pub fn queue_job(&self, labels: &[&str]) -> u64 {
+        self.queue_job_at(labels, chrono::Utc::now())
+    }
+    pub fn queue_job_at(&self, labels: &[&str], at: chrono::DateTime<chrono::Utc>) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_job += 1;
+        let id = s.next_job;
+        s.jobs.push(crate::core::model::QueuedJob {
+            id,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            queued_at: at,
+        });
+        id
+    }
+    /// The queued job `id` starts on runner `name` (it leaves the queue; the runner is busy). False when the
+    /// runner is not there or busy.
+    pub fn start_job(&self, id: u64, name: &str) -> bool {
+        let mut s = self.state.lock().unwrap();
+        let Some(r) = s.runners.iter_mut().find(|r| r.name == name && r.online && !r.busy) else { return false };
+        r.busy = true;
+        s.jobs.retain(|j| j.id != id);
+        true
+    }
+    pub fn queued(&self) -> Vec<crate::core::model::QueuedJob> {
+        self.state.lock().unwrap().jobs.clone()
+    }
     pub fn add_runner(&self, name: &str, labels: &[&str]) -> u64 {
         let mut s = self.state.lock().unwrap();
         s.next_id += 1;
@@ -96,6 +126,7 @@ impl FakeForge {
             online: false,
             busy: false,
             offline_since: None,
+            idle_since: None,
         });
         id
     }
@@ -127,6 +158,7 @@ impl Forge for FakeForge {
                 online: false,
                 busy: false,
                 offline_since: None,
+                idle_since: None,
             });
             Ok(Registration {
                 runner_id: Some(id),
@@ -169,5 +201,11 @@ impl Forge for FakeForge {
 
     fn agent(&self) -> &dyn RunnerAgent {
         &self.agent
+    }
+
+    async fn queued_jobs(&self) -> Result<Vec<crate::core::model::QueuedJob>, ForgeError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push("GET /repos/{owner}/{repo}/actions/runs?status=queued".into());
+        Ok(s.jobs.clone())
     }
 }

@@ -153,6 +153,11 @@ pub trait Forge: Send + Sync {
     async fn set_labels(&self, id: u64, labels: &[String]) -> Result<(), ForgeError>;
     /// The forge's runner agent.
     fn agent(&self) -> &dyn RunnerAgent;
+    /// Jobs queued for self-hosted runners, read on every reconcile iteration (webhooks only wake the loop
+    /// early). A forge that cannot tell reports none.
+    async fn queued_jobs(&self) -> Result<Vec<crate::core::model::QueuedJob>, ForgeError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Only this tenant's runners.

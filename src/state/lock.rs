@@ -53,6 +53,12 @@ fn describe(rec: &str) -> String {
 
 impl ApplyLock {
     pub fn acquire(path: &Path) -> Result<ApplyLock, JournalError> {
+        Self::acquire_with(path, HOLDER_WAIT)
+    }
+
+    /// [`ApplyLock::acquire`], waiting at most `wait` for the holder's record (or for a lock this process is
+    /// releasing) before it reports the holder.
+    pub fn acquire_with(path: &Path, wait: Duration) -> Result<ApplyLock, JournalError> {
         let io = |source| JournalError::Io { path: path.into(), source };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -72,7 +78,10 @@ impl ApplyLock {
                     let _ = file.seek(std::io::SeekFrom::Start(0));
                     let _ = file.read_to_string(&mut holder);
                     let rec = holder.trim().to_string();
-                    if (!rec.is_empty() && names_a_live_holder(&rec)) || t0.elapsed() > HOLDER_WAIT {
+                    // This process's own record: an earlier session of it is being released (a child forked
+                    // at that moment holds the lock until it execs); wait for it like for a missing record.
+                    let ours = rec.starts_with(&format!("pid {},", std::process::id()));
+                    if (!rec.is_empty() && !ours && names_a_live_holder(&rec)) || t0.elapsed() > wait {
                         break;
                     }
                     // The lock may have been freed meanwhile: take it then.

@@ -19,6 +19,7 @@ pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: 
         name: name.into(),
         provider: provider.into(),
         count,
+        scale: None,
         spec: MachineSpec {
             os: if mac { Os::Macos } else { Os::Linux },
             arch: Arch::Arm64,
@@ -209,6 +210,7 @@ impl Simulator {
                         online: true,
                         busy: false,
                         offline_since: None,
+                        idle_since: None,
                     });
                 }
                 ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {

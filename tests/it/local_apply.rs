@@ -895,7 +895,8 @@ fn the_loser_of_a_lock_race_always_names_the_holder() {
                 let (b, p) = (barrier.clone(), path.clone());
                 std::thread::spawn(move || {
                     b.wait();
-                    let r = nimbus::state::journal::ApplyLock::acquire(&p);
+                    // Both racers are this process: a short wait, so the loser reports rather than outwaits.
+                    let r = nimbus::state::journal::ApplyLock::acquire_with(&p, std::time::Duration::from_millis(5));
                     // Hold a winner's lock until the loser has looked.
                     std::thread::sleep(std::time::Duration::from_millis(30));
                     r.map(|_| ()).map_err(|e| e.to_string())

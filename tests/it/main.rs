@@ -20,6 +20,7 @@ mod kill_rerun;
 mod local_apply;
 mod planner;
 mod planner_props;
+mod reconcile;
 mod remote_state;
 mod render;
 mod ssh_sshd;

@@ -234,6 +234,7 @@ fn orphans_are_destroyed_and_ghost_runners_deregistered() {
         online: false,
         busy: false,
         offline_since: None,
+        idle_since: None,
     });
     let d1 = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
     let p = plan(&d1, &world, t0());
@@ -261,6 +262,7 @@ fn another_fleets_runners_are_not_ghosts() {
             online: false,
             busy: false,
             offline_since: None,
+            idle_since: None,
         });
     }
     let ghosts =

@@ -130,6 +130,7 @@ fn apply_perturbations(world: &mut Actual, ps: &[Perturb]) {
                 online: false,
                 busy: false,
                 offline_since: None,
+                idle_since: None,
             }),
             _ => {}
         }
@@ -183,6 +184,7 @@ fn foreign(world: &mut Actual) -> Actual {
         online: true,
         busy: false,
         offline_since: None,
+        idle_since: None,
     });
 
     world.hosts.extend(theirs.hosts.clone());

@@ -34,6 +34,7 @@ fn mixed_document() -> PlanDocument {
         online: false,
         busy: false,
         offline_since: None,
+        idle_since: None,
     });
     let linux1 = world.machines.iter_mut().find(|m| m.name() == Some("nimbus.acme.linux.1")).unwrap();
     linux1.on_machine = OnMachine::Unreachable { reason: "connection timed out".into() };
@@ -84,7 +85,7 @@ fn empty_plan_says_no_changes() {
 fn json_document() {
     let doc = mixed_document();
     let json: serde_json::Value = serde_json::from_str(&doc.to_json()).unwrap();
-    assert_eq!(json["format_version"], "1.3");
+    assert_eq!(json["format_version"], "1.4");
     // `actions` is always a list, also on a single action.
     for c in json["resource_changes"].as_array().unwrap() {
         assert!(c["actions"].is_array());
@@ -154,6 +155,7 @@ fn hostile_values_are_defused_in_both_views() {
         online: false,
         busy: false,
         offline_since: None,
+        idle_since: None,
     });
     let doc = PlanDocument::from_plan(&plan(&d, &world, t0()), None, None);
     let term = text::render(&doc, text::Style { color: false });

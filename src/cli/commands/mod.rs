@@ -6,6 +6,7 @@ mod discover;
 mod force_unlock;
 mod history;
 mod plan;
+mod reconcile;
 mod validate;
 
 use std::io::IsTerminal;
@@ -57,6 +58,7 @@ pub fn run(cli: Cli) -> u8 {
     }
     let result = match cli.command {
         Command::Apply(a) => apply::apply(&a, out, cli.log_format == Some(crate::cli::LogFormat::Json)),
+        Command::Reconcile(a) => reconcile::reconcile(&a),
         Command::History(a) => history::history(&a),
         Command::ForceUnlock(a) => force_unlock::force_unlock(&a),
         Command::Validate(a) => validate::validate(&a.file),
@@ -182,16 +184,7 @@ pub fn document(
     at: DateTime<Utc>,
     source: &str,
 ) -> crate::core::plan::document::PlanDocument {
-    use crate::core::plan::document::{FleetRef, Observed, PlanDocument};
-    PlanDocument::from_plan(
-        &crate::core::plan::plan(desired, actual, at),
-        Some(FleetRef {
-            path: loaded.path.display().to_string(),
-            sha256: sha256_hex(loaded.source.as_bytes()),
-            content: None,
-        }),
-        Some(Observed { source: source.into(), fingerprint: actual.fingerprint() }),
-    )
+    crate::engine::fleet::document_from(loaded, desired, actual, at, source)
 }
 
 /// Parses `--at`: RFC 3339, or `+DURATION` relative to `now` (`+25h`, `+2d`, `+1h30m`).

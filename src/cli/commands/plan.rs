@@ -101,6 +101,11 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
     desired.interrupt_jobs = args.interrupt_jobs;
     let mut doc = super::document(loaded, &desired, &actual, at, source);
     doc.warnings.extend(clock);
+    // With the controller in use, say which changes it leaves for a person.
+    if loaded.config.reconcile.is_some() || loaded.config.pools.iter().any(|p| p.scale.is_some()) {
+        let policy = crate::engine::reconcile::Policy::from_config(loaded.config.reconcile.as_ref());
+        doc.pending_review = crate::engine::reconcile::split(&doc, &policy).1.into_iter().map(|c| c.address).collect();
+    }
     Ok(doc)
 }
 

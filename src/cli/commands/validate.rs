@@ -15,7 +15,12 @@ pub fn validate(file: &Path) -> Result<u8, CommandError> {
         file.display(),
         loaded.config.tenant,
         loaded.config.pools.len(),
-        loaded.config.pools.iter().map(|p| u64::from(p.count)).sum::<u64>()
+        loaded
+            .config
+            .pools
+            .iter()
+            .map(|p| u64::from(p.count.or(p.scale.as_ref().map(|s| s.min)).unwrap_or(0)))
+            .sum::<u64>()
     );
     Ok(exit::OK)
 }

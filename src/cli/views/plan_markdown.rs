@@ -103,7 +103,12 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
                 let mut cut = 0usize;
                 for c in &doc.resource_changes {
                     let w = action_word(c);
-                    let row = format!("| {} | {} | {w} | {} |\n", icon(w), code(&c.address), escape(&c.reason));
+                    let review = if doc.pending_review.contains(&c.address) {
+                        " (left for review by `nimbus reconcile`)"
+                    } else {
+                        ""
+                    };
+                    let row = format!("| {} | {} | {w} | {}{review} |\n", icon(w), code(&c.address), escape(&c.reason));
                     if row.len() > budget_left {
                         cut += 1;
                         continue;

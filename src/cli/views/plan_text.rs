@@ -88,6 +88,9 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
             let _ = writeln!(o);
             let _ = writeln!(o, "  {}", st.bold(&format!("# {} {}", safe(&c.address), verb(c))));
             let _ = writeln!(o, "  # ({})", safe(&c.reason));
+            if doc.pending_review.contains(&c.address) {
+                let _ = writeln!(o, "  # (`nimbus reconcile` leaves this for review: apply it with `nimbus apply`)");
+            }
             let _ = writeln!(o, "{} {} {:?} {{", symbol(c, st), kind_word(c.kind), safe(&c.name));
             let diff = attribute_diff(c);
             let width = diff.iter().map(|d| d.0.len()).max().unwrap_or(0);

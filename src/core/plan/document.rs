@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::plan::{Action, Deferred, Plan, ResourceChange, Summary, Warning};
 
 /// `format_version` of the JSON plan. Minor versions only add keys; consumers ignore unknown keys.
-pub const PLAN_FORMAT_VERSION: &str = "1.3";
+pub const PLAN_FORMAT_VERSION: &str = "1.4";
 
 /// The JSON plan document (`nimbus plan --json`, and the saved plan of `-out`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +27,10 @@ pub struct PlanDocument {
     pub actions: Vec<ActionDoc>,
     pub deferred: Vec<Deferred>,
     pub warnings: Vec<Warning>,
+    /// Addresses of changes `nimbus reconcile` leaves for a person by its `reconcile.auto_apply` policy
+    /// (shown when the fleet uses the controller: a `reconcile:` section or a pool with `scale:`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_review: Vec<String>,
 }
 
 /// The fleet file a plan was made from.
@@ -76,6 +80,7 @@ impl PlanDocument {
                 .collect(),
             deferred: plan.deferred.clone(),
             warnings: plan.warnings.clone(),
+            pending_review: Vec::new(),
         }
     }
 

@@ -269,6 +269,7 @@ impl Forge for GitHubForge {
                 online: r.status == "online",
                 busy: r.busy,
                 offline_since: None,
+                idle_since: None,
             }));
             if n < PAGE || all.len() >= list.total_count {
                 break;

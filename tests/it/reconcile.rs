@@ -1,0 +1,344 @@
+//! Issue 19 (first part): the controller. Iterations of `engine::reconcile::iterate` against local sandboxes
+//! and the stateful fake forge (jobs queued, started and finished), and `nimbus reconcile` end to end:
+//! demand-driven pools, idle timeouts, the auto-apply policy, signals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::*;
+use nimbus::engine::reconcile::{Iteration, Policy, iterate};
+use nimbus::forges::Forge;
+use nimbus::forges::fake::FakeForge;
+use nimbus::providers::Provider;
+use nimbus::providers::local::LocalProvider;
+
+fn fleet(pool: &str, mode: &str) -> String {
+    format!(
+        "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\nforge:\n  type: github\n  app_id: 1\n  installation_id: 2\n  private_key: {{env: UNUSED_IN_THIS_TEST}}\n  org: acme\npools:\n  - name: p\n    provider: local\n{pool}    machine: {{os: linux, arch: x86_64, image: img}}\n    runner:\n      labels: [build]\n      mode: {mode}\n    setup:\n      - name: base\n        run: echo base\n"
+    )
+}
+
+struct Loop {
+    dir: tempfile::TempDir,
+    forge: Arc<FakeForge>,
+    provider: Arc<dyn Provider>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Loop {
+    fn new(pool: &str, mode: &str) -> Loop {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, sha256) = fake_runner(dir.path());
+        std::fs::write(dir.path().join("fleet.yaml"), fleet(pool, mode)).unwrap();
+        let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new("local", "t", dir.path().join("sandboxes")));
+        Loop {
+            forge: Arc::new(FakeForge::new(url).with_sha256("linux-x64", &sha256)),
+            provider,
+            dir,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+        }
+    }
+
+    fn write(&self, pool: &str, mode: &str) {
+        std::fs::write(self.dir.path().join("fleet.yaml"), fleet(pool, mode)).unwrap();
+    }
+
+    /// One iteration, then the machine side: runners configured by it come online.
+    fn iterate(&self) -> Iteration {
+        let loaded = nimbus::config::load(&self.dir.path().join("fleet.yaml")).unwrap();
+        let stop = Arc::new(tokio::sync::watch::channel(false).0);
+        let it = self
+            .rt
+            .block_on(iterate(
+                &loaded,
+                None,
+                std::slice::from_ref(&self.provider),
+                Some(self.forge.clone() as Arc<dyn Forge>),
+                &Policy::from_config(loaded.config.reconcile.as_ref()),
+                stop,
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert!(it.errors.is_empty(), "{:?}", it.errors);
+        for root in self.roots() {
+            runner_comes_online(&self.forge, &root.join("actions-runner"));
+            // An ephemeral (JIT) runner is there as soon as it is registered; its agent starts it.
+            if root.join("actions-runner/.jitconfig").exists() {
+                let name = root.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+                self.forge.set_online(&name, true);
+            }
+        }
+        it
+    }
+
+    fn roots(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("sandboxes"))
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| e.path().join("root"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn machines(&self) -> usize {
+        self.roots().len()
+    }
+
+    fn journal(&self) -> nimbus::state::journal::Journal {
+        nimbus::state::journal::Journal::open(&self.dir.path().join(".nimbus/journal.db")).unwrap()
+    }
+}
+
+/// 10 queued jobs: the pool grows to its `max` (and no further); the jobs that cannot be served are waiting.
+/// Jobs for labels no pool has do not grow it.
+#[test]
+fn queued_jobs_scale_a_pool_up_to_its_max() {
+    let l = Loop::new("    scale: {min: 0, max: 3, idle: 0, idle_timeout: 1h}\n", "persistent");
+    let it = l.iterate();
+    assert_eq!(l.machines(), 0, "no demand, min 0: nothing");
+    assert!(it.run.is_none(), "an iteration that changes nothing is no run");
+    for _ in 0..10 {
+        l.forge.queue_job(&["self-hosted", "Linux", "build"]);
+    }
+    l.forge.queue_job(&["self-hosted", "gpu"]);
+    let it = l.iterate();
+    assert_eq!(l.machines(), 3, "{:?}", it.demand);
+    assert_eq!(it.done.add, 3);
+    let d = &it.demand.pools[0];
+    assert_eq!((d.queued, d.wanted, d.count), (10, 3, 3), "{d:?}");
+    // The runners came online and take jobs; the pool stays at max while the queue lasts.
+    let jobs = l.forge.queued();
+    for (j, r) in jobs.iter().zip(["nimbus.t.p.0", "nimbus.t.p.1", "nimbus.t.p.2"]) {
+        assert!(l.forge.start_job(j.id, r), "{r} takes a job");
+    }
+    let it = l.iterate();
+    assert_eq!(l.machines(), 3);
+    assert!(it.run.is_none(), "{:?}", it.demand);
+    // The iteration is a run of `reconcile` by actor `reconcile` in the journal.
+    let runs = l.journal().runs(10).unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!((runs[0].command.as_str(), runs[0].actor.as_deref()), ("reconcile", Some("reconcile")));
+}
+
+/// Jobs finish, runners idle: scale-in waits for `idle_timeout`, removes only runners idle that long (the
+/// longest idle first), never a busy one, and keeps `min`.
+#[test]
+fn scale_in_waits_for_the_idle_timeout_and_never_takes_a_busy_runner() {
+    let l = Loop::new("    scale: {min: 2, max: 3, idle: 0, idle_timeout: 2s}\n", "persistent");
+    for _ in 0..3 {
+        l.forge.queue_job(&["build"]);
+    }
+    l.iterate();
+    assert_eq!(l.machines(), 3);
+    let jobs = l.forge.queued();
+    // One runner takes a job and keeps it; the queue is otherwise gone (cancelled).
+    assert!(l.forge.start_job(jobs[0].id, "nimbus.t.p.1"));
+    for j in &jobs[1..] {
+        assert!(l.forge.start_job(j.id, "nimbus.t.p.2"));
+        l.forge.set_busy("nimbus.t.p.2", false);
+    }
+    // Idle, but not for long: nothing is removed.
+    let it = l.iterate();
+    assert_eq!(l.machines(), 3, "{:?}", it.demand);
+    std::thread::sleep(Duration::from_millis(2200));
+    let it = l.iterate();
+    assert_eq!(it.done.destroy, 1, "{:?}", it.demand);
+    assert_eq!(it.demand.pools[0].removing.len(), 1, "{:?}", it.demand);
+    let left: Vec<String> =
+        l.roots().iter().map(|r| r.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert!(left.contains(&"nimbus.t.p.1".to_string()), "the busy runner's machine stays: {left:?}");
+    assert_eq!(left.len(), 2, "min 2, the busy one among them: {left:?}");
+    // Never flaps: the next iteration leaves it as it is.
+    let it = l.iterate();
+    assert!(it.run.is_none(), "{:?}", it.demand);
+}
+
+/// An ephemeral pool keeps its size across 20 jobs, nobody running `apply`: after each job the controller
+/// reimages the machine and registers a new runner.
+#[test]
+fn an_ephemeral_pool_stays_at_its_size_across_20_jobs() {
+    let l = Loop::new("    count: 2\n", "ephemeral");
+    l.iterate();
+    assert_eq!(l.forge.runners().len(), 2);
+    for job in 0..20 {
+        let name = format!("nimbus.t.p.{}", job % 2);
+        let id = l.forge.queue_job(&["build"]);
+        assert!(l.forge.start_job(id, &name), "job {job}: {name} is there and idle");
+        // The JIT runner ran its one job: GitHub removes it.
+        l.forge.complete_job(&name);
+        let it = l.iterate();
+        assert!(it.errors.is_empty(), "job {job}: {:?}", it.errors);
+        let online: Vec<_> = l.forge.runners().into_iter().filter(|r| r.online && !r.busy).collect();
+        assert_eq!(online.len(), 2, "job {job}: {online:?}");
+    }
+    assert_eq!(l.machines(), 2);
+}
+
+/// What the controller does by itself is its policy: a replacement the fleet file asks for, and removing a
+/// pool, wait for a person (pending review); `auto_apply` can allow them.
+#[test]
+fn replacements_and_pool_removals_wait_for_review_unless_the_policy_allows_them() {
+    let l = Loop::new("    count: 1\n", "persistent");
+    l.iterate();
+    let fleet = std::fs::read_to_string(l.dir.path().join("fleet.yaml")).unwrap();
+    std::fs::write(l.dir.path().join("fleet.yaml"), fleet.replace("image: img", "image: img2")).unwrap();
+    let it = l.iterate();
+    assert!(it.run.is_none(), "{it:?}");
+    assert_eq!(it.pending_review.len(), 1, "{it:?}");
+    assert!(it.pending_review[0].contains("image changes"), "{:?}", it.pending_review);
+    let fleet = std::fs::read_to_string(l.dir.path().join("fleet.yaml")).unwrap();
+    std::fs::write(l.dir.path().join("fleet.yaml"), format!("{fleet}reconcile:\n  auto_apply: [scale, replace]\n"))
+        .unwrap();
+    let it = l.iterate();
+    assert_eq!(it.done.add + it.done.destroy, 2, "replaced: {it:?}");
+    assert!(it.pending_review.is_empty());
+    l.write("    count: 1\n", "persistent");
+}
+
+fn nimbus_reconcile(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_nimbus"))
+        .arg("reconcile")
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    assert!(Command::new("kill").args(["-s", sig, &child.id().to_string()]).status().unwrap().success());
+}
+
+/// `nimbus reconcile --once` converges the quickstart; the loop, sent SIGTERM mid-iteration, lets the running
+/// actions finish, leaves no EXECUTING action and no lock, and exits 0.
+#[test]
+fn the_loop_converges_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("examples/quickstart/fleet.yaml", dir.path().join("fleet.yaml")).unwrap();
+    let o = nimbus_reconcile(dir.path(), &["--once"]).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reconcile #1: run 1: 2 added"), "{}", text(&o));
+    assert_eq!(nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &[]).status.code(), Some(0));
+
+    // Slow machines, more of them: SIGTERM while the iteration applies.
+    let fleet = std::fs::read_to_string(dir.path().join("fleet.yaml")).unwrap();
+    let slow =
+        fleet.replace("count: 2", "count: 4").replace("    type: local\n", "    type: local\n    action_delay: 2s\n");
+    std::fs::write(dir.path().join("fleet.yaml"), slow).unwrap();
+    let child = nimbus_reconcile(dir.path(), &["--interval", "1h"]);
+    let journal = dir.path().join(".nimbus/journal.db");
+    let t0 = std::time::Instant::now();
+    loop {
+        let j = nimbus::state::journal::Journal::open(&journal).unwrap();
+        let executing = j.latest_run().unwrap().filter(|r| *r > 1).map(|r| j.actions(r).unwrap()).unwrap_or_default();
+        if executing.iter().any(|a| a.status == "EXECUTING") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the second iteration never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(&child, "TERM");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reconcile: stopped"), "{}", text(&o));
+    let j = nimbus::state::journal::Journal::open(&journal).unwrap();
+    let run = j.latest_run().unwrap().unwrap();
+    let actions = j.actions(run).unwrap();
+    assert!(actions.iter().all(|a| a.status != "EXECUTING"), "{actions:?}");
+    assert!(actions.iter().any(|a| a.status == "SUCCESS"), "running actions finished: {actions:?}");
+    assert_eq!(j.runs(1).unwrap()[0].status, "INTERRUPTED");
+    // No lock is left: an apply can run at once, and finishes the job.
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// SIGHUP reloads the fleet file; a broken one is reported and the one loaded before is kept.
+#[test]
+fn sighup_reloads_the_fleet_file_and_keeps_the_old_one_when_it_is_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("examples/quickstart/fleet.yaml", dir.path().join("fleet.yaml")).unwrap();
+    let child = nimbus_reconcile(dir.path(), &["--interval", "300ms"]);
+    let local = dir.path().join(".nimbus/local");
+    let count = || {
+        std::fs::read_dir(&local)
+            .map(|r| r.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count())
+            .unwrap_or(0)
+    };
+    let wait = |n: usize| {
+        let t0 = std::time::Instant::now();
+        while count() != n {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never reached {n} machines (at {})", count());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait(2);
+    let fleet = std::fs::read_to_string(dir.path().join("fleet.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("fleet.yaml"),
+        fleet.replace("count: 2", "count: 3").replace("provider: local", "provider: locl"),
+    )
+    .unwrap();
+    signal(&child, "HUP");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(count(), 2, "the broken file was not used");
+    std::fs::write(dir.path().join("fleet.yaml"), fleet.replace("count: 2", "count: 3")).unwrap();
+    signal(&child, "HUP");
+    wait(3);
+    signal(&child, "TERM");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not valid; keeping the one loaded before") && err.contains("locl"), "{err}");
+    assert!(err.contains("reloaded"), "{err}");
+}
+
+/// A pool has a fixed `count` or follows demand within `scale`: neither, both, or bounds that hold no machine
+/// are errors at the file's line, with a hint, before anything is touched.
+#[test]
+fn a_pool_has_a_count_or_a_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    for (pool, want) in [
+        ("", "has neither `count` nor `scale`"),
+        ("    count: 1\n    scale: {max: 2}\n", "has both `count` and `scale`"),
+        ("    scale: {min: 3, max: 2}\n", "scales within 3..2, which holds no machine"),
+        ("    scale: {max: 2, idle: 5}\n", "keeps more idle runners than its `max`"),
+    ] {
+        std::fs::write(dir.path().join("fleet.yaml"), fleet(pool, "persistent")).unwrap();
+        let o = nimbus_env(dir.path(), &["validate"], &[]);
+        assert_eq!(o.status.code(), Some(1), "{pool}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want) && err.contains("fleet.yaml:") && err.contains("help:"), "{pool}: {err}");
+    }
+    std::fs::write(
+        dir.path().join("fleet.yaml"),
+        fleet("    scale: {max: 4, idle: 1, idle_timeout: 15m}\n", "persistent"),
+    )
+    .unwrap();
+    let o = nimbus_env(dir.path(), &["validate"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// `nimbus plan` says which changes the controller leaves for a person.
+#[test]
+fn plan_shows_what_the_controller_leaves_for_review() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = std::fs::read_to_string("examples/quickstart/fleet.yaml").unwrap() + "reconcile:\n  interval: 1m\n";
+    std::fs::write(dir.path().join("fleet.yaml"), &fleet).unwrap();
+    assert_eq!(nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]).status.code(), Some(0));
+    std::fs::write(dir.path().join("fleet.yaml"), fleet.replace("image: ubuntu-24.04", "image: ubuntu-26.04")).unwrap();
+    let o = nimbus_env(dir.path(), &["plan"], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.matches("`nimbus reconcile` leaves this for review").count(), 2, "{out}");
+    let o = nimbus_env(dir.path(), &["plan", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["pending_review"], serde_json::json!(["linux[0]", "linux[1]"]));
+}
