@@ -458,12 +458,49 @@ start_prism() {
   echo "peers: prism (GitHub API) on $NIMBUS_PRISM_URL" >&2
 }
 
+# A real Prometheus (Debian's package, 2.x) on 127.0.0.1, scraping every second whatever targets the tests
+# write into $NIMBUS_PROMETHEUS_TARGETS (file service discovery, one JSON file per test); the tests query its
+# HTTP API. It stores nothing outside .peers/.
+start_prometheus() {
+  if ! command -v prometheus >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    [ "$APT_UPDATED" -eq 0 ] && { $sudo apt-get update -qq >/dev/null; APT_UPDATED=1; }
+    echo "peers: installing prometheus" >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+  local dir="$PEERS_DIR/prometheus"
+  rm -rf "$dir"
+  mkdir -p "$dir/targets" "$dir/data"
+  cat >"$dir/prometheus.yml" <<YAML
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: nimbus
+    scrape_interval: 1s
+    scrape_timeout: 1s
+    file_sd_configs:
+      - files: ['$dir/targets/*.json']
+        refresh_interval: 1s
+YAML
+  local port
+  port=$(free_port)
+  prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --web.listen-address="127.0.0.1:$port" --log.level=warn >"$dir/prometheus.log" 2>&1 &
+  PEER_PIDS+=($!)
+  wait_http "http://127.0.0.1:$port/-/ready" prometheus
+  export NIMBUS_PROMETHEUS_URL="http://127.0.0.1:$port" NIMBUS_PROMETHEUS_TARGETS="$dir/targets"
+  echo "peers: prometheus on $NIMBUS_PROMETHEUS_URL" >&2
+}
+
 peers_start() {
   mkdir -p "$PEERS_DIR"
   ensure_apt sqlite3:sqlite3 curl:curl
   start_moto
   start_sshd
   start_prism
+  start_prometheus
 }
 
 peers_stop() {

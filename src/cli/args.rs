@@ -108,6 +108,10 @@ pub struct ReconcileArgs {
     /// Run one iteration and exit (0: it worked or had nothing to do; 1: it failed).
     #[arg(long)]
     pub once: bool,
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address, e.g. `127.0.0.1:9464` (port 0: any free
+    /// port; the address is printed).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
     /// Journal database (default: `.nimbus/journal.db` beside the fleet file).
     #[arg(long, value_name = "FILE")]
     pub journal: Option<PathBuf>,

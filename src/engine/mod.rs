@@ -6,5 +6,6 @@ pub mod apply;
 pub mod clients;
 pub mod discovery;
 pub mod fleet;
+pub mod metrics;
 pub mod reconcile;
 pub mod walk;

@@ -202,6 +202,99 @@ pub struct Iteration {
     pub abandoned: usize,
     /// Errors of actions (the root causes), as the journal has them.
     pub errors: Vec<String>,
+    /// What the iteration saw, for the metrics.
+    pub observed: Observed,
+    /// Actions carried out: (kind, outcome, how many).
+    pub actions: Vec<(String, String, usize)>,
+}
+
+/// What an iteration saw of the fleet.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub pools: Vec<PoolObserved>,
+    pub hosts: Vec<HostsObserved>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PoolObserved {
+    pub pool: String,
+    pub machines: usize,
+    pub busy: usize,
+    pub idle: usize,
+    pub offline: usize,
+    /// Queued jobs this pool serves (the first pool that can).
+    pub queued: usize,
+    pub oldest_queued_secs: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HostsObserved {
+    /// `in_use`, `idle`, `scrubbing`, `other`.
+    pub state: String,
+    pub count: usize,
+    pub oldest_secs: i64,
+}
+
+/// Counts what `actual` and `jobs` show, per pool of `desired` and per host state.
+fn observe(
+    desired: &Desired,
+    actual: &crate::core::model::Actual,
+    jobs: &[crate::core::model::QueuedJob],
+    now: chrono::DateTime<Utc>,
+) -> Observed {
+    let mut out = Observed::default();
+    let tenant = desired.tenant.as_str();
+    for pool in &desired.pools {
+        let mut names: Vec<&str> = actual
+            .machines
+            .iter()
+            .filter(|m| crate::core::model::owned_by(&m.tags, tenant) && !m.state.is_gone())
+            .filter(|m| m.pool() == Some(pool.name.as_str()))
+            .filter_map(|m| m.name())
+            .collect();
+        names.sort();
+        names.dedup();
+        let runners: Vec<_> =
+            names.iter().filter_map(|n| actual.runners.iter().flatten().find(|r| r.name == *n)).collect();
+        let served: Vec<_> = jobs
+            .iter()
+            .filter(|j| {
+                desired
+                    .pools
+                    .iter()
+                    .find(|p| crate::core::scale::serves(p, &j.labels))
+                    .is_some_and(|p| p.name == pool.name)
+            })
+            .collect();
+        out.pools.push(PoolObserved {
+            pool: pool.name.clone(),
+            machines: names.len(),
+            busy: runners.iter().filter(|r| r.busy).count(),
+            idle: runners.iter().filter(|r| r.online && !r.busy).count(),
+            offline: runners.iter().filter(|r| !r.online && !r.busy).count(),
+            queued: served.len(),
+            oldest_queued_secs: served.iter().map(|j| (now - j.queued_at).num_seconds()).max().unwrap_or(0),
+        });
+    }
+    let mut hosts: std::collections::BTreeMap<&str, (usize, i64)> = Default::default();
+    for h in actual.hosts.iter().filter(|h| h.state != crate::core::model::HostState::Released) {
+        let state = match h.state {
+            _ if !h.instance_ids.is_empty() => "in_use",
+            crate::core::model::HostState::Available => "idle",
+            crate::core::model::HostState::Pending => "scrubbing",
+            _ => "other",
+        };
+        let e = hosts.entry(state).or_default();
+        e.0 += 1;
+        if h.allocated_at != crate::core::model::UNKNOWN_ALLOCATION {
+            e.1 = e.1.max((now - h.allocated_at).num_seconds());
+        }
+    }
+    out.hosts = hosts
+        .into_iter()
+        .map(|(state, (count, oldest_secs))| HostsObserved { state: state.into(), count, oldest_secs })
+        .collect();
+    out
 }
 
 /// Why an iteration failed as a whole.
@@ -284,6 +377,7 @@ async fn iterate_in(
     let doc = crate::engine::fleet::document(loaded, &desired, &actual, now);
     let (allowed, pending) = split(&doc, policy);
     let mut it = Iteration {
+        observed: observe(&desired, &actual, &jobs, now),
         pending_review: pending.iter().map(|c| format!("{}: {}", c.address, c.reason)).collect(),
         deferred: doc.deferred.len(),
         demand,
@@ -326,6 +420,18 @@ async fn iterate_in(
     match outcome {
         Some(o) => {
             let o = o?;
+            let mut counted: std::collections::BTreeMap<(String, String), usize> = Default::default();
+            for (id, outcome) in &o.report.outcomes {
+                let word = match outcome {
+                    crate::engine::walk::Outcome::Success => "success",
+                    crate::engine::walk::Outcome::Failed(_) => "failure",
+                    crate::engine::walk::Outcome::Deferred(_) => "deferred",
+                    crate::engine::walk::Outcome::Skipped { .. } => "skipped",
+                };
+                *counted.entry((allowed.actions[*id].action.kind.name().to_string(), word.to_string())).or_default() +=
+                    1;
+            }
+            it.actions = counted.into_iter().map(|((k, w), n)| (k, w, n)).collect();
             it.done = o.tally.done;
             it.status = Some(o.status);
             it.errors = o

@@ -888,22 +888,25 @@ fn a_database_of_the_previous_schema_is_migrated_and_not_set_up_again() {
 fn the_loser_of_a_lock_race_always_names_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("apply.lock");
-    for round in 0..200 {
-        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    for round in 0..40 {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let looked = std::sync::Arc::new(std::sync::Barrier::new(2));
         let racers: Vec<_> = (0..2)
             .map(|_| {
-                let (b, p) = (barrier.clone(), path.clone());
+                let (b, l, p) = (start.clone(), looked.clone(), path.clone());
                 std::thread::spawn(move || {
                     b.wait();
-                    // Both racers are this process: a short wait, so the loser reports rather than outwaits.
-                    let r = nimbus::state::journal::ApplyLock::acquire_with(&p, std::time::Duration::from_millis(5));
-                    // Hold a winner's lock until the loser has looked.
-                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    // Both racers are this process, so the loser would wait for the winner to let go: a short wait
+                    // (for a record, or a release) makes it report instead.
+                    let r = nimbus::state::journal::ApplyLock::acquire_with(&p, std::time::Duration::from_millis(100));
+                    // The winner holds its lock until the loser has looked.
+                    l.wait();
                     r.map(|_| ()).map_err(|e| e.to_string())
                 })
             })
             .collect();
         let results: Vec<Result<(), String>> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1, "round {round}: one wins, one loses: {results:?}");
         for e in results.iter().filter_map(|r| r.as_ref().err()) {
             assert!(
                 e.contains("another apply of this fleet is running (pid ")

@@ -342,3 +342,65 @@ fn plan_shows_what_the_controller_leaves_for_review() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["pending_review"], serde_json::json!(["linux[0]", "linux[1]"]));
 }
+
+/// A real Prometheus scrapes `nimbus reconcile --listen`: the series are there, with the fleet's values, as its
+/// query API reports them; `/healthz` answers 200 while iterations succeed.
+#[test]
+fn prometheus_scrapes_the_controllers_metrics() {
+    let Some(prom) = peer("NIMBUS_PROMETHEUS_URL", "prometheus") else { return };
+    let targets = std::path::PathBuf::from(std::env::var("NIMBUS_PROMETHEUS_TARGETS").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("examples/quickstart/fleet.yaml", dir.path().join("fleet.yaml")).unwrap();
+    let mut child = nimbus_reconcile(dir.path(), &["--interval", "1s", "--listen", "127.0.0.1:0"]);
+    // The address it serves on, from its first line.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("reconcile: serving /metrics and /healthz on http://") {
+                let _ = tx.send(addr.to_string());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        let _ = tx.send(all);
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("it says where it listens");
+    let test = unique_tenant("scrape");
+    let file = targets.join(format!("{test}.json"));
+    std::fs::write(&file, format!(r#"[{{"targets": ["{addr}"], "labels": {{"test": "{test}"}}}}]"#)).unwrap();
+    let query = |q: &str| -> Option<f64> {
+        let url = format!("{prom}/api/v1/query");
+        let o = Command::new("curl")
+            .args(["-s", "--get", &url, "--data-urlencode", &format!("query={q}")])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let t0 = std::time::Instant::now();
+    let machines = loop {
+        if let Some(v) = query(&format!("nimbus_machines{{test=\"{test}\",pool=\"linux\"}}")).filter(|v| *v == 2.0) {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "Prometheus never scraped 2 machines from {addr}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(machines, 2.0);
+    let iterations =
+        query(&format!("sum(nimbus_reconcile_iterations_total{{test=\"{test}\",outcome=\"success\"}})")).unwrap();
+    assert!(iterations >= 1.0, "{iterations}");
+    assert_eq!(query(&format!("nimbus_runners{{test=\"{test}\",pool=\"linux\",state=\"busy\"}}")), Some(0.0));
+    assert_eq!(query(&format!("nimbus_pending_review{{test=\"{test}\"}}")), Some(0.0));
+    assert_eq!(query(&format!("up{{test=\"{test}\"}}")), Some(1.0));
+    let health = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/healthz")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "200");
+    std::fs::remove_file(&file).unwrap();
+    signal(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -124,10 +124,22 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
             }
         });
     }
+    let metrics = crate::engine::metrics::Metrics::new(fleet.interval);
+    if let Some(addr) = args.listen {
+        let listener = rt.block_on(crate::engine::metrics::bind(addr)).map_err(|source| CommandError::Io {
+            what: "listen on",
+            path: addr.to_string().into(),
+            source,
+        })?;
+        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
+        errln!("reconcile: serving /metrics and /healthz on http://{bound}");
+        rt.spawn(crate::engine::metrics::serve(listener, metrics.clone(), stop.subscribe()));
+    }
     let mut n = 0u64;
     let mut failures = 0u32;
     loop {
         n += 1;
+        let started = std::time::Instant::now();
         let outcome: Result<Iteration, CommandError> = rt.block_on(async {
             let providers =
                 crate::engine::clients::build_providers(&fleet.loaded, crate::engine::clients::Purpose::Change).await?;
@@ -146,11 +158,13 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
         });
         let pause = match &outcome {
             Ok(it) => {
+                metrics.iteration(it, started.elapsed());
                 report(n, it);
                 failures = 0;
                 fleet.interval
             }
             Err(e) => {
+                metrics.error(started.elapsed());
                 failures += 1;
                 let backoff = fleet.interval.saturating_mul(1 << failures.min(10)).min(MAX_BACKOFF).max(fleet.interval);
                 errln!(
@@ -190,6 +204,7 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
                 Ok(l) => {
                     errln!("reconcile: reloaded `{}`", args.fleet.file.display());
                     fleet = Fleet::new(l, args);
+                    metrics.set_interval(fleet.interval);
                 }
                 Err(e) => {
                     errln!("reconcile: the fleet file is not valid; keeping the one loaded before:");

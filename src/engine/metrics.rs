@@ -1,0 +1,221 @@
+//! The controller's metrics (`/metrics`, Prometheus text format from the official `prometheus-client` crate;
+//! one registry, passed in, never a global) and its health (`/healthz`), served by hyper on `--listen`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::engine::reconcile::Iteration;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Every series the controller exposes.
+pub struct Metrics {
+    registry: Registry,
+    iterations: Family<Labels, Counter>,
+    iteration_seconds: Histogram,
+    errors: Counter,
+    queued_jobs: Family<Labels, Gauge>,
+    oldest_queued_seconds: Family<Labels, Gauge>,
+    runners: Family<Labels, Gauge>,
+    machines: Family<Labels, Gauge>,
+    hosts: Family<Labels, Gauge>,
+    oldest_host_seconds: Family<Labels, Gauge>,
+    pending_review: Gauge,
+    unserved_jobs: Gauge,
+    actions: Family<Labels, Counter>,
+    lock_busy: Counter,
+    last_success: Gauge,
+    health: Mutex<Health>,
+}
+
+/// What `/healthz` answers from.
+struct Health {
+    last_success: Option<Instant>,
+    interval: Duration,
+}
+
+impl Metrics {
+    pub fn new(interval: Duration) -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("nimbus");
+        let m = Metrics {
+            iterations: Family::default(),
+            iteration_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            errors: Counter::default(),
+            queued_jobs: Family::default(),
+            oldest_queued_seconds: Family::default(),
+            runners: Family::default(),
+            machines: Family::default(),
+            hosts: Family::default(),
+            oldest_host_seconds: Family::default(),
+            pending_review: Gauge::default(),
+            unserved_jobs: Gauge::default(),
+            actions: Family::default(),
+            lock_busy: Counter::default(),
+            last_success: Gauge::default(),
+            health: Mutex::new(Health { last_success: None, interval }),
+            registry: Registry::default(),
+        };
+        registry.register("reconcile_iterations", "Reconcile iterations, by outcome", m.iterations.clone());
+        registry.register("reconcile_iteration_seconds", "How long an iteration took", m.iteration_seconds.clone());
+        registry.register("reconcile_errors", "Iterations that failed as a whole", m.errors.clone());
+        registry.register(
+            "reconcile_lock_busy",
+            "Iterations skipped: someone else held the fleet's lock",
+            m.lock_busy.clone(),
+        );
+        registry.register("queued_jobs", "Jobs queued on the forge that the pool can serve", m.queued_jobs.clone());
+        registry.register(
+            "oldest_queued_job_age_seconds",
+            "Age of the oldest queued job the pool can serve",
+            m.oldest_queued_seconds.clone(),
+        );
+        registry.register("runners", "Runners by pool and state (busy, idle, offline)", m.runners.clone());
+        registry.register("machines", "Machines by pool", m.machines.clone());
+        registry.register("hosts", "Dedicated hosts by state", m.hosts.clone());
+        registry.register(
+            "oldest_host_age_seconds",
+            "Age of the oldest dedicated host, by state",
+            m.oldest_host_seconds.clone(),
+        );
+        registry.register("pending_review", "Changes the policy leaves for a person", m.pending_review.clone());
+        registry.register(
+            "unserved_jobs",
+            "Jobs queued longer than the alert time that no pool can take",
+            m.unserved_jobs.clone(),
+        );
+        registry.register("actions", "Actions carried out, by kind and outcome", m.actions.clone());
+        registry.register(
+            "reconcile_last_success_timestamp_seconds",
+            "When the last iteration succeeded (Unix time)",
+            m.last_success.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Records a finished iteration.
+    pub fn iteration(&self, it: &Iteration, took: Duration) {
+        self.iteration_seconds.observe(took.as_secs_f64());
+        let outcome = if it.locked_by.is_some() {
+            self.lock_busy.inc();
+            "skipped"
+        } else if it.errors.is_empty() {
+            "success"
+        } else {
+            "action_errors"
+        };
+        self.iterations.get_or_create(&labels(&[("outcome", outcome)])).inc();
+        if it.locked_by.is_some() {
+            return;
+        }
+        for family in [&self.queued_jobs, &self.oldest_queued_seconds, &self.runners, &self.machines, &self.hosts] {
+            family.clear();
+        }
+        self.oldest_host_seconds.clear();
+        for p in &it.observed.pools {
+            let pool = p.pool.as_str();
+            self.queued_jobs.get_or_create(&labels(&[("pool", pool)])).set(p.queued as i64);
+            self.oldest_queued_seconds.get_or_create(&labels(&[("pool", pool)])).set(p.oldest_queued_secs);
+            for (state, n) in [("busy", p.busy), ("idle", p.idle), ("offline", p.offline)] {
+                self.runners.get_or_create(&labels(&[("pool", pool), ("state", state)])).set(n as i64);
+            }
+            self.machines.get_or_create(&labels(&[("pool", pool)])).set(p.machines as i64);
+        }
+        for h in &it.observed.hosts {
+            self.hosts.get_or_create(&labels(&[("state", &h.state)])).set(h.count as i64);
+            self.oldest_host_seconds.get_or_create(&labels(&[("state", &h.state)])).set(h.oldest_secs);
+        }
+        self.pending_review.set(it.pending_review.len() as i64);
+        self.unserved_jobs.set(it.demand.unserved.len() as i64);
+        for (kind, outcome, n) in &it.actions {
+            self.actions.get_or_create(&labels(&[("kind", kind), ("outcome", outcome)])).inc_by(*n as u64);
+        }
+        let mut h = self.health.lock().expect("lock");
+        h.last_success = Some(Instant::now());
+        self.last_success.set(chrono::Utc::now().timestamp());
+    }
+
+    /// Records an iteration that failed as a whole.
+    pub fn error(&self, took: Duration) {
+        self.iteration_seconds.observe(took.as_secs_f64());
+        self.errors.inc();
+        self.iterations.get_or_create(&labels(&[("outcome", "error")])).inc();
+    }
+
+    /// The interval changed (a reload).
+    pub fn set_interval(&self, interval: Duration) {
+        self.health.lock().expect("lock").interval = interval;
+    }
+
+    /// Healthy while the last iteration succeeded within 3 intervals.
+    pub fn healthy(&self) -> bool {
+        let h = self.health.lock().expect("lock");
+        h.last_success.is_some_and(|t| t.elapsed() <= h.interval * 3)
+    }
+
+    /// The text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn respond(&self, path: &str) -> hyper::Response<Full<Bytes>> {
+        let (status, ctype, body) = match path {
+            "/metrics" => (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", self.encode()),
+            "/healthz" if self.healthy() => (200, "text/plain; charset=utf-8", "ok\n".to_string()),
+            "/healthz" => (
+                503,
+                "text/plain; charset=utf-8",
+                "the last successful iteration is older than 3 intervals\n".to_string(),
+            ),
+            _ => (404, "text/plain; charset=utf-8", "not found: /metrics and /healthz are served here\n".to_string()),
+        };
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `stop` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let m = m.clone();
+                async move { Ok::<_, Infallible>(m.respond(req.uri().path())) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
+
+/// Binds `addr` (the port may be 0: the system picks one).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
