@@ -404,3 +404,32 @@ fn prometheus_scrapes_the_controllers_metrics() {
     signal(&child, "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// The shipped systemd unit and container file start a command line nimbus accepts, stop it with SIGTERM (and
+/// leave it time to finish its actions), reload it with SIGHUP, and never run it as root.
+#[test]
+fn the_deploy_files_run_the_controller_as_it_expects() {
+    use clap::Parser;
+    let unit = std::fs::read_to_string("deploy/nimbus-reconcile.service").unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    let args: Vec<&str> = std::iter::once("nimbus").chain(exec.split_whitespace().skip(1)).collect();
+    let cli = nimbus::cli::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{exec}: {e}"));
+    assert!(matches!(cli.command, nimbus::cli::Command::Reconcile(ref r) if r.listen.is_some()), "{exec}");
+    assert!(unit.contains("KillSignal=SIGTERM") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    let stop: u64 = unit.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).unwrap().trim().parse().unwrap();
+    assert!(stop > nimbus::engine::reconcile::DEFAULT_SHUTDOWN_TIMEOUT.as_secs(), "{stop}");
+    let user = unit.lines().find_map(|l| l.strip_prefix("User=")).unwrap();
+    assert_ne!(user.trim(), "root");
+
+    let cf = std::fs::read_to_string("deploy/Containerfile").unwrap();
+    let json = |key: &str| -> Vec<String> {
+        let line = cf.lines().rev().find_map(|l| l.strip_prefix(key)).unwrap();
+        serde_json::from_str(line.trim()).unwrap()
+    };
+    let mut args = json("ENTRYPOINT ");
+    args.extend(json("CMD "));
+    args[0] = "nimbus".into();
+    let cli = nimbus::cli::Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(matches!(cli.command, nimbus::cli::Command::Reconcile(_)), "{args:?}");
+    assert!(cf.contains("USER nonroot") && cf.contains("x86_64-unknown-linux-musl"), "static, non-root");
+}
