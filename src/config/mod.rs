@@ -109,6 +109,7 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
         take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
     }
     take("journal.path".into(), v.get("journal").and_then(|j| j.get("path")));
+    take("reconcile.webhook_secret".into(), v.get("reconcile").and_then(|r| r.get("webhook_secret")));
     for k in ["backend", "bucket", "key", "region", "endpoint"] {
         take(format!("state.{k}"), v.get("state").and_then(|s| s.get(k)));
     }

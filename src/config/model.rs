@@ -303,6 +303,11 @@ pub struct ReconcileConfig {
     /// How long a stopping controller lets running actions finish before it abandons them (default `5m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout: Option<HumanDuration>,
+    /// The secret GitHub signs webhook deliveries with (`X-Hub-Signature-256`): `{env: VAR}` or `{file: path}`,
+    /// never inline. With it, `POST /webhook` on `--listen` accepts `workflow_job` events, only to start the
+    /// next iteration early; the loop reads the forge every interval anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<SecretRef>,
 }
 
 /// See [`PoolConfig::mac_replacement`].

@@ -177,6 +177,9 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
     if let Some(forge) = &c.forge {
         forge.validate(&mut out);
     }
+    if let Some(secret) = c.reconcile.as_ref().and_then(|r| r.webhook_secret.as_ref()) {
+        secret_rules(&mut out, "reconcile.webhook_secret", secret);
+    }
     if let Some(ssh) = &c.ssh {
         if let Some(k) = &ssh.key {
             secret_rules(&mut out, "ssh.key", k);

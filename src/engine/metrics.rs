@@ -39,8 +39,20 @@ pub struct Metrics {
     actions: Family<Labels, Counter>,
     lock_busy: Counter,
     last_success: Gauge,
+    webhooks: Family<Labels, Counter>,
     health: Mutex<Health>,
+    /// `POST /webhook`: the secret deliveries are signed with, and what a valid `workflow_job` wakes.
+    webhook: Mutex<Option<Webhook>>,
 }
+
+/// How webhook deliveries are checked and what they wake.
+pub struct Webhook {
+    pub secret: crate::forges::Secret,
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+/// The largest webhook body accepted (GitHub caps deliveries at 25 MB; `workflow_job` events are a few KB).
+pub const WEBHOOK_MAX_BODY: usize = 1 << 20;
 
 /// What `/healthz` answers from.
 struct Health {
@@ -66,7 +78,9 @@ impl Metrics {
             actions: Family::default(),
             lock_busy: Counter::default(),
             last_success: Gauge::default(),
+            webhooks: Family::default(),
             health: Mutex::new(Health { last_success: None, interval }),
+            webhook: Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register("reconcile_iterations", "Reconcile iterations, by outcome", m.iterations.clone());
@@ -102,6 +116,11 @@ impl Metrics {
             "reconcile_last_success_timestamp_seconds",
             "When the last iteration succeeded (Unix time)",
             m.last_success.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries, by result (accepted, ignored, refused, too_large)",
+            m.webhooks.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }
@@ -155,6 +174,47 @@ impl Metrics {
         self.iterations.get_or_create(&labels(&[("outcome", "error")])).inc();
     }
 
+    /// Accepts signed webhook deliveries from now on (`None`: `/webhook` is off).
+    pub fn set_webhook(&self, w: Option<Webhook>) {
+        *self.webhook.lock().expect("lock") = w;
+    }
+
+    /// Checks one delivery: 401 for a missing or bad signature, 202 for a `workflow_job` (the loop wakes), 200
+    /// for anything else (ignored).
+    fn deliver(&self, signature: Option<&str>, event: Option<&str>, body: &[u8]) -> (u16, &'static str) {
+        let guard = self.webhook.lock().expect("lock");
+        let Some(w) = guard.as_ref() else { return (404, "no webhook is configured (reconcile.webhook_secret)\n") };
+        let expected = crate::util::secrets::hmac_sha256(w.secret.expose().trim_end().as_bytes(), body);
+        let given = signature.and_then(|s| s.strip_prefix("sha256=")).and_then(|h| {
+            (h.len() == 64)
+                .then(|| {
+                    (0..32).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()).collect::<Option<Vec<u8>>>()
+                })
+                .flatten()
+        });
+        if !given.is_some_and(|g| crate::util::secrets::constant_time_eq(&g, &expected)) {
+            self.webhooks.get_or_create(&labels(&[("result", "refused")])).inc();
+            tracing::warn!(
+                event = "nimbus.webhook.refused",
+                "a webhook delivery with a missing or bad signature was refused"
+            );
+            return (401, "bad or missing X-Hub-Signature-256\n");
+        }
+        if event == Some("workflow_job") {
+            self.webhooks.get_or_create(&labels(&[("result", "accepted")])).inc();
+            w.wake.notify_one();
+            (202, "the next iteration starts now\n")
+        } else {
+            self.webhooks.get_or_create(&labels(&[("result", "ignored")])).inc();
+            (200, "ignored: only workflow_job events start an iteration\n")
+        }
+    }
+
+    fn too_large(&self) -> hyper::Response<Full<Bytes>> {
+        self.webhooks.get_or_create(&labels(&[("result", "too_large")])).inc();
+        text(413, "a webhook body is at most 1 MiB\n")
+    }
+
     /// The interval changed (a reload).
     pub fn set_interval(&self, interval: Duration) {
         self.health.lock().expect("lock").interval = interval;
@@ -171,6 +231,27 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        if req.uri().path() != "/webhook" {
+            return self.respond(req.uri().path());
+        }
+        if req.method() != hyper::Method::POST {
+            return text(405, "POST a webhook delivery here\n");
+        }
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (signature, event) = (header("x-hub-signature-256"), header("x-github-event"));
+        if header("content-length").and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l > WEBHOOK_MAX_BODY) {
+            return self.too_large();
+        }
+        let body = match http_body_util::Limited::new(req.into_body(), WEBHOOK_MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return self.too_large(),
+        };
+        let (status, message) = self.deliver(signature.as_deref(), event.as_deref(), &body);
+        text(status, message)
     }
 
     fn respond(&self, path: &str) -> hyper::Response<Full<Bytes>> {
@@ -207,7 +288,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let m = m.clone();
-                async move { Ok::<_, Infallible>(m.respond(req.uri().path())) }
+                async move { Ok::<_, Infallible>(m.handle(req).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
@@ -218,4 +299,12 @@ pub async fn serve(
 /// Binds `addr` (the port may be 0: the system picks one).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+fn text(status: u16, body: &str) -> hyper::Response<Full<Bytes>> {
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a valid response")
 }

@@ -41,6 +41,25 @@ pub fn read(what: &str, r: &SecretRef, base: &Path) -> Result<String, SecretErro
     }
 }
 
+/// HMAC-SHA256 of `message` under `key` (RFC 2104), as GitHub signs webhook deliveries.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their lengths (no early exit on a mismatch).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Token prefixes of well-known credentials (GitHub, GitLab, AWS, Slack): the value after one is hidden.
 const TOKEN_PREFIXES: [&str; 11] =
     ["ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_", "glpat-", "glrt-", "AKIA", "ASIA", "xox"];
@@ -107,6 +126,15 @@ fn redact_line(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        // RFC 4231, test case 2.
+        let mac = super::hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert!(super::constant_time_eq(b"abc", b"abc") && !super::constant_time_eq(b"abc", b"abd"));
+    }
+
     #[test]
     fn redacts_tokens_pairs_and_keys() {
         let r = super::redact(

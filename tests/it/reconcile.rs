@@ -433,3 +433,77 @@ fn the_deploy_files_run_the_controller_as_it_expects() {
     assert!(matches!(cli.command, nimbus::cli::Command::Reconcile(_)), "{args:?}");
     assert!(cf.contains("USER nonroot") && cf.contains("x86_64-unknown-linux-musl"), "static, non-root");
 }
+
+/// `POST /webhook`: a `workflow_job` delivery signed with the fleet's secret (HMAC-SHA256, as GitHub signs)
+/// starts the next iteration at once; a forged or unsigned one gets 401, a body over 1 MiB 413, and each is
+/// counted. A missed webhook changes nothing: the loop reads the forge every interval anyway.
+#[test]
+fn a_signed_webhook_wakes_the_loop_and_a_forged_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hook-secret"), "s3cret-hook\n").unwrap();
+    let fleet = std::fs::read_to_string("examples/quickstart/fleet.yaml").unwrap()
+        + "reconcile:\n  webhook_secret: {file: hook-secret}\n";
+    std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
+    let mut child = nimbus_reconcile(dir.path(), &["--interval", "1h", "--listen", "127.0.0.1:0"]);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = |what: &str| -> String {
+        loop {
+            let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no line: {what}"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    };
+    let addr = next("serving /metrics").rsplit("http://").next().unwrap().to_string();
+    next("reconcile #1:");
+    let body = r#"{"action":"queued","workflow_job":{"id":1,"labels":["self-hosted","linux"]}}"#;
+    let sign = |key: &[u8], body: &[u8]| -> String {
+        let mac = nimbus::util::secrets::hmac_sha256(key, body);
+        format!("sha256={}", mac.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    };
+    let post = |event: &str, signature: Option<&str>, body: &[u8]| -> String {
+        let mut args = vec![
+            "-s".to_string(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "-X".into(),
+            "POST".into(),
+            "-H".into(),
+            format!("X-GitHub-Event: {event}"),
+            "--data-binary".into(),
+            "@-".into(),
+        ];
+        if let Some(s) = signature {
+            args.extend(["-H".into(), format!("X-Hub-Signature-256: {s}")]);
+        }
+        args.push(format!("http://{addr}/webhook"));
+        let mut c = Command::new("curl").args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(body).unwrap();
+        String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
+    };
+    assert_eq!(post("workflow_job", None, body.as_bytes()), "401", "unsigned");
+    assert_eq!(post("workflow_job", Some(&sign(b"wrong", body.as_bytes())), body.as_bytes()), "401", "forged");
+    let big = vec![b'x'; 2 << 20];
+    assert_eq!(post("workflow_job", Some(&sign(b"s3cret-hook", &big)), &big), "413", "too large");
+    assert_eq!(post("ping", Some(&sign(b"s3cret-hook", body.as_bytes())), body.as_bytes()), "200", "ignored");
+    // Signed: the next iteration starts now, not in an hour.
+    assert_eq!(post("workflow_job", Some(&sign(b"s3cret-hook", body.as_bytes())), body.as_bytes()), "202");
+    next("reconcile #2:");
+    let m = Command::new("curl").args(["-s", &format!("http://{addr}/metrics")]).output().unwrap();
+    let m = String::from_utf8_lossy(&m.stdout);
+    for (result, n) in [("refused", 2), ("too_large", 1), ("ignored", 1), ("accepted", 1)] {
+        assert!(m.contains(&format!("nimbus_webhook_deliveries_total{{result=\"{result}\"}} {n}")), "{result}: {m}");
+    }
+    signal(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -95,6 +95,17 @@ fn report(n: u64, it: &Iteration) {
     errln!("reconcile #{n}: {}", parts.join("; "));
 }
 
+/// The webhook check of the fleet's `reconcile.webhook_secret`, if it has one.
+fn webhook(
+    loaded: &LoadedConfig,
+    wake: &Arc<tokio::sync::Notify>,
+) -> Result<Option<crate::engine::metrics::Webhook>, CommandError> {
+    let Some(r) = loaded.config.reconcile.as_ref().and_then(|r| r.webhook_secret.as_ref()) else { return Ok(None) };
+    let secret = crate::util::secrets::read("reconcile.webhook_secret", r, &loaded.base_dir)
+        .map_err(|e| CommandError::usage(e.to_string(), "set the variable, or give a readable file"))?;
+    Ok(Some(crate::engine::metrics::Webhook { secret: crate::forges::Secret::new(secret), wake: wake.clone() }))
+}
+
 pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
     let mut fleet = Fleet::new(config::load(&args.fleet.file)?, args);
     for w in config::warnings(&fleet.loaded.config) {
@@ -125,6 +136,8 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
         });
     }
     let metrics = crate::engine::metrics::Metrics::new(fleet.interval);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    metrics.set_webhook(webhook(&fleet.loaded, &wake)?);
     if let Some(addr) = args.listen {
         let listener = rt.block_on(crate::engine::metrics::bind(addr)).map_err(|source| CommandError::Io {
             what: "listen on",
@@ -193,6 +206,7 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
                 _ = tokio::time::sleep(pause) => false,
                 _ = stopped.wait_for(|s| *s) => false,
                 _ = reload.notified() => true,
+                _ = wake.notified() => false,
             }
         });
         if *stop.borrow() {
@@ -203,8 +217,19 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
             match config::load(&args.fleet.file) {
                 Ok(l) => {
                     errln!("reconcile: reloaded `{}`", args.fleet.file.display());
-                    fleet = Fleet::new(l, args);
-                    metrics.set_interval(fleet.interval);
+                    match webhook(&l, &wake) {
+                        Ok(w) => {
+                            metrics.set_webhook(w);
+                            fleet = Fleet::new(l, args);
+                            metrics.set_interval(fleet.interval);
+                        }
+                        Err(e) => {
+                            errln!(
+                                "reconcile: the webhook secret cannot be read; keeping the fleet file loaded before:"
+                            );
+                            crate::cli::error::report(&e, false);
+                        }
+                    }
                 }
                 Err(e) => {
                     errln!("reconcile: the fleet file is not valid; keeping the one loaded before:");
