@@ -40,6 +40,8 @@ pub struct Metrics {
     lock_busy: Counter,
     last_success: Gauge,
     webhooks: Family<Labels, Counter>,
+    forge_requests: Family<Labels, Counter>,
+    forge_budget: Gauge,
     health: Mutex<Health>,
     /// `POST /webhook`: the secret deliveries are signed with, and what a valid `workflow_job` wakes.
     webhook: Mutex<Option<Webhook>>,
@@ -79,6 +81,8 @@ impl Metrics {
             lock_busy: Counter::default(),
             last_success: Gauge::default(),
             webhooks: Family::default(),
+            forge_requests: Family::default(),
+            forge_budget: Gauge::default(),
             health: Mutex::new(Health { last_success: None, interval }),
             webhook: Mutex::new(None),
             registry: Registry::default(),
@@ -122,6 +126,16 @@ impl Metrics {
             "Webhook deliveries, by result (accepted, ignored, refused, too_large)",
             m.webhooks.clone(),
         );
+        registry.register(
+            "forge_demand_requests",
+            "Requests the forge was asked for queued jobs, by answer (ok, not_modified: a 304 from the ETag)",
+            m.forge_requests.clone(),
+        );
+        registry.register(
+            "forge_rate_limit_remaining",
+            "The forge's API budget left, as its last answer said (x-ratelimit-remaining)",
+            m.forge_budget.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -159,6 +173,12 @@ impl Metrics {
         }
         self.pending_review.set(it.pending_review.len() as i64);
         self.unserved_jobs.set(it.demand.unserved.len() as i64);
+        let (asked, not_modified) = it.forge_requests;
+        self.forge_requests.get_or_create(&labels(&[("answer", "ok")])).inc_by(asked - not_modified);
+        self.forge_requests.get_or_create(&labels(&[("answer", "not_modified")])).inc_by(not_modified);
+        if let Some(b) = it.forge_budget {
+            self.forge_budget.set(b);
+        }
         for (kind, outcome, n) in &it.actions {
             self.actions.get_or_create(&labels(&[("kind", kind), ("outcome", outcome)])).inc_by(*n as u64);
         }

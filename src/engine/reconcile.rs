@@ -206,6 +206,9 @@ pub struct Iteration {
     pub observed: Observed,
     /// Actions carried out: (kind, outcome, how many).
     pub actions: Vec<(String, String, usize)>,
+    /// The forge's demand requests in this iteration: (requests, answered 304), and its API budget left.
+    pub forge_requests: (u64, u64),
+    pub forge_budget: Option<i64>,
 }
 
 /// What an iteration saw of the fleet.
@@ -368,15 +371,19 @@ async fn iterate_in(
     let mut actual = crate::engine::discovery::discover_for_change(tenant, providers, forge.as_deref()).await?;
     let now = Utc::now();
     crate::engine::discovery::annotate_with_history(&mut actual, session.journal(), now)?;
+    let before = forge.as_ref().map(|f| f.demand_stats()).unwrap_or((0, 0, -1));
     let jobs = match &forge {
         Some(f) => f.queued_jobs().await?,
         None => Vec::new(),
     };
+    let after = forge.as_ref().map(|f| f.demand_stats()).unwrap_or((0, 0, -1));
     let mut desired = Desired::from_config(&loaded.config);
     let demand = crate::core::scale::follow_demand(&mut desired, &actual, &jobs, now);
     let doc = crate::engine::fleet::document(loaded, &desired, &actual, now);
     let (allowed, pending) = split(&doc, policy);
     let mut it = Iteration {
+        forge_requests: (after.0 - before.0, after.1 - before.1),
+        forge_budget: (after.2 >= 0).then_some(after.2),
         observed: observe(&desired, &actual, &jobs, now),
         pending_review: pending.iter().map(|c| format!("{}: {}", c.address, c.reason)).collect(),
         deferred: doc.deferred.len(),

@@ -158,6 +158,11 @@ pub trait Forge: Send + Sync {
     async fn queued_jobs(&self) -> Result<Vec<crate::core::model::QueuedJob>, ForgeError> {
         Ok(Vec::new())
     }
+    /// What reading demand cost so far: (requests, of them answered 304 Not Modified, the API budget left as the
+    /// last answer said (-1: unknown)).
+    fn demand_stats(&self) -> (u64, u64, i64) {
+        (0, 0, -1)
+    }
 }
 
 /// Only this tenant's runners.

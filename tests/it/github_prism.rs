@@ -16,6 +16,9 @@ const COVERED: &[&str] = &[
     "POST /orgs/{org}/actions/runners/generate-jitconfig",
     "DELETE /orgs/{org}/actions/runners/{runner_id}",
     "PUT /orgs/{org}/actions/runners/{runner_id}/labels",
+    "GET /installation/repositories",
+    "GET /repos/{owner}/{repo}/actions/runs?status=queued",
+    "GET /repos/{owner}/{repo}/actions/runs/{run_id}/jobs",
 ];
 
 fn forge() -> Option<GitHubForge> {
@@ -57,6 +60,27 @@ fn every_github_request_validates_against_the_spec() {
     });
 }
 
+/// Issue 19: demand. The installation's repositories, each one's queued workflow runs, then their jobs, all
+/// paginated and validated against GitHub's spec; asked again, each request carries `If-None-Match` with the
+/// last ETag (a 304 would be answered from the cache and would not count against the rate limit).
+#[test]
+fn queued_jobs_requests_validate_against_the_spec() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = rt();
+    let _in_runtime = rt.enter();
+    let Some(f) = forge() else { return };
+    rt.block_on(async {
+        f.queued_jobs().await.expect("installation repositories, runs and jobs validate");
+        let first = f.demand_calls.load(Relaxed);
+        assert!(first >= 3, "repositories, runs and jobs were read: {first}");
+        f.queued_jobs().await.expect("conditional requests validate");
+        assert_eq!(f.demand_calls.load(Relaxed), 2 * first, "the same requests again");
+        // The configured repositories instead of the installation's.
+        let f = forge().unwrap().with_repos(Some(vec!["hello-world".into()]));
+        f.queued_jobs().await.expect("a configured repository validates");
+    });
+}
+
 #[test]
 fn prism_rejects_what_the_spec_does_not_allow() {
     let rt = rt();
@@ -77,6 +101,7 @@ fn the_fake_forge_stands_only_for_covered_requests() {
         let id = fake.register("nimbus.t.p.1", &["a".into()], true).await.unwrap().runner_id.expect("a JIT runner");
         fake.set_labels(id, &["b".into()]).await.unwrap();
         fake.delete_runner(id).await.unwrap();
+        fake.queued_jobs().await.unwrap();
     });
     for c in fake.calls() {
         assert!(COVERED.contains(&c.as_str()), "{c} is not covered by a contract test");

@@ -12,6 +12,9 @@ use crate::engine::reconcile::{
     DEFAULT_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, Iteration, MAX_BACKOFF, Policy, ReconcileError, iterate,
 };
 
+/// Below this many requests left in the forge's API budget, the loop slows down.
+const LOW_BUDGET: i64 = 500;
+
 /// The loaded fleet and what follows from it.
 struct Fleet {
     loaded: LoadedConfig,
@@ -174,7 +177,14 @@ pub fn reconcile(args: &ReconcileArgs) -> Result<u8, CommandError> {
                 metrics.iteration(it, started.elapsed());
                 report(n, it);
                 failures = 0;
-                fleet.interval
+                // The forge's API budget runs low: read it less often until it recovers.
+                match it.forge_budget {
+                    Some(b) if b < LOW_BUDGET => {
+                        errln!("reconcile: the forge's API budget is low ({b} requests left): slowing down");
+                        fleet.interval.saturating_mul(4).min(MAX_BACKOFF.max(fleet.interval))
+                    }
+                    _ => fleet.interval,
+                }
             }
             Err(e) => {
                 metrics.error(started.elapsed());

@@ -35,6 +35,10 @@ pub struct GithubConfig {
     /// Where the runner agent is installed on machines (default `~/actions-runner`); `{machine}` is replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_dir: Option<String>,
+    /// Repositories (names in `org`) whose queued jobs `nimbus reconcile` reads for pools that follow demand.
+    /// Default: every repository the App's installation can see (`GET /installation/repositories`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repos: Option<Vec<String>>,
 }
 
 impl GithubConfig {

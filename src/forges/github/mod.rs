@@ -38,6 +38,59 @@ pub struct GitHubForge {
     /// The group's name, looked up once (the agent's `config.sh` takes a name).
     group_name: tokio::sync::OnceCell<String>,
     agent: agent::GithubAgent,
+    /// Repositories whose queued jobs are read (`forge.repos`); `None`: the installation's.
+    repos: Option<Vec<String>>,
+    /// Conditional requests: the last ETag and body per path. A 304 answers from here (and does not count
+    /// against the rate limit).
+    etags: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
+    /// Requests made for demand, and how many of them were answered 304.
+    pub demand_calls: std::sync::atomic::AtomicU64,
+    pub not_modified: std::sync::atomic::AtomicU64,
+    /// The last `x-ratelimit-remaining` seen (-1: none yet).
+    pub rate_remaining: std::sync::atomic::AtomicI64,
+}
+
+#[derive(Deserialize)]
+struct RepoList {
+    total_count: usize,
+    repositories: Vec<RepoJson>,
+}
+
+#[derive(Deserialize)]
+struct RepoJson {
+    name: String,
+    owner: OwnerJson,
+}
+
+#[derive(Deserialize)]
+struct OwnerJson {
+    login: String,
+}
+
+#[derive(Deserialize)]
+struct RunList {
+    total_count: usize,
+    workflow_runs: Vec<RunJson>,
+}
+
+#[derive(Deserialize)]
+struct RunJson {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+struct JobList {
+    jobs: Vec<JobJson>,
+}
+
+#[derive(Deserialize)]
+struct JobJson {
+    id: u64,
+    status: String,
+    #[serde(default)]
+    labels: Vec<String>,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+    started_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Deserialize)]
@@ -106,7 +159,7 @@ impl GitHubForge {
             c.runner_group_id,
             c.runner_download_url.as_deref(),
         )
-        .map(|f| f.with_sha256(c.runner_sha256.clone().unwrap_or_default()))
+        .map(|f| f.with_sha256(c.runner_sha256.clone().unwrap_or_default()).with_repos(c.repos.clone()))
         .map_err(|e| ForgeError::Auth(format!("{e}; use the App's private key as downloaded from GitHub (PEM)")))
     }
 
@@ -145,7 +198,81 @@ impl GitHubForge {
             runner_group_id,
             group_name: tokio::sync::OnceCell::new(),
             agent: agent::GithubAgent::new(download_url.unwrap_or(DEFAULT_RUNNER_URL)),
+            repos: None,
+            etags: Default::default(),
+            demand_calls: Default::default(),
+            not_modified: Default::default(),
+            rate_remaining: std::sync::atomic::AtomicI64::new(-1),
         })
+    }
+
+    /// Reads queued jobs of these repositories (names in the org) only.
+    pub fn with_repos(mut self, repos: Option<Vec<String>>) -> Self {
+        self.repos = repos;
+        self
+    }
+
+    /// A GET with `If-None-Match` when the path was read before: a 304 is answered from the last body.
+    async fn get_cached<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T, ForgeError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cached = self.etags.lock().expect("lock").get(path).cloned();
+        let mut headers = HeaderMap::new();
+        if let Some((etag, _)) = &cached
+            && let Ok(v) = http::HeaderValue::from_str(etag)
+        {
+            headers.insert(http::header::IF_NONE_MATCH, v);
+        }
+        self.demand_calls.fetch_add(1, Relaxed);
+        let resp =
+            self.octo._get_with_headers(path, Some(headers)).await.map_err(|e| failed(format!("GET {path}: {e}")))?;
+        let status = resp.status();
+        if let Some(r) =
+            resp.headers().get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+        {
+            self.rate_remaining.store(r, Relaxed);
+        }
+        let etag = resp.headers().get(http::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if let Some(w) = rate_limit_wait(status, resp.headers()) {
+            return Err(ForgeError::Throttled(format!("GET {path}: rate limited for {}s", w.as_secs())));
+        }
+        let text = if status == StatusCode::NOT_MODIFIED {
+            self.not_modified.fetch_add(1, Relaxed);
+            match cached {
+                Some((_, body)) => body,
+                None => return Err(failed(format!("GET {path}: 304 without an earlier answer"))),
+            }
+        } else {
+            let text = self.octo.body_to_string(resp).await.map_err(failed)?;
+            if !status.is_success() {
+                return Err(ForgeError::from_status(
+                    status.as_u16(),
+                    format!("GET {path}: HTTP {status}: {}", first_line(&text)),
+                ));
+            }
+            if let Some(e) = etag {
+                self.etags.lock().expect("lock").insert(path.to_string(), (e, text.clone()));
+            }
+            text
+        };
+        serde_json::from_str(&text).map_err(|e| failed(format!("GET {path}: unexpected response: {e}")))
+    }
+
+    /// `owner/name` of every repository whose jobs are read.
+    async fn demand_repos(&self) -> Result<Vec<String>, ForgeError> {
+        if let Some(r) = &self.repos {
+            return Ok(r.iter().map(|n| format!("{}/{n}", self.org)).collect());
+        }
+        let mut out = Vec::new();
+        for page in 1.. {
+            let list: RepoList =
+                self.get_cached(&format!("/installation/repositories?per_page={PAGE}&page={page}")).await?;
+            let n = list.repositories.len();
+            out.extend(list.repositories.into_iter().map(|r| format!("{}/{}", r.owner.login, r.name)));
+            if n < PAGE || out.len() >= list.total_count {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// The fleet file's checksums for the agent download (`os-arch` → sha256), over the pinned ones.
@@ -333,5 +460,40 @@ impl Forge for GitHubForge {
 
     fn agent(&self) -> &dyn RunnerAgent {
         &self.agent
+    }
+
+    fn demand_stats(&self) -> (u64, u64, i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.demand_calls.load(Relaxed), self.not_modified.load(Relaxed), self.rate_remaining.load(Relaxed))
+    }
+
+    /// Queued jobs of the fleet's repositories: each repository's queued workflow runs, then their jobs still
+    /// queued, paginated; every request conditional on its last ETag.
+    async fn queued_jobs(&self) -> Result<Vec<crate::core::model::QueuedJob>, ForgeError> {
+        let mut out = Vec::new();
+        for repo in self.demand_repos().await? {
+            let mut runs = Vec::new();
+            for page in 1.. {
+                let path = format!("/repos/{repo}/actions/runs?status=queued&per_page={PAGE}&page={page}");
+                let list: RunList = self.get_cached(&path).await?;
+                let n = list.workflow_runs.len();
+                runs.extend(list.workflow_runs.into_iter().map(|r| r.id));
+                if n < PAGE || runs.len() >= list.total_count {
+                    break;
+                }
+            }
+            for run in runs {
+                let path = format!("/repos/{repo}/actions/runs/{run}/jobs?filter=latest&per_page={PAGE}");
+                let list: JobList = self.get_cached(&path).await?;
+                out.extend(list.jobs.into_iter().filter(|j| j.status == "queued").map(|j| {
+                    crate::core::model::QueuedJob {
+                        id: j.id,
+                        labels: j.labels,
+                        queued_at: j.created_at.or(j.started_at).unwrap_or_else(chrono::Utc::now),
+                    }
+                }));
+            }
+        }
+        Ok(out)
     }
 }
