@@ -118,14 +118,17 @@ pub fn split(doc: &PlanDocument, policy: &Policy) -> (PlanDocument, Vec<Resource
         .enumerate()
         .flat_map(|(ci, c)| c.action_ids.iter().map(move |a| (*a, ci)))
         .collect();
-    loop {
-        let kept_actions: BTreeSet<usize> = doc
-            .resource_changes
+    // The actions of the changes kept so far.
+    let kept_of = |keep: &[bool]| -> BTreeSet<usize> {
+        doc.resource_changes
             .iter()
-            .zip(&keep)
+            .zip(keep)
             .filter(|(_, k)| **k)
             .flat_map(|(c, _)| c.action_ids.iter().copied())
-            .collect();
+            .collect()
+    };
+    loop {
+        let kept_actions = kept_of(&keep);
         let mut changed = false;
         for a in doc.actions.iter().filter(|a| kept_actions.contains(&a.id)) {
             if a.depends_on.iter().any(|d| !kept_actions.contains(d))
@@ -140,13 +143,7 @@ pub fn split(doc: &PlanDocument, policy: &Policy) -> (PlanDocument, Vec<Resource
             break;
         }
     }
-    let kept: BTreeSet<usize> = doc
-        .resource_changes
-        .iter()
-        .zip(&keep)
-        .filter(|(_, k)| **k)
-        .flat_map(|(c, _)| c.action_ids.iter().copied())
-        .collect();
+    let kept = kept_of(&keep);
     let renumber: std::collections::HashMap<usize, usize> =
         kept.iter().enumerate().map(|(new, old)| (*old, new)).collect();
     let mut out = doc.clone();
