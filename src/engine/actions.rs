@@ -20,8 +20,36 @@ use crate::state::machine_db::{self, StateDb};
 use crate::transport::Transport;
 use crate::util::shell;
 
-/// Telemetry event names, per action kind: (start, success, failure).
+/// Telemetry event names, per action kind: (start, success, failure). The seed's names where it has them
+/// (`nimbus.machine.{provision,setup,terminate}_*`, `nimbus.forge.{register,unregister}_runner_*`); see
+/// [`event_aliases`] for what they were called before.
 pub fn event_names(kind: &ActionKind) -> (&'static str, &'static str, &'static str) {
+    match kind {
+        ActionKind::LaunchInstance { .. } => {
+            ("nimbus.machine.provision_start", "nimbus.machine.provision_success", "nimbus.machine.provision_failure")
+        }
+        ActionKind::RunSetup { .. } => {
+            ("nimbus.machine.setup_start", "nimbus.machine.setup_success", "nimbus.machine.setup_failure")
+        }
+        ActionKind::TerminateInstance { .. } => {
+            ("nimbus.machine.terminate_start", "nimbus.machine.terminate_success", "nimbus.machine.terminate_failure")
+        }
+        ActionKind::RegisterRunner { .. } => (
+            "nimbus.forge.register_runner_start",
+            "nimbus.forge.register_runner_success",
+            "nimbus.forge.register_runner_failure",
+        ),
+        ActionKind::DeregisterRunner { .. } => (
+            "nimbus.forge.unregister_runner_start",
+            "nimbus.forge.unregister_runner_success",
+            "nimbus.forge.unregister_runner_failure",
+        ),
+        other => event_aliases(other),
+    }
+}
+
+/// The names events had before the seed's names were adopted (each event carries its old name as `alias`).
+pub fn event_aliases(kind: &ActionKind) -> (&'static str, &'static str, &'static str) {
     match kind {
         ActionKind::AllocateHost { .. } => {
             ("nimbus.host.allocate_start", "nimbus.host.allocated", "nimbus.host.allocate_failed")
@@ -60,12 +88,8 @@ pub fn event_names(kind: &ActionKind) -> (&'static str, &'static str, &'static s
     }
 }
 
-fn emit(event: &str, tenant: &str, machine: &str, duration: Option<Duration>, error: Option<&str>) {
-    let duration_ms = duration.map(|d| d.as_millis() as u64);
-    match error {
-        None => tracing::info!(event, tenant, machine, duration_ms, "{event}"),
-        Some(error) => tracing::warn!(event, tenant, machine, duration_ms, error, "{event}"),
-    }
+fn emit(event: &str, _tenant: &str, machine: &str, duration: Option<Duration>, error: Option<&str>) {
+    crate::util::telemetry::seed_event(event, None, machine, duration, error);
 }
 
 /// How long a dead apply's setup step gets between TERM and KILL.
@@ -163,6 +187,10 @@ pub struct Applier {
     run: Option<i64>,
     /// Actions answered with what an earlier run made (the same idempotency key): nothing new was made.
     reused: Mutex<std::collections::HashSet<usize>>,
+    /// When each machine launched in this run was launched: `nimbus.machine.ready` says how long it took.
+    launched: Mutex<HashMap<String, Instant>>,
+    /// Launch → ready of the machines that became ready in this run.
+    ready: Mutex<Vec<Duration>>,
 }
 
 impl Applier {
@@ -204,6 +232,8 @@ impl Applier {
                 .collect(),
             run: None,
             reused: Mutex::new(std::collections::HashSet::new()),
+            launched: Mutex::new(HashMap::new()),
+            ready: Mutex::new(Vec::new()),
         }
     }
 
@@ -217,6 +247,49 @@ impl Applier {
         {
             tracing::warn!(scope, error = %e, "could not record what a call made");
         }
+    }
+
+    /// One call to a provider, with its `nimbus.cloud_provider.api_call_*` events.
+    async fn api<T>(
+        &self,
+        provider: &str,
+        operation: &str,
+        machine: &str,
+        call: impl std::future::Future<Output = Result<T, crate::providers::ProviderError>>,
+    ) -> Result<T, crate::providers::ProviderError> {
+        crate::util::telemetry::api_call(&self.tenant, provider, operation, machine, call).await
+    }
+
+    /// `nimbus.machine.ready` once a machine's last step is done: its runner registered, or (a pool without a
+    /// runner) its setup done, or (neither) it answered. The duration is from its launch in this run.
+    fn maybe_ready(&self, action: &Action, machine: &str) {
+        let pool = self.pool_of(machine);
+        let runner = self.forge.is_some() && pool.is_some_and(|p| p.runner.is_some());
+        let setup = pool.is_some_and(|p| !p.setup.is_empty());
+        let last = match &action.kind {
+            ActionKind::LaunchInstance { .. } => {
+                self.launched.lock().expect("lock").insert(machine.to_string(), Instant::now());
+                false
+            }
+            ActionKind::RegisterRunner { .. } => true,
+            ActionKind::RunSetup { .. } => !runner,
+            ActionKind::WaitReachable { .. } => !runner && !setup,
+            _ => false,
+        };
+        if !last {
+            return;
+        }
+        let since = self.launched.lock().expect("lock").remove(machine);
+        let took = since.map(|t| t.elapsed());
+        if let Some(d) = took {
+            self.ready.lock().expect("lock").push(d);
+        }
+        crate::util::telemetry::seed_event("nimbus.machine.ready", None, machine, took, None);
+    }
+
+    /// Launch → ready of every machine that became ready in this run (for the time-to-ready histogram).
+    pub fn ready_times(&self) -> Vec<Duration> {
+        self.ready.lock().expect("lock").clone()
     }
 
     /// What an earlier call under `scope` made, as the journal recorded it.
@@ -365,7 +438,7 @@ impl Applier {
     async fn wait_reachable(&self, provider: &str, machine: &str) -> Result<(), ActionError> {
         let p = self.provider(provider)?;
         let r = self.machine_ref(machine);
-        p.wait_running(&r).await?;
+        self.api(provider, "wait_running", machine, p.wait_running(&r)).await?;
         let Some(t) = p.transport(&r)? else {
             return Ok(()); // this fleet does not reach machines (no `ssh:`)
         };
@@ -705,19 +778,18 @@ impl Applier {
                 let scope = format!("{provider}|AllocateHosts|{machine}");
                 let idempotency_key = self.key(&scope)?;
                 let earlier = self.made_before(&scope);
-                let host = self
-                    .provider(provider)?
-                    .allocate_host_in_zone(&HostRequest {
-                        tenant: self.tenant.clone(),
-                        pool: pool.clone(),
-                        machine: machine.clone(),
-                        instance_type: instance_type.clone(),
-                        availability_zone: availability_zone.clone(),
-                        fallback_zones: fallback_zones.clone(),
-                        exclude_hosts: exclude_hosts.clone(),
-                        idempotency_key,
-                    })
-                    .await?;
+                let p = self.provider(provider)?;
+                let request = HostRequest {
+                    tenant: self.tenant.clone(),
+                    pool: pool.clone(),
+                    machine: machine.clone(),
+                    instance_type: instance_type.clone(),
+                    availability_zone: availability_zone.clone(),
+                    fallback_zones: fallback_zones.clone(),
+                    exclude_hosts: exclude_hosts.clone(),
+                    idempotency_key,
+                };
+                let host = self.api(provider, "allocate_host", machine, p.allocate_host_in_zone(&request)).await?;
                 // The journal records which of the pool's zones the host is in.
                 if let Some(j) = &self.journal {
                     let zone = &host.availability_zone;
@@ -763,17 +835,16 @@ impl Applier {
                 let scope = format!("{provider}|RunInstances|{machine}");
                 let idempotency_key = self.key(&scope)?;
                 let earlier = self.made_before(&scope);
-                let instance = self
-                    .provider(provider)?
-                    .launch(&LaunchRequest {
-                        tenant: self.tenant.clone(),
-                        pool: pool.clone(),
-                        machine: machine.clone(),
-                        spec: spec.clone(),
-                        host_id,
-                        idempotency_key,
-                    })
-                    .await?;
+                let p = self.provider(provider)?;
+                let request = LaunchRequest {
+                    tenant: self.tenant.clone(),
+                    pool: pool.clone(),
+                    machine: machine.clone(),
+                    spec: spec.clone(),
+                    host_id,
+                    idempotency_key,
+                };
+                let instance = self.api(provider, "launch", machine, p.launch(&request)).await?;
                 self.made(id, &scope, earlier, &instance);
                 self.machines.lock().expect("lock").insert(
                     machine.clone(),
@@ -786,7 +857,7 @@ impl Applier {
                 let mut r = self.machine_ref(machine);
                 r.instance_id = Some(instance_id.clone());
                 let p = self.provider(provider)?;
-                p.reimage(&r, image).await?;
+                self.api(provider, "reimage", machine, p.reimage(&r, image)).await?;
                 // A fresh root file system means fresh SSH host keys: trust the machine's new key on first use.
                 if let Some(t) = p.transport(&r)? {
                     t.forget_identity().await?;
@@ -828,7 +899,7 @@ impl Applier {
                 r.instance_id = Some(instance_id.clone());
                 let p = self.provider(provider)?;
                 self.note_stopping(p.as_ref(), &r).await;
-                p.terminate(&r).await?;
+                self.api(provider, "terminate", machine, p.terminate(&r)).await?;
                 // Its connection (if one is open) goes with it.
                 if let Ok(Some(t)) = p.transport(&r) {
                     t.close().await;
@@ -837,7 +908,10 @@ impl Applier {
                 self.forget_key(&format!("{provider}|RunInstances|{machine}"));
                 Ok(())
             }
-            ActionKind::ReleaseHost { provider, host_id } => Ok(self.provider(provider)?.release_host(host_id).await?),
+            ActionKind::ReleaseHost { provider, host_id } => {
+                let p = self.provider(provider)?;
+                Ok(self.api(provider, "release_host", "", p.release_host(host_id)).await?)
+            }
         }
     }
 }
@@ -846,15 +920,21 @@ impl Applier {
 impl ActionRunner for Applier {
     async fn run(&self, id: usize, action: &Action, outputs: &Outputs) -> Result<(), ActionError> {
         let (start, done, failed) = event_names(&action.kind);
+        let aliases = event_aliases(&action.kind);
+        let alias = |name: &str, old: &'static str| (name != old).then_some(old);
         let machine = action.kind.machine().unwrap_or(&action.address).to_string();
         let span = tracing::info_span!("nimbus.action", id, kind = action.kind.name(), address = %action.address, tenant = %self.tenant);
         async {
-            emit(start, &self.tenant, &machine, None, None);
+            use crate::util::telemetry::seed_event;
+            seed_event(start, alias(start, aliases.0), &machine, None, None);
             let t = Instant::now();
             let r = self.run_inner(id, action, outputs).await;
             match &r {
-                Ok(()) => emit(done, &self.tenant, &machine, Some(t.elapsed()), None),
-                Err(e) => emit(failed, &self.tenant, &machine, Some(t.elapsed()), Some(&e.message)),
+                Ok(()) => {
+                    seed_event(done, alias(done, aliases.1), &machine, Some(t.elapsed()), None);
+                    self.maybe_ready(action, &machine);
+                }
+                Err(e) => seed_event(failed, alias(failed, aliases.2), &machine, Some(t.elapsed()), Some(&e.message)),
             }
             r
         }

@@ -61,7 +61,16 @@ async fn discover_inner(
             None => Ok(None),
         }
     };
-    let (results, runners) = tokio::join!(join_all(providers.iter().map(|p| p.discover(tenant))), runners);
+    let (results, runners) = tokio::join!(
+        join_all(providers.iter().map(|p| crate::util::telemetry::api_call(
+            tenant,
+            p.name(),
+            "discover",
+            "",
+            p.discover(tenant)
+        ))),
+        runners
+    );
     let runners = runners.map_err(DiscoveryError::Forge)?;
     let mut actual = Actual::default();
     for r in results {

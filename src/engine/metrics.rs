@@ -42,6 +42,7 @@ pub struct Metrics {
     webhooks: Family<Labels, Counter>,
     forge_requests: Family<Labels, Counter>,
     forge_budget: Gauge,
+    time_to_ready: Histogram,
     health: Mutex<Health>,
     /// `POST /webhook`: the secret deliveries are signed with, and what a valid `workflow_job` wakes.
     webhook: Mutex<Option<Webhook>>,
@@ -83,6 +84,7 @@ impl Metrics {
             webhooks: Family::default(),
             forge_requests: Family::default(),
             forge_budget: Gauge::default(),
+            time_to_ready: Histogram::new(exponential_buckets(5.0, 2.0, 12)),
             health: Mutex::new(Health { last_success: None, interval }),
             webhook: Mutex::new(None),
             registry: Registry::default(),
@@ -132,6 +134,11 @@ impl Metrics {
             m.forge_requests.clone(),
         );
         registry.register(
+            "time_to_ready_seconds",
+            "From a machine's launch to its runner registered (or, without one, set up)",
+            m.time_to_ready.clone(),
+        );
+        registry.register(
             "forge_rate_limit_remaining",
             "The forge's API budget left, as its last answer said (x-ratelimit-remaining)",
             m.forge_budget.clone(),
@@ -178,6 +185,9 @@ impl Metrics {
         self.forge_requests.get_or_create(&labels(&[("answer", "not_modified")])).inc_by(not_modified);
         if let Some(b) = it.forge_budget {
             self.forge_budget.set(b);
+        }
+        for d in &it.ready {
+            self.time_to_ready.observe(d.as_secs_f64());
         }
         for (kind, outcome, n) in &it.actions {
             self.actions.get_or_create(&labels(&[("kind", kind), ("outcome", outcome)])).inc_by(*n as u64);

@@ -206,6 +206,8 @@ pub struct Iteration {
     /// The forge's demand requests in this iteration: (requests, answered 304), and its API budget left.
     pub forge_requests: (u64, u64),
     pub forge_budget: Option<i64>,
+    /// Launch → ready of the machines that became ready in this iteration.
+    pub ready: Vec<Duration>,
 }
 
 /// What an iteration saw of the fleet.
@@ -411,7 +413,7 @@ async fn iterate_in(
     )?;
     let mut stopped = stop.subscribe();
     let outcome = {
-        let exec = session.execute(run, &allowed, applier, 10, stop.clone(), &mut []);
+        let exec = session.execute(run, &allowed, applier.clone(), 10, stop.clone(), &mut []);
         tokio::pin!(exec);
         tokio::select! {
             o = &mut exec => Some(o),
@@ -436,6 +438,7 @@ async fn iterate_in(
                     1;
             }
             it.actions = counted.into_iter().map(|((k, w), n)| (k, w, n)).collect();
+            it.ready = applier.ready_times();
             it.done = o.tally.done;
             it.status = Some(o.status);
             it.errors = o

@@ -348,7 +348,31 @@ impl SshConnector {
         {
             return Ok(h.clone());
         }
-        let h = Arc::new(self.connect(machine, host, pin_as).await?);
+        crate::util::telemetry::seed_event("nimbus.ssh.connect_start", None, machine, None, None);
+        let t = std::time::Instant::now();
+        let h = match self.connect(machine, host, pin_as).await {
+            Ok(h) => {
+                crate::util::telemetry::seed_event(
+                    "nimbus.ssh.connect_success",
+                    None,
+                    machine,
+                    Some(t.elapsed()),
+                    None,
+                );
+                Arc::new(h)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                crate::util::telemetry::seed_event(
+                    "nimbus.ssh.connect_failure",
+                    None,
+                    machine,
+                    Some(t.elapsed()),
+                    Some(&msg),
+                );
+                return Err(e);
+            }
+        };
         sessions.insert(pin_as.to_string(), h.clone());
         Ok(h)
     }
@@ -406,6 +430,23 @@ impl Transport for SshTransport {
     }
 
     async fn exec(&self, script: &str, stdin: &[u8], log: Option<&Path>) -> Result<ExecOutput, TransportError> {
+        use crate::util::telemetry::seed_event;
+        seed_event("nimbus.ssh.command_start", None, &self.machine, None, None);
+        let t = std::time::Instant::now();
+        let r = self.exec_inner(script, stdin, log).await;
+        match &r {
+            // A command that ran and exited is a success of SSH's, whatever its exit code.
+            Ok(_) => seed_event("nimbus.ssh.command_success", None, &self.machine, Some(t.elapsed()), None),
+            Err(e) => {
+                seed_event("nimbus.ssh.command_failure", None, &self.machine, Some(t.elapsed()), Some(&e.to_string()))
+            }
+        }
+        r
+    }
+}
+
+impl SshTransport {
+    async fn exec_inner(&self, script: &str, stdin: &[u8], log: Option<&Path>) -> Result<ExecOutput, TransportError> {
         let failed = |m: String| TransportError::Failed { machine: self.machine.clone(), message: m };
         let session = self.connector.session(&self.machine, &self.host, &self.pin_as).await?;
         let mut channel = session.channel_open_session().await.map_err(|e| failed(format!("open channel: {e}")))?;

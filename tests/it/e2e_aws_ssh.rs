@@ -105,6 +105,32 @@ fn aws_fleet_over_ssh_end_to_end() {
     // Converged: state read back over SSH, nothing to do.
     let o = ok(&["plan", "--detailed-exitcode"], 0);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("No changes."), "{}", text(&o));
+    // Issue 19.4: the seed's SSH and cloud-provider events, with tenant_id, machine_id, duration.
+    let o = ok(&["--log-format", "json", "plan"], 0);
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stderr).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let named = |n: &str| events.iter().filter(|e| e["fields"]["event"] == n).collect::<Vec<_>>();
+    for n in [
+        "nimbus.ssh.connect_start",
+        "nimbus.ssh.connect_success",
+        "nimbus.ssh.command_start",
+        "nimbus.ssh.command_success",
+    ] {
+        let evs = named(n);
+        assert!(!evs.is_empty(), "no {n}");
+        for e in evs {
+            assert_eq!(e["fields"]["tenant_id"], tenant.as_str(), "{e}");
+            assert!(e["fields"]["machine_id"].as_str().unwrap().starts_with(&format!("nimbus.{tenant}.mac.")), "{e}");
+            if n.ends_with("_success") {
+                assert!(e["fields"]["duration"].is_u64(), "{e}");
+            }
+        }
+    }
+    let calls = named("nimbus.cloud_provider.api_call_success");
+    assert!(
+        calls.iter().any(|e| e["fields"]["operation"] == "discover" && e["fields"]["tenant_id"] == tenant.as_str()),
+        "{calls:?}"
+    );
 
     // A new step runs in place, over SSH.
     let f = std::fs::read_to_string(dir.path().join("fleet.yaml")).unwrap()

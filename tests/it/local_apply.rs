@@ -272,16 +272,46 @@ fn telemetry_as_json_lines() {
         assert_eq!(e["fields"]["tenant"], "quickstart");
         assert!(e["fields"]["machine"].as_str().unwrap().starts_with("nimbus.quickstart.linux."));
     }
-    for n in [
-        "nimbus.machine.provision_complete",
-        "nimbus.machine.reachable",
-        "nimbus.setup.complete",
-        "nimbus.setup.step_complete",
+    // Issue 19.4: the seed's events, each with tenant_id, machine_id and duration (and error on failures);
+    // the old names ride along as `alias`.
+    for (n, alias) in [
+        ("nimbus.machine.provision_success", Some("nimbus.machine.provision_complete")),
+        ("nimbus.machine.setup_start", Some("nimbus.setup.start")),
+        ("nimbus.machine.setup_success", Some("nimbus.setup.complete")),
+        ("nimbus.machine.ready", None),
+        ("nimbus.machine.reachable", None),
+        ("nimbus.setup.step_complete", None),
+        ("nimbus.cloud_provider.api_call_success", None),
     ] {
         let evs = named(n);
         assert!(!evs.is_empty(), "no {n}");
-        assert!(evs.iter().all(|e| e["fields"]["duration_ms"].is_u64()), "{n} without duration");
+        for e in &evs {
+            assert!(e["fields"]["duration"].is_u64(), "{n} without duration: {e}");
+            assert_eq!(e["fields"]["tenant_id"], "quickstart", "{e}");
+            if let Some(a) = alias {
+                assert_eq!(e["fields"]["alias"], a, "{e}");
+            }
+        }
     }
+    assert_eq!(named("nimbus.machine.ready").len(), 2, "each machine became ready once");
+    assert!(!named("nimbus.cloud_provider.api_call_start").is_empty());
+    assert!(
+        named("nimbus.cloud_provider.api_call_success").iter().any(|e| e["fields"]["operation"] == "launch"
+            && e["fields"]["machine_id"].as_str().is_some_and(|m| m.starts_with("nimbus.quickstart.linux."))),
+        "a launch is a provider API call"
+    );
+    // A failure carries the error.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fleet.yaml"), FAILING).unwrap();
+    let o = nimbus(dir.path(), &["--log-format", "json", "apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(1));
+    let failures: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["fields"]["event"] == "nimbus.machine.setup_failure")
+        .collect();
+    assert_eq!(failures.len(), 2);
+    assert!(failures.iter().all(|e| e["fields"]["error"].as_str().is_some_and(|m| m.contains("exit code 7"))));
     assert_eq!(named("nimbus.apply.complete").len(), 1);
 }
 

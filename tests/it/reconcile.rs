@@ -395,6 +395,8 @@ fn prometheus_scrapes_the_controllers_metrics() {
     assert_eq!(query(&format!("nimbus_runners{{test=\"{test}\",pool=\"linux\",state=\"busy\"}}")), Some(0.0));
     assert_eq!(query(&format!("nimbus_pending_review{{test=\"{test}\"}}")), Some(0.0));
     assert_eq!(query(&format!("up{{test=\"{test}\"}}")), Some(1.0));
+    // Both machines were made by the first iteration: two launch → ready times.
+    assert_eq!(query(&format!("nimbus_time_to_ready_seconds_count{{test=\"{test}\"}}")), Some(2.0));
     let health = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/healthz")])
         .output()
