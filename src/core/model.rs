@@ -523,6 +523,10 @@ pub struct MachineState {
     /// The runner the machine believes it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerRecord>,
+    /// Where it is in its life, as its database says (`provisioning`, `image_installing`, `ready`, `running`,
+    /// `stopping`, `terminated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

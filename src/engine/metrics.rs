@@ -104,7 +104,7 @@ impl Metrics {
             m.oldest_queued_seconds.clone(),
         );
         registry.register("runners", "Runners by pool and state (busy, idle, offline)", m.runners.clone());
-        registry.register("machines", "Machines by pool", m.machines.clone());
+        registry.register("machines", "Machines by pool and lifecycle state", m.machines.clone());
         registry.register("hosts", "Dedicated hosts by state", m.hosts.clone());
         registry.register(
             "oldest_host_age_seconds",
@@ -172,7 +172,9 @@ impl Metrics {
             for (state, n) in [("busy", p.busy), ("idle", p.idle), ("offline", p.offline)] {
                 self.runners.get_or_create(&labels(&[("pool", pool), ("state", state)])).set(n as i64);
             }
-            self.machines.get_or_create(&labels(&[("pool", pool)])).set(p.machines as i64);
+            for (state, n) in &p.lifecycle {
+                self.machines.get_or_create(&labels(&[("pool", pool), ("state", state)])).set(*n as i64);
+            }
         }
         for h in &it.observed.hosts {
             self.hosts.get_or_create(&labels(&[("state", &h.state)])).set(h.count as i64);

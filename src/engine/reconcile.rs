@@ -221,6 +221,8 @@ pub struct Observed {
 pub struct PoolObserved {
     pub pool: String,
     pub machines: usize,
+    /// Machines by the lifecycle state their database records (`unknown` when it was not read).
+    pub lifecycle: std::collections::BTreeMap<String, usize>,
     pub busy: usize,
     pub idle: usize,
     pub offline: usize,
@@ -247,13 +249,21 @@ fn observe(
     let mut out = Observed::default();
     let tenant = desired.tenant.as_str();
     for pool in &desired.pools {
-        let mut names: Vec<&str> = actual
+        let live: Vec<&crate::core::model::ActualMachine> = actual
             .machines
             .iter()
             .filter(|m| crate::core::model::owned_by(&m.tags, tenant) && !m.state.is_gone())
             .filter(|m| m.pool() == Some(pool.name.as_str()))
-            .filter_map(|m| m.name())
             .collect();
+        let mut lifecycle: std::collections::BTreeMap<String, usize> = Default::default();
+        for m in &live {
+            let state = match &m.on_machine {
+                crate::core::model::OnMachine::Read { state } => state.lifecycle.clone(),
+                _ => None,
+            };
+            *lifecycle.entry(state.unwrap_or_else(|| "unknown".into())).or_default() += 1;
+        }
+        let mut names: Vec<&str> = live.iter().filter_map(|m| m.name()).collect();
         names.sort();
         names.dedup();
         let runners: Vec<_> =
@@ -271,6 +281,7 @@ fn observe(
         out.pools.push(PoolObserved {
             pool: pool.name.clone(),
             machines: names.len(),
+            lifecycle,
             busy: runners.iter().filter(|r| r.busy).count(),
             idle: runners.iter().filter(|r| r.online && !r.busy).count(),
             offline: runners.iter().filter(|r| !r.online && !r.busy).count(),

@@ -366,6 +366,7 @@ impl StateDb {
                 labels: r.labels.clone(),
                 runner_id: r.runner_id.and_then(|i| u64::try_from(i).ok()),
             }),
+            lifecycle: Some(self.lifecycle.as_str().to_string()),
         }
     }
 

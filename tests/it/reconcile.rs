@@ -382,13 +382,15 @@ fn prometheus_scrapes_the_controllers_metrics() {
     };
     let t0 = std::time::Instant::now();
     let machines = loop {
-        if let Some(v) = query(&format!("nimbus_machines{{test=\"{test}\",pool=\"linux\"}}")).filter(|v| *v == 2.0) {
+        if let Some(v) = query(&format!("sum(nimbus_machines{{test=\"{test}\",pool=\"linux\"}})")).filter(|v| *v == 2.0)
+        {
             break v;
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "Prometheus never scraped 2 machines from {addr}");
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(machines, 2.0);
+    assert_eq!(query(&format!("nimbus_machines{{test=\"{test}\",pool=\"linux\",state=\"ready\"}}")), Some(2.0));
     let iterations =
         query(&format!("sum(nimbus_reconcile_iterations_total{{test=\"{test}\",outcome=\"success\"}})")).unwrap();
     assert!(iterations >= 1.0, "{iterations}");
