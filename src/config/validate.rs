@@ -260,6 +260,41 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
             )),
             _ => {}
         }
+        for (w, win) in pool.scale.iter().flat_map(|sc| sc.schedule.iter().map(move |w| (sc, w))).enumerate() {
+            let (sc, win) = win;
+            let wat = |k: &str| at(&format!("scale.schedule[{w}].{k}"));
+            if let Some(tz) = &win.time_zone
+                && tz.parse::<chrono_tz::Tz>().is_err()
+            {
+                out.push(problem(
+                    wat("time_zone"),
+                    At::Value,
+                    format!("`{tz}` is not an IANA time zone"),
+                    "unknown time zone",
+                    "use a name such as `Europe/Berlin`, `America/New_York` or `UTC`".to_string(),
+                ));
+            }
+            if let Some(h) = &win.hours
+                && crate::core::scale::parse_hours(h).is_none()
+            {
+                out.push(problem(
+                    wat("hours"),
+                    At::Value,
+                    format!("`{h}` is not a span of hours"),
+                    "not HH:MM-HH:MM",
+                    "write it as `08:00-18:00` (the end excluded; `22:00-06:00` crosses midnight)".to_string(),
+                ));
+            }
+            if win.min.is_some_and(|m| m > sc.max) || win.idle.is_some_and(|m| m > sc.max) {
+                out.push(problem(
+                    wat("min"),
+                    At::Key,
+                    format!("a schedule window of pool `{}` asks for more than its `max` ({})", pool.name, sc.max),
+                    "more than max",
+                    "a window overrides `min` and `idle` within `max`".to_string(),
+                ));
+            }
+        }
         if let Some(first) = first_seen.insert(&pool.name, i) {
             first_seen.insert(&pool.name, first);
             out.push(problem(

@@ -170,6 +170,26 @@ pub struct ScaleSpec {
     pub idle: u32,
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
+    /// Windows overriding `min`/`idle` (`scale.schedule`), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<WindowSpec>,
+}
+
+/// A validated `scale.schedule` window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WindowSpec {
+    /// Days it holds on: 0 = Monday … 6 = Sunday; empty: every day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub days: Vec<u8>,
+    /// Minutes of the day, start included, end excluded; `None`: all day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<(u32, u32)>,
+    /// IANA time zone.
+    pub time_zone: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<u32>,
 }
 
 /// `scale.idle_timeout` unless the fleet file says otherwise.
@@ -295,6 +315,17 @@ impl Desired {
                         max: s.max,
                         idle: s.idle.unwrap_or(0),
                         idle_timeout: s.idle_timeout.map(|d| d.0).unwrap_or(DEFAULT_IDLE_TIMEOUT),
+                        schedule: s
+                            .schedule
+                            .iter()
+                            .map(|w| WindowSpec {
+                                days: w.days.iter().map(|d| *d as u8).collect(),
+                                hours: w.hours.as_deref().and_then(crate::core::scale::parse_hours),
+                                time_zone: w.time_zone.clone().unwrap_or_else(|| "UTC".into()),
+                                min: w.min,
+                                idle: w.idle,
+                            })
+                            .collect(),
                     }),
                     spec: MachineSpec {
                         os: p.machine.os,

@@ -2,7 +2,8 @@
 //! queued jobs it can serve, and the warm idle runners it keeps — within its bounds. Pure: no I/O.
 //!
 //! # Guarantees
-//! - Desired size = clamp(busy + queued jobs this pool can serve + `idle`, `min`, `max`).
+//! - Desired size = clamp(busy + queued jobs this pool can serve + `idle`, `min`, `max`); a `schedule` window
+//!   that holds (days, hours, an IANA time zone) overrides `min` and `idle`.
 //! - Scale-in removes only machines whose runner has been idle (online, no job) for `idle_timeout`, the
 //!   longest-idle first; never a busy one, never one still coming up, never one whose runner is offline (that
 //!   is a repair), and never one whose dedicated host is inside its paid minimum allocation window (it costs
@@ -75,6 +76,43 @@ pub fn serves(pool: &DesiredPool, labels: &[String]) -> bool {
     }
 }
 
+/// `HH:MM-HH:MM` as minutes of the day (start, end); `24:00` ends the day.
+pub fn parse_hours(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once('-')?;
+    let minute = |t: &str| -> Option<u32> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (m < 60 && (h < 24 || (h == 24 && m == 0))).then_some(h * 60 + m)
+    };
+    let (start, end) = (minute(a)?, minute(b)?);
+    (start != end).then_some((start, end))
+}
+
+/// Whether `w` holds at `now`.
+pub fn window_holds(w: &WindowSpec, now: DateTime<Utc>) -> bool {
+    use chrono::{Datelike, Timelike};
+    let Ok(tz) = w.time_zone.parse::<chrono_tz::Tz>() else { return false };
+    let local = now.with_timezone(&tz);
+    let minute = local.hour() * 60 + local.minute();
+    let day = local.weekday().num_days_from_monday() as u8;
+    let (in_hours, day) = match w.hours {
+        None => (true, day),
+        Some((start, end)) if start < end => (minute >= start && minute < end, day),
+        // Across midnight: the early hours belong to the window that began the day before.
+        Some((start, _)) if minute >= start => (true, day),
+        Some((_, end)) => (minute < end, (day + 6) % 7),
+    };
+    in_hours && (w.days.is_empty() || w.days.contains(&day))
+}
+
+/// The pool's `min` and `idle` at `now`: the first schedule window that holds overrides them.
+pub fn bounds_at(scale: &ScaleSpec, now: DateTime<Utc>) -> (u32, u32) {
+    match scale.schedule.iter().find(|w| window_holds(w, now)) {
+        Some(w) => (w.min.unwrap_or(scale.min), w.idle.unwrap_or(scale.idle)),
+        None => (scale.min, scale.idle),
+    }
+}
+
 /// Sets the `count` of every pool that follows demand (and `remove_first` for its scale-in) from `jobs` and
 /// what exists, as of `now`. Pools with a fixed `count` are left as they are, but take the jobs they can serve.
 pub fn follow_demand(desired: &mut Desired, actual: &Actual, jobs: &[QueuedJob], now: DateTime<Utc>) -> Demand {
@@ -114,7 +152,8 @@ pub fn follow_demand(desired: &mut Desired, actual: &Actual, jobs: &[QueuedJob],
         names.dedup();
         let busy = names.iter().filter(|n| runner(n).is_some_and(|r| r.busy)).count();
         let idle = names.iter().filter(|n| runner(n).is_some_and(|r| r.online && !r.busy)).count();
-        let want = (busy + queued[i] + scale.idle as usize).clamp(scale.min as usize, scale.max as usize);
+        let (min, idle_target) = bounds_at(&scale, now);
+        let want = (busy + queued[i] + idle_target as usize).clamp(min.min(scale.max) as usize, scale.max as usize);
         if busy + queued[i] > scale.max as usize {
             let waiting = busy + queued[i] - scale.max as usize;
             for j in jobs.iter().filter(|j| serves(pool, &j.labels)).rev().take(waiting) {

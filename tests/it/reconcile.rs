@@ -311,6 +311,9 @@ fn a_pool_has_a_count_or_a_scale() {
         ("    count: 1\n    scale: {max: 2}\n", "has both `count` and `scale`"),
         ("    scale: {min: 3, max: 2}\n", "scales within 3..2, which holds no machine"),
         ("    scale: {max: 2, idle: 5}\n", "keeps more idle runners than its `max`"),
+        ("    scale: {max: 2, schedule: [{time_zone: Mars/Olympus, min: 1}]}\n", "is not an IANA time zone"),
+        ("    scale: {max: 2, schedule: [{hours: 9-5, min: 1}]}\n", "is not a span of hours"),
+        ("    scale: {max: 2, schedule: [{min: 3}]}\n", "asks for more than its `max`"),
     ] {
         std::fs::write(dir.path().join("fleet.yaml"), fleet(pool, "persistent")).unwrap();
         let o = nimbus_env(dir.path(), &["validate"], &[]);
@@ -510,4 +513,72 @@ fn a_signed_webhook_wakes_the_loop_and_a_forged_one_is_refused() {
     }
     signal(&child, "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// `scale.schedule`: a window (days, hours, an IANA time zone, daylight saving included) overrides `min` and
+/// `idle` while it holds; hours may cross midnight.
+#[test]
+fn schedule_windows_hold_in_their_time_zone() {
+    use chrono::TimeZone;
+    use nimbus::core::model::{ScaleSpec, WindowSpec};
+    use nimbus::core::scale::{bounds_at, parse_hours, window_holds};
+    let at = |y, m, d, h, min| chrono::Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap();
+    let office = WindowSpec {
+        days: vec![0, 1, 2, 3, 4],
+        hours: parse_hours("08:00-18:00"),
+        time_zone: "Europe/Berlin".into(),
+        min: Some(4),
+        idle: Some(2),
+    };
+    // Monday 2026-12-07: Berlin is UTC+1.
+    assert!(window_holds(&office, at(2026, 12, 7, 7, 30)), "08:30 in Berlin");
+    assert!(!window_holds(&office, at(2026, 12, 7, 6, 30)), "07:30 in Berlin");
+    assert!(!window_holds(&office, at(2026, 12, 7, 17, 0)), "18:00 in Berlin: the end is excluded");
+    assert!(!window_holds(&office, at(2026, 12, 12, 10, 0)), "a Saturday");
+    // Summer time: Monday 2026-07-06, Berlin is UTC+2.
+    assert!(window_holds(&office, at(2026, 7, 6, 6, 30)), "08:30 CEST");
+    assert!(!window_holds(&office, at(2026, 7, 6, 16, 30)), "18:30 CEST");
+    // Across midnight: Friday night's window holds early on Saturday, not early on Friday.
+    let night = WindowSpec {
+        days: vec![4],
+        hours: parse_hours("22:00-06:00"),
+        time_zone: "UTC".into(),
+        min: Some(1),
+        idle: None,
+    };
+    assert!(window_holds(&night, at(2026, 12, 11, 23, 0)) && window_holds(&night, at(2026, 12, 12, 2, 0)));
+    assert!(!window_holds(&night, at(2026, 12, 11, 2, 0)));
+    let scale =
+        ScaleSpec { min: 0, max: 10, idle: 0, idle_timeout: Duration::from_secs(600), schedule: vec![office, night] };
+    assert_eq!(bounds_at(&scale, at(2026, 12, 7, 9, 0)), (4, 2));
+    assert_eq!(bounds_at(&scale, at(2026, 12, 12, 1, 0)), (1, 0));
+    assert_eq!(bounds_at(&scale, at(2026, 12, 13, 12, 0)), (0, 0));
+    for bad in ["8-18", "08:00-08:00", "25:00-26:00", "08:60-09:00"] {
+        assert_eq!(parse_hours(bad), None, "{bad}");
+    }
+}
+
+/// A schedule window changes a pool's `min`: while it holds, the pool keeps its machines; once it does not,
+/// they go after their idle timeout.
+#[test]
+fn a_schedule_window_changes_min() {
+    use chrono::Timelike;
+    let now = chrono::Utc::now();
+    let hm = |t: chrono::DateTime<chrono::Utc>| format!("{:02}:{:02}", t.hour(), t.minute());
+    // A window that holds now (it began a minute ago, ends in two hours), then one that does not.
+    let holding = format!("{}-{}", hm(now - chrono::Duration::minutes(1)), hm(now + chrono::Duration::hours(2)));
+    let later = format!("{}-{}", hm(now + chrono::Duration::hours(3)), hm(now + chrono::Duration::hours(4)));
+    let pool = |hours: &str| {
+        format!(
+            "    scale:\n      max: 3\n      idle_timeout: 1s\n      schedule:\n        - {{hours: \"{hours}\", time_zone: UTC, min: 2}}\n"
+        )
+    };
+    let l = Loop::new(&pool(&holding), "persistent");
+    let it = l.iterate();
+    assert_eq!(l.machines(), 2, "{:?}", it.demand);
+    l.write(&pool(&later), "persistent");
+    l.iterate(); // the runners' idle clocks start
+    std::thread::sleep(Duration::from_millis(1200));
+    let it = l.iterate();
+    assert_eq!(l.machines(), 0, "min is 0 outside the window: {:?}", it.demand);
 }
