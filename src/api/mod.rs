@@ -367,7 +367,9 @@ impl<S: Storage> Nimbus<S> {
             let now = Utc::now();
             crate::engine::discovery::annotate_with_history(&mut actual, session.journal(), now)?;
             let mut desired = Desired::from_config(&loaded.config);
-            desired.remove_first = remove_first.into_iter().collect();
+            // Pools that follow demand keep the size the controller gives them.
+            crate::engine::fleet::follow_demand(&mut desired, &actual, forge.as_deref(), now).await?;
+            desired.remove_first.extend(remove_first);
             let doc = crate::engine::fleet::document(&loaded, &desired, &actual, now);
             let fleet_path = loaded.path.display().to_string();
             if !doc.has_changes() {

@@ -123,3 +123,42 @@ pub fn document_from(
         Some(Observed { source: source.into(), fingerprint: actual.fingerprint() }),
     )
 }
+
+/// Sizes the pools that follow demand (`scale:`) in `desired` from the forge's queued jobs and what exists, as
+/// `nimbus reconcile` does, so that `plan` and `apply` agree with the controller (they never undo what demand
+/// made). The forge is asked only when some pool follows demand. Jobs no pool can take are warnings.
+pub async fn follow_demand(
+    desired: &mut crate::core::model::Desired,
+    actual: &crate::core::model::Actual,
+    forge: Option<&dyn crate::forges::Forge>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<crate::core::plan::Warning>, crate::forges::ForgeError> {
+    if desired.pools.iter().all(|p| p.scale.is_none()) {
+        return Ok(Vec::new());
+    }
+    let jobs = match forge {
+        Some(f) => f.queued_jobs().await?,
+        None => Vec::new(),
+    };
+    let demand = crate::core::scale::follow_demand(desired, actual, &jobs, now);
+    Ok(unserved_warnings(&demand))
+}
+
+/// The plan's warnings for jobs waiting with no pool able to take them.
+pub fn unserved_warnings(demand: &crate::core::scale::Demand) -> Vec<crate::core::plan::Warning> {
+    demand
+        .unserved
+        .iter()
+        .map(|u| crate::core::plan::Warning {
+            address: format!("forge.job.{}", u.job),
+            message: format!(
+                "job {} ({}) has been queued since {}: {}",
+                u.job,
+                u.labels.join(", "),
+                crate::util::time::ts(&u.queued_at),
+                u.why
+            ),
+            kind: crate::core::plan::WarningKind::Other,
+        })
+        .collect()
+}

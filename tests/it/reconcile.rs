@@ -582,3 +582,24 @@ fn a_schedule_window_changes_min() {
     let it = l.iterate();
     assert_eq!(l.machines(), 0, "min is 0 outside the window: {:?}", it.demand);
 }
+
+/// `plan` and `apply` size a pool that follows demand as the controller does: from `min` (and, with a forge,
+/// its queued jobs and idle clocks), never back to a fixed number.
+#[test]
+fn plan_and_apply_size_demand_pools_like_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = std::fs::read_to_string("examples/quickstart/fleet.yaml")
+        .unwrap()
+        .replace("    count: 2\n", "    scale: {min: 1, max: 3}\n");
+    std::fs::write(dir.path().join("fleet.yaml"), &fleet).unwrap();
+    let o = nimbus_env(dir.path(), &["plan"], &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Plan: 1 to add"), "{}", text(&o));
+    assert_eq!(nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]).status.code(), Some(0));
+    // Two more machines appear (the controller made them for demand): plan and apply leave them.
+    std::fs::write(dir.path().join("fleet.yaml"), fleet.replace("scale: {min: 1, max: 3}", "scale: {min: 3, max: 3}"))
+        .unwrap();
+    assert_eq!(nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]).status.code(), Some(0));
+    std::fs::write(dir.path().join("fleet.yaml"), &fleet).unwrap();
+    let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &[]);
+    assert_eq!(o.status.code(), Some(0), "no idle clock says they may go: {}", text(&o));
+}

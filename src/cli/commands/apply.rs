@@ -122,6 +122,9 @@ fn apply_in(
     let mut desired = Desired::from_config(&loaded.config);
     desired.interrupt_jobs = args.interrupt_jobs;
     let now = Utc::now();
+    // Pools that follow demand are sized as the controller sizes them: an apply never undoes its work.
+    let demand_warnings =
+        rt.block_on(crate::engine::fleet::follow_demand(&mut desired, &actual, forge.as_deref(), now))?;
     let fleet_path = loaded.path.display().to_string();
 
     let doc = match saved {
@@ -143,6 +146,7 @@ fn apply_in(
         None => {
             let mut doc = document(&loaded, &desired, &actual, now, "discovery");
             doc.warnings.extend(super::clock_warnings(&providers));
+            doc.warnings.extend(demand_warnings);
             out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
             if doc.has_changes() && !args.auto_approve && !confirm() {
                 errln!("\nApply cancelled.");

@@ -99,8 +99,17 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
     };
     let mut desired = Desired::from_config(&loaded.config);
     desired.interrupt_jobs = args.interrupt_jobs;
+    // Pools that follow demand: sized from the forge's queued jobs, as the controller sizes them (an inventory
+    // has no jobs and no idle clocks: nothing is removed for demand then).
+    let forge = match (&args.inventory, desired.pools.iter().any(|p| p.scale.is_some())) {
+        (None, true) => super::build_forge(loaded)?,
+        _ => None,
+    };
+    let demand =
+        runtime().block_on(crate::engine::fleet::follow_demand(&mut desired, &actual, forge.as_deref(), at))?;
     let mut doc = super::document(loaded, &desired, &actual, at, source);
     doc.warnings.extend(clock);
+    doc.warnings.extend(demand);
     // With the controller in use, say which changes it leaves for a person.
     if loaded.config.reconcile.is_some() || loaded.config.pools.iter().any(|p| p.scale.is_some()) {
         let policy = crate::engine::reconcile::Policy::from_config(loaded.config.reconcile.as_ref());
