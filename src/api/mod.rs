@@ -368,7 +368,7 @@ impl<S: Storage> Nimbus<S> {
             crate::engine::discovery::annotate_with_history(&mut actual, session.journal(), now)?;
             let mut desired = Desired::from_config(&loaded.config);
             // Pools that follow demand keep the size the controller gives them.
-            crate::engine::fleet::follow_demand(&mut desired, &actual, forge.as_deref(), now).await?;
+            crate::engine::fleet::follow_demand(&loaded, &mut desired, &actual, forge.as_deref(), now).await?;
             desired.remove_first.extend(remove_first);
             let doc = crate::engine::fleet::document(&loaded, &desired, &actual, now);
             let fleet_path = loaded.path.display().to_string();

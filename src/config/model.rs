@@ -341,6 +341,10 @@ pub struct ReconcileConfig {
     /// How long a stopping controller lets running actions finish before it abandons them (default `5m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout: Option<HumanDuration>,
+    /// How long a queued job may wait with no pool able to take it (labels no pool has, or `max` reached)
+    /// before the plan, the iteration line and the metrics say so (default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_after: Option<HumanDuration>,
     /// The secret GitHub signs webhook deliveries with (`X-Hub-Signature-256`): `{env: VAR}` or `{file: path}`,
     /// never inline. With it, `POST /webhook` on `--listen` accepts `workflow_job` events, only to start the
     /// next iteration early; the loop reads the forge every interval anyway.

@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 
 use super::model::*;
 
-/// How long a job may wait with no pool able to take it before the plan and the metrics say so.
+/// How long a job may wait with no pool able to take it before the plan and the metrics say so, unless
+/// `reconcile.alert_after` says otherwise.
 pub const ALERT_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What demand says about one pool that follows it.
@@ -49,7 +50,7 @@ pub struct Unserved {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Demand {
     pub pools: Vec<PoolDemand>,
-    /// Jobs waiting longer than [`ALERT_AFTER`] that no pool can take.
+    /// Jobs waiting longer than the alert time ([`ALERT_AFTER`] by default) that no pool can take.
     pub unserved: Vec<Unserved>,
 }
 
@@ -115,7 +116,13 @@ pub fn bounds_at(scale: &ScaleSpec, now: DateTime<Utc>) -> (u32, u32) {
 
 /// Sets the `count` of every pool that follows demand (and `remove_first` for its scale-in) from `jobs` and
 /// what exists, as of `now`. Pools with a fixed `count` are left as they are, but take the jobs they can serve.
-pub fn follow_demand(desired: &mut Desired, actual: &Actual, jobs: &[QueuedJob], now: DateTime<Utc>) -> Demand {
+pub fn follow_demand(
+    desired: &mut Desired,
+    actual: &Actual,
+    jobs: &[QueuedJob],
+    now: DateTime<Utc>,
+    alert_after: std::time::Duration,
+) -> Demand {
     let tenant = desired.tenant.clone();
     let runner = |name: &str| actual.runners.iter().flatten().find(|r| r.name == name);
     // Each job goes to the first pool that can serve it.
@@ -126,7 +133,7 @@ pub fn follow_demand(desired: &mut Desired, actual: &Actual, jobs: &[QueuedJob],
     for j in &jobs {
         match desired.pools.iter().position(|p| serves(p, &j.labels)) {
             Some(i) => queued[i] += 1,
-            None if j.queued_at + chrono::Duration::from_std(ALERT_AFTER).unwrap_or_default() <= now => {
+            None if j.queued_at + chrono::Duration::from_std(alert_after).unwrap_or_default() <= now => {
                 unserved.push(Unserved {
                     job: j.id,
                     labels: j.labels.clone(),
@@ -157,7 +164,7 @@ pub fn follow_demand(desired: &mut Desired, actual: &Actual, jobs: &[QueuedJob],
         if busy + queued[i] > scale.max as usize {
             let waiting = busy + queued[i] - scale.max as usize;
             for j in jobs.iter().filter(|j| serves(pool, &j.labels)).rev().take(waiting) {
-                if j.queued_at + chrono::Duration::from_std(ALERT_AFTER).unwrap_or_default() <= now {
+                if j.queued_at + chrono::Duration::from_std(alert_after).unwrap_or_default() <= now {
                     unserved.push(Unserved {
                         job: j.id,
                         labels: j.labels.clone(),

@@ -128,6 +128,7 @@ pub fn document_from(
 /// `nimbus reconcile` does, so that `plan` and `apply` agree with the controller (they never undo what demand
 /// made). The forge is asked only when some pool follows demand. Jobs no pool can take are warnings.
 pub async fn follow_demand(
+    loaded: &LoadedConfig,
     desired: &mut crate::core::model::Desired,
     actual: &crate::core::model::Actual,
     forge: Option<&dyn crate::forges::Forge>,
@@ -140,8 +141,13 @@ pub async fn follow_demand(
         Some(f) => f.queued_jobs().await?,
         None => Vec::new(),
     };
-    let demand = crate::core::scale::follow_demand(desired, actual, &jobs, now);
+    let demand = crate::core::scale::follow_demand(desired, actual, &jobs, now, alert_after(loaded));
     Ok(unserved_warnings(&demand))
+}
+
+/// `reconcile.alert_after`, or [`crate::core::scale::ALERT_AFTER`].
+pub fn alert_after(loaded: &LoadedConfig) -> std::time::Duration {
+    loaded.config.reconcile.as_ref().and_then(|r| r.alert_after).map(|d| d.0).unwrap_or(crate::core::scale::ALERT_AFTER)
 }
 
 /// The plan's warnings for jobs waiting with no pool able to take them.

@@ -388,7 +388,8 @@ async fn iterate_in(
     };
     let after = forge.as_ref().map(|f| f.demand_stats()).unwrap_or((0, 0, -1));
     let mut desired = Desired::from_config(&loaded.config);
-    let demand = crate::core::scale::follow_demand(&mut desired, &actual, &jobs, now);
+    let demand =
+        crate::core::scale::follow_demand(&mut desired, &actual, &jobs, now, crate::engine::fleet::alert_after(loaded));
     let mut doc = crate::engine::fleet::document(loaded, &desired, &actual, now);
     doc.warnings.extend(crate::engine::fleet::unserved_warnings(&demand));
     let (allowed, pending) = split(&doc, policy);

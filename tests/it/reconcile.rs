@@ -603,3 +603,22 @@ fn plan_and_apply_size_demand_pools_like_the_controller() {
     let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &[]);
     assert_eq!(o.status.code(), Some(0), "no idle clock says they may go: {}", text(&o));
 }
+
+/// A job that waits longer than `reconcile.alert_after` with no pool able to take it (labels no pool has, or the
+/// pool at its `max`) is reported; before that, it is not.
+#[test]
+fn jobs_no_pool_can_take_are_reported_after_alert_after() {
+    let l = Loop::new("    scale: {max: 1, idle_timeout: 1h}\n", "persistent");
+    l.forge.queue_job(&["gpu"]);
+    for _ in 0..3 {
+        l.forge.queue_job(&["build"]);
+    }
+    let it = l.iterate();
+    assert!(it.demand.unserved.is_empty(), "queued just now: {:?}", it.demand.unserved);
+    let fleet = std::fs::read_to_string(l.dir.path().join("fleet.yaml")).unwrap();
+    std::fs::write(l.dir.path().join("fleet.yaml"), format!("{fleet}reconcile:\n  alert_after: 0s\n")).unwrap();
+    let it = l.iterate();
+    let whys: Vec<&str> = it.demand.unserved.iter().map(|u| u.why.as_str()).collect();
+    assert_eq!(whys.iter().filter(|w| w.contains("no pool has all of these labels")).count(), 1, "{whys:?}");
+    assert_eq!(whys.iter().filter(|w| w.contains("is at its max (1)")).count(), 2, "{whys:?}");
+}

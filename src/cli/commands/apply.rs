@@ -124,7 +124,7 @@ fn apply_in(
     let now = Utc::now();
     // Pools that follow demand are sized as the controller sizes them: an apply never undoes its work.
     let demand_warnings =
-        rt.block_on(crate::engine::fleet::follow_demand(&mut desired, &actual, forge.as_deref(), now))?;
+        rt.block_on(crate::engine::fleet::follow_demand(&loaded, &mut desired, &actual, forge.as_deref(), now))?;
     let fleet_path = loaded.path.display().to_string();
 
     let doc = match saved {

@@ -106,7 +106,7 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
         _ => None,
     };
     let demand =
-        runtime().block_on(crate::engine::fleet::follow_demand(&mut desired, &actual, forge.as_deref(), at))?;
+        runtime().block_on(crate::engine::fleet::follow_demand(loaded, &mut desired, &actual, forge.as_deref(), at))?;
     let mut doc = super::document(loaded, &desired, &actual, at, source);
     doc.warnings.extend(clock);
     doc.warnings.extend(demand);
