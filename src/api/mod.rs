@@ -232,7 +232,7 @@ impl<S: Storage> Nimbus<S> {
             .iter()
             .filter(|h| h.state != HostState::Released)
             .map(|h| {
-                let releasable_at = releasable_at(&desired, h);
+                let releasable_at = crate::core::model::host_window_end(&desired.providers, h);
                 let state = match h.state {
                     _ if !h.instance_ids.is_empty() => "in_use",
                     HostState::Pending => "scrubbing",
@@ -302,7 +302,10 @@ impl<S: Storage> Nimbus<S> {
         let desired = Desired::from_config(&loaded.config);
         let host = m.host_id.as_ref().and_then(|h| actual.hosts.iter().find(|x| &x.id == h));
         let now = Utc::now();
-        match host.filter(|h| h.state != HostState::Released).map(|h| (h, releasable_at(&desired, h))) {
+        match host
+            .filter(|h| h.state != HostState::Released)
+            .map(|h| (h, crate::core::model::host_window_end(&desired.providers, h)))
+        {
             Some((h, at)) if at > now => Ok(Termination::MinimumAllocationPeriod {
                 host_id: h.id.clone(),
                 remaining: (at - now).to_std().unwrap_or_default(),
@@ -412,10 +415,4 @@ impl<S: Storage> Nimbus<S> {
         closed?;
         Ok(out)
     }
-}
-
-/// When a host may be released: its allocation plus the provider's minimum period and margin.
-fn releasable_at(desired: &Desired, h: &crate::core::model::Host) -> DateTime<Utc> {
-    let w = desired.providers.get(&h.provider).map(|p| p.releasable_after(&h.instance_type)).unwrap_or(Duration::MAX);
-    crate::core::model::window_end_at(h.allocated_at, w)
 }

@@ -463,6 +463,13 @@ pub fn window_end_at(allocated_at: DateTime<Utc>, after: Duration) -> DateTime<U
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// When `host` may be released: its allocation plus its provider's minimum window and margin. Hosts of
+/// providers not in the fleet file are never planned for; should one get here, it is never due.
+pub fn host_window_end(providers: &BTreeMap<String, ProviderInfo>, host: &Host) -> DateTime<Utc> {
+    let Some(p) = providers.get(&host.provider) else { return DateTime::<Utc>::MAX_UTC };
+    window_end_at(host.allocated_at, p.releasable_after(&host.instance_type))
+}
+
 /// A dedicated host (EC2 Mac).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Host {

@@ -114,6 +114,11 @@ pub fn bounds_at(scale: &ScaleSpec, now: DateTime<Utc>) -> (u32, u32) {
     }
 }
 
+/// The pool that takes a job asking for `labels`: the first (in the fleet file's order) that serves it.
+pub fn serving_pool(pools: &[DesiredPool], labels: &[String]) -> Option<usize> {
+    pools.iter().position(|p| serves(p, labels))
+}
+
 /// Sets the `count` of every pool that follows demand (and `remove_first` for its scale-in) from `jobs` and
 /// what exists, as of `now`. Pools with a fixed `count` are left as they are, but take the jobs they can serve.
 pub fn follow_demand(
@@ -131,7 +136,7 @@ pub fn follow_demand(
     let mut jobs: Vec<&QueuedJob> = jobs.iter().collect();
     jobs.sort_by_key(|j| (j.queued_at, j.id));
     for j in &jobs {
-        match desired.pools.iter().position(|p| serves(p, &j.labels)) {
+        match serving_pool(&desired.pools, &j.labels) {
             Some(i) => queued[i] += 1,
             None if j.queued_at + chrono::Duration::from_std(alert_after).unwrap_or_default() <= now => {
                 unserved.push(Unserved {
@@ -220,6 +225,5 @@ fn host_paid(
         return false;
     };
     let Some(h) = m.host_id.as_ref().and_then(|id| actual.hosts.iter().find(|h| &h.id == id)) else { return false };
-    let after = providers.get(&h.provider).map(|p| p.releasable_after(&h.instance_type)).unwrap_or_default();
-    window_end_at(h.allocated_at, after) > now
+    host_window_end(providers, h) > now
 }

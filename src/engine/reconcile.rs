@@ -271,11 +271,8 @@ fn observe(
         let served: Vec<_> = jobs
             .iter()
             .filter(|j| {
-                desired
-                    .pools
-                    .iter()
-                    .find(|p| crate::core::scale::serves(p, &j.labels))
-                    .is_some_and(|p| p.name == pool.name)
+                crate::core::scale::serving_pool(&desired.pools, &j.labels)
+                    .is_some_and(|i| desired.pools[i].name == pool.name)
             })
             .collect();
         out.pools.push(PoolObserved {

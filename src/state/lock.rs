@@ -63,9 +63,8 @@ impl ApplyLock {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let open =
-            || std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io);
-        let mut file = open()?;
+        let mut file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {

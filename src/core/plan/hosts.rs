@@ -231,7 +231,5 @@ impl<'a> Builder<'a> {
 }
 
 pub(super) fn window_end(desired: &Desired, host: &Host) -> DateTime<Utc> {
-    // Hosts of providers not in the fleet file are never planned for; should one get here, it is never due.
-    let Some(p) = desired.providers.get(&host.provider) else { return DateTime::<Utc>::MAX_UTC };
-    window_end_at(host.allocated_at, p.releasable_after(&host.instance_type))
+    host_window_end(&desired.providers, host)
 }
