@@ -105,6 +105,7 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
         "runner_group_id",
         "runner_download_url",
         "runner_sha256",
+        "runner_version",
     ] {
         take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
     }

@@ -169,6 +169,15 @@ impl ForgeConfig {
             ForgeConfig::Github(c) => c.validate(out),
         }
     }
+
+    /// The runner agent release machines run (`runner_version`, or the release this nimbus pins).
+    pub fn runner_version(&self) -> &str {
+        match self {
+            ForgeConfig::Github(c) => {
+                c.runner_version.as_deref().unwrap_or(crate::forges::github::agent::DEFAULT_RUNNER_VERSION)
+            }
+        }
+    }
 }
 
 /// SSH settings for reaching machines.

@@ -234,6 +234,10 @@ pub struct RunnerSpec {
     /// Reimage the machine after each job of an ephemeral runner (`runner.reimage`, on unless `never`).
     #[serde(default)]
     pub reimage_after_job: bool,
+    /// The agent release the forge installs (`forge.runner_version`); a persistent runner with an older one is
+    /// updated in place while idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
 }
 
 /// `runner.offline_grace` unless the fleet file says otherwise.
@@ -246,7 +250,7 @@ fn default_offline_grace() -> Duration {
 impl RunnerSpec {
     pub fn new(labels: Vec<String>, mode: RunnerMode) -> Self {
         let reimage_after_job = mode == RunnerMode::Ephemeral;
-        RunnerSpec { labels, mode, offline_grace: DEFAULT_OFFLINE_GRACE, reimage_after_job }
+        RunnerSpec { labels, mode, offline_grace: DEFAULT_OFFLINE_GRACE, reimage_after_job, agent_version: None }
     }
 }
 
@@ -345,6 +349,7 @@ impl Desired {
                         offline_grace: r.offline_grace.map(|d| d.0).unwrap_or(DEFAULT_OFFLINE_GRACE),
                         reimage_after_job: r.mode == RunnerMode::Ephemeral
                             && r.reimage != Some(crate::config::Reimage::Never),
+                        agent_version: c.forge.as_ref().map(|f| f.runner_version().to_string()),
                     }),
                     setup: p
                         .setup
@@ -592,6 +597,10 @@ pub struct RunnerRecord {
     /// the one whose id the forge knows is the one that stays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_id: Option<u64>,
+    /// The runner agent release nimbus installed on the machine; `None`: unknown (an agent that came with the
+    /// image, or a machine set up before nimbus recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
 }
 
 /// A runner registered on the forge.

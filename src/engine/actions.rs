@@ -57,6 +57,9 @@ pub fn event_aliases(kind: &ActionKind) -> (&'static str, &'static str, &'static
         ActionKind::RestartRunner { .. } => {
             ("nimbus.runner.restart_start", "nimbus.runner.restarted", "nimbus.runner.restart_failed")
         }
+        ActionKind::UpdateRunnerAgent { .. } => {
+            ("nimbus.runner.update_agent_start", "nimbus.runner.agent_updated", "nimbus.runner.update_agent_failed")
+        }
         ActionKind::ReimageMachine { .. } => {
             ("nimbus.machine.reimage_start", "nimbus.machine.reimaged", "nimbus.machine.reimage_failed")
         }
@@ -393,6 +396,12 @@ impl Applier {
             registered_at: crate::util::time::ts(&chrono::Utc::now()),
             runner_id: runner_id.map(|i| i as i64),
         });
+        // The release the agent has now: the one nimbus installed (its marker), or unknown for one that came with
+        // the image.
+        match installed_agent_version(t.as_ref(), forge.agent(), &target).await {
+            Some(v) => db.machine.insert(machine_db::AGENT_VERSION_KEY.into(), v),
+            None => db.machine.remove(machine_db::AGENT_VERSION_KEY),
+        };
         db.set_lifecycle(machine_db::Lifecycle::Running);
         machine_db::write(t.as_ref(), &db).await?;
         Ok(())
@@ -414,6 +423,60 @@ impl Applier {
                 out.code,
             ));
         }
+        Ok(())
+    }
+
+    /// Updates an idle persistent runner's agent in place. The forge is asked again first: a runner that picked up
+    /// a job since the plan was made is not touched (and the script itself stops when a job's worker runs).
+    async fn update_agent(
+        &self,
+        provider: &str,
+        machine: &str,
+        to: &str,
+        log: Option<&PathBuf>,
+    ) -> Result<(), ActionError> {
+        let forge = self.forge()?;
+        let tenant = crate::core::names::parse_machine_name(machine).map(|(t, _, _)| t).unwrap_or_default();
+        let busy = forge.list_runners(tenant).await?.into_iter().any(|r| r.name == machine && r.busy);
+        if busy {
+            return Err(ActionError::new(format!(
+                "the runner of `{machine}` picked up a job since the plan was made: its agent is updated after the job (plan again)"
+            )));
+        }
+        if forge.agent().version() != Some(to) {
+            return Err(ActionError::new(format!(
+                "the plan updates `{machine}`'s agent to {to}, but forge.runner_version is now {}: plan again",
+                forge.agent().version().unwrap_or("unknown")
+            )));
+        }
+        let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
+            ActionError::new(format!("`{machine}` cannot be reached: the fleet file has no `ssh:` section"))
+        })?;
+        let pool = self.pool_of(machine);
+        let (os, arch) = pool.map(|p| (p.spec.os, p.spec.arch)).unwrap_or((Os::Linux, Arch::X86_64));
+        let labels = pool.and_then(|p| p.runner.as_ref()).map(|r| r.labels.clone()).unwrap_or_default();
+        let target = AgentTarget { machine, labels: &labels, os, arch, dir: self.runner_dir.as_deref() };
+        let out = t.exec(&forge.agent().update(&target), b"", log.map(|p| p.as_path())).await?;
+        if out.code == crate::forges::github::agent::UPDATE_BUSY_EXIT {
+            return Err(ActionError::new(format!(
+                "a job is running on `{machine}`: its agent was left as it is, and is updated after the job (plan again)"
+            )));
+        }
+        if out.code != 0 {
+            return Err(ActionError::exit(
+                format!("updating the runner agent on `{machine}` failed (exit {}): {}", out.code, out.stderr_tail),
+                out.code,
+            ));
+        }
+        let mut db = match machine_db::read(t.as_ref()).await? {
+            Some(db) => db,
+            None => self.first_state(provider, machine),
+        };
+        match installed_agent_version(t.as_ref(), forge.agent(), &target).await {
+            Some(v) => db.machine.insert(machine_db::AGENT_VERSION_KEY.into(), v),
+            None => db.machine.remove(machine_db::AGENT_VERSION_KEY),
+        };
+        machine_db::write(t.as_ref(), &db).await?;
         Ok(())
     }
 
@@ -868,6 +931,10 @@ impl Applier {
                 let log = self.log_path(id, action);
                 self.restart_runner(provider, machine, log.as_ref()).await
             }
+            ActionKind::UpdateRunnerAgent { provider, machine, to, .. } => {
+                let log = self.log_path(id, action);
+                self.update_agent(provider, machine, to, log.as_ref()).await
+            }
             ActionKind::RepairState { provider, machine } => {
                 let t = self.provider(provider)?.transport(&self.machine_ref(machine))?.ok_or_else(|| {
                     ActionError::new(format!("`{machine}` cannot be reached: the fleet file has no `ssh:` section"))
@@ -948,10 +1015,24 @@ impl ActionRunner for Applier {
 
     fn log_path(&self, id: usize, action: &Action) -> Option<PathBuf> {
         match action.kind {
-            ActionKind::RunSetup { .. } | ActionKind::RegisterRunner { .. } | ActionKind::RestartRunner { .. } => {
+            ActionKind::RunSetup { .. }
+            | ActionKind::RegisterRunner { .. }
+            | ActionKind::RestartRunner { .. }
+            | ActionKind::UpdateRunnerAgent { .. } => {
                 self.log_dir.as_ref().map(|d| d.join(format!("{id:04}-{}.log", action.kind.name())))
             }
             _ => None,
         }
     }
+}
+
+/// The agent release installed on the machine, as its marker says (`None`: unknown).
+async fn installed_agent_version(
+    t: &dyn crate::transport::Transport,
+    agent: &dyn crate::forges::RunnerAgent,
+    target: &AgentTarget<'_>,
+) -> Option<String> {
+    let out = t.exec(&agent.installed_version(target), b"", None).await.ok()?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.code == 0 && !v.is_empty() && v.len() <= 64).then_some(v)
 }

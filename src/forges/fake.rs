@@ -38,6 +38,11 @@ impl FakeForge {
         self.agent.sha256.insert(platform.to_string(), sha256.to_string());
         self
     }
+    /// The agent release it installs, as the fleet file's `forge.runner_version` gives it.
+    pub fn with_version(mut self, version: &str) -> Self {
+        self.agent.version = version.to_string();
+        self
+    }
     pub fn calls(&self) -> Vec<String> {
         self.state.lock().unwrap().calls.clone()
     }

@@ -139,6 +139,21 @@ pub trait RunnerAgent: Send + Sync {
     fn remove(&self, target: &AgentTarget) -> String;
     /// Restarts the agent of a registered runner that went offline.
     fn restart(&self, target: &AgentTarget) -> String;
+    /// The agent release this forge installs (`forge.runner_version`); `None`: the forge does not say.
+    fn version(&self) -> Option<&str> {
+        None
+    }
+    /// Updates the agent of a registered, idle runner in place to [`RunnerAgent::version`] and restarts it,
+    /// keeping its registration. Exits 75 without changing anything when a job is running on the machine.
+    fn update(&self, target: &AgentTarget) -> String {
+        let _ = target;
+        "echo \"this forge's agent cannot be updated in place\" >&2; exit 1\n".into()
+    }
+    /// A script printing the agent release installed on the machine (nothing when unknown).
+    fn installed_version(&self, target: &AgentTarget) -> String {
+        let _ = target;
+        "true\n".into()
+    }
 }
 
 #[async_trait]

@@ -63,6 +63,9 @@ CREATE INDEX IF NOT EXISTS idx_machine_state_state ON machine_state(state);
 CREATE INDEX IF NOT EXISTS idx_setup_steps_status ON setup_steps(status);
 ";
 
+/// The `machine_info` key of the runner agent release nimbus installed.
+pub const AGENT_VERSION_KEY: &str = "runner_agent_version";
+
 /// Keys of the machine record that are columns of `machine_state`; any other key lives in `machine_info`.
 const MACHINE_COLUMNS: [&str; 6] = ["machine", "tenant", "pool", "provider", "created_at", "nimbus_version"];
 
@@ -365,6 +368,7 @@ impl StateDb {
                 name: r.name.clone(),
                 labels: r.labels.clone(),
                 runner_id: r.runner_id.and_then(|i| u64::try_from(i).ok()),
+                agent_version: self.machine.get(AGENT_VERSION_KEY).cloned(),
             }),
             lifecycle: Some(self.lifecycle.as_str().to_string()),
         }

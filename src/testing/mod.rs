@@ -179,6 +179,15 @@ impl Simulator {
                         r.offline_since = None;
                     }
                 }
+                ActionKind::UpdateRunnerAgent { machine, to, .. } => {
+                    let busy = world.runners.iter().flatten().any(|r| &r.name == machine && r.busy);
+                    assert!(!busy, "updated the agent of {machine} under a job");
+                    if let OnMachine::Read { state } = &mut live_mut(world, machine).on_machine
+                        && let Some(r) = &mut state.runner
+                    {
+                        r.agent_version = Some(to.clone());
+                    }
+                }
                 ActionKind::RepairState { machine, .. } => {
                     live_mut(world, machine).on_machine = OnMachine::Read { state: MachineState::default() };
                 }
@@ -194,11 +203,23 @@ impl Simulator {
                         });
                     }
                 }
-                ActionKind::RegisterRunner { machine, labels, .. } => {
-                    // The machine records its runner (as the agent install does), no secret in it.
+                ActionKind::RegisterRunner { machine, labels, pool, .. } => {
+                    // The machine records its runner (as the agent install does), no secret in it, and the agent
+                    // release the forge installs.
+                    let agent_version = desired
+                        .pools
+                        .iter()
+                        .find(|p| &p.name == pool)
+                        .and_then(|p| p.runner.as_ref())
+                        .and_then(|r| r.agent_version.clone());
                     if let OnMachine::Read { state } = &mut live_mut(world, machine).on_machine {
                         state.runner =
-                            Some(RunnerRecord { name: machine.clone(), labels: labels.clone(), runner_id: None });
+                            Some(RunnerRecord {
+                                name: machine.clone(),
+                                labels: labels.clone(),
+                                runner_id: None,
+                                agent_version,
+                            });
                     }
                     let runners = world.runners.get_or_insert_with(Vec::new);
                     assert!(!runners.iter().any(|r| &r.name == machine), "runner {machine} registered twice");

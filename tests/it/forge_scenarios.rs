@@ -296,3 +296,98 @@ fn an_ephemeral_machine_is_clean_for_every_job() {
     assert_ne!(before, after, "a new JIT runner");
     assert!(w.plan(&d).is_empty());
 }
+
+/// Two releases of the fake agent, each with a `RELEASE` file: the URL template (with `{version}`) and the
+/// `linux-x64` sha256 of each.
+fn agent_releases(dir: &Path, versions: &[&str]) -> (String, Vec<String>) {
+    let (_, _) = fake_runner(dir);
+    let src = dir.join("runner-src");
+    let mut sums = Vec::new();
+    for v in versions {
+        std::fs::write(src.join("RELEASE"), v).unwrap();
+        let tgz = dir.join(format!("runner-{v}-linux-x64.tgz"));
+        let ok = std::process::Command::new("tar").arg("czf").arg(&tgz).arg("-C").arg(&src).arg(".").status().unwrap();
+        assert!(ok.success());
+        sums.push(nimbus::core::model::sha256_hex(&std::fs::read(&tgz).unwrap()));
+    }
+    (format!("file://{}/runner-{{version}}-{{os}}-{{arch}}.tgz", dir.display()), sums)
+}
+
+/// Issue 19.5: `forge.runner_version` is the agent release machines run. A persistent runner with an older one
+/// is updated in place, keeping its registration, only while idle: a busy runner waits for its job, and a job's
+/// worker found on the machine stops the update before it changes anything.
+#[test]
+fn an_older_agent_is_updated_in_place_while_its_runner_is_idle() {
+    let mut w = World::new();
+    let (url, sums) = agent_releases(w.dir.path(), &["2.300.0", "2.321.0"]);
+    let forge_at = |i: usize, v: &str| Arc::new(FakeForge::new(url.clone()).with_sha256("linux-x64", &sums[i]).with_version(v));
+    let desired_at = |w: &World, v: &str| {
+        let mut d = w.desired("linux", "persistent");
+        d.pools[0].runner.as_mut().unwrap().agent_version = Some(v.into());
+        d
+    };
+    w.forge = forge_at(0, "2.300.0");
+    let old = desired_at(&w, "2.300.0");
+    w.apply(&old);
+    let roots = w.roots();
+    let release = |root: &Path| std::fs::read_to_string(root.join("actions-runner/RELEASE")).unwrap();
+    assert!(roots.iter().all(|r| release(r) == "2.300.0"));
+    let recorded = |w: &World| -> Vec<Option<String>> {
+        w.actual()
+            .machines
+            .iter()
+            .map(|m| match &m.on_machine {
+                nimbus::core::model::OnMachine::Read { state } => state.runner.as_ref().and_then(|r| r.agent_version.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(recorded(&w), [Some("2.300.0".to_string()), Some("2.300.0".to_string())]);
+    assert!(kinds(&w.plan(&old)).is_empty(), "converged");
+
+    // The fleet file moves to 2.321.0 while t-p-0's runner runs a job (the forge keeps its runners).
+    let runners = w.forge.runners();
+    let new_forge = forge_at(1, "2.321.0");
+    for r in &runners {
+        new_forge.add_runner(&r.name, &r.labels.iter().map(String::as_str).collect::<Vec<_>>());
+        new_forge.set_online(&r.name, true);
+    }
+    w.forge = new_forge;
+    let busy = runners.iter().map(|r| r.name.clone()).min().unwrap();
+    w.forge.set_busy(&busy, true);
+    let new = desired_at(&w, "2.321.0");
+    let p = w.plan(&new);
+    assert_eq!(kinds(&p), ["update_runner_agent"]);
+    assert_eq!(p.deferred.len(), 1, "the busy runner's update waits for its job");
+    let report = w.try_apply(&new);
+    assert!(report.succeeded(), "{:?}", report.outcomes);
+    let (busy_root, idle_root) = (&roots[0], &roots[1]);
+    assert_eq!(release(idle_root), "2.321.0", "the idle runner's agent was updated");
+    assert_eq!(release(busy_root), "2.300.0", "the busy runner's agent was not touched");
+    let idle_dir = idle_root.join("actions-runner");
+    assert!(idle_dir.join(".credentials").exists(), "the registration was kept");
+    let service = std::fs::read_to_string(idle_dir.join(".service")).unwrap();
+    assert!(service.ends_with("stop\nstart\n"), "the agent was stopped and started again: {service:?}");
+    assert!(w.forge.calls().iter().all(|c| !c.starts_with("DELETE")), "nothing was deregistered: {:?}", w.forge.calls());
+
+    // The job ends; a job's worker shows up on the machine before the update runs: the update stops, unchanged.
+    w.forge.set_busy(&busy, false);
+    let worker_dir = tempfile::tempdir().unwrap();
+    let worker = worker_dir.path().join("Runner.Worker");
+    std::fs::copy("/bin/sleep", &worker).unwrap();
+    let mut job = std::process::Command::new(&worker).arg("30").spawn().unwrap();
+    let report = w.try_apply(&new);
+    job.kill().unwrap();
+    job.wait().unwrap();
+    assert!(!report.succeeded());
+    let failed = format!("{:?}", report.outcomes);
+    assert!(failed.contains("a job is running on"), "{failed}");
+    assert_eq!(release(busy_root), "2.300.0");
+
+    // Idle at last: updated, recorded, converged.
+    let report = w.try_apply(&new);
+    assert!(report.succeeded(), "{:?}", report.outcomes);
+    assert_eq!(release(busy_root), "2.321.0");
+    assert_eq!(recorded(&w), [Some("2.321.0".to_string()), Some("2.321.0".to_string())]);
+    assert!(kinds(&w.plan(&new)).is_empty(), "converged");
+}

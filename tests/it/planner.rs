@@ -600,3 +600,61 @@ fn a_copy_of_a_machine_is_drift_and_the_registered_one_stays() {
     let text = nimbus::cli::views::plan_text::render(&doc, nimbus::cli::views::plan_text::Style { color: false });
     assert!(!text.contains("No changes."), "{text}");
 }
+
+/// Issue 19.5: a persistent runner whose agent is older than `forge.runner_version` gets an in-place update, only
+/// while idle; a busy one waits for its job; a newer, equal or unknown release, or an ephemeral runner, is left.
+#[test]
+fn an_older_runner_agent_is_updated_in_place_only_while_idle() {
+    let with_version = |v: &str| {
+        let mut p = pool("mac", "aws", 2, "mac2.metal", "ami-1");
+        let r = p.runner.as_mut().unwrap();
+        r.mode = nimbus::config::RunnerMode::Persistent;
+        r.agent_version = Some(v.into());
+        desired("acme", vec![p])
+    };
+    let (mut world, _) = built(&with_version("2.300.0"), t0());
+    let names: Vec<String> = world.machines.iter().filter_map(|m| m.name().map(str::to_string)).collect();
+    assert_eq!(names.len(), 2);
+    // The first machine's runner is running a job.
+    for r in world.runners.iter_mut().flatten().filter(|r| r.name == names[0]) {
+        r.busy = true;
+    }
+    let p = plan(&with_version("2.321.0"), &world, t0());
+    assert_eq!(kinds(&p), ["update_runner_agent"]);
+    let (_, a) = p.actions().next().unwrap();
+    match &a.kind {
+        ActionKind::UpdateRunnerAgent { machine, from, to, .. } => {
+            assert_eq!((machine.as_str(), from.as_str(), to.as_str()), (names[1].as_str(), "2.300.0", "2.321.0"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.changes.len(), 1);
+    assert_eq!(p.changes[0].actions, [ChangeAction::Update]);
+    assert!(p.changes[0].reason.contains("2.300.0 is older than forge.runner_version 2.321.0"), "{}", p.changes[0].reason);
+    assert_eq!(p.deferred.len(), 1, "the busy runner's update waits for its job");
+    assert!(matches!(&p.deferred[0].action, ActionKind::UpdateRunnerAgent { machine, .. } if *machine == names[0]));
+    // Even told to interrupt jobs, the agent is not updated under one.
+    let mut d = with_version("2.321.0");
+    d.interrupt_jobs = true;
+    assert_eq!(kinds(&plan(&d, &world, t0())), ["update_runner_agent"]);
+
+    // Numbers compare as numbers; newer and equal releases are left alone, and so is an unknown one.
+    assert!(nimbus::forges::github::agent::version_older("2.99.0", "2.100.0"));
+    for v in ["2.300.0", "2.299.9", "2.30.0"] {
+        assert!(kinds(&plan(&with_version(v), &world, t0())).is_empty(), "{v}");
+    }
+    for m in world.machines.iter_mut() {
+        if let OnMachine::Read { state } = &mut m.on_machine {
+            state.runner.as_mut().unwrap().agent_version = None;
+        }
+    }
+    assert!(kinds(&plan(&with_version("2.321.0"), &world, t0())).is_empty(), "unknown release: left");
+
+    // An ephemeral runner gets the wanted release when it registers again, not in place.
+    let mut p = pool("mac", "aws", 1, "mac2.metal", "ami-1");
+    p.runner.as_mut().unwrap().mode = nimbus::config::RunnerMode::Ephemeral;
+    p.runner.as_mut().unwrap().agent_version = Some("2.300.0".into());
+    let (world, _) = built(&desired("acme", vec![p.clone()]), t0());
+    p.runner.as_mut().unwrap().agent_version = Some("2.321.0".into());
+    assert!(!kinds(&plan(&desired("acme", vec![p]), &world, t0())).contains(&"update_runner_agent"));
+}

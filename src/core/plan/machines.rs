@@ -478,6 +478,29 @@ impl<'a> Builder<'a> {
                             &[],
                         ));
                     }
+                    // An older agent than the fleet wants is updated in place, never under a job. (An ephemeral
+                    // runner gets the wanted release when it registers again after its job.)
+                    let installed = state.runner.as_ref().and_then(|s| s.agent_version.as_deref());
+                    if let (Some(have), Some(want)) = (installed, r.agent_version.as_deref())
+                        && r.mode == crate::config::RunnerMode::Persistent
+                        && crate::forges::github::agent::version_older(have, want)
+                    {
+                        let a = ActionKind::UpdateRunnerAgent {
+                            provider: pool.provider.clone(),
+                            machine: name.clone(),
+                            from: have.to_string(),
+                            to: want.to_string(),
+                        };
+                        if fr.busy || self.busy(&name) {
+                            self.defer_for_job(&addr, &name, a, "then its runner agent is updated");
+                        } else {
+                            why.push(UpdateCause::AgentVersion { from: have.to_string(), to: want.to_string() });
+                            let deps: Vec<usize> = last.into_iter().collect();
+                            let u = self.add(&addr, a, &deps);
+                            ids.push(u);
+                            last = Some(u);
+                        }
+                    }
                     // Offline past its grace on a machine that answers: restart its agent. (An ephemeral runner
                     // is never restarted: it is reimaged after its job.)
                     let grace = chrono::Duration::from_std(r.offline_grace).unwrap_or(chrono::Duration::MAX);

@@ -78,6 +78,14 @@ pub enum ActionKind {
         provider: String,
         machine: String,
     },
+    /// Updates the runner agent of an idle persistent runner in place to `to` (`forge.runner_version`), keeping
+    /// its registration.
+    UpdateRunnerAgent {
+        provider: String,
+        machine: String,
+        from: String,
+        to: String,
+    },
     /// Replaces an empty or damaged on-machine state database with a fresh one (setup then runs again).
     RepairState {
         provider: String,
@@ -126,6 +134,7 @@ impl ActionKind {
             ActionKind::WaitReachable { .. } => "wait_reachable",
             ActionKind::RepairState { .. } => "repair_state",
             ActionKind::RestartRunner { .. } => "restart_runner",
+            ActionKind::UpdateRunnerAgent { .. } => "update_runner_agent",
             ActionKind::ReimageMachine { .. } => "reimage_machine",
             ActionKind::RunSetup { .. } => "run_setup",
             ActionKind::RegisterRunner { .. } => "register_runner",
@@ -143,6 +152,7 @@ impl ActionKind {
             | ActionKind::LaunchInstance { machine, .. }
             | ActionKind::WaitReachable { machine, .. }
             | ActionKind::RestartRunner { machine, .. }
+            | ActionKind::UpdateRunnerAgent { machine, .. }
             | ActionKind::ReimageMachine { machine, .. }
             | ActionKind::RepairState { machine, .. }
             | ActionKind::RunSetup { machine, .. }

@@ -77,6 +77,11 @@ pub enum UpdateCause {
     },
     /// Its ephemeral runner finished its job: the machine is reimaged in place, set up and registered again.
     Reimage,
+    /// Its persistent runner's agent is older than `forge.runner_version`: updated in place while idle.
+    AgentVersion {
+        from: String,
+        to: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +159,9 @@ impl fmt::Display for UpdateCause {
             UpdateCause::Reimage => f.write_str(
                 "its ephemeral runner finished its job: the machine is reimaged (same instance and host), set up and registered again",
             ),
+            UpdateCause::AgentVersion { from, to } => {
+                write!(f, "runner agent {from} is older than forge.runner_version {to}: updated in place while idle")
+            }
             UpdateCause::RunnerOffline { since } => write!(
                 f,
                 "runner offline since {} (longer than its offline grace) on a reachable machine: its agent is restarted",

@@ -13,6 +13,16 @@ use crate::util::shell;
 /// Where the agent goes unless the fleet file says otherwise.
 pub const DEFAULT_RUNNER_DIR: &str = "$HOME/actions-runner";
 
+/// The agent release installed unless the fleet file's `forge.runner_version` says otherwise. Maintained with
+/// [`PINNED_SHA256`]: a new default comes with its four checksums, as GitHub publishes them with the release.
+pub const DEFAULT_RUNNER_VERSION: &str = "2.321.0";
+
+/// The file in the runner directory where nimbus records the agent release it installed.
+pub const VERSION_MARKER: &str = ".nimbus-agent-version";
+
+/// Exit code of an update script that found a job running on the machine (nothing was changed).
+pub const UPDATE_BUSY_EXIT: i32 = 75;
+
 /// The sha256 of each official `actions/runner` release tarball nimbus knows, as GitHub publishes them with the
 /// release: (version, `os-arch`, sha256).
 pub const PINNED_SHA256: &[(&str, &str, &str)] = &[
@@ -22,6 +32,16 @@ pub const PINNED_SHA256: &[(&str, &str, &str)] = &[
     ("2.321.0", "osx-arm64", "fbee07e42a134645d4f04f8146b0a3d0b3c948f0d6b2b9fa61f4318c1192ff79"),
 ];
 
+/// Whether agent release `a` is older than `b` (dotted numbers, compared numerically; anything else compares as
+/// text).
+pub fn version_older(a: &str, b: &str) -> bool {
+    let parse = |v: &str| v.trim_start_matches('v').split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<_>>>();
+    match (parse(a), parse(b)) {
+        (Some(x), Some(y)) => x < y,
+        _ => a < b,
+    }
+}
+
 /// The official download URL of a release for a platform.
 pub fn official_url(version: &str, os: &str, arch: &str) -> String {
     format!(
@@ -30,17 +50,29 @@ pub fn official_url(version: &str, os: &str, arch: &str) -> String {
 }
 
 pub struct GithubAgent {
-    /// Download URL template; `{os}` and `{arch}` are filled in with the agent's names.
+    /// Download URL template; `{os}`, `{arch}` and `{version}` are filled in.
     pub download_url: String,
+    /// The release to install (`forge.runner_version`).
+    pub version: String,
     /// The fleet file's checksums by `os-arch` (`forge.runner_sha256`); they win over the pinned table.
     pub sha256: BTreeMap<String, String>,
 }
 
 impl GithubAgent {
     pub fn new(download_url: impl Into<String>) -> Self {
-        GithubAgent { download_url: download_url.into(), sha256: BTreeMap::new() }
+        GithubAgent { download_url: download_url.into(), version: DEFAULT_RUNNER_VERSION.into(), sha256: BTreeMap::new() }
     }
 
+    /// Installs release `version` (`forge.runner_version`).
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// The download URL for a platform.
+    pub fn url(&self, os: &str, arch: &str) -> String {
+        self.download_url.replace("{os}", os).replace("{arch}", arch).replace("{version}", &self.version)
+    }
     /// The sha256 the download for a platform must have: the fleet file's, or the pinned one when the URL is an
     /// official release's.
     pub fn expected_sha256(&self, os: &str, arch: &str) -> Option<String> {
@@ -48,7 +80,7 @@ impl GithubAgent {
         if let Some(s) = self.sha256.get(&platform) {
             return Some(s.to_ascii_lowercase());
         }
-        let url = self.download_url.replace("{os}", os).replace("{arch}", arch);
+        let url = self.url(os, arch);
         PINNED_SHA256
             .iter()
             .find(|(v, p, _)| *p == platform && official_url(v, os, arch) == url)
@@ -78,11 +110,13 @@ impl GithubAgent {
     }
 }
 
-impl RunnerAgent for GithubAgent {
-    fn install(&self, t: &AgentTarget, reg: &Registration) -> AgentInstall {
+impl GithubAgent {
+    /// Shell lines (in the runner directory) that download release `self.version`, check its sha256 and unpack it
+    /// over what is there, then record the release in [`VERSION_MARKER`]. Nothing unverified is unpacked: without
+    /// a known checksum they fail before downloading.
+    fn download(&self, t: &AgentTarget) -> String {
         let (os, arch) = Self::platform(t.os, t.arch);
-        let url = self.download_url.replace("{os}", os).replace("{arch}", arch);
-        // Nothing unverified is unpacked: without a known checksum the step fails before downloading.
+        let url = self.url(os, arch);
         let (refuse, verify) = match self.expected_sha256(os, arch) {
             Some(sum) => (
                 String::new(),
@@ -100,10 +134,30 @@ impl RunnerAgent for GithubAgent {
                 String::new(),
             ),
         };
-        let install = format!(
-            "set -e\nIFS= read -r secret\ndir={dir}\nif [ ! -x \"$dir/config.sh\" ]; then\n  mkdir -p \"$dir\"; cd \"$dir\"\n{refuse}  if command -v curl >/dev/null; then curl -fsSL {url} -o runner.tgz; else wget -q -O runner.tgz {url}; fi\n{verify}  tar xzf runner.tgz; rm -f runner.tgz\nfi\ncd \"$dir\"\n",
-            dir = Self::dir_word(t),
+        format!(
+            "{refuse}  if command -v curl >/dev/null; then curl -fsSL {url} -o runner.tgz; else wget -q -O runner.tgz {url}; fi\n{verify}  tar xzf runner.tgz; rm -f runner.tgz\n  printf '%s\\n' {version} > {marker}\n",
             url = shell::quote(&url),
+            version = shell::quote(&self.version),
+            marker = VERSION_MARKER,
+        )
+    }
+}
+
+impl RunnerAgent for GithubAgent {
+    fn version(&self) -> Option<&str> {
+        Some(&self.version)
+    }
+
+    fn install(&self, t: &AgentTarget, reg: &Registration) -> AgentInstall {
+        // The runner is not registered yet, so no job can be running: an agent nimbus installed at another release
+        // is replaced by the wanted one before it registers. An agent that came with the image (no marker) is used
+        // as it is.
+        let install = format!(
+            "set -e\nIFS= read -r secret\ndir={dir}\nmkdir -p \"$dir\"; cd \"$dir\"\nif [ ! -x ./config.sh ] || {{ [ -f {marker} ] && [ \"$(cat {marker})\" != {version} ]; }}; then\n{download}fi\n",
+            dir = Self::dir_word(t),
+            marker = VERSION_MARKER,
+            version = shell::quote(&self.version),
+            download = self.download(t),
         );
         let script = if reg.ephemeral {
             // The agent reads any argument from `ACTIONS_RUNNER_INPUT_<NAME>`: in its environment, the secret is
@@ -130,6 +184,22 @@ impl RunnerAgent for GithubAgent {
             "set -e\ndir={dir}\ncd \"$dir\"\nif [ -x ./svc.sh ]; then (sudo -n ./svc.sh stop 2>/dev/null || ./svc.sh stop || true); (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start); else nohup ./run.sh >/dev/null 2>&1 & fi\n",
             dir = Self::dir_word(t)
         )
+    }
+
+    fn update(&self, t: &AgentTarget) -> String {
+        // In place, while the runner is idle: a job's worker process on the machine stops the update before it
+        // changes anything (exit 75), whatever the forge said when the plan was made. The registration
+        // (`.runner`, `.credentials`) stays; the new release is unpacked over the old one and the agent restarted.
+        format!(
+            "set -e\ndir={dir}\ncd \"$dir\"\nif ps -eo args 2>/dev/null | grep -v grep | grep -q 'Runner.Worker'; then echo 'a job is running on this machine: the agent is not updated now' >&2; exit {busy}; fi\nif [ -x ./svc.sh ] && [ -f .service ]; then (sudo -n ./svc.sh stop 2>/dev/null || ./svc.sh stop || true); fi\n{download}if [ -x ./svc.sh ] && [ -f .service ]; then (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start); elif [ -x ./svc.sh ]; then (sudo -n ./svc.sh start 2>/dev/null || ./svc.sh start || nohup ./run.sh >/dev/null 2>&1 &); else nohup ./run.sh >/dev/null 2>&1 & fi\n",
+            dir = Self::dir_word(t),
+            busy = UPDATE_BUSY_EXIT,
+            download = self.download(t),
+        )
+    }
+
+    fn installed_version(&self, t: &AgentTarget) -> String {
+        format!("cat {dir}/{VERSION_MARKER} 2>/dev/null || true\n", dir = Self::dir_word(t))
     }
 
     fn remove(&self, t: &AgentTarget) -> String {

@@ -24,7 +24,12 @@ pub struct GithubConfig {
     /// Numeric id of the runner group to register into (default 1, the org's default group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_group_id: Option<u64>,
-    /// Where machines download the runner agent; `{os}` (`linux`/`osx`) and `{arch}` (`x64`/`arm64`) are filled in.
+    /// The runner agent release machines run (default: the one this nimbus pins, with its checksums). A machine
+    /// whose persistent runner has an older release is updated in place while its runner is idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_version: Option<String>,
+    /// Where machines download the runner agent; `{os}` (`linux`/`osx`), `{arch}` (`x64`/`arm64`) and `{version}`
+    /// (`runner_version`) are filled in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_download_url: Option<String>,
     /// The sha256 of the agent download per platform (`linux-x64`, `linux-arm64`, `osx-x64`, `osx-arm64`). Needed
@@ -60,6 +65,21 @@ impl GithubConfig {
                     format!("`forge.runner_sha256.{platform}` is not a sha256"),
                     "not 64 hex digits",
                     "give the download's sha256 as 64 hex digits (`sha256sum FILE`)".to_string(),
+                ));
+            }
+        }
+        if let Some(v) = &self.runner_version {
+            let ok = v.split('.').count() == 3 && v.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            if !ok {
+                out.push(problem(
+                    "forge.runner_version".into(),
+                    At::Value,
+                    format!("`{v}` is not a runner release"),
+                    "not a release number",
+                    format!(
+                        "give a release of actions/runner as MAJOR.MINOR.PATCH, for example {}",
+                        crate::forges::github::agent::DEFAULT_RUNNER_VERSION
+                    ),
                 ));
             }
         }

@@ -24,7 +24,7 @@ use crate::core::model::ForgeRunner;
 pub const API_VERSION: &str = "2022-11-28";
 /// The runner agent used when the fleet file names none.
 pub const DEFAULT_RUNNER_URL: &str =
-    "https://github.com/actions/runner/releases/download/v2.321.0/actions-runner-{os}-{arch}-2.321.0.tar.gz";
+    "https://github.com/actions/runner/releases/download/v{version}/actions-runner-{os}-{arch}-{version}.tar.gz";
 const PAGE: usize = 100;
 /// The longest nimbus waits for a rate limit to reset before giving up.
 const MAX_RATE_WAIT: Duration = Duration::from_secs(120);
@@ -159,7 +159,11 @@ impl GitHubForge {
             c.runner_group_id,
             c.runner_download_url.as_deref(),
         )
-        .map(|f| f.with_sha256(c.runner_sha256.clone().unwrap_or_default()).with_repos(c.repos.clone()))
+        .map(|f| {
+            f.with_sha256(c.runner_sha256.clone().unwrap_or_default())
+                .with_repos(c.repos.clone())
+                .with_runner_version(c.runner_version.as_deref().unwrap_or(agent::DEFAULT_RUNNER_VERSION))
+        })
         .map_err(|e| ForgeError::Auth(format!("{e}; use the App's private key as downloaded from GitHub (PEM)")))
     }
 
@@ -273,6 +277,12 @@ impl GitHubForge {
             }
         }
         Ok(out)
+    }
+
+    /// Installs this release of the agent (`forge.runner_version`).
+    pub fn with_runner_version(mut self, version: &str) -> Self {
+        self.agent.version = version.to_string();
+        self
     }
 
     /// The fleet file's checksums for the agent download (`os-arch` → sha256), over the pinned ones.
