@@ -260,7 +260,8 @@ impl Applier {
         machine: &str,
         call: impl std::future::Future<Output = Result<T, crate::providers::ProviderError>>,
     ) -> Result<T, crate::providers::ProviderError> {
-        crate::util::telemetry::api_call(&self.tenant, provider, operation, machine, call).await
+        let per_request = self.providers.get(provider).is_some_and(|p| p.reports_requests());
+        crate::util::telemetry::api_call(&self.tenant, provider, operation, machine, per_request, call).await
     }
 
     /// `nimbus.machine.ready` once a machine's last step is done: its runner registered, or (a pool without a

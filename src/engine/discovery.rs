@@ -67,6 +67,7 @@ async fn discover_inner(
             p.name(),
             "discover",
             "",
+            p.reports_requests(),
             p.discover(tenant)
         ))),
         runners

@@ -43,6 +43,10 @@ pub struct Metrics {
     forge_requests: Family<Labels, Counter>,
     forge_budget: Gauge,
     time_to_ready: Histogram,
+    api_requests: Family<Labels, Counter>,
+    queue_wait: Histogram,
+    /// Jobs the last iteration saw queued: id → queued at.
+    queued_before: Mutex<std::collections::HashMap<u64, chrono::DateTime<chrono::Utc>>>,
     health: Mutex<Health>,
     /// `POST /webhook`: the secret deliveries are signed with, and what a valid `workflow_job` wakes.
     webhook: Mutex<Option<Webhook>>,
@@ -85,6 +89,9 @@ impl Metrics {
             forge_requests: Family::default(),
             forge_budget: Gauge::default(),
             time_to_ready: Histogram::new(exponential_buckets(5.0, 2.0, 12)),
+            api_requests: Family::default(),
+            queue_wait: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            queued_before: Mutex::new(Default::default()),
             health: Mutex::new(Health { last_success: None, interval }),
             webhook: Mutex::new(None),
             registry: Registry::default(),
@@ -143,6 +150,16 @@ impl Metrics {
             "The forge's API budget left, as its last answer said (x-ratelimit-remaining)",
             m.forge_budget.clone(),
         );
+        registry.register(
+            "api_requests",
+            "Requests to providers' and forges' APIs, by kind (provider, forge), name and outcome (ok, error, throttled)",
+            m.api_requests.clone(),
+        );
+        registry.register(
+            "job_queue_wait_seconds",
+            "From a job queued to it leaving the queue (started), as the forge reports it; measured at the first iteration that no longer sees it queued",
+            m.queue_wait.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -190,6 +207,18 @@ impl Metrics {
         }
         for d in &it.ready {
             self.time_to_ready.observe(d.as_secs_f64());
+        }
+        {
+            // A job the last iteration saw queued and this one does not has started (GitHub reports no start time
+            // for a job nimbus no longer lists): its wait is measured to now, within one interval.
+            let now = chrono::Utc::now();
+            let mut before = self.queued_before.lock().expect("lock");
+            for (id, at) in before.iter() {
+                if !it.queued.iter().any(|j| j.id == *id) {
+                    self.queue_wait.observe((now - *at).num_milliseconds().max(0) as f64 / 1000.0);
+                }
+            }
+            *before = it.queued.iter().map(|j| (j.id, j.queued_at)).collect();
         }
         for (kind, outcome, n) in &it.actions {
             self.actions.get_or_create(&labels(&[("kind", kind), ("outcome", outcome)])).inc_by(*n as u64);
@@ -260,6 +289,20 @@ impl Metrics {
 
     /// The text exposition of every series.
     pub fn encode(&self) -> String {
+        {
+            // The API request counters follow the process's counts (one writer at a time).
+            let _one = self.health.lock().expect("lock");
+            for ((kind, name, outcome), n) in crate::util::telemetry::api_requests() {
+                let c = self.api_requests.get_or_create(&labels(&[
+                    ("kind", &kind),
+                    ("name", &name),
+                    ("outcome", outcome.as_str()),
+                ]));
+                if n > c.get() {
+                    c.inc_by(n - c.get());
+                }
+            }
+        }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

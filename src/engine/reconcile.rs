@@ -208,6 +208,8 @@ pub struct Iteration {
     pub forge_budget: Option<i64>,
     /// Launch → ready of the machines that became ready in this iteration.
     pub ready: Vec<Duration>,
+    /// The jobs queued on the forge (for the queue-wait histogram: a job that leaves the queue started).
+    pub queued: Vec<crate::core::model::QueuedJob>,
 }
 
 /// What an iteration saw of the fleet.
@@ -397,6 +399,7 @@ async fn iterate_in(
         pending_review: pending.iter().map(|c| format!("{}: {}", c.address, c.reason)).collect(),
         deferred: doc.deferred.len(),
         demand,
+        queued: jobs.clone(),
         ..Iteration::default()
     };
     for p in &pending {

@@ -191,6 +191,12 @@ pub trait Provider: Send + Sync {
         None
     }
 
+    /// Whether the provider reports each request it sends to its API itself (`nimbus.cloud_provider.api_call_*`
+    /// per request, and the API call counters); otherwise each call of this trait is reported as one.
+    fn reports_requests(&self) -> bool {
+        false
+    }
+
     /// How long to wait for a new machine to answer.
     fn reachable_timeout(&self) -> Duration {
         Duration::from_secs(600)

@@ -1012,3 +1012,84 @@ fn right_after_an_apply_the_plan_waits_for_what_it_made() {
     let (_, instances) = rt().block_on(async { tenant_resources(&sdk_in(&region).await, &f.tenant).await });
     assert_eq!(instances.len(), 2, "{instances:?}");
 }
+
+/// Issue 19.4: every request the AWS SDK sends is a `nimbus.cloud_provider.api_call_*` event with its
+/// operation's name, the machine it is for, tenant_id and duration, and is counted for the metrics.
+#[test]
+fn every_aws_request_is_an_api_call_event() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "apicalls");
+    f.write(0, 1, None);
+    let o = f.ok(&["--log-format", "json", "apply", "--auto-approve"]);
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stderr).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let named = |n: &str| events.iter().filter(|e| e["fields"]["event"] == n).collect::<Vec<_>>();
+    let machine = format!("nimbus.{}.linux.0", f.tenant);
+    let run = named("nimbus.cloud_provider.api_call_success")
+        .into_iter()
+        .find(|e| e["fields"]["operation"] == "RunInstances")
+        .cloned()
+        .unwrap_or_else(|| panic!("no RunInstances event:\n{}", text(&o)));
+    assert_eq!(run["fields"]["machine_id"], machine.as_str(), "{run}");
+    assert_eq!(run["fields"]["tenant_id"], f.tenant.as_str(), "{run}");
+    assert_eq!(run["fields"]["provider"], "aws", "{run}");
+    assert!(run["fields"]["duration"].is_u64(), "{run}");
+    let starts = named("nimbus.cloud_provider.api_call_start");
+    assert!(starts.iter().any(|e| e["fields"]["operation"] == "RunInstances" && e["fields"]["machine_id"] == machine.as_str()));
+    assert!(
+        named("nimbus.cloud_provider.api_call_success").iter().any(|e| e["fields"]["operation"] == "DescribeInstances"),
+        "discovery's requests are reported"
+    );
+    // Each start has its end.
+    let ends = named("nimbus.cloud_provider.api_call_success").len() + named("nimbus.cloud_provider.api_call_failure").len();
+    assert_eq!(starts.len(), ends);
+}
+
+/// Issue 19.3: a throttled request (EC2 answers `RequestLimitExceeded` with HTTP 503) is a failure event and is
+/// counted as throttled for the provider, each retry on its own. The peer is a loopback server that throttles.
+#[test]
+fn throttled_aws_requests_are_counted() {
+    use std::io::{Read, Write};
+    // Only for the SDK's credentials and region (set once for every AWS test); requests go to the server below.
+    let Some(_) = moto() else { return };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 65536];
+            let _ = s.read(&mut buf);
+            let body = "<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>x</RequestID></Response>";
+            let _ = s.write_all(
+                format!("HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                    .as_bytes(),
+            );
+        }
+    });
+    let name = unique_tenant("throttled");
+    let throttled = || {
+        nimbus::util::telemetry::api_requests()
+            .into_iter()
+            .filter(|((k, n, o), _)| k == "provider" && *n == name && o.as_str() == "throttled")
+            .map(|(_, v)| v)
+            .sum::<u64>()
+    };
+    rt().block_on(async {
+        let p = AwsProvider::new(
+            &name,
+            "t",
+            AwsSettings {
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(endpoint.clone()),
+                max_attempts: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let e = p.discover("t").await.unwrap_err();
+        assert!(e.to_string().contains("RequestLimitExceeded"), "{e}");
+    });
+    // Discovery's first request is tried twice (max_attempts: 2), each a throttled request of its own.
+    assert!(throttled() >= 2, "every attempt was counted as throttled: {}", throttled());
+}

@@ -161,3 +161,108 @@ fn cli_plans_with_the_github_forge() {
         assert!(!all.contains(token), "a token leaked");
     }
 }
+
+/// A loopback server that answers as GitHub does for the demand requests: an installation token, then each
+/// GET with an `ETag`, and `304 Not Modified` (no body, the rate-limit headers) when `If-None-Match` carries it.
+/// Prism keeps no state and never sends a 304; this server does. Returns its URL and the requests it saw
+/// (`METHOD path if-none-match`).
+fn etag_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            let (mut length, mut inm) = (0usize, String::new());
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+                match k.to_ascii_lowercase().as_str() {
+                    "content-length" => length = v.trim().parse().unwrap_or(0),
+                    "if-none-match" => inm = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let mut parts = first.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+            log.lock().unwrap().push(format!("{method} {path} {inm}").trim_end().to_string());
+            let json = if method == "POST" && path.starts_with("/app/installations/67890/access_tokens") {
+                r#"{"token":"ghs_test","expires_at":"2099-01-01T00:00:00Z","permissions":{"actions":"read"}}"#.to_string()
+            } else if path.starts_with("/installation/repositories") {
+                r#"{"total_count":1,"repositories":[{"id":1,"name":"app","full_name":"acme/app","owner":{"login":"acme"}}]}"#.to_string()
+            } else if path.starts_with("/repos/acme/app/actions/runs?") {
+                r#"{"total_count":1,"workflow_runs":[{"id":7}]}"#.to_string()
+            } else if path.starts_with("/repos/acme/app/actions/runs/7/jobs") {
+                r#"{"total_count":1,"jobs":[{"id":70,"status":"queued","labels":["self-hosted","linux"],"created_at":"2026-12-06T10:00:00Z"}]}"#.to_string()
+            } else {
+                let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                continue;
+            };
+            let etag = format!("\"{:x}\"", json.len() * 31 + path.len());
+            let limits = "x-ratelimit-limit: 5000\r\nx-ratelimit-remaining: 4990\r\n";
+            let reply = if method == "GET" && inm == etag {
+                format!("HTTP/1.1 304 Not Modified\r\netag: {etag}\r\n{limits}connection: close\r\n\r\n")
+            } else {
+                let status = if method == "POST" { "201 Created" } else { "200 OK" };
+                format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\netag: {etag}\r\n{limits}content-length: {}\r\nconnection: close\r\n\r\n{json}",
+                    json.len()
+                )
+            };
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    (url, seen)
+}
+
+/// Issue 19.2: queued jobs are read with conditional requests. Against a server that sends 304s, the second
+/// read sends each path's `If-None-Match`, gets 304 for every one, counts them apart, and still finds the job
+/// (from the earlier answer); the API budget is what the 304 said. Requests are counted for the metrics.
+#[test]
+fn conditional_requests_get_304s_and_keep_the_answer() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let key = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+        .output()
+        .expect("openssl makes the App's key");
+    let pem = String::from_utf8(key.stdout).unwrap();
+    let (url, seen) = etag_server();
+    let rt = rt();
+    let _in_runtime = rt.enter();
+    let f = GitHubForge::new(Some(&url), 12345, 67890, &pem, "acme", None, None).unwrap();
+    let counted = |outcome: &str| {
+        nimbus::util::telemetry::api_requests()
+            .into_iter()
+            .filter(|((k, n, o), _)| k == "forge" && n == "github" && o.as_str() == outcome)
+            .map(|(_, v)| v)
+            .sum::<u64>()
+    };
+    let ok_before = counted("ok");
+    rt.block_on(async {
+        let first = f.queued_jobs().await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].id, 70);
+        assert_eq!((f.demand_calls.load(Relaxed), f.not_modified.load(Relaxed)), (3, 0));
+        let second = f.queued_jobs().await.unwrap();
+        assert_eq!(second, first, "the 304s are answered from the earlier bodies");
+        assert_eq!((f.demand_calls.load(Relaxed), f.not_modified.load(Relaxed)), (6, 3), "every request a 304");
+        assert_eq!(f.demand_stats(), (6, 3, 4990));
+    });
+    let gets: Vec<String> = seen.lock().unwrap().iter().filter(|r| r.starts_with("GET")).cloned().collect();
+    assert_eq!(gets.len(), 6, "{gets:?}");
+    assert!(gets[..3].iter().all(|r| !r.contains('"')), "the first reads are unconditional: {gets:?}");
+    assert!(gets[3..].iter().all(|r| r.ends_with('"')), "the second reads carry If-None-Match: {gets:?}");
+    assert!(counted("ok") >= ok_before + 6, "requests are counted for the metrics");
+}

@@ -622,3 +622,37 @@ fn jobs_no_pool_can_take_are_reported_after_alert_after() {
     assert_eq!(whys.iter().filter(|w| w.contains("no pool has all of these labels")).count(), 1, "{whys:?}");
     assert_eq!(whys.iter().filter(|w| w.contains("is at its max (1)")).count(), 2, "{whys:?}");
 }
+
+/// Issue 19.3: the queue-wait histogram (a job queued → started, as the forge shows it leaving the queue) and
+/// the API request counters per provider, in the metrics the controller serves.
+#[test]
+fn queue_waits_and_api_requests_are_in_the_metrics() {
+    let l = Loop::new("    scale: {min: 0, max: 2, idle: 0, idle_timeout: 1h}\n", "persistent");
+    let metrics = nimbus::engine::metrics::Metrics::new(Duration::from_secs(30));
+    let a_minute_ago = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let jobs = [l.forge.queue_job_at(&["build"], a_minute_ago), l.forge.queue_job_at(&["build"], a_minute_ago)];
+    let it = l.iterate();
+    metrics.iteration(&it, Duration::from_millis(5));
+    assert!(metrics.encode().contains("nimbus_job_queue_wait_seconds_count 0"), "{}", metrics.encode());
+    // One job starts; the other still waits.
+    assert!(l.forge.start_job(jobs[0], "nimbus.t.p.0"));
+    metrics.iteration(&l.iterate(), Duration::from_millis(5));
+    let text = metrics.encode();
+    assert!(text.contains("nimbus_job_queue_wait_seconds_count 1"), "{text}");
+    let sum: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nimbus_job_queue_wait_seconds_sum "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!((60.0..600.0).contains(&sum), "{sum}");
+    assert!(l.forge.start_job(jobs[1], "nimbus.t.p.1"));
+    metrics.iteration(&l.iterate(), Duration::from_millis(5));
+    assert!(metrics.encode().contains("nimbus_job_queue_wait_seconds_count 2"));
+    // The local provider's calls (launch, discover, …) are counted as its API requests.
+    let requests = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nimbus_api_requests_total{kind=\"provider\",name=\"local\",outcome=\"ok\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(requests >= 3, "{requests}");
+}

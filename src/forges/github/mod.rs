@@ -227,9 +227,12 @@ impl GitHubForge {
             headers.insert(http::header::IF_NONE_MATCH, v);
         }
         self.demand_calls.fetch_add(1, Relaxed);
-        let resp =
-            self.octo._get_with_headers(path, Some(headers)).await.map_err(|e| failed(format!("GET {path}: {e}")))?;
+        let resp = self.octo._get_with_headers(path, Some(headers)).await.map_err(|e| {
+            count_request(None, false);
+            failed(format!("GET {path}: {e}"))
+        })?;
         let status = resp.status();
+        count_request(Some(status), rate_limit_wait(status, resp.headers()).is_some());
         if let Some(r) =
             resp.headers().get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
         {
@@ -325,9 +328,13 @@ impl GitHubForge {
                 Method::DELETE => self.octo._delete(path, body.as_ref()).await,
                 _ => return Err(failed(format!("unsupported method {method}"))),
             }
-            .map_err(|e| failed(format!("{method} {path}: {e}")))?;
+            .map_err(|e| {
+                count_request(None, false);
+                failed(format!("{method} {path}: {e}"))
+            })?;
             let status = resp.status();
             let wait = rate_limit_wait(status, resp.headers());
+            count_request(Some(status), wait.is_some());
             let text = self.octo.body_to_string(resp).await.map_err(failed)?;
             match wait {
                 Some(w) if waited + w <= MAX_RATE_WAIT => {
@@ -366,6 +373,17 @@ impl GitHubForge {
         }
         serde_json::from_str(&text).map_err(|e| failed(format!("{method} {path}: unexpected response: {e}")))
     }
+}
+
+/// Counts one request to GitHub for the metrics (`api_requests{kind="forge",name="github"}`).
+fn count_request(status: Option<StatusCode>, throttled: bool) {
+    use crate::util::telemetry::{ApiOutcome, count_api_request};
+    let outcome = match status {
+        _ if throttled => ApiOutcome::Throttled,
+        Some(s) if s.is_success() || s == StatusCode::NOT_MODIFIED || s == StatusCode::NOT_FOUND => ApiOutcome::Ok,
+        _ => ApiOutcome::Error,
+    };
+    count_api_request("forge", "github", outcome);
 }
 
 fn first_line(s: &str) -> &str {

@@ -15,6 +15,7 @@
 //!   a client-side token bucket keeps within EC2's request buckets.
 
 pub mod clock;
+mod requests;
 pub mod config;
 pub mod limits;
 pub mod reach;
@@ -270,7 +271,9 @@ impl AwsProvider {
             tenant: tenant.to_string(),
             client: {
                 // An explicit endpoint is set on the client, above any AWS_ENDPOINT_URL* setting.
-                let mut b = aws_sdk_ec2::config::Builder::from(&sdk).interceptor(clock.clone());
+                let mut b = aws_sdk_ec2::config::Builder::from(&sdk)
+                    .interceptor(clock.clone())
+                    .interceptor(requests::RequestWatch { provider: name.to_string(), tenant: tenant.to_string() });
                 if let Some(u) = &settings.endpoint_url {
                     b = b.endpoint_url(u);
                 }
@@ -965,6 +968,10 @@ impl Provider for AwsProvider {
 
     fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
         Ok(self.transport.as_ref().and_then(|f| f(machine)))
+    }
+
+    fn reports_requests(&self) -> bool {
+        true
     }
 
     fn clock_skew(&self) -> Option<chrono::Duration> {
