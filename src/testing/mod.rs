@@ -213,13 +213,12 @@ impl Simulator {
                         .and_then(|p| p.runner.as_ref())
                         .and_then(|r| r.agent_version.clone());
                     if let OnMachine::Read { state } = &mut live_mut(world, machine).on_machine {
-                        state.runner =
-                            Some(RunnerRecord {
-                                name: machine.clone(),
-                                labels: labels.clone(),
-                                runner_id: None,
-                                agent_version,
-                            });
+                        state.runner = Some(RunnerRecord {
+                            name: machine.clone(),
+                            labels: labels.clone(),
+                            runner_id: None,
+                            agent_version,
+                        });
                     }
                     let runners = world.runners.get_or_insert_with(Vec::new);
                     assert!(!runners.iter().any(|r| &r.name == machine), "runner {machine} registered twice");

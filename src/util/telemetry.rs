@@ -137,7 +137,10 @@ pub fn api_request_end(
 ) {
     let (event, outcome) = match error {
         None => ("nimbus.cloud_provider.api_call_success", ApiOutcome::Ok),
-        Some(_) => ("nimbus.cloud_provider.api_call_failure", if outcome == ApiOutcome::Ok { ApiOutcome::Error } else { outcome }),
+        Some(_) => (
+            "nimbus.cloud_provider.api_call_failure",
+            if outcome == ApiOutcome::Ok { ApiOutcome::Error } else { outcome },
+        ),
     };
     count_api_request("provider", provider, outcome);
     seed_event_with(event, tenant, provider, operation, machine, Some(took), error);

@@ -1035,13 +1035,18 @@ fn every_aws_request_is_an_api_call_event() {
     assert_eq!(run["fields"]["provider"], "aws", "{run}");
     assert!(run["fields"]["duration"].is_u64(), "{run}");
     let starts = named("nimbus.cloud_provider.api_call_start");
-    assert!(starts.iter().any(|e| e["fields"]["operation"] == "RunInstances" && e["fields"]["machine_id"] == machine.as_str()));
+    assert!(
+        starts
+            .iter()
+            .any(|e| e["fields"]["operation"] == "RunInstances" && e["fields"]["machine_id"] == machine.as_str())
+    );
     assert!(
         named("nimbus.cloud_provider.api_call_success").iter().any(|e| e["fields"]["operation"] == "DescribeInstances"),
         "discovery's requests are reported"
     );
     // Each start has its end.
-    let ends = named("nimbus.cloud_provider.api_call_success").len() + named("nimbus.cloud_provider.api_call_failure").len();
+    let ends =
+        named("nimbus.cloud_provider.api_call_success").len() + named("nimbus.cloud_provider.api_call_failure").len();
     assert_eq!(starts.len(), ends);
 }
 

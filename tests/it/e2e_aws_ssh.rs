@@ -128,7 +128,9 @@ fn aws_fleet_over_ssh_end_to_end() {
     }
     let calls = named("nimbus.cloud_provider.api_call_success");
     assert!(
-        calls.iter().any(|e| e["fields"]["operation"] == "DescribeInstances" && e["fields"]["tenant_id"] == tenant.as_str()),
+        calls
+            .iter()
+            .any(|e| e["fields"]["operation"] == "DescribeInstances" && e["fields"]["tenant_id"] == tenant.as_str()),
         "{calls:?}"
     );
 

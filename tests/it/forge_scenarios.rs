@@ -320,7 +320,8 @@ fn agent_releases(dir: &Path, versions: &[&str]) -> (String, Vec<String>) {
 fn an_older_agent_is_updated_in_place_while_its_runner_is_idle() {
     let mut w = World::new();
     let (url, sums) = agent_releases(w.dir.path(), &["2.300.0", "2.321.0"]);
-    let forge_at = |i: usize, v: &str| Arc::new(FakeForge::new(url.clone()).with_sha256("linux-x64", &sums[i]).with_version(v));
+    let forge_at =
+        |i: usize, v: &str| Arc::new(FakeForge::new(url.clone()).with_sha256("linux-x64", &sums[i]).with_version(v));
     let desired_at = |w: &World, v: &str| {
         let mut d = w.desired("linux", "persistent");
         d.pools[0].runner.as_mut().unwrap().agent_version = Some(v.into());
@@ -337,7 +338,9 @@ fn an_older_agent_is_updated_in_place_while_its_runner_is_idle() {
             .machines
             .iter()
             .map(|m| match &m.on_machine {
-                nimbus::core::model::OnMachine::Read { state } => state.runner.as_ref().and_then(|r| r.agent_version.clone()),
+                nimbus::core::model::OnMachine::Read { state } => {
+                    state.runner.as_ref().and_then(|r| r.agent_version.clone())
+                }
                 _ => None,
             })
             .collect()
@@ -368,7 +371,11 @@ fn an_older_agent_is_updated_in_place_while_its_runner_is_idle() {
     assert!(idle_dir.join(".credentials").exists(), "the registration was kept");
     let service = std::fs::read_to_string(idle_dir.join(".service")).unwrap();
     assert!(service.ends_with("stop\nstart\n"), "the agent was stopped and started again: {service:?}");
-    assert!(w.forge.calls().iter().all(|c| !c.starts_with("DELETE")), "nothing was deregistered: {:?}", w.forge.calls());
+    assert!(
+        w.forge.calls().iter().all(|c| !c.starts_with("DELETE")),
+        "nothing was deregistered: {:?}",
+        w.forge.calls()
+    );
 
     // The job ends; a job's worker shows up on the machine before the update runs: the update stops, unchanged.
     w.forge.set_busy(&busy, false);

@@ -199,7 +199,8 @@ fn etag_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
             let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
             log.lock().unwrap().push(format!("{method} {path} {inm}").trim_end().to_string());
             let json = if method == "POST" && path.starts_with("/app/installations/67890/access_tokens") {
-                r#"{"token":"ghs_test","expires_at":"2099-01-01T00:00:00Z","permissions":{"actions":"read"}}"#.to_string()
+                r#"{"token":"ghs_test","expires_at":"2099-01-01T00:00:00Z","permissions":{"actions":"read"}}"#
+                    .to_string()
             } else if path.starts_with("/installation/repositories") {
                 r#"{"total_count":1,"repositories":[{"id":1,"name":"app","full_name":"acme/app","owner":{"login":"acme"}}]}"#.to_string()
             } else if path.starts_with("/repos/acme/app/actions/runs?") {

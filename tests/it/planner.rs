@@ -630,7 +630,11 @@ fn an_older_runner_agent_is_updated_in_place_only_while_idle() {
     }
     assert_eq!(p.changes.len(), 1);
     assert_eq!(p.changes[0].actions, [ChangeAction::Update]);
-    assert!(p.changes[0].reason.contains("2.300.0 is older than forge.runner_version 2.321.0"), "{}", p.changes[0].reason);
+    assert!(
+        p.changes[0].reason.contains("2.300.0 is older than forge.runner_version 2.321.0"),
+        "{}",
+        p.changes[0].reason
+    );
     assert_eq!(p.deferred.len(), 1, "the busy runner's update waits for its job");
     assert!(matches!(&p.deferred[0].action, ActionKind::UpdateRunnerAgent { machine, .. } if *machine == names[0]));
     // Even told to interrupt jobs, the agent is not updated under one.

@@ -35,7 +35,8 @@ pub const PINNED_SHA256: &[(&str, &str, &str)] = &[
 /// Whether agent release `a` is older than `b` (dotted numbers, compared numerically; anything else compares as
 /// text).
 pub fn version_older(a: &str, b: &str) -> bool {
-    let parse = |v: &str| v.trim_start_matches('v').split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<_>>>();
+    let parse =
+        |v: &str| v.trim_start_matches('v').split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<_>>>();
     match (parse(a), parse(b)) {
         (Some(x), Some(y)) => x < y,
         _ => a < b,
@@ -60,7 +61,11 @@ pub struct GithubAgent {
 
 impl GithubAgent {
     pub fn new(download_url: impl Into<String>) -> Self {
-        GithubAgent { download_url: download_url.into(), version: DEFAULT_RUNNER_VERSION.into(), sha256: BTreeMap::new() }
+        GithubAgent {
+            download_url: download_url.into(),
+            version: DEFAULT_RUNNER_VERSION.into(),
+            sha256: BTreeMap::new(),
+        }
     }
 
     /// Installs release `version` (`forge.runner_version`).

@@ -69,7 +69,8 @@ impl GithubConfig {
             }
         }
         if let Some(v) = &self.runner_version {
-            let ok = v.split('.').count() == 3 && v.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            let ok = v.split('.').count() == 3
+                && v.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
             if !ok {
                 out.push(problem(
                     "forge.runner_version".into(),

@@ -15,10 +15,10 @@
 //!   a client-side token bucket keeps within EC2's request buckets.
 
 pub mod clock;
-mod requests;
 pub mod config;
 pub mod limits;
 pub mod reach;
+mod requests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

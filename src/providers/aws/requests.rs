@@ -70,7 +70,15 @@ impl Intercept for RequestWatch {
             Some(429) | Some(503) => ApiOutcome::Throttled,
             _ => ApiOutcome::Error,
         };
-        api_request_end(&self.tenant, &self.provider, &operation(cfg), &api_machine(), took, failed.as_deref(), outcome);
+        api_request_end(
+            &self.tenant,
+            &self.provider,
+            &operation(cfg),
+            &api_machine(),
+            took,
+            failed.as_deref(),
+            outcome,
+        );
         Ok(())
     }
 }
