@@ -12,6 +12,7 @@ pub mod core;
 pub mod engine;
 pub mod forges;
 pub mod providers;
+pub mod sim;
 pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -41,6 +41,11 @@ pub enum Command {
     /// Run the controller: discover → plan → apply every interval, following demand, under the fleet's lock
     /// only while it works. SIGTERM/SIGINT stop it (running actions finish); SIGHUP reloads the fleet file.
     Reconcile(ReconcileArgs),
+    /// The host ledger: every dedicated host, what it cost so far, and why it is kept or when it is released.
+    Hosts(HostsArgs),
+    /// Replay a job trace through the planner and the scaling policy in virtual time; compare with a static pool,
+    /// release-as-soon-as-allowed, and the offline lower bound.
+    Simulate(SimulateArgs),
     /// Show past runs, their actions and the event log from the journal.
     History(HistoryArgs),
     /// Free a remote state lock whose holder is gone (`state.backend: s3`), by the id its error named.
@@ -173,6 +178,30 @@ pub struct DiscoverArgs {
     /// Where to write the inventory (`-` for stdout).
     #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "-")]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct HostsArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// Print the ledger as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    /// The job trace: CSV with `submit,duration,labels` (see the README).
+    #[arg(long, value_name = "TRACE.csv")]
+    pub trace: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The seed of boot and scrub times (the same seed gives the same report).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// Accepts Terraform's single-dash spellings (`-out FILE`, `-out=FILE`, `-detailed-exitcode`).

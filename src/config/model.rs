@@ -61,6 +61,45 @@ pub struct FleetConfig {
     /// The long-running controller (`nimbus reconcile`): its interval and what it applies by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconcile: Option<ReconcileConfig>,
+    /// Dollars per hour by instance type (`mac2.metal: 0.65`), or for one region (`"mac2.metal@eu-west-1": 0.74`),
+    /// over nimbus's defaults (on-demand, us-east-1; `nimbus hosts` and plans say when they were taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<BTreeMap<String, f64>>,
+    /// Spending limits: allocations past them are deferred with the reason, never made silently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetConfig>,
+}
+
+/// `budget:`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// At most this many dedicated hosts of each instance type (`{mac2.metal: 10}`), allocated ones included.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub max_hosts: BTreeMap<String, u32>,
+    /// At most this much money committed by one plan (`"$500"`): host allocations' minimum windows and new
+    /// instances' minimum billing, at the prices in `pricing:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_commit_per_plan: Option<String>,
+}
+
+impl BudgetConfig {
+    pub fn to_budget(&self) -> crate::core::cost::Budget {
+        crate::core::cost::Budget {
+            max_hosts: self.max_hosts.clone(),
+            max_commit_per_plan: self.max_commit_per_plan.as_deref().and_then(crate::core::cost::parse_money),
+        }
+    }
+}
+
+/// `hosts:` of a provider or a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostsConfig {
+    /// When an idle host past its minimum window is released: `asap` (default), `end-of-window`,
+    /// `{idle-for: 2h}`, or `never`. An idle host inside its paid window is always kept for demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<crate::core::cost::ReleasePolicy>,
 }
 
 /// Where a fleet's lock and journal live.
@@ -128,6 +167,22 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Local(_) => "local",
             ProviderConfig::Aws(_) => "aws",
+        }
+    }
+
+    /// The provider's region, for prices.
+    pub fn region(&self) -> Option<&str> {
+        match self {
+            ProviderConfig::Local(_) => None,
+            ProviderConfig::Aws(c) => c.region.as_deref().or(Some("us-east-1")),
+        }
+    }
+
+    /// `hosts.release` of the provider.
+    pub fn host_release(&self) -> Option<crate::core::cost::ReleasePolicy> {
+        match self {
+            ProviderConfig::Local(_) => None,
+            ProviderConfig::Aws(c) => c.hosts.and_then(|h| h.release),
         }
     }
 
@@ -256,6 +311,9 @@ pub struct PoolConfig {
     /// (at least 24 more host-hours).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac_replacement: Option<MacReplacement>,
+    /// When this pool's idle hosts are released (over the provider's `hosts:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<HostsConfig>,
 }
 
 /// A pool that follows demand: desired size = clamp(busy + queued jobs it can serve + `idle`, `min`, `max`).

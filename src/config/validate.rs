@@ -180,6 +180,46 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
     if let Some(secret) = c.reconcile.as_ref().and_then(|r| r.webhook_secret.as_ref()) {
         secret_rules(&mut out, "reconcile.webhook_secret", secret);
     }
+    for (t, price) in c.pricing.iter().flatten() {
+        if !price.is_finite() || *price < 0.0 {
+            out.push(problem(
+                format!("pricing.{t}"),
+                At::Value,
+                format!("the price of `{t}` is not a non-negative number of dollars per hour"),
+                "not a price",
+                "give dollars per hour, for example `mac2.metal: 0.65`".to_string(),
+            ));
+        }
+    }
+    if let Some(b) = &c.budget {
+        if let Some(m) = &b.max_commit_per_plan
+            && crate::core::cost::parse_money(m).is_none()
+        {
+            out.push(problem(
+                "budget.max_commit_per_plan".into(),
+                At::Value,
+                format!("`{m}` is not an amount of money"),
+                "not an amount",
+                "give dollars, for example \"$500\"".to_string(),
+            ));
+        }
+        let used: std::collections::BTreeSet<&str> =
+            c.pools.iter().filter_map(|p| p.machine.instance_type.as_deref()).collect();
+        for t in b.max_hosts.keys() {
+            if !used.contains(t.as_str()) {
+                out.push(problem(
+                    format!("budget.max_hosts.{t}"),
+                    At::Key,
+                    format!("no pool uses instance type `{t}`"),
+                    "unused instance type",
+                    format!(
+                        "the pools use {}; a misspelt type would never limit anything",
+                        used.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+    }
     if let Some(ssh) = &c.ssh {
         if let Some(k) = &ssh.key {
             secret_rules(&mut out, "ssh.key", k);

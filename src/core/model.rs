@@ -31,6 +31,9 @@ pub struct Desired {
     /// Machines a scale-down removes before any other (the library's `terminate` names the one that goes).
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub remove_first: std::collections::BTreeSet<String>,
+    /// Spending limits (`budget:`): allocations past them are deferred, never made silently.
+    #[serde(default)]
+    pub budget: crate::core::cost::Budget,
 }
 
 /// A provider as the planner sees it: its kind (for messages only) and its capabilities. The planner never
@@ -39,6 +42,12 @@ pub struct Desired {
 pub struct ProviderInfo {
     pub kind: String,
     pub capabilities: Capabilities,
+    /// Dollars per hour by instance type, for this provider's region (defaults under `pricing:`).
+    #[serde(default)]
+    pub prices: BTreeMap<String, f64>,
+    /// When its idle hosts past their window are released (`hosts.release`; a pool's wins).
+    #[serde(default)]
+    pub host_release: Option<crate::core::cost::ReleasePolicy>,
 }
 
 /// What a provider can do, as it describes itself (`providers::<kind>::config`).
@@ -53,6 +62,9 @@ pub struct Capabilities {
     /// Whether a machine can be reimaged in place, keeping its host.
     #[serde(default)]
     pub reimage: bool,
+    /// The least time a machine not on a dedicated host is billed for (EC2: 60 s).
+    #[serde(default, with = "secs")]
+    pub minimum_billed: Duration,
 }
 
 /// Machines of some instance types live on a dedicated host that must be kept at least `min_allocation`.
@@ -160,6 +172,9 @@ pub struct DesiredPool {
     /// A replacement on a dedicated host may allocate a new host rather than wait for the old one's scrub.
     #[serde(default)]
     pub allocate_on_replace: bool,
+    /// When this pool's idle hosts past their window are released (`pools[].hosts.release`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_release: Option<crate::core::cost::ReleasePolicy>,
 }
 
 /// A pool's demand bounds (`scale:`).
@@ -301,16 +316,28 @@ impl Desired {
             providers: c
                 .providers
                 .iter()
-                .map(|(n, p)| (n.clone(), ProviderInfo { kind: p.kind().to_string(), capabilities: p.capabilities() }))
+                .map(|(n, p)| {
+                    (
+                        n.clone(),
+                        ProviderInfo {
+                            kind: p.kind().to_string(),
+                            capabilities: p.capabilities(),
+                            prices: crate::core::cost::prices_for(p.region(), &c.pricing.clone().unwrap_or_default()),
+                            host_release: p.host_release(),
+                        },
+                    )
+                })
                 .collect(),
             forge: c.forge.is_some(),
             interrupt_jobs: false,
             remove_first: Default::default(),
+            budget: c.budget.as_ref().map(|b| b.to_budget()).unwrap_or_default(),
             pools: c
                 .pools
                 .iter()
                 .map(|p| DesiredPool {
                     allocate_on_replace: p.mac_replacement == Some(crate::config::MacReplacement::Allocate),
+                    host_release: p.hosts.as_ref().and_then(|h| h.release),
                     name: p.name.clone(),
                     provider: p.provider.clone(),
                     count: p.count.or(p.scale.as_ref().map(|s| s.min)).unwrap_or(0),
@@ -664,7 +691,7 @@ impl Actual {
     }
 }
 
-mod secs {
+pub(crate) mod secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 

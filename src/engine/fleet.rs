@@ -122,6 +122,7 @@ pub fn document_from(
         }),
         Some(Observed { source: source.into(), fingerprint: actual.fingerprint() }),
     )
+    .with_cost(desired)
 }
 
 /// Sizes the pools that follow demand (`scale:`) in `desired` from the forge's queued jobs and what exists, as

@@ -23,6 +23,7 @@ mod planner_props;
 mod reconcile;
 mod remote_state;
 mod render;
+mod simulate;
 mod ssh_sshd;
 mod trust;
 mod workflows;

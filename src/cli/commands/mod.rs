@@ -5,8 +5,10 @@ mod apply;
 mod discover;
 mod force_unlock;
 mod history;
+mod hosts;
 mod plan;
 mod reconcile;
+mod simulate;
 mod validate;
 
 use std::io::IsTerminal;
@@ -64,6 +66,8 @@ pub fn run(cli: Cli) -> u8 {
         Command::Validate(a) => validate::validate(&a.file),
         Command::Plan(a) => plan::plan(&a, out),
         Command::Discover(a) => discover::discover(&a),
+        Command::Hosts(a) => hosts::hosts(&a),
+        Command::Simulate(a) => simulate::simulate(&a),
         Command::Schema => {
             out!("{}", config::json_schema_text());
             Ok(exit::OK)

@@ -185,6 +185,8 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
                 (Some(t), _) => format!("{} ({})", ts(&t), until(&t, &doc.planned_at)),
                 (None, DeferredKind::BusyRunner) => "when the running job finishes".into(),
                 (None, DeferredKind::NotVisibleYet) => "once the provider shows it".into(),
+                (None, DeferredKind::Budget) => "when the budget allows".into(),
+                (None, DeferredKind::HeldByPolicy) => "kept by hosts.release".into(),
                 (None, _) => "when the provider allows".into(),
             };
             let row = format!("| {} | {} | {due} | {} |\n", code(&d.address), d.action.name(), escape(&d.reason));
@@ -214,6 +216,10 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
         if cut > 0 {
             let _ = writeln!(o, "- …and {cut} more warning(s).");
         }
+    }
+    if let Some(c) = doc.cost.as_ref().filter(|c| c.committed > 0.0 || c.per_day > 0.0 || !c.unpriced.is_empty()) {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "{}", escape(&c.line()));
     }
     let _ = writeln!(o);
     let _ = writeln!(o, "<sub>planned as of {} · plan format {}</sub>", ts(&doc.planned_at), doc.format_version);

@@ -122,6 +122,8 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
                 (Some(t), _) => format!("due {} ({})", ts(t), until(t, &doc.planned_at)),
                 (None, DeferredKind::BusyRunner) => "when the running job finishes".to_string(),
                 (None, DeferredKind::NotVisibleYet) => "once the provider shows it".to_string(),
+                (None, DeferredKind::Budget) => "when the budget allows".to_string(),
+                (None, DeferredKind::HeldByPolicy) => "kept by hosts.release".to_string(),
                 (None, _) => "due when the provider allows".to_string(),
             };
             let _ = writeln!(o, "  {} {} {what}, {when}", st.cyan("⏲"), safe(&d.address));
@@ -148,6 +150,9 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
             )));
         }
         let _ = writeln!(o, "{line}");
+    }
+    if let Some(c) = doc.cost.as_ref().filter(|c| c.committed > 0.0 || c.per_day > 0.0 || !c.unpriced.is_empty()) {
+        let _ = writeln!(o, "{}", c.line());
     }
     o
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::plan::{Action, Deferred, Plan, ResourceChange, Summary, Warning};
 
 /// `format_version` of the JSON plan. Minor versions only add keys; consumers ignore unknown keys.
-pub const PLAN_FORMAT_VERSION: &str = "1.4";
+pub const PLAN_FORMAT_VERSION: &str = "1.5";
 
 /// The JSON plan document (`nimbus plan --json`, and the saved plan of `-out`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,10 @@ pub struct PlanDocument {
     /// (shown when the fleet uses the controller: a `reconcile:` section or a pool with `scale:`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_review: Vec<String>,
+    /// What the plan commits (host-hours and money, per action and in total) and what the fleet costs per day at
+    /// its planned size (format 1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::core::cost::PlanCost>,
 }
 
 /// The fleet file a plan was made from.
@@ -81,7 +85,17 @@ impl PlanDocument {
             deferred: plan.deferred.clone(),
             warnings: plan.warnings.clone(),
             pending_review: Vec::new(),
+            cost: None,
         }
+    }
+
+    /// Adds what the plan commits and costs, at `desired`'s prices and planned sizes.
+    pub fn with_cost(mut self, desired: &crate::core::model::Desired) -> Self {
+        let actions: Vec<(usize, String, &crate::core::plan::ActionKind)> =
+            self.actions.iter().map(|a| (a.id, a.action.address.clone(), &a.action.kind)).collect();
+        let cost = crate::core::cost::plan_cost(desired, &actions, &Default::default());
+        self.cost = Some(cost);
+        self
     }
 
     /// Rebuilds the action graph of a saved plan.
@@ -117,7 +131,9 @@ impl PlanDocument {
     pub fn drift_pending(&self) -> bool {
         self.deferred.iter().any(|d| {
             d.kind != crate::core::plan::DeferredKind::NotVisibleYet
-                && (matches!(d.action, crate::core::plan::ActionKind::LaunchInstance { .. }) || d.address.contains('#'))
+                && (matches!(d.action, crate::core::plan::ActionKind::LaunchInstance { .. })
+                    || d.address.contains('#')
+                    || d.kind == crate::core::plan::DeferredKind::Budget)
         })
     }
 

@@ -79,37 +79,131 @@ impl<'a> Builder<'a> {
         (Some(HostRef::Allocated { action: a }), vec![a], Some("(new dedicated host)".to_string()))
     }
 
-    /// Releases a host after `after`, or defers it while inside its window.
+    /// Releases a host after `after` when its release policy says so now; otherwise defers it, saying why it is
+    /// kept and when it goes, with the money either way.
     pub(super) fn release_or_defer(&mut self, host_id: &str, after: &[usize], ids: &mut Vec<usize>) {
         let Some(h) = self.hosts.get(host_id).copied() else { return };
         self.claimed_hosts.insert(h.id.clone());
-        let due = window_end(self.desired, h);
+        let window = window_end(self.desired, h);
         let addr = String::from(Address::host(&h.id));
         let kind = ActionKind::ReleaseHost { provider: h.provider.clone(), host_id: h.id.clone() };
-        if h.allocated_at == UNKNOWN_ALLOCATION {
-            self.deferred.push(Deferred {
+        let per_day = self
+            .desired
+            .price(&h.provider, &h.instance_type)
+            .map(|p| crate::core::cost::money(p * 24.0))
+            .unwrap_or_else(|| "an unpriced amount".into());
+        let policy = self.desired.release_policy(h).describe();
+        match crate::core::cost::release_decision(self.desired, h, self.now) {
+            Err(why) if h.allocated_at == UNKNOWN_ALLOCATION => self.deferred.push(Deferred {
                 address: addr,
                 action: kind,
                 due_at: None,
-                reason: "the host reports no allocation time, so its window cannot be known: nimbus never releases it \
-                         (release it by hand once you know its window has passed)"
-                    .into(),
+                reason: format!(
+                    "the host reports no allocation time, so its window cannot be known: nimbus never releases it \
+                     (release it by hand once you know its window has passed); {why}"
+                ),
                 kind: DeferredKind::AllocationWindow,
-            });
-        } else if due > self.now {
-            self.deferred.push(Deferred {
+            }),
+            Err(why) => self.deferred.push(Deferred {
+                address: addr,
+                action: kind,
+                due_at: None,
+                reason: format!("{why}; it costs {per_day}/day while idle"),
+                kind: DeferredKind::HeldByPolicy,
+            }),
+            Ok(due) if window > self.now => self.deferred.push(Deferred {
                 address: addr,
                 action: kind,
                 due_at: Some(due),
                 reason: format!(
-                    "host allocated at {} is inside its minimum allocation window",
-                    h.allocated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    "host allocated at {} is inside its minimum allocation window (paid until {}): kept for demand at no extra cost; released at {} if still idle (hosts.release: {policy}), saving {per_day}/day",
+                    h.allocated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    crate::util::time::ts(&window),
+                    crate::util::time::ts(&due),
                 ),
                 kind: DeferredKind::AllocationWindow,
-            });
-        } else {
-            ids.push(self.add(&addr, kind, after));
+            }),
+            Ok(due) if due > self.now => self.deferred.push(Deferred {
+                address: addr,
+                action: kind,
+                due_at: Some(due),
+                reason: format!(
+                    "past its minimum allocation window; hosts.release: {policy} keeps it until {} ({per_day}/day while idle)",
+                    crate::util::time::ts(&due)
+                ),
+                kind: DeferredKind::HeldByPolicy,
+            }),
+            Ok(_) => ids.push(self.add(&addr, kind, after)),
         }
+    }
+
+    /// Whether `budget:` lets the pool allocate one more host (or launch one more instance) now; when not, the
+    /// machine's creation is deferred with the reason and `false` is returned. Counts what it allows.
+    pub(super) fn budget_allows(&mut self, pool: &DesiredPool, name: &str, addr: &str) -> bool {
+        let itype = pool.spec.instance_type.clone().unwrap_or_default();
+        let provider = &self.desired.providers[&pool.provider];
+        let needs_host = provider.needs_host(Some(itype.as_str())) && !self.has_usable_idle_host(pool);
+        let billing = self.desired.billing(&pool.provider, &itype);
+        let commits = if needs_host || !provider.needs_host(Some(itype.as_str())) {
+            self.desired.price(&pool.provider, &itype).map(|p| p * billing.billed_hours(std::time::Duration::ZERO))
+        } else {
+            Some(0.0)
+        };
+        let budget = &self.desired.budget;
+        let over_hosts = needs_host
+            && budget
+                .max_hosts
+                .get(&itype)
+                .is_some_and(|max| self.hosts_per_type.get(&itype).copied().unwrap_or(0) >= *max);
+        let over_money =
+            budget.max_commit_per_plan.is_some_and(|max| self.committed + commits.unwrap_or(0.0) > max + 1e-9);
+        if !over_hosts && !over_money {
+            if needs_host {
+                *self.hosts_per_type.entry(itype).or_default() += 1;
+            }
+            self.committed += commits.unwrap_or(0.0);
+            return true;
+        }
+        let reason = if over_hosts {
+            format!(
+                "budget.max_hosts allows {} `{itype}` hosts and {} are held or planned: this machine's host is not allocated (raise the budget, or free a host)",
+                budget.max_hosts[&itype],
+                self.hosts_per_type.get(&itype).copied().unwrap_or(0)
+            )
+        } else {
+            format!(
+                "budget.max_commit_per_plan is {}: this plan already commits {}, and this machine would commit {} more; it waits for the next plan",
+                crate::core::cost::money(budget.max_commit_per_plan.unwrap_or(0.0)),
+                crate::core::cost::money(self.committed),
+                crate::core::cost::money(commits.unwrap_or(0.0))
+            )
+        };
+        self.deferred.push(Deferred {
+            address: addr.to_string(),
+            action: if needs_host {
+                ActionKind::AllocateHost {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.to_string(),
+                    instance_type: itype,
+                    availability_zone: pool.spec.availability_zone.clone().unwrap_or_default(),
+                    fallback_zones: pool.spec.fallback_zones.clone(),
+                    exclude_hosts: Vec::new(),
+                }
+            } else {
+                ActionKind::LaunchInstance {
+                    provider: pool.provider.clone(),
+                    pool: pool.name.clone(),
+                    machine: name.to_string(),
+                    spec: pool.spec.clone(),
+                    host: None,
+                }
+            },
+            due_at: None,
+            reason,
+            kind: DeferredKind::Budget,
+        });
+        false
     }
 
     /// Owned hosts with no instance that nothing claimed: release when due, else defer.

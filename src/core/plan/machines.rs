@@ -202,6 +202,9 @@ impl<'a> Builder<'a> {
             self.defer_for_job(&addr, &name, action, "the new machine of the same name is made after it is removed");
             return;
         }
+        if !self.budget_allows(pool, &name, &addr) {
+            return;
+        }
         let (host, deps, host_attr) = self.host_for(pool, &name, &addr);
         let mut ids = deps.clone();
         ids.extend(self.bring_up(pool, &name, &addr, host, deps));

@@ -77,6 +77,10 @@ struct Builder<'a> {
     made_unseen: &'a [MadeUnseen],
     /// This tenant's live machines (every provider, every pool).
     live_machines: Vec<&'a ActualMachine>,
+    /// Hosts per instance type, held and planned (for `budget.max_hosts`).
+    hosts_per_type: HashMap<String, u32>,
+    /// Dollars this plan commits so far (for `budget.max_commit_per_plan`).
+    committed: f64,
 }
 
 fn machine_index(m: &ActualMachine) -> Option<u32> {
@@ -240,6 +244,14 @@ impl<'a> Builder<'a> {
             jobs_interrupted: 0,
             made_unseen: &actual.made_unseen,
             live_machines: actual.machines.iter().filter(|m| owned_by(&m.tags, tenant) && !m.state.is_gone()).collect(),
+            hosts_per_type: {
+                let mut m: HashMap<String, u32> = HashMap::new();
+                for h in actual.hosts.iter().filter(|h| owned_by(&h.tags, tenant) && h.state != HostState::Released) {
+                    *m.entry(h.instance_type.clone()).or_default() += 1;
+                }
+                m
+            },
+            committed: 0.0,
         }
     }
 

@@ -328,6 +328,10 @@ pub enum DeferredKind {
     /// Made by an earlier run (its idempotency key recorded it) but not visible yet: the provider's reads lag
     /// behind its writes. Waited for, never made again; not drift until [`NOT_VISIBLE_GRACE`] has passed.
     NotVisibleYet,
+    /// Past the fleet's `budget:` (hosts of a type, or money one plan may commit): waits for a person.
+    Budget,
+    /// An idle host past its window that `hosts.release` keeps.
+    HeldByPolicy,
 }
 
 /// How long a resource a run made may stay invisible to discovery before the plan counts it as missing again

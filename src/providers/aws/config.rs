@@ -23,6 +23,9 @@ pub struct AwsConfig {
     /// Region; default from the standard AWS configuration chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// When idle dedicated hosts past their minimum window are released (`release:`); a pool's `hosts:` wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<crate::config::HostsConfig>,
     /// Minimum time between allocating and releasing a dedicated host.
     /// Default: `24h` for EC2 Mac (`mac*.metal`) types, as AWS bills them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,6 +71,8 @@ impl AwsConfig {
             billing_unit: BillingUnit::Second,
             // Other instances are replaced (terminate and launch): as quick, and nothing to keep.
             reimage: false,
+            // EC2 bills Linux instances per second with a 60-second minimum.
+            minimum_billed: Duration::from_secs(60),
         }
     }
 

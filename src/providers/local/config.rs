@@ -33,7 +33,12 @@ impl LocalConfig {
     /// Sandboxes have no hosts and cost nothing; a sandbox is rebuilt, not reimaged.
     pub fn capabilities(&self) -> Capabilities {
         // A sandbox is reimaged by rebuilding its file system.
-        Capabilities { hosts: Vec::new(), billing_unit: BillingUnit::Free, reimage: true }
+        Capabilities {
+            hosts: Vec::new(),
+            billing_unit: BillingUnit::Free,
+            reimage: true,
+            minimum_billed: Default::default(),
+        }
     }
 
     /// Rules for a pool on this provider: none beyond the shared ones.
