@@ -45,6 +45,9 @@ pub struct Metrics {
     time_to_ready: Histogram,
     api_requests: Family<Labels, Counter>,
     queue_wait: Histogram,
+    budget_headroom: Family<Labels, Gauge>,
+    hosts_cost_per_day: Gauge<f64, std::sync::atomic::AtomicU64>,
+    hosts_cost_so_far: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Jobs the last iteration saw queued: id → queued at.
     queued_before: Mutex<std::collections::HashMap<u64, chrono::DateTime<chrono::Utc>>>,
     health: Mutex<Health>,
@@ -92,6 +95,9 @@ impl Metrics {
             api_requests: Family::default(),
             queue_wait: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             queued_before: Mutex::new(Default::default()),
+            budget_headroom: Family::default(),
+            hosts_cost_per_day: Gauge::default(),
+            hosts_cost_so_far: Gauge::default(),
             health: Mutex::new(Health { last_success: None, interval }),
             webhook: Mutex::new(None),
             registry: Registry::default(),
@@ -151,6 +157,21 @@ impl Metrics {
             m.forge_budget.clone(),
         );
         registry.register(
+            "budget_hosts_headroom",
+            "budget.max_hosts minus the dedicated hosts held, by instance type",
+            m.budget_headroom.clone(),
+        );
+        registry.register(
+            "hosts_cost_dollars_per_day",
+            "What the dedicated hosts held cost per day (the ledger's prices)",
+            m.hosts_cost_per_day.clone(),
+        );
+        registry.register(
+            "hosts_billed_dollars",
+            "What the dedicated hosts held have been billed so far (the ledger's)",
+            m.hosts_cost_so_far.clone(),
+        );
+        registry.register(
             "api_requests",
             "Requests to providers' and forges' APIs, by kind (provider, forge), name and outcome (ok, error, throttled)",
             m.api_requests.clone(),
@@ -197,6 +218,12 @@ impl Metrics {
             self.hosts.get_or_create(&labels(&[("state", &h.state)])).set(h.count as i64);
             self.oldest_host_seconds.get_or_create(&labels(&[("state", &h.state)])).set(h.oldest_secs);
         }
+        self.budget_headroom.clear();
+        for (t, n) in &it.observed.budget_headroom {
+            self.budget_headroom.get_or_create(&labels(&[("instance_type", t)])).set(*n);
+        }
+        self.hosts_cost_per_day.set(it.observed.cost_per_day);
+        self.hosts_cost_so_far.set(it.observed.cost_so_far);
         self.pending_review.set(it.pending_review.len() as i64);
         self.unserved_jobs.set(it.demand.unserved.len() as i64);
         let (asked, not_modified) = it.forge_requests;

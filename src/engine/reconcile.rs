@@ -217,6 +217,11 @@ pub struct Iteration {
 pub struct Observed {
     pub pools: Vec<PoolObserved>,
     pub hosts: Vec<HostsObserved>,
+    /// `budget.max_hosts` minus the hosts held, by instance type.
+    pub budget_headroom: Vec<(String, i64)>,
+    /// Dollars per day of the hosts held, and billed so far (the ledger's).
+    pub cost_per_day: f64,
+    pub cost_so_far: f64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -235,7 +240,7 @@ pub struct PoolObserved {
 
 #[derive(Debug, Clone, Default)]
 pub struct HostsObserved {
-    /// `in_use`, `idle`, `scrubbing`, `other`.
+    /// The ledger's state: `in_use`, `idle`, `scrubbing`, `settling`, `due`, `held`, `other`.
     pub state: String,
     pub count: usize,
     pub oldest_secs: i64,
@@ -288,19 +293,24 @@ fn observe(
             oldest_queued_secs: served.iter().map(|j| (now - j.queued_at).num_seconds()).max().unwrap_or(0),
         });
     }
+    // Host states as the ledger has them (in_use, idle, scrubbing, settling, due, held, other).
     let mut hosts: std::collections::BTreeMap<&str, (usize, i64)> = Default::default();
-    for h in actual.hosts.iter().filter(|h| h.state != crate::core::model::HostState::Released) {
-        let state = match h.state {
-            _ if !h.instance_ids.is_empty() => "in_use",
-            crate::core::model::HostState::Available => "idle",
-            crate::core::model::HostState::Pending => "scrubbing",
-            _ => "other",
-        };
-        let e = hosts.entry(state).or_default();
-        e.0 += 1;
-        if h.allocated_at != crate::core::model::UNKNOWN_ALLOCATION {
-            e.1 = e.1.max((now - h.allocated_at).num_seconds());
+    for e in crate::core::cost::ledger(desired, &actual.hosts, now) {
+        let h = hosts.entry(e.state.as_str()).or_default();
+        h.0 += 1;
+        if let Some(held) = e.hours_held {
+            h.1 = h.1.max((held * 3600.0) as i64);
         }
+        out.cost_per_day += e.price_per_hour.unwrap_or(0.0) * 24.0;
+        out.cost_so_far += e.cost_so_far.unwrap_or(0.0);
+    }
+    for (itype, max) in &desired.budget.max_hosts {
+        let held = actual
+            .hosts
+            .iter()
+            .filter(|h| h.state != crate::core::model::HostState::Released && &h.instance_type == itype)
+            .count() as i64;
+        out.budget_headroom.push((itype.clone(), *max as i64 - held));
     }
     out.hosts = hosts
         .into_iter()

@@ -1098,3 +1098,52 @@ fn throttled_aws_requests_are_counted() {
     // Discovery's first request is tried twice (max_attempts: 2), each a throttled request of its own.
     assert!(throttled() >= 2, "every attempt was counted as throttled: {}", throttled());
 }
+
+/// Issue 20 on moto: the plan says what it commits (terminal and JSON), a budget defers the host past
+/// `max_hosts`, and `nimbus hosts` lists the ledger with what the host has cost.
+#[test]
+fn the_ledger_costs_and_budgets_on_moto() {
+    let Some(url) = moto() else { return };
+    let f = Fleet::new(&url, "ledger");
+    let write = |extra: &str| {
+        std::fs::write(f.dir.path().join("fleet.yaml"), fleet(&f.tenant, 2, 1, None) + extra).unwrap();
+    };
+    write("budget:\n  max_hosts: {mac2.metal: 1}\n");
+    let plan = f.plan_json(&[]);
+    assert_eq!(plan["format_version"], "1.5");
+    assert_eq!(kinds(&plan).iter().filter(|k| *k == "allocate_host").count(), 1, "the budget allows one host");
+    let deferred = plan["deferred"].as_array().unwrap();
+    assert!(
+        deferred.iter().any(|d| d["kind"] == "budget" && d["reason"].as_str().unwrap().contains("budget.max_hosts")),
+        "{deferred:?}"
+    );
+    let cost = &plan["cost"];
+    assert_eq!(cost["currency"], "USD");
+    // One host's 24 hours plus the Linux instance's minute.
+    assert!((cost["committed_hours"].as_f64().unwrap() - (24.0 + 1.0 / 60.0)).abs() < 1e-6, "{cost}");
+    assert!((cost["committed"].as_f64().unwrap() - (24.0 * 0.65 + 0.0832 / 60.0)).abs() < 1e-6, "{cost}");
+    let o = f.ok(&["plan"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Cost: this plan commits $15.60 (24.0 host-hours)"), "{out}");
+    assert!(out.contains("when the budget allows"), "{out}");
+    // The budget's deferral is drift: a drift check says so.
+    assert_eq!(f.run(&["plan", "--detailed-exitcode"]).status.code(), Some(2));
+    f.ok(&["apply", "--auto-approve"]);
+    let o = f.ok(&["hosts", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let hosts = v["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 1, "{v}");
+    assert_eq!(hosts[0]["state"], "in_use");
+    assert_eq!(hosts[0]["hours_billed"], 24.0);
+    assert!((hosts[0]["cost_so_far"].as_f64().unwrap() - 15.6).abs() < 1e-9);
+    assert_eq!(hosts[0]["machine"], format!("nimbus.{}.mac.0", f.tenant));
+    assert_eq!(hosts[0]["release_policy"], "asap");
+    let o = f.ok(&["hosts"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("in_use") && out.contains("$15.60"), "{out}");
+    // The budget raised: the second host is allocated.
+    write("budget:\n  max_hosts: {mac2.metal: 2}\n");
+    let plan = f.plan_json(&[]);
+    assert_eq!(kinds(&plan).iter().filter(|k| *k == "allocate_host").count(), 1);
+    assert!(plan["deferred"].as_array().unwrap().iter().all(|d| d["kind"] != "budget"));
+}

@@ -195,3 +195,26 @@ fn reimage_never_is_warned_about() {
     assert!(config::warnings(&c).is_empty());
     assert!(nimbus::core::model::Desired::from_config(&c).pools[0].runner.as_ref().unwrap().reimage_after_job);
 }
+
+/// Issue 20: `pricing`, `budget` and `hosts.release` are checked with positions and hints.
+#[test]
+fn cost_settings_are_checked() {
+    let base = "version: 1\ntenant: t\nproviders:\n  aws: {type: aws, region: us-east-1, hosts: {release: {idle-for: 2h}}}\npools:\n  - name: mac\n    provider: aws\n    count: 1\n    hosts: {release: never}\n    machine: {os: macos, arch: arm64, instance_type: mac2.metal, image: ami-1, availability_zone: us-east-1a}\n";
+    let ok = nimbus::config::parse("fleet.yaml", &format!("{base}pricing:\n  mac2.metal: 0.7\nbudget:\n  max_hosts: {{mac2.metal: 3}}\n  max_commit_per_plan: \"$500\"\n")).unwrap();
+    let d = nimbus::core::model::Desired::from_config(&ok);
+    assert_eq!(d.price("aws", "mac2.metal"), Some(0.7));
+    assert_eq!(d.budget.max_commit_per_plan, Some(500.0));
+    assert_eq!(d.pools[0].host_release, Some(nimbus::core::cost::ReleasePolicy::Never));
+    for (bad, want) in [
+        ("budget:\n  max_commit_per_plan: lots\n", "`lots` is not an amount of money"),
+        ("budget:\n  max_hosts: {mac2.metall: 3}\n", "no pool uses instance type `mac2.metall`"),
+        ("pricing:\n  mac2.metal: -1\n", "not a non-negative number"),
+    ] {
+        let e = nimbus::config::parse("fleet.yaml", &format!("{base}{bad}")).unwrap_err();
+        let text = format!("{:?}", miette::Report::new(e));
+        assert!(text.contains(want), "{bad}: {text}");
+        assert!(text.contains("fleet.yaml:"), "{bad}: the position is given: {text}");
+    }
+    let e = nimbus::config::parse("fleet.yaml", &base.replace("release: never", "release: sometimes")).unwrap_err();
+    assert!(format!("{:?}", miette::Report::new(e)).contains("sometimes"));
+}
