@@ -2,14 +2,10 @@
 //! plan's actions to an [`Actual`] the way a faithful provider and forge
 //! would. Strict: an action that a real provider would refuse panics.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
-use petgraph::algo::toposort;
 
 use crate::config::{Arch, Os, RunnerMode};
 use crate::core::model::*;
-use crate::core::plan::{ActionKind, HostRef, Plan};
 
 /// A pool with sensible defaults for tests.
 pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: &str) -> DesiredPool {
