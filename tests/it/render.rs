@@ -169,3 +169,21 @@ fn hostile_values_are_defused_in_both_views() {
         assert!(!md.contains(live), "`{live}` is live in: {md}");
     }
 }
+
+/// Issue 20: the terminal and Markdown views end with what the plan commits and what the fleet costs per day.
+#[test]
+fn both_views_show_the_cost_line() {
+    let d = desired("acme", vec![pool("mac", "aws", 2, "mac2.metal", "ami-1")]);
+    let world = Actual { runners: Some(vec![]), ..Actual::default() };
+    let t = Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap();
+    let doc = PlanDocument::from_plan(&plan(&d, &world, t), None, None).with_cost(&d);
+    let want = "Cost: this plan commits $31.20 (48.0 host-hours); the fleet costs $31.20/day at its planned size";
+    let out = text::render(&doc, text::Style { color: false });
+    assert!(out.contains(want), "{out}");
+    let md = markdown::render(&doc);
+    assert!(md.contains("Cost: this plan commits $31.20") && md.contains("48.0 host-hours"), "{md}");
+    let json: serde_json::Value = serde_json::from_str(&doc.to_json()).unwrap();
+    assert_eq!(json["cost"]["actions"].as_array().unwrap().len(), 2, "one entry per allocation");
+    assert_eq!(json["cost"]["actions"][0]["kind"], "allocate_host");
+    assert_eq!(json["cost"]["actions"][0]["hours"], 24.0);
+}

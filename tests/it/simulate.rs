@@ -104,9 +104,10 @@ fn hold_or_release_follows_the_policy() {
     assert!(release_decision(&fleet_with(Some(ReleasePolicy::Never)), &h, t0()).is_err());
 
     let world = |h: &Host| Actual { hosts: vec![h.clone()], runners: Some(vec![]), ..Actual::default() };
-    // asap: released now.
+    // asap: released now, saying what that saves.
     let p = plan(&fleet_with(None), &world(&h), t0());
     assert!(p.actions().any(|(_, a)| matches!(a.kind, ActionKind::ReleaseHost { .. })));
+    assert!(p.changes[0].reason.contains("releasing it saves $15.60/day"), "{}", p.changes[0].reason);
     // idle-for 2h: kept one more hour, said with its time and money.
     let p = plan(&fleet_with(Some(idle_2h)), &world(&h), t0());
     assert_eq!(p.actions().count(), 0);

@@ -255,7 +255,18 @@ impl<'a> Builder<'a> {
                             state: h.state,
                             allocated_at: h.allocated_at,
                         });
-                        self.changes.push(ResourceChange::delete(subject, ChangeReason::IdleHost, before, ids));
+                        let mut change = ResourceChange::delete(subject, ChangeReason::IdleHost, before, ids);
+                        // The money either way: what keeping it would cost, which releasing it saves.
+                        let per_day = self.desired.price(&h.provider, &h.instance_type).map(|p| p * 24.0);
+                        change.reason = format!(
+                            "{} (hosts.release: {}): releasing it saves {}",
+                            change.reason,
+                            self.desired.release_policy(h).describe(),
+                            per_day
+                                .map(|d| format!("{}/day", crate::core::cost::money(d)))
+                                .unwrap_or_else(|| "its unpriced cost".into())
+                        );
+                        self.changes.push(change);
                     }
                 }
                 HostState::Pending => self.deferred.push(Deferred {
