@@ -494,10 +494,23 @@ YAML
   echo "peers: prometheus on $NIMBUS_PROMETHEUS_URL" >&2
 }
 
+# regopy (PyPI: Python bindings of rego-cpp) is the second, independent Rego implementation the policy tests
+# cross-check regorus with. It goes into the peers' venv (made by start_moto).
+setup_regopy() {
+  local venv="$PEERS_DIR/venv"
+  if ! "$venv/bin/python" -c 'import regopy' 2>/dev/null; then
+    "$venv/bin/pip" install -q --disable-pip-version-check 'regopy==1.5.2' >/dev/null
+  fi
+  "$venv/bin/python" -c 'import regopy' || { echo "peers: regopy did not install" >&2; return 1; }
+  export NIMBUS_REGOPY_PYTHON="$venv/bin/python"
+  echo "peers: regopy $("$venv/bin/python" -c 'import regopy; print(regopy.__version__)')"
+}
+
 peers_start() {
   mkdir -p "$PEERS_DIR"
   ensure_apt sqlite3:sqlite3 curl:curl
   start_moto
+  setup_regopy
   start_sshd
   start_prism
   start_prometheus

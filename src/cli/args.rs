@@ -94,6 +94,10 @@ pub struct PlanArgs {
     /// credential, or chooses whose resources are read or where state lives.
     #[arg(long, value_name = "BASE_FLEET_FILE")]
     pub trusted_base: Option<PathBuf>,
+    /// Check the plan against the Rego policies in PATH (a file or a folder; repeatable), besides the fleet file's
+    /// `policy.paths`. A `deny` fails the plan (exit 1).
+    #[arg(long = "policy", value_name = "PATH")]
+    pub policy: Vec<PathBuf>,
     /// Plan against a recorded inventory (`nimbus discover -o`) instead of discovering.
     #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,
@@ -136,6 +140,10 @@ pub struct ApplyArgs {
     /// runner's removal waits until its job has finished.
     #[arg(long)]
     pub interrupt_jobs: bool,
+    /// Check the plan against the Rego policies in PATH too (besides `policy.paths`); a `deny` stops the apply
+    /// before anything runs.
+    #[arg(long = "policy", value_name = "PATH")]
+    pub policy: Vec<PathBuf>,
     /// How many actions may run at once.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub parallelism: u32,

@@ -82,6 +82,8 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
     take("fleet".into(), v.get("fleet"));
     take("adopt_fleets".into(), v.get("adopt_fleets"));
     take("env_passthrough".into(), v.get("env_passthrough"));
+    // The policies a plan must pass: a pull request cannot choose (or weaken) them.
+    take("policy".into(), v.get("policy"));
     for k in [
         "proxy_command",
         "jump_host",

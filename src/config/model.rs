@@ -68,6 +68,18 @@ pub struct FleetConfig {
     /// Spending limits: allocations past them are deferred with the reason, never made silently.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetConfig>,
+    /// Rego policies every plan and apply is checked against (conftest's conventions: `deny`/`warn` in package
+    /// `main` or `nimbus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyConfig>,
+}
+
+/// `policy:`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Files or folders of `.rego` policies, relative to the fleet file.
+    pub paths: Vec<String>,
 }
 
 /// `budget:`.

@@ -169,3 +169,32 @@ pub fn unserved_warnings(demand: &crate::core::scale::Demand) -> Vec<crate::core
         })
         .collect()
 }
+
+/// Checks `doc` against the fleet's Rego policies (`policy.paths`, relative to the fleet file) and `extra` ones
+/// (`--policy`): the report goes into the document, and `warn` messages become its warnings. Nothing to check:
+/// nothing changes.
+pub fn check_policies(
+    loaded: &LoadedConfig,
+    extra: &[std::path::PathBuf],
+    doc: &mut crate::core::plan::document::PlanDocument,
+) -> Result<(), crate::engine::policy::PolicyError> {
+    let base = loaded.path.parent().unwrap_or(std::path::Path::new("."));
+    let mut paths: Vec<std::path::PathBuf> =
+        loaded.config.policy.iter().flat_map(|p| p.paths.iter()).map(|p| base.join(p)).collect();
+    paths.extend(extra.iter().cloned());
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let mut policies = crate::engine::policy::Policies::load(&paths)?;
+    doc.policy = None;
+    let report = policies.evaluate(&doc.to_json())?;
+    for w in &report.warnings {
+        doc.warnings.push(crate::core::plan::Warning {
+            address: "policy".into(),
+            message: w.clone(),
+            kind: crate::core::plan::WarningKind::Other,
+        });
+    }
+    doc.policy = Some(report);
+    Ok(())
+}

@@ -7,5 +7,6 @@ pub mod clients;
 pub mod discovery;
 pub mod fleet;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
 pub mod walk;

@@ -10,6 +10,20 @@ pub fn require_peers() -> bool {
 }
 
 /// The peer's URL from `var`, or `None` (skip) when absent outside CI.
+/// A peer that is not a server (a tool path): its variable's value, or a skip (a failure when peers are required).
+pub fn peer_value(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) => Some(v),
+        Err(_) if require_peers() => {
+            panic!("{what} is required (NIMBUS_REQUIRE_PEERS=1) but {var} is not set; run `bash scripts/test.sh`")
+        }
+        Err(_) => {
+            eprintln!("skipping: {what} is not set up ({var} unset); `bash scripts/test.sh` sets it up");
+            None
+        }
+    }
+}
+
 pub fn peer(var: &str, what: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(url) => {

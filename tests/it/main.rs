@@ -20,6 +20,7 @@ mod kill_rerun;
 mod local_apply;
 mod planner;
 mod planner_props;
+mod policy;
 mod reconcile;
 mod remote_state;
 mod render;

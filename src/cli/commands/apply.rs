@@ -95,6 +95,24 @@ pub fn apply(args: &ApplyArgs, out: Output, quiet_progress: bool) -> Result<u8, 
     }
 }
 
+/// The policies' verdict on the plan, before anything runs: a `deny` refuses the apply.
+fn policy_gate(
+    loaded: &config::LoadedConfig,
+    extra: &[PathBuf],
+    doc: &mut crate::core::plan::document::PlanDocument,
+) -> Result<(), CommandError> {
+    crate::engine::fleet::check_policies(loaded, extra, doc).map_err(|e| {
+        CommandError::usage(e.to_string(), "fix the policy file, or the path given to --policy / policy.paths")
+    })?;
+    match doc.policy.as_ref().filter(|p| p.denied()) {
+        Some(p) => Err(CommandError::usage(
+            format!("the policies deny this plan, so nothing was applied: {}", p.denies.join("; ")),
+            "change the fleet file (or the policy) until no `deny` rule fires",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The apply itself, inside an open session.
 fn apply_in(
     args: &ApplyArgs,
@@ -141,12 +159,19 @@ fn apply_in(
                 fingerprint: &actual.fingerprint(),
                 now,
             };
-            planfile::check(&saved, &current, |at| document(&loaded, &desired, &actual, at, "discovery"))?
+            let mut doc =
+                planfile::check(&saved, &current, |at| document(&loaded, &desired, &actual, at, "discovery"))?;
+            policy_gate(&loaded, &args.policy, &mut doc)?;
+            doc
         }
         None => {
             let mut doc = document(&loaded, &desired, &actual, now, "discovery");
             doc.warnings.extend(super::clock_warnings(&providers));
             doc.warnings.extend(demand_warnings);
+            if let Err(e) = policy_gate(&loaded, &args.policy, &mut doc) {
+                out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
+                return Err(e);
+            }
             out!("{}", text::render(&doc, text::Style { color: out.stdout_color }));
             if doc.has_changes() && !args.auto_approve && !confirm() {
                 errln!("\nApply cancelled.");

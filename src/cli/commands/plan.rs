@@ -127,7 +127,10 @@ pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
     for w in config::warnings(&loaded.config) {
         errln!("warning: {w}");
     }
-    let doc = build_document(&loaded, args)?;
+    let mut doc = build_document(&loaded, args)?;
+    crate::engine::fleet::check_policies(&loaded, &args.policy, &mut doc).map_err(|e| {
+        CommandError::usage(e.to_string(), "fix the policy file, or the path given to --policy / policy.paths")
+    })?;
     if args.json {
         out!("{}", doc.to_json());
     } else if args.markdown {
@@ -139,6 +142,12 @@ pub fn plan(args: &PlanArgs, out: Output) -> Result<u8, CommandError> {
         // The saved plan carries the fleet file it was made from: apply plans again from it.
         crate::core::plan::planfile::write(path, &doc, &loaded.source)?;
         errln!("Saved the plan to `{}`. Apply it with `nimbus apply {}`.", path.display(), path.display());
+    }
+    if let Some(p) = doc.policy.as_ref().filter(|p| p.denied()) {
+        return Err(CommandError::usage(
+            format!("the policies deny this plan: {}", p.denies.join("; ")),
+            "change the fleet file (or the policy) until no `deny` rule fires; `apply` refuses a denied plan",
+        ));
     }
     let unchecked = doc.unchecked();
     if args.detailed_exitcode && !unchecked.is_empty() {

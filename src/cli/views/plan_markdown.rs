@@ -200,6 +200,14 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
             let _ = writeln!(o, "\n…and {cut} more deferred action(s).");
         }
     }
+    if let Some(p) = doc.policy.as_ref().filter(|p| p.denied()) {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "#### Policy: denied");
+        let _ = writeln!(o);
+        for d in &p.denies {
+            let _ = writeln!(o, "- ❌ {}", escape(d));
+        }
+    }
     if !doc.warnings.is_empty() {
         let _ = writeln!(o);
         let _ = writeln!(o, "#### Warnings");

@@ -137,6 +137,13 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
             let _ = writeln!(o, "  {} {}: {}", st.yellow("!"), safe(&w.address), safe(&w.message));
         }
     }
+    if let Some(p) = doc.policy.as_ref().filter(|p| p.denied()) {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "{}", st.bold(&format!("Policy denied this plan ({} file(s) checked):", p.files.len())));
+        for d in &p.denies {
+            let _ = writeln!(o, "  {} {}", st.red("✗"), safe(d));
+        }
+    }
     if !doc.resource_changes.is_empty() || !doc.deferred.is_empty() {
         let _ = writeln!(o);
         let mut line = st.bold(&summary_line(&doc.summary));

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::plan::{Action, Deferred, Plan, ResourceChange, Summary, Warning};
 
 /// `format_version` of the JSON plan. Minor versions only add keys; consumers ignore unknown keys.
-pub const PLAN_FORMAT_VERSION: &str = "1.5";
+pub const PLAN_FORMAT_VERSION: &str = "1.6";
 
 /// The JSON plan document (`nimbus plan --json`, and the saved plan of `-out`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,9 @@ pub struct PlanDocument {
     /// its planned size (format 1.5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<crate::core::cost::PlanCost>,
+    /// What the Rego policies said (`--policy`, `policy.paths`; format 1.6): a plan with `denies` is not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::engine::policy::PolicyReport>,
 }
 
 /// The fleet file a plan was made from.
@@ -67,6 +70,32 @@ pub struct ActionDoc {
     pub action: Action,
 }
 
+/// A resource change with Terraform's fields: `type`, `provider_name` and the `change` object.
+fn terraform_shaped(plan: &Plan, c: &ResourceChange) -> ResourceChange {
+    use crate::core::plan::ResourceKind;
+    let mut c = c.clone();
+    c.resource_type = match c.kind {
+        ResourceKind::Machine => "nimbus_machine",
+        ResourceKind::Host => "nimbus_host",
+        ResourceKind::Runner => "nimbus_runner",
+    }
+    .to_string();
+    c.provider_name = c
+        .action_ids
+        .iter()
+        .filter_map(|id| plan.graph.node_weight(petgraph::graph::NodeIndex::new(*id)))
+        .find_map(|a| a.kind.provider().map(str::to_string))
+        .or_else(|| c.after.as_ref().or(c.before.as_ref()).and_then(|v| v["provider"].as_str()).map(str::to_string))
+        .unwrap_or_else(|| "forge".into());
+    c.change = Some(crate::core::plan::TerraformChange {
+        actions: c.actions.clone(),
+        before: c.before.clone(),
+        after: c.after.clone(),
+        replace_paths: c.replace_paths.iter().map(|p| vec![p.clone()]).collect(),
+    });
+    c
+}
+
 impl PlanDocument {
     pub fn from_plan(plan: &Plan, fleet: Option<FleetRef>, observed: Option<Observed>) -> Self {
         PlanDocument {
@@ -77,7 +106,7 @@ impl PlanDocument {
             fleet,
             observed,
             summary: plan.summary(),
-            resource_changes: plan.changes.clone(),
+            resource_changes: plan.changes.iter().map(|c| terraform_shaped(plan, c)).collect(),
             actions: plan
                 .actions()
                 .map(|(id, a)| ActionDoc { id, depends_on: plan.depends_on(id), action: a.clone() })
@@ -86,6 +115,7 @@ impl PlanDocument {
             warnings: plan.warnings.clone(),
             pending_review: Vec::new(),
             cost: None,
+            policy: None,
         }
     }
 

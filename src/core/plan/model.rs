@@ -145,6 +145,24 @@ impl ActionKind {
         }
     }
 
+    /// The fleet provider the action goes to (`None`: the forge).
+    pub fn provider(&self) -> Option<&str> {
+        match self {
+            ActionKind::AllocateHost { provider, .. }
+            | ActionKind::LaunchInstance { provider, .. }
+            | ActionKind::WaitReachable { provider, .. }
+            | ActionKind::ReimageMachine { provider, .. }
+            | ActionKind::RestartRunner { provider, .. }
+            | ActionKind::UpdateRunnerAgent { provider, .. }
+            | ActionKind::RepairState { provider, .. }
+            | ActionKind::RunSetup { provider, .. }
+            | ActionKind::RegisterRunner { provider, .. }
+            | ActionKind::TerminateInstance { provider, .. }
+            | ActionKind::ReleaseHost { provider, .. } => Some(provider),
+            ActionKind::UpdateRunnerLabels { .. } | ActionKind::DeregisterRunner { .. } => None,
+        }
+    }
+
     /// The machine the action is about, if any.
     pub fn machine(&self) -> Option<&str> {
         match self {
@@ -165,8 +183,28 @@ impl ActionKind {
     }
 }
 
+/// Terraform's `change` object of a resource change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TerraformChange {
+    pub actions: Vec<ChangeAction>,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+    #[serde(default)]
+    pub replace_paths: Vec<Vec<String>>,
+}
+
+/// How a setup step's script changed: a unified diff of the old text and the new.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ScriptDiff {
+    pub step: String,
+    /// Where the old text comes from: `machine` (what last ran there, from the journal) or `trusted base`.
+    pub from: String,
+    /// The unified diff (`---`/`+++` headers, `@@` hunks).
+    pub diff: String,
+}
+
 /// What happens to a resource, in Terraform's vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeAction {
     Create,
@@ -207,6 +245,20 @@ pub struct ResourceChange {
     /// Setup steps that will run, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub run_steps: Vec<String>,
+    /// Terraform's JSON plan shape (format 1.6): the resource type (`nimbus_machine`, `nimbus_host`,
+    /// `nimbus_runner`).
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub resource_type: String,
+    /// Terraform's `provider_name`: the fleet file's provider (`forge` for runners).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider_name: String,
+    /// Terraform's `change` object: `actions`, `before`, `after`, `replace_paths` (the same values as the flat
+    /// fields, which stay for compatibility).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<TerraformChange>,
+    /// Setup steps whose script changed: the diff of the old text and the new (format 1.6).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub script_diffs: Vec<ScriptDiff>,
     /// Ids of the actions that carry out this change.
     pub action_ids: Vec<usize>,
 }
@@ -240,6 +292,10 @@ impl ResourceChange {
             replace_paths: Vec::new(),
             run_steps: Vec::new(),
             action_ids: Vec::new(),
+            resource_type: String::new(),
+            provider_name: String::new(),
+            change: None,
+            script_diffs: Vec::new(),
         }
     }
 
