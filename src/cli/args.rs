@@ -52,8 +52,11 @@ pub enum Command {
     ForceUnlock(ForceUnlockArgs),
     /// Record what exists (an inventory) for offline planning.
     Discover(DiscoverArgs),
-    /// Print the JSON schema of the fleet file (for editors).
-    Schema,
+    /// Print a JSON schema: of the fleet file (the default, for editors), the JSON plan, or an inventory.
+    Schema {
+        #[arg(value_enum, default_value = "fleet")]
+        of: SchemaOf,
+    },
     /// Print a shell completion script (`nimbus completions bash > /etc/bash_completion.d/nimbus`).
     Completions {
         #[arg(value_enum)]
@@ -186,6 +189,13 @@ pub struct DiscoverArgs {
     /// Where to write the inventory (`-` for stdout).
     #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "-")]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SchemaOf {
+    Fleet,
+    Plan,
+    Inventory,
 }
 
 #[derive(Debug, Args)]

@@ -44,12 +44,13 @@ pub const DEFAULT_PRICES: &[(&str, f64)] = &[
 ];
 
 /// How a provider bills a machine or a host.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Billing {
     /// `second`, `hour` (each started hour), or `free`.
     pub unit: super::model::BillingUnit,
     /// The least time billed from the start (24 h for an EC2 Mac host, 60 s for an EC2 instance).
     #[serde(with = "super::model::secs")]
+    #[schemars(with = "u64")]
     pub minimum: Duration,
 }
 
@@ -109,7 +110,7 @@ impl ReleasePolicy {
 }
 
 /// Spending limits (`budget:`): hosts per instance type, and what one plan may commit.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Budget {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub max_hosts: BTreeMap<String, u32>,
@@ -185,7 +186,7 @@ impl Desired {
 }
 
 /// Where a dedicated host stands, for the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LedgerState {
     /// A machine runs on it.
@@ -219,7 +220,7 @@ impl LedgerState {
 }
 
 /// One dedicated host in the ledger.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LedgerEntry {
     pub host_id: String,
     pub provider: String,
@@ -381,7 +382,7 @@ fn entry(desired: &Desired, h: &Host, now: DateTime<Utc>) -> LedgerEntry {
 }
 
 /// What one action commits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ActionCost {
     pub action: usize,
     pub address: String,
@@ -394,7 +395,7 @@ pub struct ActionCost {
 }
 
 /// What a plan commits, and what the fleet costs per day at its planned size (plan JSON `cost`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 pub struct PlanCost {
     pub currency: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -17,7 +17,7 @@ pub use super::names::*;
 // ---------------------------------------------------------------- desired
 
 /// What the fleet should be, derived from a validated config.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Desired {
     pub tenant: String,
     pub providers: BTreeMap<String, ProviderInfo>,
@@ -38,7 +38,7 @@ pub struct Desired {
 
 /// A provider as the planner sees it: its kind (for messages only) and its capabilities. The planner never
 /// compares kinds.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ProviderInfo {
     pub kind: String,
     pub capabilities: Capabilities,
@@ -51,7 +51,7 @@ pub struct ProviderInfo {
 }
 
 /// What a provider can do, as it describes itself (`providers::<kind>::config`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Capabilities {
     /// Instance types that run on a dedicated host, and that host's minimum allocation.
     #[serde(default)]
@@ -64,31 +64,36 @@ pub struct Capabilities {
     pub reimage: bool,
     /// The least time a machine not on a dedicated host is billed for (EC2: 60 s).
     #[serde(default, with = "secs")]
+    #[schemars(with = "u64")]
     pub minimum_billed: Duration,
 }
 
 /// Machines of some instance types live on a dedicated host that must be kept at least `min_allocation`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct HostPolicy {
     /// A pattern of instance types; `*` matches any run of characters (`mac*.metal`).
     pub instance_types: String,
     #[serde(with = "secs")]
+    #[schemars(with = "u64")]
     pub min_allocation: Duration,
     /// Machines on such hosts are reimaged in place (keeping the host) rather than replaced.
     #[serde(default)]
     pub reimage: bool,
     /// Extra time past the window before a release (clock skew, billing granularity): fail late, never early.
     #[serde(default, with = "secs")]
+    #[schemars(with = "u64")]
     pub margin: Duration,
     /// After a scrub, how long a host that reports available is still not usable.
     #[serde(default, with = "secs")]
+    #[schemars(with = "u64")]
     pub post_available_delay: Duration,
     /// How long a scrub usually takes at most (for "expected by" in plans).
     #[serde(default, with = "secs")]
+    #[schemars(with = "u64")]
     pub scrub_estimate: Duration,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BillingUnit {
     #[default]
@@ -156,7 +161,7 @@ impl ProviderInfo {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct DesiredPool {
     pub name: String,
     pub provider: String,
@@ -178,12 +183,13 @@ pub struct DesiredPool {
 }
 
 /// A pool's demand bounds (`scale:`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ScaleSpec {
     pub min: u32,
     pub max: u32,
     pub idle: u32,
     #[serde(with = "secs")]
+    #[schemars(with = "u64")]
     pub idle_timeout: Duration,
     /// Windows overriding `min`/`idle` (`scale.schedule`), in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -191,7 +197,7 @@ pub struct ScaleSpec {
 }
 
 /// A validated `scale.schedule` window.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct WindowSpec {
     /// Days it holds on: 0 = Monday … 6 = Sunday; empty: every day.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -210,7 +216,7 @@ pub struct WindowSpec {
 /// `scale.idle_timeout` unless the fleet file says otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash, schemars::JsonSchema)]
 pub struct MachineSpec {
     pub os: Os,
     pub arch: Arch,
@@ -239,12 +245,13 @@ impl MachineSpec {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct RunnerSpec {
     pub labels: Vec<String>,
     pub mode: RunnerMode,
     /// How long the runner may be offline before it is repaired (`runner.offline_grace`).
     #[serde(default = "default_offline_grace", with = "secs")]
+    #[schemars(with = "u64")]
     pub offline_grace: Duration,
     /// Reimage the machine after each job of an ephemeral runner (`runner.reimage`, on unless `never`).
     #[serde(default)]
@@ -270,7 +277,7 @@ impl RunnerSpec {
 }
 
 /// A setup step as the planner sees it: its name and a hash of its script.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct StepSpec {
     pub name: String,
     pub hash: String,
@@ -278,6 +285,7 @@ pub struct StepSpec {
     pub run: String,
     /// How long it may run.
     #[serde(default = "default_step_timeout", with = "secs")]
+    #[schemars(with = "u64")]
     pub timeout: Duration,
 }
 
@@ -401,7 +409,7 @@ impl Desired {
 // ---------------------------------------------------------------- actual
 
 /// What exists, as discovered (read-only) from providers, the forge and machines.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Actual {
     pub hosts: Vec<Host>,
     pub machines: Vec<ActualMachine>,
@@ -427,7 +435,7 @@ pub struct Actual {
 }
 
 /// A resource a run made that discovery has not seen yet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MadeUnseen {
     pub provider: String,
     /// The machine it was made for.
@@ -444,7 +452,7 @@ pub struct MadeUnseen {
 
 /// A resource of this tenant and provider that another fleet file manages (its `nimbus:fleet` tag): left alone,
 /// and its machine name is not reused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OtherFleetResource {
     pub provider: String,
     /// Provider id (instance id, host id, sandbox folder).
@@ -459,7 +467,7 @@ pub struct OtherFleetResource {
 
 /// A resource that carries this tenant's name but cannot be used: a damaged record, or a resource that
 /// no provider can claim as its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Unusable {
     pub provider: String,
     /// Provider id (instance id, host id, sandbox folder).
@@ -473,7 +481,7 @@ pub struct Unusable {
     pub hint: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
     Available,
@@ -503,7 +511,7 @@ pub fn host_window_end(providers: &BTreeMap<String, ProviderInfo>, host: &Host) 
 }
 
 /// A dedicated host (EC2 Mac).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Host {
     pub provider: String,
     pub id: String,
@@ -522,7 +530,7 @@ pub struct Host {
     pub instance_ids: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     Pending,
@@ -541,7 +549,7 @@ impl InstanceState {
 }
 
 /// One machine: an instance (or sandbox) plus what it says about itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ActualMachine {
     pub provider: String,
     /// Provider id (EC2 instance id, sandbox folder).
@@ -572,7 +580,7 @@ impl ActualMachine {
 }
 
 /// What the machine's own state database says, if it could be read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum OnMachine {
     /// Not read (the instance is not running yet, or discovery skipped it).
@@ -586,7 +594,7 @@ pub enum OnMachine {
 }
 
 /// The on-machine state database, as the planner needs it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MachineState {
     /// Completed (or failed) setup steps, in the order they ran.
     pub steps: Vec<StepRecord>,
@@ -599,7 +607,7 @@ pub struct MachineState {
     pub lifecycle: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     Running,
@@ -609,14 +617,14 @@ pub enum StepStatus {
     TimedOut,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepRecord {
     pub name: String,
     pub hash: String,
     pub status: StepStatus,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RunnerRecord {
     pub name: String,
     pub labels: Vec<String>,
@@ -631,7 +639,7 @@ pub struct RunnerRecord {
 }
 
 /// A runner registered on the forge.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ForgeRunner {
     pub id: u64,
     pub name: String,
@@ -647,7 +655,7 @@ pub struct ForgeRunner {
 }
 
 /// A job queued on the forge, waiting for a runner.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct QueuedJob {
     pub id: u64,
     /// The labels it asks for (`runs-on`): a runner must have every one.
@@ -655,8 +663,15 @@ pub struct QueuedJob {
     pub queued_at: DateTime<Utc>,
 }
 
+/// The JSON schema of an inventory (`schemas/inventory.schema.json`, `nimbus schema inventory`).
+pub fn inventory_schema_text() -> String {
+    let mut s = serde_json::to_string_pretty(&schemars::schema_for!(Inventory)).expect("schema serialises");
+    s.push('\n');
+    s
+}
+
 /// A recorded discovery, for `nimbus discover -o` / `plan --inventory`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Inventory {
     pub format_version: String,
     pub tenant: String,

@@ -182,3 +182,70 @@ fn a_denied_plan_fails_and_is_never_applied() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("broken.rego"), "{}", text(&o));
 }
+
+/// The published plan and inventory schemas are the ones the code generates.
+#[test]
+fn plan_and_inventory_schemas_are_published() {
+    for (file, generated) in [
+        ("schemas/plan.schema.json", nimbus::core::plan::document::schema_text()),
+        ("schemas/inventory.schema.json", nimbus::core::model::inventory_schema_text()),
+    ] {
+        if std::env::var_os("NIMBUS_UPDATE_SCHEMA").is_some() {
+            std::fs::write(file, &generated).unwrap();
+        }
+        assert!(
+            std::fs::read_to_string(file).unwrap_or_default() == generated,
+            "{file} is out of date; regenerate it with `nimbus schema plan|inventory > {file}`"
+        );
+    }
+}
+
+/// A hand-edited plan file that breaks the schema is refused by `apply` with the JSON path of the error, before
+/// the fleet is locked or anything is read; so is an inventory. (Every plan the suite prints is checked against
+/// the schema by debug builds: `PlanDocument::to_json`.)
+#[test]
+fn documents_are_checked_against_their_schemas_at_the_door() {
+    let dir = tempfile::tempdir().unwrap();
+    quickstart(dir.path(), "ubuntu-24.04", None);
+    let o = nimbus_env(dir.path(), &["plan", "-out", "plan.json"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("plan.json")).unwrap()).unwrap();
+    v["resource_changes"][1]["actions"] = serde_json::json!("create");
+    std::fs::write(dir.path().join("edited.json"), serde_json::to_string(&v).unwrap()).unwrap();
+    let journal = dir.path().join(".nimbus/journal.db");
+    let stamp = || std::fs::metadata(&journal).and_then(|m| m.modified()).ok();
+    let before = stamp();
+    let o = nimbus_env(dir.path(), &["apply", "edited.json"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // (miette wraps long lines: compare without the wrapping.)
+    let flat = |s: &str| s.chars().filter(|c| !c.is_whitespace() && *c != '│').collect::<String>();
+    assert!(flat(&err).contains(&flat("does not match the plan schema at `/resource_changes/1/actions`")), "{err}");
+    assert_eq!(stamp(), before, "refused before the journal was opened: {err}");
+    assert!(!dir.path().join(".nimbus/local").exists(), "nothing was made");
+    // An action of a kind no nimbus knows.
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("plan.json")).unwrap()).unwrap();
+    v["actions"][0]["type"] = serde_json::json!("format_disk");
+    std::fs::write(dir.path().join("edited.json"), serde_json::to_string(&v).unwrap()).unwrap();
+    let o = nimbus_env(dir.path(), &["apply", "edited.json"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(flat(&String::from_utf8_lossy(&o.stderr)).contains("at`/actions/0`"), "{}", text(&o));
+    // An inventory: recorded, accepted; edited, refused with its path.
+    let o = nimbus_env(dir.path(), &["discover", "-o", "inv.json"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(nimbus_env(dir.path(), &["plan", "--inventory", "inv.json"], &[]).status.code(), Some(0));
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("inv.json")).unwrap()).unwrap();
+    v["observed_at"] = serde_json::json!(12);
+    std::fs::write(dir.path().join("inv.json"), serde_json::to_string(&v).unwrap()).unwrap();
+    let o = nimbus_env(dir.path(), &["plan", "--inventory", "inv.json"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        flat(&String::from_utf8_lossy(&o.stderr))
+            .contains(&flat("does not match the inventory schema at `/observed_at`")),
+        "{}",
+        text(&o)
+    );
+}

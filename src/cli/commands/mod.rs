@@ -68,8 +68,15 @@ pub fn run(cli: Cli) -> u8 {
         Command::Discover(a) => discover::discover(&a),
         Command::Hosts(a) => hosts::hosts(&a),
         Command::Simulate(a) => simulate::simulate(&a),
-        Command::Schema => {
-            out!("{}", config::json_schema_text());
+        Command::Schema { of } => {
+            out!(
+                "{}",
+                match of {
+                    crate::cli::SchemaOf::Fleet => config::json_schema_text(),
+                    crate::cli::SchemaOf::Plan => crate::core::plan::document::schema_text(),
+                    crate::cli::SchemaOf::Inventory => crate::core::model::inventory_schema_text(),
+                }
+            );
             Ok(exit::OK)
         }
         Command::Completions { shell } => {

@@ -38,7 +38,20 @@ fn read_inventory(path: &Path, tenant: &str) -> Result<Inventory, CommandError> 
         path: path.to_path_buf(),
         source,
     })?;
-    let inv: Inventory = serde_json::from_str(&text).map_err(|e| {
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        CommandError::usage(
+            format!("`{}` is not a nimbus inventory: {e}", path.display()),
+            "record one with `nimbus discover -f fleet.yaml -o inventory.json`",
+        )
+    })?;
+    // At the door: the published schema, with the JSON path of the first error.
+    crate::core::plan::document::check_against(&crate::core::model::inventory_schema_text(), &value).map_err(|m| {
+        CommandError::usage(
+            format!("`{}` does not match the inventory schema {m}", path.display()),
+            "record it again with `nimbus discover -o FILE`; an inventory is not edited by hand",
+        )
+    })?;
+    let inv: Inventory = serde_json::from_value(value).map_err(|e| {
         CommandError::usage(
             format!("`{}` is not a nimbus inventory: {e}", path.display()),
             "record one with `nimbus discover -f fleet.yaml -o inventory.json`",

@@ -11,7 +11,7 @@ use crate::core::plan::{Action, Deferred, Plan, ResourceChange, Summary, Warning
 pub const PLAN_FORMAT_VERSION: &str = "1.6";
 
 /// The JSON plan document (`nimbus plan --json`, and the saved plan of `-out`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlanDocument {
     pub format_version: String,
     pub nimbus_version: String,
@@ -41,7 +41,7 @@ pub struct PlanDocument {
 }
 
 /// The fleet file a plan was made from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FleetRef {
     pub path: String,
     /// sha256 of the file's bytes: a saved plan is refused when the file changed.
@@ -53,7 +53,7 @@ pub struct FleetRef {
 }
 
 /// What the plan was compared against.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Observed {
     /// `discovery` or `inventory`.
     pub source: String,
@@ -62,12 +62,33 @@ pub struct Observed {
 }
 
 /// An action with its id and dependencies.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ActionDoc {
     pub id: usize,
     pub depends_on: Vec<usize>,
     #[serde(flatten)]
     pub action: Action,
+}
+
+/// The JSON schema of the plan document (`schemas/plan.schema.json`, `nimbus schema plan`).
+pub fn schema_text() -> String {
+    let mut s = serde_json::to_string_pretty(&schemars::schema_for!(PlanDocument)).expect("schema serialises");
+    s.push('\n');
+    s
+}
+
+/// Checks a document's JSON against a schema before anything reads it: the JSON path and message of the first
+/// error, or nothing.
+pub fn check_against(schema_text: &str, doc: &serde_json::Value) -> Result<(), String> {
+    let schema: serde_json::Value = serde_json::from_str(schema_text).map_err(|e| e.to_string())?;
+    let validator = jsonschema::validator_for(&schema).map_err(|e| e.to_string())?;
+    match validator.iter_errors(doc).next() {
+        None => Ok(()),
+        Some(e) => {
+            let path = e.instance_path.to_string();
+            Err(format!("at `{}`: {e}", if path.is_empty() { "/".to_string() } else { path }))
+        }
+    }
 }
 
 /// A resource change with Terraform's fields: `type`, `provider_name` and the `change` object.
@@ -176,6 +197,19 @@ impl PlanDocument {
     pub fn to_json(&self) -> String {
         let mut s = serde_json::to_string_pretty(self).expect("plan serialises");
         s.push('\n');
+        // Debug builds (the test suite) check every plan they print against the published schema.
+        #[cfg(debug_assertions)]
+        {
+            static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+            let v = SCHEMA.get_or_init(|| {
+                let schema: serde_json::Value = serde_json::from_str(&schema_text()).expect("plan schema");
+                jsonschema::validator_for(&schema).expect("plan schema compiles")
+            });
+            let value: serde_json::Value = serde_json::from_str(&s).expect("plan JSON");
+            if let Some(e) = v.iter_errors(&value).next() {
+                panic!("a plan does not match schemas/plan.schema.json at `{}`: {e}", e.instance_path);
+            }
+        }
         s
     }
 }

@@ -13,7 +13,7 @@ use super::reason::{ChangeReason, ReplaceCause, UpdateCause};
 use crate::core::model::MachineSpec;
 
 /// One step of an apply.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Action {
     /// The resource this step belongs to (`macos[2]`, `host.h-0123`, `runner.NAME`).
     pub address: String,
@@ -22,7 +22,7 @@ pub struct Action {
 }
 
 /// Where a launch places its instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum HostRef {
     /// A host that exists now (kept, or idle and reused).
@@ -32,13 +32,13 @@ pub enum HostRef {
 }
 
 /// A setup step to run, by name and script hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StepRef {
     pub name: String,
     pub hash: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ActionKind {
     AllocateHost {
@@ -212,7 +212,7 @@ pub enum ChangeAction {
     Delete,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResourceKind {
     Machine,
@@ -221,7 +221,7 @@ pub enum ResourceKind {
 }
 
 /// A change to one resource: the unit of the summary line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResourceChange {
     pub address: String,
     pub kind: ResourceKind,
@@ -358,7 +358,7 @@ impl ResourceChange {
 }
 
 /// An action that may not run yet, and when it may.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Deferred {
     pub address: String,
     pub action: ActionKind,
@@ -371,7 +371,7 @@ pub struct Deferred {
 }
 
 /// What a deferred action waits for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeferredKind {
     /// A host inside its minimum allocation window.
@@ -395,7 +395,7 @@ pub enum DeferredKind {
 pub const NOT_VISIBLE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Something the plan cannot act on but the operator should know.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Warning {
     pub address: String,
     pub message: String,
@@ -405,7 +405,7 @@ pub struct Warning {
 
 /// What a warning is about. `unreachable` and `unusable` mean part of the fleet could not be checked:
 /// `plan --detailed-exitcode` then exits 1, never 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WarningKind {
     /// A machine that could not be reached: its setup and runner were not checked.
@@ -438,7 +438,7 @@ pub struct Plan {
 }
 
 /// The summary line's numbers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Summary {
     pub add: usize,
     pub change: usize,

@@ -68,7 +68,18 @@ pub fn write(path: &Path, doc: &PlanDocument, fleet_source: &str) -> Result<(), 
 /// Reads a saved plan.
 pub fn load(path: &Path) -> Result<PlanDocument, PlanfileError> {
     let text = std::fs::read_to_string(path).map_err(|source| PlanfileError::Read { path: path.into(), source })?;
-    let doc: PlanDocument = serde_json::from_str(&text)
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| PlanfileError::NotAPlan { path: path.into(), message: e.to_string() })?;
+    // At the door: the published schema first, so a hand-edited file is refused with the JSON path of its error.
+    if let Some(v) = value.get("format_version").and_then(|v| v.as_str())
+        && v.split('.').next() != PLAN_FORMAT_VERSION.split('.').next()
+    {
+        return Err(PlanfileError::Unsupported { found: v.to_string() });
+    }
+    super::document::check_against(&super::document::schema_text(), &value).map_err(|message| {
+        PlanfileError::NotAPlan { path: path.into(), message: format!("it does not match the plan schema {message}") }
+    })?;
+    let doc: PlanDocument = serde_json::from_value(value)
         .map_err(|e| PlanfileError::NotAPlan { path: path.into(), message: e.to_string() })?;
     if doc.format_version.split('.').next() != PLAN_FORMAT_VERSION.split('.').next() {
         return Err(PlanfileError::Unsupported { found: doc.format_version });

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Why a resource is created, changed, replaced or destroyed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ChangeReason {
     /// The pool wants more machines than exist.
@@ -30,7 +30,7 @@ pub enum ChangeReason {
 }
 
 /// What forces a replacement.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "attribute", rename_all = "snake_case")]
 pub enum ReplaceCause {
     Image {
@@ -55,7 +55,7 @@ pub enum ReplaceCause {
 }
 
 /// What an in-place update does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "what", rename_all = "snake_case")]
 pub enum UpdateCause {
     /// The on-machine state database is empty or damaged: it is replaced and setup runs again.
@@ -84,7 +84,7 @@ pub enum UpdateCause {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepWhy {
     New,
