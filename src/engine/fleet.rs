@@ -83,6 +83,10 @@ pub fn applier(
     log_dir: Option<PathBuf>,
 ) -> Result<std::sync::Arc<crate::engine::actions::Applier>, crate::state::journal::JournalError> {
     let journal = session.journal();
+    // The scripts this run may run, so that later plans can show how a step changed.
+    journal.record_scripts(
+        desired.pools.iter().flat_map(|p| p.setup.iter()).map(|s| (s.name.as_str(), s.hash.as_str(), s.run.as_str())),
+    )?;
     let path = std::path::absolute(journal.path()).unwrap_or_else(|_| journal.path().to_path_buf());
     let started = journal.run_status(run)?.map(|(_, at)| at).unwrap_or_default();
     let mut applier = crate::engine::actions::Applier::new(desired, actual, providers, log_dir)
@@ -197,4 +201,70 @@ pub fn check_policies(
     }
     doc.policy = Some(report);
     Ok(())
+}
+
+/// A unified diff of two scripts (`similar`), with headers naming where each comes from.
+pub fn unified_diff(old: &str, new: &str, old_name: &str, new_name: &str) -> String {
+    similar::TextDiff::from_lines(old, new).unified_diff().context_radius(3).header(old_name, new_name).to_string()
+}
+
+/// Adds to each machine change the diffs of the setup scripts it runs again: from what last ran on the machine
+/// (its recorded hash, whose text the journal kept) and, with a trusted base fleet file (a pull request's plan),
+/// from the base's script of the same pool and step.
+pub fn add_script_diffs(
+    doc: &mut crate::core::plan::document::PlanDocument,
+    desired: &crate::core::model::Desired,
+    actual: &crate::core::model::Actual,
+    journal: Option<&crate::state::journal::Journal>,
+    base: Option<&crate::config::FleetConfig>,
+) {
+    use crate::core::model::OnMachine;
+    use crate::core::plan::ScriptDiff;
+    for c in &mut doc.resource_changes {
+        if c.run_steps.is_empty() {
+            continue;
+        }
+        let Some(pool) = c.pool.as_deref().and_then(|p| desired.pools.iter().find(|d| d.name == p)) else { continue };
+        let recorded = actual
+            .machines
+            .iter()
+            .find(|m| m.name() == Some(c.name.as_str()) && !m.state.is_gone())
+            .and_then(|m| match &m.on_machine {
+                OnMachine::Read { state } => Some(state.steps.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for step in pool.setup.iter().filter(|s| c.run_steps.contains(&s.name)) {
+            if let Some(old) = recorded.iter().find(|r| r.name == step.name && r.hash != step.hash)
+                && let Some(text) = journal.and_then(|j| j.script(&old.hash).ok().flatten())
+            {
+                c.script_diffs.push(ScriptDiff {
+                    step: step.name.clone(),
+                    from: "machine".into(),
+                    diff: unified_diff(
+                        &text,
+                        &step.run,
+                        &format!("{} (as it last ran)", step.name),
+                        &format!("{} (fleet file)", step.name),
+                    ),
+                });
+            }
+            let base_text = base
+                .and_then(|b| b.pools.iter().find(|p| p.name == pool.name))
+                .and_then(|p| p.setup.iter().find(|s| s.name == step.name))
+                .map(|s| s.run.clone());
+            if let Some(text) = base_text.filter(|t| *t != step.run) {
+                c.script_diffs.push(ScriptDiff {
+                    step: step.name.clone(),
+                    from: "trusted base".into(),
+                    diff: unified_diff(
+                        &text,
+                        &step.run,
+                        &format!("{} (trusted base)", step.name),
+                        &format!("{} (this fleet file)", step.name),
+                    ),
+                });
+            }
+        }
+    }
 }

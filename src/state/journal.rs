@@ -60,6 +60,12 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
   made_id     TEXT,
   made_at     TEXT
 );
+CREATE TABLE IF NOT EXISTS step_scripts (
+  hash        TEXT PRIMARY KEY,
+  step        TEXT NOT NULL,
+  script      TEXT NOT NULL,
+  recorded_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS observations (
   kind  TEXT NOT NULL,
   name  TEXT NOT NULL,
@@ -662,6 +668,32 @@ impl Journal {
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Records the text of setup-step scripts by their hash (the fleet file's, not secrets: `{env:}` values are
+    /// never resolved into a script), so a later plan can show how a step changed.
+    pub fn record_scripts<'s>(
+        &self,
+        steps: impl IntoIterator<Item = (&'s str, &'s str, &'s str)>,
+    ) -> Result<(), JournalError> {
+        let now = crate::util::time::ts(&chrono::Utc::now());
+        for (step, hash, script) in steps {
+            self.conn
+                .execute(
+                    "INSERT OR IGNORE INTO step_scripts (hash, step, script, recorded_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![hash, step, script, now],
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// The text of the script with this hash, if a run recorded it.
+    pub fn script(&self, hash: &str) -> Result<Option<String>, JournalError> {
+        self.conn
+            .query_row("SELECT script FROM step_scripts WHERE hash = ?1", params![hash], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     /// The action under `scope` is done: a later one (a machine created again) gets a new key.

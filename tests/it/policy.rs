@@ -249,3 +249,48 @@ fn documents_are_checked_against_their_schemas_at_the_door() {
         text(&o)
     );
 }
+
+/// A changed setup script shows its diff — from what last ran on the machines (the journal keeps each script
+/// that ran) and from a trusted base fleet file — in the terminal, JSON and Markdown views.
+#[test]
+fn a_changed_script_shows_its_diff_in_every_view() {
+    let dir = tempfile::tempdir().unwrap();
+    quickstart(dir.path(), "ubuntu-24.04", None);
+    let base = std::fs::read_to_string(dir.path().join("fleet.yaml")).unwrap();
+    std::fs::write(dir.path().join("base.yaml"), &base).unwrap();
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let changed = base.replace("echo \"git make\" > tools/installed", "echo \"git make cmake\" > tools/installed");
+    assert_ne!(changed, base);
+    std::fs::write(dir.path().join("fleet.yaml"), &changed).unwrap();
+
+    let o = nimbus_env(dir.path(), &["plan"], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("script of step `tools` changed (from the machine)"), "{out}");
+    assert!(out.contains("-echo \"git make\" > tools/installed"), "{out}");
+    assert!(out.contains("+echo \"git make cmake\" > tools/installed"), "{out}");
+
+    let o = nimbus_env(dir.path(), &["plan", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let d = &v["resource_changes"][0]["script_diffs"][0];
+    assert_eq!((d["step"].as_str(), d["from"].as_str()), (Some("tools"), Some("machine")), "{v}");
+    let diff = d["diff"].as_str().unwrap();
+    assert!(diff.starts_with("--- tools (as it last ran)\n+++ tools (fleet file)\n@@"), "{diff}");
+
+    let o = nimbus_env(dir.path(), &["plan", "--markdown"], &[]);
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert!(md.contains("<details><summary>Script of step <code>tools</code> changed (from the machine): `linux[0]`, `linux[1]`</summary>"), "{md}");
+    assert!(md.contains("```diff\n--- tools (as it last ran)"), "{md}");
+
+    // A pull request's plan against the protected branch's file: the diff from the base too.
+    let o = nimbus_env(dir.path(), &["plan", "--trusted-base", "base.yaml", "--json"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let froms: Vec<&str> = v["resource_changes"][0]["script_diffs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["from"].as_str().unwrap())
+        .collect();
+    assert_eq!(froms, ["machine", "trusted base"]);
+}

@@ -87,6 +87,7 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
         None => now,
     };
     let mut clock = Vec::new();
+    let mut journal = None;
     let (actual, source) = match &args.inventory {
         Some(p) => (read_inventory(p, &loaded.config.tenant)?.actual, "inventory"),
         None => {
@@ -97,8 +98,12 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
             // how long something has been offline, so it repairs nothing for that yet.
             // With remote state, the copy last uploaded is read: a plan takes no lock.
             let noted = super::read_journal(loaded, None).and_then(|j| match j {
-                Some(r) => crate::engine::discovery::annotate_with_history(&mut actual, &r.journal, now)
-                    .map_err(CommandError::from),
+                Some(r) => {
+                    let done = crate::engine::discovery::annotate_with_history(&mut actual, &r.journal, now)
+                        .map_err(CommandError::from);
+                    journal = Some(r);
+                    done
+                }
                 None => Ok(()),
             });
             if let Err(e) = noted {
@@ -121,6 +126,18 @@ pub fn build_document(loaded: &LoadedConfig, args: &PlanArgs) -> Result<PlanDocu
     let demand =
         runtime().block_on(crate::engine::fleet::follow_demand(loaded, &mut desired, &actual, forge.as_deref(), at))?;
     let mut doc = super::document(loaded, &desired, &actual, at, source);
+    // How changed setup scripts changed: from what last ran on each machine, and from the trusted base.
+    let base = match &args.trusted_base {
+        Some(b) => Some(config::load(b)?.config),
+        None => None,
+    };
+    crate::engine::fleet::add_script_diffs(
+        &mut doc,
+        &desired,
+        &actual,
+        journal.as_ref().map(|r| &r.journal),
+        base.as_ref(),
+    );
     doc.warnings.extend(clock);
     doc.warnings.extend(demand);
     // With the controller in use, say which changes it leaves for a person.

@@ -172,6 +172,43 @@ fn render_with(doc: &PlanDocument, detail: Detail) -> String {
         let _ = writeln!(o, "```");
         let _ = writeln!(o);
         let _ = writeln!(o, "</details>");
+        // Changed setup scripts: each distinct diff once, collapsed, with the machines it applies to.
+        let mut diffs: Vec<(&str, &str, &str, Vec<&str>)> = Vec::new();
+        for c in &doc.resource_changes {
+            for d in &c.script_diffs {
+                match diffs.iter_mut().find(|(s, f, t, _)| *s == d.step && *f == d.from && *t == d.diff) {
+                    Some(e) => e.3.push(&c.address),
+                    None => diffs.push((&d.step, &d.from, &d.diff, vec![&c.address])),
+                }
+            }
+        }
+        for (step, from, diff, addrs) in diffs {
+            if o.len() + diff.len() > BUDGET - 3_000 {
+                let _ = writeln!(
+                    o,
+                    "\n…the script diff of step `{}` is too long to show here; run `nimbus plan`.",
+                    escape(step)
+                );
+                continue;
+            }
+            let _ = writeln!(o);
+            let _ = writeln!(
+                o,
+                "<details><summary>Script of step <code>{}</code> changed (from the {}): {}</summary>",
+                escape(step),
+                escape(from),
+                addrs.iter().map(|a| code(a)).collect::<Vec<_>>().join(", ")
+            );
+            let _ = writeln!(o);
+            let _ = writeln!(o, "```diff");
+            let _ = write!(o, "{}", diff.replace("```", "'''"));
+            if !diff.ends_with('\n') {
+                let _ = writeln!(o);
+            }
+            let _ = writeln!(o, "```");
+            let _ = writeln!(o);
+            let _ = writeln!(o, "</details>");
+        }
     }
     if !doc.deferred.is_empty() {
         let _ = writeln!(o);

@@ -107,6 +107,23 @@ pub fn render(doc: &PlanDocument, st: Style) -> String {
             if !c.run_steps.is_empty() && !c.actions.contains(&ChangeAction::Create) {
                 let _ = writeln!(o, "      {} run setup: {}", st.yellow("~"), c.run_steps.join(", "));
             }
+            for d in &c.script_diffs {
+                let _ = writeln!(
+                    o,
+                    "      {} script of step `{}` changed (from the {}):",
+                    st.yellow("~"),
+                    safe(&d.step),
+                    safe(&d.from)
+                );
+                for line in d.diff.lines() {
+                    let shown = match line.chars().next() {
+                        Some('+') if !line.starts_with("+++") => st.green(&safe(line)),
+                        Some('-') if !line.starts_with("---") => st.red(&safe(line)),
+                        _ => safe(line),
+                    };
+                    let _ = writeln!(o, "        {shown}");
+                }
+            }
             let _ = writeln!(o, "    }}");
         }
     }
