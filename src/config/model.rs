@@ -172,6 +172,8 @@ pub enum ProviderConfig {
     Local(crate::providers::local::config::LocalConfig),
     /// Amazon EC2: Linux instances, and macOS on dedicated hosts.
     Aws(crate::providers::aws::config::AwsConfig),
+    /// Hetzner Cloud: servers, billed per started hour.
+    Hetzner(crate::providers::hetzner::config::HetznerConfig),
 }
 
 impl ProviderConfig {
@@ -179,6 +181,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Local(_) => "local",
             ProviderConfig::Aws(_) => "aws",
+            ProviderConfig::Hetzner(_) => "hetzner",
         }
     }
 
@@ -187,6 +190,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Local(_) => None,
             ProviderConfig::Aws(c) => c.region.as_deref().or(Some("us-east-1")),
+            ProviderConfig::Hetzner(c) => c.location.as_deref(),
         }
     }
 
@@ -195,6 +199,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Local(_) => None,
             ProviderConfig::Aws(c) => c.hosts.and_then(|h| h.release),
+            ProviderConfig::Hetzner(_) => None,
         }
     }
 
@@ -203,6 +208,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Local(c) => c.capabilities(),
             ProviderConfig::Aws(c) => c.capabilities(),
+            ProviderConfig::Hetzner(c) => c.capabilities(),
         }
     }
 
@@ -217,6 +223,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Local(c) => c.validate_pool(fleet, index, pool, out),
             ProviderConfig::Aws(c) => c.validate_pool(fleet, index, pool, out),
+            ProviderConfig::Hetzner(c) => c.validate_pool(fleet, index, pool, out),
         }
     }
 }

@@ -82,6 +82,9 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
         c.ssh.iter().filter_map(|s| s.env_passthrough.as_ref()).map(|l| ("ssh.env_passthrough".to_string(), l)),
     );
     for (name, p) in &c.providers {
+        if let super::ProviderConfig::Hetzner(h) = p {
+            h.validate(name, &mut out);
+        }
         if let super::ProviderConfig::Local(l) = p
             && let Some(list) = &l.env_passthrough
         {

@@ -4,6 +4,7 @@
 //! sees it.
 
 pub mod aws;
+pub mod hetzner;
 pub mod local;
 
 use std::path::PathBuf;
@@ -232,5 +233,6 @@ pub async fn build(
     Ok(match config {
         ProviderConfig::Local(c) => Arc::new(local::LocalProvider::from_config(name, c, ctx)),
         ProviderConfig::Aws(c) => Arc::new(aws::AwsProvider::from_config(name, c, ctx).await?),
+        ProviderConfig::Hetzner(c) => Arc::new(hetzner::HetznerProvider::from_config(name, c, ctx)?),
     })
 }

@@ -2,5 +2,6 @@
 //! integration passes these before it lands (see `docs/extending.md`).
 
 pub mod ec2_proxy;
+pub mod hetzner_fake;
 pub mod forge;
 pub mod provider;

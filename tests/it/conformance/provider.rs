@@ -171,7 +171,8 @@ pub async fn throttling_is_retried_and_classified(peer: &dyn Peer) {
     let before = peer.requests("DescribeHosts") + peer.requests("DescribeInstances");
     peer.provider(&tenant).await.discover(&tenant).await.expect("two throttled answers are retried");
     let seen = peer.requests("DescribeHosts") + peer.requests("DescribeInstances") - before;
-    assert!(seen >= 4, "throttled requests were not retried ({seen} requests)");
+    // Two throttled answers, then at least one that succeeds.
+    assert!(seen >= 3, "throttled requests were not retried ({seen} requests)");
     assert!(peer.throttle(50));
     let e = peer.tuned(&tenant, 100, 2).await.discover(&tenant).await.unwrap_err();
     peer.throttle(0);
@@ -352,4 +353,77 @@ fn aws_provider_conforms() {
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(600), run_all(&peer)).await.expect("the suite finishes");
     });
+}
+
+// ---------------------------------------------------------------- hetzner (the stateful fake on loopback)
+
+struct HetznerPeer {
+    fake: super::hetzner_fake::HetznerFake,
+}
+
+impl HetznerPeer {
+    fn settings(&self, page_size: u32, attempts: u32) -> nimbus::providers::hetzner::HetznerSettings {
+        let mut s = nimbus::providers::hetzner::HetznerSettings::new(self.fake.url.clone(), "test-token");
+        s.page_size = page_size;
+        s.attempts = attempts;
+        s.poll = Duration::from_millis(10);
+        s.location = Some("fsn1".into());
+        s
+    }
+}
+
+#[async_trait]
+impl Peer for HetznerPeer {
+    async fn provider(&self, tenant: &str) -> Arc<dyn Provider> {
+        self.tuned(tenant, 50, 5).await
+    }
+    async fn tuned(&self, tenant: &str, page_size: i32, attempts: u32) -> Arc<dyn Provider> {
+        Arc::new(
+            nimbus::providers::hetzner::HetznerProvider::new("hetzner", tenant, self.settings(page_size as u32, attempts))
+                .unwrap(),
+        )
+    }
+    async fn plant_foreign(&self, tenant: &str) -> Vec<String> {
+        let other = serde_json::json!({"nimbus/tenant": "other", "nimbus/provider": "hetzner", "nimbus/machine": "nimbus.other.p.9", "nimbus/pool": "p"});
+        let half = serde_json::json!({"nimbus/tenant": tenant, "nimbus/pool": "p"});
+        vec![
+            self.fake.plant(&format!("other-{tenant}"), other).to_string(),
+            self.fake.plant(&format!("untagged-{tenant}"), serde_json::json!({})).to_string(),
+            self.fake.plant(&format!("half-{tenant}"), half).to_string(),
+        ]
+    }
+    async fn alive(&self, id: &str) -> bool {
+        self.fake.exists(id)
+    }
+    fn ignore_filters(&self, on: bool) -> bool {
+        self.fake.ignore_selector(on);
+        true
+    }
+    fn throttle(&self, n: u32) -> bool {
+        self.fake.throttle(n);
+        true
+    }
+    fn requests(&self, action: &str) -> usize {
+        match action {
+            "DescribeInstances" => self.fake.requests("GET /servers"),
+            _ => 0,
+        }
+    }
+    fn has_hosts(&self) -> bool {
+        false
+    }
+    fn pages(&self) -> bool {
+        true
+    }
+    fn missing_id(&self) -> String {
+        "999999".into()
+    }
+}
+
+/// Issue 22.3: the Hetzner provider passes the provider conformance suite against the stateful fake (label
+/// selectors it can be told to ignore, pages, actions that progress over polls, 429s with rate-limit headers).
+#[test]
+fn hetzner_provider_conforms() {
+    let peer = HetznerPeer { fake: super::hetzner_fake::HetznerFake::start() };
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run_all(&peer));
 }
