@@ -458,6 +458,22 @@ start_prism() {
   echo "peers: prism (GitHub API) on $NIMBUS_PRISM_URL" >&2
 }
 
+# Prism serving the Hetzner Cloud API description (vendored in specs/hetzner/, MIT) validates every request
+# shape the hetzner provider sends, and its answers are read by the provider's own parsers.
+start_prism_hetzner() {
+  local node="$PEERS_DIR/node"
+  local port
+  port=$(free_port)
+  "$node/node_modules/.bin/prism" mock -h 127.0.0.1 -p "$port" specs/hetzner/hcloud.json >"$PEERS_DIR/prism-hetzner.log" 2>&1 &
+  PEER_PIDS+=($!)
+  for _ in $(seq 1 300); do
+    if curl -s -o /dev/null -H 'Authorization: Bearer x' "http://127.0.0.1:$port/servers"; then break; fi
+    sleep 0.5
+  done
+  export NIMBUS_PRISM_HETZNER_URL="http://127.0.0.1:$port"
+  echo "peers: prism (Hetzner Cloud API) on $NIMBUS_PRISM_HETZNER_URL" >&2
+}
+
 # A real Prometheus (Debian's package, 2.x) on 127.0.0.1, scraping every second whatever targets the tests
 # write into $NIMBUS_PROMETHEUS_TARGETS (file service discovery, one JSON file per test); the tests query its
 # HTTP API. It stores nothing outside .peers/.
@@ -513,6 +529,7 @@ peers_start() {
   setup_regopy
   start_sshd
   start_prism
+  start_prism_hetzner
   start_prometheus
 }
 

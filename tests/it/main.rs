@@ -14,6 +14,7 @@ mod e2e_aws_ssh;
 mod exec;
 mod forge_scenarios;
 mod github_prism;
+mod hetzner_prism;
 mod iam_policy;
 mod journal;
 mod kill_rerun;

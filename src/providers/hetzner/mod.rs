@@ -421,18 +421,15 @@ impl HetznerProvider {
         let selector = format!("{}={}", label_key(tags::TENANT), label_value(&self.tenant));
         let mut out = Vec::new();
         for page in 1.. {
-            let path = format!(
-                "/servers?label_selector={}&page={page}&per_page={}",
-                urlencode(&selector),
-                self.settings.page_size.clamp(1, 50)
-            );
+            let path = self.list_path(&selector, page);
             let (_, v) = self.call("GET", &path, None).await?;
             let list: Vec<Server> = serde_json::from_value(v["servers"].clone())
                 .map_err(|e| ProviderError::other(&self.name, format!("GET /servers: unexpected answer: {e}")))?;
             let n = list.len();
             out.extend(list);
+            // The last page has no next page; a server that names the same page again is not followed.
             let next = v["meta"]["pagination"]["next_page"].as_u64();
-            if next.is_none() || n == 0 {
+            if n == 0 || next.is_none_or(|next| next <= page) {
                 break;
             }
         }
@@ -564,6 +561,44 @@ impl Provider for HetznerProvider {
                 return Ok(s.id.to_string());
             }
         }
+        let body = self.create_body(req);
+        let (_, v) = self.call("POST", "/servers", Some(body)).await?;
+        let id = v["server"]["id"]
+            .as_u64()
+            .ok_or_else(|| ProviderError::other(&self.name, "POST /servers: no server id in the answer"))?;
+        self.wait_action(&v["action"]).await?;
+        Ok(id.to_string())
+    }
+
+    async fn terminate(&self, machine: &MachineRef) -> Result<(), ProviderError> {
+        self.terminate_server(machine).await
+    }
+
+    async fn reimage(&self, machine: &MachineRef, image: &str) -> Result<(), ProviderError> {
+        self.rebuild(machine, image).await
+    }
+
+    async fn wait_running(&self, machine: &MachineRef) -> Result<(), ProviderError> {
+        self.wait_for_running(machine).await
+    }
+
+    fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
+        Ok(self.transport.as_ref().and_then(|f| f(machine)))
+    }
+
+    fn reports_requests(&self) -> bool {
+        true
+    }
+}
+
+impl HetznerProvider {
+    /// `GET /servers` of one page, with the tenant's label selector.
+    pub fn list_path(&self, selector: &str, page: u64) -> String {
+        format!("/servers?label_selector={}&page={page}&per_page={}", urlencode(selector), self.settings.page_size.clamp(1, 50))
+    }
+
+    /// The body of `POST /servers` for a launch.
+    pub fn create_body(&self, req: &LaunchRequest) -> serde_json::Value {
         let fleet = self.fleet.as_ref().map(|f| f.id.clone());
         let t = machine_tags(&self.tenant, &self.name, &req.pool, &req.machine, fleet.as_deref());
         let location = req.spec.availability_zone.clone().or_else(|| self.settings.location.clone());
@@ -584,15 +619,30 @@ impl Provider for HetznerProvider {
         if let Some(u) = &self.settings.user_data {
             body["user_data"] = json!(u);
         }
-        let (_, v) = self.call("POST", "/servers", Some(body)).await?;
-        let id = v["server"]["id"]
-            .as_u64()
-            .ok_or_else(|| ProviderError::other(&self.name, "POST /servers: no server id in the answer"))?;
-        self.wait_action(&v["action"]).await?;
-        Ok(id.to_string())
+        body
     }
 
-    async fn terminate(&self, machine: &MachineRef) -> Result<(), ProviderError> {
+    /// One request as the provider sends it (headers, retries, rate limit): for the contract tests.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), ProviderError> {
+        self.call(method, path, body).await
+    }
+
+    /// Whether an answer of `GET /servers` reads as the provider reads it (the servers' ids).
+    pub fn parse_servers(v: &serde_json::Value) -> Result<Vec<u64>, String> {
+        serde_json::from_value::<Vec<Server>>(v["servers"].clone()).map(|s| s.iter().map(|s| s.id).collect()).map_err(|e| e.to_string())
+    }
+
+    /// Whether an action reads as the provider reads it (its status).
+    pub fn parse_action(v: &serde_json::Value) -> Result<String, String> {
+        serde_json::from_value::<Action>(v.clone()).map(|a| a.status).map_err(|e| e.to_string())
+    }
+
+    async fn terminate_server(&self, machine: &MachineRef) -> Result<(), ProviderError> {
         let Some(s) = self.own_server(machine).await? else { return Ok(()) };
         match self.call("DELETE", &format!("/servers/{}", s.id), None).await {
             Ok((_, v)) => self.wait_action(&v["action"]).await,
@@ -601,7 +651,7 @@ impl Provider for HetznerProvider {
         }
     }
 
-    async fn reimage(&self, machine: &MachineRef, image: &str) -> Result<(), ProviderError> {
+    async fn rebuild(&self, machine: &MachineRef, image: &str) -> Result<(), ProviderError> {
         let Some(s) = self.own_server(machine).await? else {
             return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("`{}` is gone", machine.name) });
         };
@@ -610,7 +660,7 @@ impl Provider for HetznerProvider {
         self.wait_action(&v["action"]).await
     }
 
-    async fn wait_running(&self, machine: &MachineRef) -> Result<(), ProviderError> {
+    async fn wait_for_running(&self, machine: &MachineRef) -> Result<(), ProviderError> {
         let deadline = std::time::Instant::now() + Duration::from_secs(900);
         loop {
             match self.own_server(machine).await? {
@@ -626,11 +676,4 @@ impl Provider for HetznerProvider {
         }
     }
 
-    fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {
-        Ok(self.transport.as_ref().and_then(|f| f(machine)))
-    }
-
-    fn reports_requests(&self) -> bool {
-        true
-    }
 }
