@@ -108,6 +108,13 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
         "runner_download_url",
         "runner_sha256",
         "runner_version",
+        "url",
+        "token",
+        "runner_type",
+        "group_id",
+        "project_id",
+        "scope",
+        "executor",
     ] {
         take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
     }

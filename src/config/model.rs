@@ -235,12 +235,15 @@ impl ProviderConfig {
 pub enum ForgeConfig {
     /// GitHub, through a GitHub App installed on the organisation.
     Github(crate::forges::github::config::GithubConfig),
+    /// GitLab (gitlab.com or self-managed), through an access token.
+    Gitlab(crate::forges::gitlab::config::GitlabConfig),
 }
 
 impl ForgeConfig {
     pub fn validate(&self, out: &mut Vec<super::validate::Problem>) {
         match self {
             ForgeConfig::Github(c) => c.validate(out),
+            ForgeConfig::Gitlab(c) => c.validate(out),
         }
     }
 
@@ -250,6 +253,7 @@ impl ForgeConfig {
             ForgeConfig::Github(c) => {
                 c.runner_version.as_deref().unwrap_or(crate::forges::github::agent::DEFAULT_RUNNER_VERSION)
             }
+            ForgeConfig::Gitlab(c) => c.runner_version.as_deref().unwrap_or(crate::forges::gitlab::DEFAULT_RUNNER_VERSION),
         }
     }
 }

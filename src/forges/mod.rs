@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::config::ForgeConfig;
 pub mod github;
+pub mod gitlab;
 
 use async_trait::async_trait;
 
@@ -192,6 +193,7 @@ pub fn tenant_runners(all: Vec<ForgeRunner>, tenant: &str) -> Vec<ForgeRunner> {
 pub fn build(config: &ForgeConfig, base_dir: &Path) -> Result<Arc<dyn Forge>, ForgeError> {
     Ok(match config {
         ForgeConfig::Github(c) => Arc::new(github::GitHubForge::from_config(c, base_dir)?),
+        ForgeConfig::Gitlab(c) => Arc::new(gitlab::GitlabForge::from_config(c, base_dir)?),
     })
 }
 
@@ -199,5 +201,6 @@ pub fn build(config: &ForgeConfig, base_dir: &Path) -> Result<Arc<dyn Forge>, Fo
 pub fn runner_dir(config: &ForgeConfig) -> Option<String> {
     match config {
         ForgeConfig::Github(c) => c.runner_dir.clone(),
+        ForgeConfig::Gitlab(c) => c.runner_dir.clone(),
     }
 }

@@ -1,6 +1,7 @@
 //! Small shared pieces: shell quoting, secrets, time, telemetry setup.
 
 pub mod failpoint;
+pub mod http;
 pub mod secrets;
 pub mod shell;
 pub mod telemetry;
