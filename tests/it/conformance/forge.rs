@@ -13,6 +13,10 @@ pub struct ForgePeer<'a> {
     pub stateful: bool,
     /// A runner of another tenant and one not made by nimbus exist on the peer.
     pub foreign_runner_names: Vec<String>,
+    /// Answers the next `n` requests with the forge's throttling error (a stateful peer that can).
+    pub throttle: Option<&'a (dyn Fn(u32) + Sync)>,
+    /// The peer pages its lists (so a long list takes several requests).
+    pub pages: bool,
 }
 
 /// Only runners named for the tenant are listed.
@@ -61,10 +65,41 @@ pub async fn delete_of_missing_is_success(p: &ForgePeer<'_>) {
     }
 }
 
+/// Every page of the runner list is read (a peer that pages and creates runners on registration: 120 runners,
+/// more than one page).
+pub async fn lists_every_page(p: &ForgePeer<'_>, tenant: &str) {
+    if !p.pages {
+        return;
+    }
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        let name = nimbus::core::model::machine_name(tenant, "many", i);
+        ids.push(p.forge.register(&name, &["conform".into()], false).await.unwrap().runner_id);
+    }
+    let listed = p.forge.list_runners(tenant).await.unwrap();
+    assert_eq!(listed.iter().filter(|r| r.name.contains(".many.")).count(), 120, "runners on later pages were missed");
+    for id in ids.into_iter().flatten() {
+        p.forge.delete_runner(id).await.unwrap();
+    }
+}
+
+/// A throttled answer is waited out and retried; throttling that outlasts the retries is `Throttled`.
+pub async fn throttling_is_retried_and_classified(p: &ForgePeer<'_>, tenant: &str) {
+    let Some(throttle) = p.throttle else { return };
+    throttle(1);
+    p.forge.list_runners(tenant).await.expect("one throttled answer is retried");
+    throttle(50);
+    let e = p.forge.list_runners(tenant).await.unwrap_err();
+    throttle(0);
+    assert!(matches!(e, ForgeError::Throttled(_)), "{e:?}");
+}
+
 pub async fn run_all(p: &ForgePeer<'_>, tenant: &str) {
     lists_only_the_tenants_runners(p, tenant).await;
     registration_keeps_its_secret(p, tenant).await;
     delete_of_missing_is_success(p).await;
+    lists_every_page(p, tenant).await;
+    throttling_is_retried_and_classified(p, tenant).await;
 }
 
 #[test]
@@ -76,7 +111,7 @@ fn github_forge_conforms_against_prism() {
     let forge =
         nimbus::forges::github::GitHubForge::new(Some(&url), 12345, 67890, &pem, "acme", Some(7), None).unwrap();
     // The spec's example runners are not named for any tenant.
-    let p = ForgePeer { forge: &forge, stateful: false, foreign_runner_names: vec![] };
+    let p = ForgePeer { forge: &forge, stateful: false, foreign_runner_names: vec![], throttle: None, pages: false };
     rt.block_on(run_all(&p, "acme"));
 }
 
@@ -89,6 +124,48 @@ fn the_fake_forge_conforms() {
         forge: &fake,
         stateful: true,
         foreign_runner_names: vec!["nimbus.other.p.0".into(), "hand-made".into()],
+        throttle: None,
+        pages: false,
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run_all(&p, "t"));
+}
+
+fn gitlab_config(url: &str) -> nimbus::forges::gitlab::config::GitlabConfig {
+    nimbus::forges::gitlab::config::GitlabConfig {
+        url: url.into(),
+        token: nimbus::config::SecretRef::Env("UNUSED".into()),
+        runner_type: nimbus::forges::gitlab::config::GitlabRunnerType::Group,
+        group_id: Some(7),
+        project_id: None,
+        projects: vec![11],
+        runner_version: None,
+        runner_download_url: None,
+        runner_sha256: Default::default(),
+        runner_dir: None,
+        executor: None,
+    }
+}
+
+/// Issue 22.1: the GitLab forge against the stateful fake (pages, throttling, foreign runners).
+#[test]
+fn gitlab_forge_conforms() {
+    let fake = super::gitlab_fake::GitlabFake::start();
+    fake.add_runner("nimbus.other.p.0");
+    fake.add_runner("hand-made");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let forge = nimbus::forges::gitlab::GitlabForge::new(
+        gitlab_config(&fake.url),
+        nimbus::forges::Secret::new(super::gitlab_fake::TOKEN),
+    )
+    .unwrap();
+    let throttle = |n: u32| fake.throttle(n);
+    let p = ForgePeer {
+        forge: &forge,
+        stateful: true,
+        foreign_runner_names: vec!["nimbus.other.p.0".into(), "hand-made".into()],
+        throttle: Some(&throttle),
+        pages: true,
+    };
+    rt.block_on(run_all(&p, "t"));
+    assert!(fake.requests("GET /groups/:id/runners") >= 2, "the list was paged");
 }

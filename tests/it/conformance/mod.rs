@@ -4,4 +4,5 @@
 pub mod ec2_proxy;
 pub mod hetzner_fake;
 pub mod forge;
+pub mod gitlab_fake;
 pub mod provider;
