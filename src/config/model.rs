@@ -253,7 +253,9 @@ impl ForgeConfig {
             ForgeConfig::Github(c) => {
                 c.runner_version.as_deref().unwrap_or(crate::forges::github::agent::DEFAULT_RUNNER_VERSION)
             }
-            ForgeConfig::Gitlab(c) => c.runner_version.as_deref().unwrap_or(crate::forges::gitlab::DEFAULT_RUNNER_VERSION),
+            ForgeConfig::Gitlab(c) => {
+                c.runner_version.as_deref().unwrap_or(crate::forges::gitlab::DEFAULT_RUNNER_VERSION)
+            }
         }
     }
 }

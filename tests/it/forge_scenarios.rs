@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{fake_runner, runner_comes_online};
+use crate::common::*;
 use std::sync::Arc;
 
 use nimbus::core::model::{Actual, Desired};
@@ -397,4 +397,59 @@ fn an_older_agent_is_updated_in_place_while_its_runner_is_idle() {
     assert_eq!(release(busy_root), "2.321.0");
     assert_eq!(recorded(&w), [Some("2.321.0".to_string()), Some("2.321.0".to_string())]);
     assert!(kinds(&w.plan(&new)).is_empty(), "converged");
+}
+
+/// Issue 22.1 end to end on local sandboxes: a GitLab pool's runner is created (`POST /user/runners`), the
+/// (fake) `gitlab-runner` downloaded, checked and registered with the token from its environment; it verifies
+/// with the server and goes online, takes a job, and the drain rules hold: a scale-down waits for the job,
+/// then removes the machine and deletes the runner.
+#[test]
+fn a_gitlab_runner_registers_takes_a_job_and_is_drained() {
+    use crate::conformance::gitlab_fake::{GitlabFake, TOKEN, fake_agent};
+    let fake = GitlabFake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, sum) = fake_agent(dir.path());
+    let fleet = |count: u32| {
+        format!(
+            "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\nforge:\n  type: gitlab\n  url: {}\n  token: {{env: GITLAB_TEST_TOKEN}}\n  runner_type: group\n  group_id: 7\n  projects: [11]\n  runner_download_url: \"{url}\"\n  runner_sha256: {{linux-amd64: {sum}}}\npools:\n  - name: p\n    provider: local\n    count: {count}\n    machine: {{os: linux, arch: x86_64, image: img}}\n    runner:\n      labels: [build]\n",
+            fake.url
+        )
+    };
+    let env = [("GITLAB_TEST_TOKEN", TOKEN.to_string())];
+    let run = |args: &[&str]| nimbus_env(dir.path(), args, &env);
+    std::fs::write(dir.path().join("fleet.yaml"), fleet(1)).unwrap();
+    let o = run(&["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let runners = fake.runners();
+    assert_eq!(runners.len(), 1, "{runners:?}");
+    assert_eq!((runners[0].description.as_str(), runners[0].tags.clone()), ("nimbus.t.p.0", vec!["build".to_string()]));
+    assert!(runners[0].contacted, "the agent verified its token with the server: online");
+    assert!(!text(&o).contains(&runners[0].token), "the runner token was printed");
+    assert_eq!(run(&["plan", "--detailed-exitcode"]).status.code(), Some(0), "converged");
+
+    // A job for its tags: the agent takes it.
+    let job = fake.queue_job_for(11, &["build"], 8);
+    let t0 = std::time::Instant::now();
+    while fake.job(job).unwrap().status != "running" {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the agent never took the job");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Scale to zero while it runs: nothing is removed; the plan says it waits for the job.
+    std::fs::write(dir.path().join("fleet.yaml"), fleet(0)).unwrap();
+    let o = run(&["plan", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["actions"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["deferred"].as_array().unwrap().iter().any(|d| d["kind"] == "busy_runner"), "{v}");
+    assert_eq!(run(&["apply", "--auto-approve"]).status.code(), Some(0));
+    assert_eq!(fake.runners().len(), 1, "the busy runner stays");
+    // The job ends: the machine goes, and its runner is deleted.
+    while fake.job(job).unwrap().status == "running" {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(40), "the job never ended");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(fake.job(job).unwrap().status, "success");
+    let o = run(&["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(fake.runners().is_empty(), "{:?}", fake.runners());
+    assert_eq!(run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
 }

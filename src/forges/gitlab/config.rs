@@ -60,7 +60,10 @@ pub struct GitlabConfig {
 impl GitlabConfig {
     pub fn validate(&self, out: &mut Vec<Problem>) {
         secret_rules(out, "forge.token", &self.token);
-        if !(self.url.starts_with("https://") || self.url.starts_with("http://127.") || self.url.starts_with("http://localhost")) {
+        if !(self.url.starts_with("https://")
+            || self.url.starts_with("http://127.")
+            || self.url.starts_with("http://localhost"))
+        {
             out.push(problem(
                 "forge.url".into(),
                 At::Value,

@@ -87,7 +87,12 @@ impl GitlabForge {
     }
 
     /// One request; a 429 waits for `Retry-After` (at most 60 s, three times) and is then `Throttled`.
-    async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<crate::util::http::Answer, ForgeError> {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<crate::util::http::Answer, ForgeError> {
         let url = format!("{}{path}", self.api);
         for attempt in 1..=3 {
             self.requests.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +118,10 @@ impl GitlabForge {
             }
             if a.status >= 400 {
                 let message = a.json["message"].to_string();
-                return Err(ForgeError::from_status(a.status, format!("{method} {path}: HTTP {}: {message}", a.status)));
+                return Err(ForgeError::from_status(
+                    a.status,
+                    format!("{method} {path}: HTTP {}: {message}", a.status),
+                ));
             }
             return Ok(a);
         }
@@ -159,9 +167,11 @@ impl Forge for GitlabForge {
                 continue;
             }
             // Tags are only in the runner's own record; running jobs in its job list.
-            let one: RunnerJson = serde_json::from_value(self.call("GET", &format!("/runners/{}", r.id), None).await?.json)
-                .map_err(|e| ForgeError::other(format!("GET /runners/{}: {e}", r.id)))?;
-            let online = one.status.as_deref().or(r.status.as_deref()) == Some("online") && !one.paused.or(r.paused).unwrap_or(false);
+            let one: RunnerJson =
+                serde_json::from_value(self.call("GET", &format!("/runners/{}", r.id), None).await?.json)
+                    .map_err(|e| ForgeError::other(format!("GET /runners/{}: {e}", r.id)))?;
+            let online = one.status.as_deref().or(r.status.as_deref()) == Some("online")
+                && !one.paused.or(r.paused).unwrap_or(false);
             let running = self.call("GET", &format!("/runners/{}/jobs?status=running&per_page=1", r.id), None).await?;
             let busy = running.json.as_array().is_some_and(|a| !a.is_empty());
             out.push(ForgeRunner {

@@ -239,7 +239,11 @@ impl HetznerProvider {
         })
     }
 
-    pub fn from_config(name: &str, c: &config::HetznerConfig, ctx: &super::BuildContext) -> Result<Self, ProviderError> {
+    pub fn from_config(
+        name: &str,
+        c: &config::HetznerConfig,
+        ctx: &super::BuildContext,
+    ) -> Result<Self, ProviderError> {
         let token = crate::util::secrets::read(&format!("providers.{name}.token"), &c.token, &ctx.base_dir)
             .map_err(|e| ProviderError::Auth { provider: name.into(), message: e.to_string() })?;
         let mut s = HetznerSettings::new(c.api_url.clone().unwrap_or_else(|| config::DEFAULT_API_URL.into()), token);
@@ -271,8 +275,10 @@ impl HetznerProvider {
 
     fn route_of(method: &str, path: &str) -> String {
         let p = path.split('?').next().unwrap_or(path);
-        let shape: Vec<&str> =
-            p.split('/').map(|s| if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) { "{id}" } else { s }).collect();
+        let shape: Vec<&str> = p
+            .split('/')
+            .map(|s| if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) { "{id}" } else { s })
+            .collect();
         format!("{method} {}", shape.join("/"))
     }
 
@@ -346,9 +352,10 @@ impl HetznerProvider {
             }
             let wait = match (header("retry-after"), header("ratelimit-reset")) {
                 (Some(s), _) => s.parse::<u64>().ok().map(Duration::from_secs),
-                (None, Some(reset)) => reset.parse::<i64>().ok().map(|r| {
-                    Duration::from_secs((r - Utc::now().timestamp()).clamp(0, 60) as u64)
-                }),
+                (None, Some(reset)) => reset
+                    .parse::<i64>()
+                    .ok()
+                    .map(|r| Duration::from_secs((r - Utc::now().timestamp()).clamp(0, 60) as u64)),
                 _ => None,
             };
             let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -383,8 +390,12 @@ impl HetznerProvider {
                 continue;
             }
             return match status {
-                429 => Err(ProviderError::Throttled { provider: self.name.clone(), message: error.unwrap_or_default() }),
-                401 | 403 => Err(ProviderError::Auth { provider: self.name.clone(), message: error.unwrap_or_default() }),
+                429 => {
+                    Err(ProviderError::Throttled { provider: self.name.clone(), message: error.unwrap_or_default() })
+                }
+                401 | 403 => {
+                    Err(ProviderError::Auth { provider: self.name.clone(), message: error.unwrap_or_default() })
+                }
                 404 => Err(ProviderError::NotFound { provider: self.name.clone(), message: error.unwrap_or_default() }),
                 s if s >= 400 => Err(ProviderError::other(&self.name, error.unwrap_or_default())),
                 _ => Ok((status, value)),
@@ -510,7 +521,10 @@ impl HetznerProvider {
             Ok(_) if t.get(tags::MACHINE) == Some(&m.name) => Ok(Some(s)),
             _ => Err(ProviderError::conflict(
                 &self.name,
-                format!("server {id} is not `{}` of tenant `{}` on this provider: nimbus leaves it alone", m.name, self.tenant),
+                format!(
+                    "server {id} is not `{}` of tenant `{}` on this provider: nimbus leaves it alone",
+                    m.name, self.tenant
+                ),
             )),
         }
     }
@@ -594,7 +608,11 @@ impl Provider for HetznerProvider {
 impl HetznerProvider {
     /// `GET /servers` of one page, with the tenant's label selector.
     pub fn list_path(&self, selector: &str, page: u64) -> String {
-        format!("/servers?label_selector={}&page={page}&per_page={}", urlencode(selector), self.settings.page_size.clamp(1, 50))
+        format!(
+            "/servers?label_selector={}&page={page}&per_page={}",
+            urlencode(selector),
+            self.settings.page_size.clamp(1, 50)
+        )
     }
 
     /// The body of `POST /servers` for a launch.
@@ -634,7 +652,9 @@ impl HetznerProvider {
 
     /// Whether an answer of `GET /servers` reads as the provider reads it (the servers' ids).
     pub fn parse_servers(v: &serde_json::Value) -> Result<Vec<u64>, String> {
-        serde_json::from_value::<Vec<Server>>(v["servers"].clone()).map(|s| s.iter().map(|s| s.id).collect()).map_err(|e| e.to_string())
+        serde_json::from_value::<Vec<Server>>(v["servers"].clone())
+            .map(|s| s.iter().map(|s| s.id).collect())
+            .map_err(|e| e.to_string())
     }
 
     /// Whether an action reads as the provider reads it (its status).
@@ -653,7 +673,10 @@ impl HetznerProvider {
 
     async fn rebuild(&self, machine: &MachineRef, image: &str) -> Result<(), ProviderError> {
         let Some(s) = self.own_server(machine).await? else {
-            return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("`{}` is gone", machine.name) });
+            return Err(ProviderError::NotFound {
+                provider: self.name.clone(),
+                message: format!("`{}` is gone", machine.name),
+            });
         };
         let (_, v) =
             self.call("POST", &format!("/servers/{}/actions/rebuild", s.id), Some(json!({ "image": image }))).await?;
@@ -667,13 +690,18 @@ impl HetznerProvider {
                 Some(s) if s.status == "running" => return Ok(()),
                 Some(_) if std::time::Instant::now() < deadline => tokio::time::sleep(self.settings.poll).await,
                 Some(s) => {
-                    return Err(ProviderError::other(&self.name, format!("`{}` is still {} after 15 minutes", machine.name, s.status)));
+                    return Err(ProviderError::other(
+                        &self.name,
+                        format!("`{}` is still {} after 15 minutes", machine.name, s.status),
+                    ));
                 }
                 None => {
-                    return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("`{}` is gone", machine.name) });
+                    return Err(ProviderError::NotFound {
+                        provider: self.name.clone(),
+                        message: format!("`{}` is gone", machine.name),
+                    });
                 }
             }
         }
     }
-
 }

@@ -42,6 +42,8 @@ pub struct Job {
     pub tags: Vec<String>,
     pub status: &'static str,
     pub runner: Option<u64>,
+    /// How long the fake agent runs it.
+    pub seconds: u32,
 }
 
 #[derive(Default)]
@@ -89,16 +91,37 @@ impl GitlabFake {
         let id = st.next;
         st.runners.insert(
             id,
-            Runner { id, description: description.into(), tags: vec![], token: format!("glrt-x{id}"), contacted: true, paused: false },
+            Runner {
+                id,
+                description: description.into(),
+                tags: vec![],
+                token: format!("glrt-x{id}"),
+                contacted: true,
+                paused: false,
+            },
         );
         id
     }
     /// A pipeline job waiting for a runner with these tags; its id.
     pub fn queue_job(&self, project: u64, tags: &[&str]) -> u64 {
+        self.queue_job_for(project, tags, 1)
+    }
+    /// A job the fake agent runs for `seconds`.
+    pub fn queue_job_for(&self, project: u64, tags: &[&str], seconds: u32) -> u64 {
         let mut st = self.state.lock().unwrap();
         st.next += 1;
         let id = st.next;
-        st.jobs.insert(id, Job { id, project, tags: tags.iter().map(|t| t.to_string()).collect(), status: "pending", runner: None });
+        st.jobs.insert(
+            id,
+            Job {
+                id,
+                project,
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                status: "pending",
+                runner: None,
+                seconds,
+            },
+        );
         id
     }
     pub fn job(&self, id: u64) -> Option<Job> {
@@ -151,14 +174,20 @@ fn serve(mut stream: std::net::TcpStream, state: &Mutex<State>) {
     let mut parts = first.split_whitespace();
     let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let q: Vec<(String, String)> =
-        query.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.replace("%5B%5D", "[]"), v.to_string())).collect();
+    let q: Vec<(String, String)> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.replace("%5B%5D", "[]"), v.to_string()))
+        .collect();
     let get = |k: &str| q.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let seg: Vec<&str> = path.trim_start_matches("/api/v4/").split('/').collect();
     let route = format!(
         "{method} /{}",
-        seg.iter().map(|s| if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() { ":id" } else { s }).collect::<Vec<_>>().join("/")
+        seg.iter()
+            .map(|s| if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() { ":id" } else { s })
+            .collect::<Vec<_>>()
+            .join("/")
     );
     let agent_route = matches!(route.as_str(), "POST /runners/verify" | "POST /jobs/request" | "PUT /jobs/:id");
     let (status, answer, extra): (u16, serde_json::Value, String) = {
@@ -192,7 +221,13 @@ fn paged(items: Vec<serde_json::Value>, get: &Get) -> (u16, serde_json::Value, S
     (200, serde_json::json!(slice), format!("x-next-page: {next}\r\nx-total: {total}\r\nx-page: {page}\r\n"))
 }
 
-fn handle(st: &mut State, method: &str, seg: &[&str], get: &Get, body: &serde_json::Value) -> (u16, serde_json::Value, String) {
+fn handle(
+    st: &mut State,
+    method: &str,
+    seg: &[&str],
+    get: &Get,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value, String) {
     let none = String::new();
     let id_of = |s: &str| s.parse::<u64>().ok();
     match (method, seg) {
@@ -210,10 +245,20 @@ fn handle(st: &mut State, method: &str, seg: &[&str], get: &Get, body: &serde_js
             st.next += 1;
             let id = st.next;
             let token = format!("glrt-{id:020}");
-            let tags = body["tag_list"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let tags = body["tag_list"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
             st.runners.insert(
                 id,
-                Runner { id, description: body["description"].as_str().unwrap_or_default().into(), tags, token: token.clone(), contacted: false, paused: false },
+                Runner {
+                    id,
+                    description: body["description"].as_str().unwrap_or_default().into(),
+                    tags,
+                    token: token.clone(),
+                    contacted: false,
+                    paused: false,
+                },
             );
             (201, serde_json::json!({"id": id, "token": token, "token_expires_at": null}), none)
         }
@@ -285,7 +330,11 @@ fn handle(st: &mut State, method: &str, seg: &[&str], get: &Get, body: &serde_js
                 Some(j) => {
                     j.status = "running";
                     j.runner = Some(r.id);
-                    (201, serde_json::json!({"id": j.id, "token": format!("job-token-{}", j.id)}), none)
+                    (
+                        201,
+                        serde_json::json!({"id": j.id, "token": format!("job-token-{}", j.id), "seconds": j.seconds}),
+                        none,
+                    )
                 }
                 None => (204, serde_json::Value::Null, none),
             }
@@ -307,7 +356,8 @@ fn handle(st: &mut State, method: &str, seg: &[&str], get: &Get, body: &serde_js
 
 /// A fake `gitlab-runner` (a shell script, as a file:// download) that does what the real one does with the
 /// server: `register` verifies its token (`POST /runners/verify`, going online) and writes `config.toml`;
-/// `run`/`run-single` ask for jobs (`POST /jobs/request`), run each for `$FAKE_JOB_SECONDS` (default 1), and
+/// `run`/`run-single` ask for jobs (`POST /jobs/request`), run each for the job's `seconds` (a field only the
+/// fake sends), and
 /// report success (`PUT /jobs/:id`); `run` gives up after a few seconds without work, `run-single
 /// --max-builds 1` after one job. Returns the URL template and the sha256 of the `linux-amd64` download.
 pub fn fake_agent(dir: &std::path::Path) -> (String, String) {
@@ -330,11 +380,12 @@ case "$cmd" in
     ;;
   run|run-single)
     url=$(sed -n 's/^  url = "\(.*\)"$/\1/p' "$config"); token=$(sed -n 's/^  token = "\(.*\)"$/\1/p' "$config")
-    left=${FAKE_RUN_POLLS:-40}; builds=0
+    left=${FAKE_RUN_POLLS:-150}; builds=0
     while [ "$left" -gt 0 ]; do
-      job=$(curl -fsS -X POST "$url/api/v4/jobs/request" -H 'content-type: application/json' -d "{\"token\":\"$token\"}" | sed -n 's/.*"id":\([0-9]*\).*/\1/p')
+      resp=$(curl -fsS -X POST "$url/api/v4/jobs/request" -H 'content-type: application/json' -d "{\"token\":\"$token\"}")
+      job=$(echo "$resp" | sed -n 's/.*"id":\([0-9]*\).*/\1/p'); secs=$(echo "$resp" | sed -n 's/.*"seconds":\([0-9]*\).*/\1/p')
       if [ -n "$job" ]; then
-        sleep "${FAKE_JOB_SECONDS:-1}"
+        sleep "${secs:-1}"
         curl -fsS -X PUT "$url/api/v4/jobs/$job" -H 'content-type: application/json' -d "{\"token\":\"$token\",\"state\":\"success\"}" >/dev/null
         builds=$((builds + 1))
         [ "$cmd" = run-single ] && exit 0

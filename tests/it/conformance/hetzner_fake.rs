@@ -77,7 +77,15 @@ impl HetznerFake {
     }
 }
 
-fn server(id: u64, name: &str, t: &str, image: &str, location: &str, labels: serde_json::Value, status: &str) -> serde_json::Value {
+fn server(
+    id: u64,
+    name: &str,
+    t: &str,
+    image: &str,
+    location: &str,
+    labels: serde_json::Value,
+    status: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "id": id, "name": name, "status": status, "created": "2026-12-06T12:00:00+00:00",
         "labels": labels,
@@ -107,7 +115,10 @@ fn decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() && let Ok(h) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(h) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
             out.push(h);
             i += 3;
         } else {
@@ -142,14 +153,13 @@ fn serve(mut stream: std::net::TcpStream, state: &Mutex<State>) {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let path = path.strip_prefix("/v1").unwrap_or(path);
-    let q: BTreeMap<String, String> = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), decode(v)))
-        .collect();
+    let q: BTreeMap<String, String> =
+        query.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect();
     let route = {
-        let shape: Vec<&str> =
-            path.split('/').map(|s| if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) { "{id}" } else { s }).collect();
+        let shape: Vec<&str> = path
+            .split('/')
+            .map(|s| if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) { "{id}" } else { s })
+            .collect();
         format!("{method} {}", shape.join("/"))
     };
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
@@ -197,7 +207,10 @@ fn handle(
             let items: Vec<_> = all.into_iter().skip((page - 1) * per).take(per).collect();
             let last = total.div_ceil(per).max(1);
             let next = if page < last { serde_json::json!(page + 1) } else { serde_json::Value::Null };
-            (200, serde_json::json!({"servers": items, "meta": {"pagination": {"page": page, "per_page": per, "previous_page": null, "next_page": next, "last_page": last, "total_entries": total}}}))
+            (
+                200,
+                serde_json::json!({"servers": items, "meta": {"pagination": {"page": page, "per_page": per, "previous_page": null, "next_page": next, "last_page": last, "total_entries": total}}}),
+            )
         }
         ("POST", ["servers"]) => {
             let name = body["name"].as_str().unwrap_or_default().to_string();
@@ -222,7 +235,10 @@ fn handle(
             st.next_id += 1;
             let aid = st.next_id;
             st.actions.insert(aid, (2, id, "create_server"));
-            (201, serde_json::json!({"server": s, "action": action(aid, "create_server", "running"), "next_actions": [], "root_password": null}))
+            (
+                201,
+                serde_json::json!({"server": s, "action": action(aid, "create_server", "running"), "next_actions": [], "root_password": null}),
+            )
         }
         ("GET", ["servers", id]) => match id.parse::<u64>().ok().and_then(|i| st.servers.get(&i)) {
             Some(s) => (200, serde_json::json!({"server": s})),
@@ -238,7 +254,11 @@ fn handle(
             }
             None => (404, error("not_found", "server not found")),
         },
-        ("POST", ["servers", id, "actions", "rebuild"]) => match id.parse::<u64>().ok().filter(|i| st.servers.contains_key(i)) {
+        ("POST", ["servers", id, "actions", "rebuild"]) => match id
+            .parse::<u64>()
+            .ok()
+            .filter(|i| st.servers.contains_key(i))
+        {
             Some(i) => {
                 let s = st.servers.get_mut(&i).unwrap();
                 s["status"] = serde_json::json!("rebuilding");
@@ -250,26 +270,28 @@ fn handle(
             }
             None => (404, error("not_found", "server not found")),
         },
-        ("GET", ["actions", id]) => match id.parse::<u64>().ok().and_then(|i| st.actions.get(&i).copied().map(|a| (i, a))) {
-            Some((aid, (left, sid, command))) => {
-                if left > 0 {
-                    st.actions.insert(aid, (left - 1, sid, command));
-                    return (200, serde_json::json!({"action": action(aid, command, "running")}));
-                }
-                match command {
-                    "delete_server" => {
-                        st.servers.remove(&sid);
+        ("GET", ["actions", id]) => {
+            match id.parse::<u64>().ok().and_then(|i| st.actions.get(&i).copied().map(|a| (i, a))) {
+                Some((aid, (left, sid, command))) => {
+                    if left > 0 {
+                        st.actions.insert(aid, (left - 1, sid, command));
+                        return (200, serde_json::json!({"action": action(aid, command, "running")}));
                     }
-                    _ => {
-                        if let Some(s) = st.servers.get_mut(&sid) {
-                            s["status"] = serde_json::json!("running");
+                    match command {
+                        "delete_server" => {
+                            st.servers.remove(&sid);
+                        }
+                        _ => {
+                            if let Some(s) = st.servers.get_mut(&sid) {
+                                s["status"] = serde_json::json!("running");
+                            }
                         }
                     }
+                    (200, serde_json::json!({"action": action(aid, command, "success")}))
                 }
-                (200, serde_json::json!({"action": action(aid, command, "success")}))
+                None => (404, error("not_found", "action not found")),
             }
-            None => (404, error("not_found", "action not found")),
-        },
+        }
         _ => (404, error("not_found", &format!("no route {method} {path}"))),
     }
 }

@@ -2,7 +2,7 @@
 //! integration passes these before it lands (see `docs/extending.md`).
 
 pub mod ec2_proxy;
-pub mod hetzner_fake;
 pub mod forge;
 pub mod gitlab_fake;
+pub mod hetzner_fake;
 pub mod provider;

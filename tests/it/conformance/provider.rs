@@ -379,8 +379,12 @@ impl Peer for HetznerPeer {
     }
     async fn tuned(&self, tenant: &str, page_size: i32, attempts: u32) -> Arc<dyn Provider> {
         Arc::new(
-            nimbus::providers::hetzner::HetznerProvider::new("hetzner", tenant, self.settings(page_size as u32, attempts))
-                .unwrap(),
+            nimbus::providers::hetzner::HetznerProvider::new(
+                "hetzner",
+                tenant,
+                self.settings(page_size as u32, attempts),
+            )
+            .unwrap(),
         )
     }
     async fn plant_foreign(&self, tenant: &str) -> Vec<String> {
