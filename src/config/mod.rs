@@ -115,6 +115,7 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
         "project_id",
         "scope",
         "executor",
+        "flavour",
     ] {
         take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
     }

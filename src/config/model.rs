@@ -237,6 +237,8 @@ pub enum ForgeConfig {
     Github(crate::forges::github::config::GithubConfig),
     /// GitLab (gitlab.com or self-managed), through an access token.
     Gitlab(crate::forges::gitlab::config::GitlabConfig),
+    /// Forgejo (or Gitea, `flavour: gitea`), through an access token.
+    Forgejo(crate::forges::forgejo::config::ForgejoConfig),
 }
 
 impl ForgeConfig {
@@ -244,6 +246,7 @@ impl ForgeConfig {
         match self {
             ForgeConfig::Github(c) => c.validate(out),
             ForgeConfig::Gitlab(c) => c.validate(out),
+            ForgeConfig::Forgejo(c) => c.validate(out),
         }
     }
 
@@ -256,6 +259,12 @@ impl ForgeConfig {
             ForgeConfig::Gitlab(c) => {
                 c.runner_version.as_deref().unwrap_or(crate::forges::gitlab::DEFAULT_RUNNER_VERSION)
             }
+            ForgeConfig::Forgejo(c) => c.runner_version.as_deref().unwrap_or(match c.flavour {
+                crate::forges::forgejo::config::Flavour::Forgejo => {
+                    crate::forges::forgejo::DEFAULT_FORGEJO_RUNNER_VERSION
+                }
+                crate::forges::forgejo::config::Flavour::Gitea => crate::forges::forgejo::DEFAULT_GITEA_RUNNER_VERSION,
+            }),
         }
     }
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::ForgeConfig;
+pub mod forgejo;
 pub mod github;
 pub mod gitlab;
 
@@ -194,6 +195,7 @@ pub fn build(config: &ForgeConfig, base_dir: &Path) -> Result<Arc<dyn Forge>, Fo
     Ok(match config {
         ForgeConfig::Github(c) => Arc::new(github::GitHubForge::from_config(c, base_dir)?),
         ForgeConfig::Gitlab(c) => Arc::new(gitlab::GitlabForge::from_config(c, base_dir)?),
+        ForgeConfig::Forgejo(c) => Arc::new(forgejo::ForgejoForge::from_config(c, base_dir)?),
     })
 }
 
@@ -202,5 +204,6 @@ pub fn runner_dir(config: &ForgeConfig) -> Option<String> {
     match config {
         ForgeConfig::Github(c) => c.runner_dir.clone(),
         ForgeConfig::Gitlab(c) => c.runner_dir.clone(),
+        ForgeConfig::Forgejo(c) => c.runner_dir.clone(),
     }
 }
