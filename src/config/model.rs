@@ -250,6 +250,12 @@ impl ForgeConfig {
         }
     }
 
+    /// Whether the forge changes a runner's labels through its API (Forgejo and Gitea do not: the runner
+    /// declares them, so a label change registers it again).
+    pub fn relabels_in_place(&self) -> bool {
+        !matches!(self, ForgeConfig::Forgejo(_))
+    }
+
     /// The runner agent release machines run (`runner_version`, or the release this nimbus pins).
     pub fn runner_version(&self) -> &str {
         match self {

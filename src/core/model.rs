@@ -34,6 +34,10 @@ pub struct Desired {
     /// Spending limits (`budget:`): allocations past them are deferred, never made silently.
     #[serde(default)]
     pub budget: crate::core::cost::Budget,
+    /// The forge cannot change a runner's labels through its API (Forgejo, Gitea): a label change deregisters
+    /// the runner and registers it again.
+    #[serde(default)]
+    pub forge_cannot_relabel: bool,
 }
 
 /// A provider as the planner sees it: its kind (for messages only) and its capabilities. The planner never
@@ -340,6 +344,7 @@ impl Desired {
             interrupt_jobs: false,
             remove_first: Default::default(),
             budget: c.budget.as_ref().map(|b| b.to_budget()).unwrap_or_default(),
+            forge_cannot_relabel: c.forge.as_ref().is_some_and(|f| !f.relabels_in_place()),
             pools: c
                 .pools
                 .iter()

@@ -44,6 +44,7 @@ pub fn desired(tenant: &str, pools: Vec<DesiredPool>) -> Desired {
         interrupt_jobs: false,
         remove_first: Default::default(),
         budget: Default::default(),
+        forge_cannot_relabel: false,
     }
 }
 

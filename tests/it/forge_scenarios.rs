@@ -453,3 +453,68 @@ fn a_gitlab_runner_registers_takes_a_job_and_is_drained() {
     assert!(fake.runners().is_empty(), "{:?}", fake.runners());
     assert_eq!(run(&["plan", "--detailed-exitcode"]).status.code(), Some(0));
 }
+
+fn forgejo_fleet(url: &str, agent: &str, sum: &str, flavour: &str, count: u32, mode: &str) -> String {
+    format!(
+        "version: 1\ntenant: t\nproviders:\n  local: {{type: local}}\nforge:\n  type: forgejo\n  url: {url}\n  token: {{env: FORGEJO_TEST_TOKEN}}\n  flavour: {flavour}\n  scope: {{org: acme}}\n  runner_download_url: \"{agent}\"\n  runner_sha256: {{linux-amd64: {sum}}}\npools:\n  - name: p\n    provider: local\n    count: {count}\n    machine: {{os: linux, arch: x86_64, image: img}}\n    runner:\n      labels: [build]\n      mode: {mode}\n"
+    )
+}
+
+/// Issue 22.2 end to end on local sandboxes: a Forgejo runner made through the API gets its `.runner` file,
+/// connects, takes a job, and is drained on scale-down; on Gitea the runner registers itself with a
+/// registration token read from a file (never a command line).
+#[test]
+fn forgejo_and_gitea_runners_register_take_jobs_and_drain() {
+    use crate::conformance::forgejo_fake::{ForgejoFake, TOKEN, fake_agent};
+    for gitea in [false, true] {
+        let fake = ForgejoFake::start(gitea);
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, sum) = fake_agent(dir.path());
+        let flavour = if gitea { "gitea" } else { "forgejo" };
+        let write = |count: u32| {
+            std::fs::write(
+                dir.path().join("fleet.yaml"),
+                forgejo_fleet(&fake.url, &agent, &sum, flavour, count, "persistent"),
+            )
+            .unwrap()
+        };
+        let env = [("FORGEJO_TEST_TOKEN", TOKEN.to_string())];
+        let run = |args: &[&str]| nimbus_env(dir.path(), args, &env);
+        write(1);
+        let o = run(&["apply", "--auto-approve"]);
+        assert_eq!(o.status.code(), Some(0), "{flavour}: {}", text(&o));
+        let job = fake.queue_job(&["build"], 6);
+        let t0 = std::time::Instant::now();
+        while fake.job(job).unwrap().status != "running" {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{flavour}: the runner never took the job");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let runners = fake.runners();
+        assert_eq!(runners.len(), 1, "{flavour}: {runners:?}");
+        assert_eq!(runners[0].name, "nimbus.t.p.0");
+        assert_eq!(runners[0].labels, ["build"], "{flavour}: the runner declared its labels");
+        assert!(!text(&o).contains(&runners[0].token), "{flavour}: the runner token was printed");
+        // Scale to zero during the job: it waits; after the job, the machine and its runner go.
+        write(0);
+        let o = run(&["plan", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["actions"].as_array().unwrap().is_empty(), "{flavour}: {v}");
+        assert!(v["deferred"].as_array().unwrap().iter().any(|d| d["kind"] == "busy_runner"), "{flavour}: {v}");
+        while fake.job(job).unwrap().status == "running" {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(40), "{flavour}: the job never ended");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let o = run(&["apply", "--auto-approve"]);
+        assert_eq!(o.status.code(), Some(0), "{flavour}: {}", text(&o));
+        assert!(fake.runners().is_empty(), "{flavour}: {:?}", fake.runners());
+        // The registration token never reached a file that stays, nor the state.
+        for f in walk(dir.path()) {
+            let body = std::fs::read(&f).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&body).contains("REGTOKEN0123456789") || f.ends_with("fleet.yaml"),
+                "{flavour}: {} holds the registration token",
+                f.display()
+            );
+        }
+    }
+}

@@ -662,3 +662,18 @@ fn an_older_runner_agent_is_updated_in_place_only_while_idle() {
     p.runner.as_mut().unwrap().agent_version = Some("2.321.0".into());
     assert!(!kinds(&plan(&desired("acme", vec![p]), &world, t0())).contains(&"update_runner_agent"));
 }
+
+/// Issue 22.2: on a forge whose runners declare their own labels (Forgejo, Gitea), a label change registers the
+/// runner again (deregister, then register with the new labels), never an API relabel.
+#[test]
+fn a_forge_that_cannot_relabel_registers_again() {
+    let d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1")]);
+    let (world, _) = built(&d, t0());
+    let mut pl = pool("mac", "aws", 1, "mac2.metal", "ami-1");
+    pl.runner.as_mut().unwrap().labels = vec!["ci".into(), "xcode-16".into()];
+    let mut d2 = desired("acme", vec![pl]);
+    d2.forge_cannot_relabel = true;
+    let p = plan(&d2, &world, t0());
+    assert_eq!(kinds(&p), ["deregister_runner", "register_runner"]);
+    assert_eq!(p.summary().change, 1);
+}

@@ -468,6 +468,29 @@ impl<'a> Builder<'a> {
                             previous: fr.labels.clone(),
                         };
                         self.defer_for_job(&addr, &name, a, "then its labels change");
+                    } else if relabel && self.desired.forge_cannot_relabel {
+                        // The runner declares its labels (Forgejo, Gitea): register it again with the new ones.
+                        why.push(UpdateCause::Labels);
+                        let d = self.add(
+                            &addr,
+                            ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() },
+                            &[],
+                        );
+                        let mut deps: Vec<usize> = last.into_iter().collect();
+                        deps.push(d);
+                        let reg = self.add(
+                            &addr,
+                            ActionKind::RegisterRunner {
+                                provider: pool.provider.clone(),
+                                pool: pool.name.clone(),
+                                machine: name.clone(),
+                                labels: r.labels.clone(),
+                                mode: r.mode,
+                            },
+                            &deps,
+                        );
+                        ids.extend([d, reg]);
+                        last = Some(reg);
                     } else if relabel {
                         why.push(UpdateCause::Labels);
                         ids.push(self.add(

@@ -17,6 +17,8 @@ pub struct ForgePeer<'a> {
     pub throttle: Option<&'a (dyn Fn(u32) + Sync)>,
     /// The peer pages its lists (so a long list takes several requests).
     pub pages: bool,
+    /// The forge changes labels through its API.
+    pub relabels: bool,
 }
 
 /// Only runners named for the tenant are listed.
@@ -54,13 +56,15 @@ pub async fn registration_keeps_its_secret(p: &ForgePeer<'_>, tenant: &str) {
     }
 }
 
-/// Deleting a runner that is gone succeeds (a rerun of a teardown is safe); labels are replaced.
+/// Deleting a runner that is gone succeeds (a rerun of a teardown is safe); labels are replaced, or (a forge
+/// whose runners declare their own labels) the change is refused with why, and the planner registers again.
 pub async fn delete_of_missing_is_success(p: &ForgePeer<'_>) {
     p.forge.delete_runner(987_654_321).await.expect("deleting a missing runner");
     match p.forge.set_labels(42, &["a".into(), "b".into()]).await {
         Ok(()) => {}
         // A stateful peer knows runner 42 does not exist.
         Err(ForgeError::NotFound(_)) if p.stateful => {}
+        Err(ForgeError::Conflict(m)) if !p.relabels => assert!(m.contains("labels"), "{m}"),
         Err(e) => panic!("{e}"),
     }
 }
@@ -111,7 +115,14 @@ fn github_forge_conforms_against_prism() {
     let forge =
         nimbus::forges::github::GitHubForge::new(Some(&url), 12345, 67890, &pem, "acme", Some(7), None).unwrap();
     // The spec's example runners are not named for any tenant.
-    let p = ForgePeer { forge: &forge, stateful: false, foreign_runner_names: vec![], throttle: None, pages: false };
+    let p = ForgePeer {
+        forge: &forge,
+        stateful: false,
+        foreign_runner_names: vec![],
+        throttle: None,
+        pages: false,
+        relabels: true,
+    };
     rt.block_on(run_all(&p, "acme"));
 }
 
@@ -126,6 +137,7 @@ fn the_fake_forge_conforms() {
         foreign_runner_names: vec!["nimbus.other.p.0".into(), "hand-made".into()],
         throttle: None,
         pages: false,
+        relabels: true,
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run_all(&p, "t"));
 }
@@ -165,7 +177,47 @@ fn gitlab_forge_conforms() {
         foreign_runner_names: vec!["nimbus.other.p.0".into(), "hand-made".into()],
         throttle: Some(&throttle),
         pages: true,
+        relabels: true,
     };
     rt.block_on(run_all(&p, "t"));
     assert!(fake.requests("GET /groups/:id/runners") >= 2, "the list was paged");
+}
+
+pub fn forgejo_config(url: &str, gitea: bool) -> nimbus::forges::forgejo::config::ForgejoConfig {
+    use nimbus::forges::forgejo::config::{Flavour, ForgejoConfig, ForgejoScope};
+    ForgejoConfig {
+        url: url.into(),
+        token: nimbus::config::SecretRef::Env("UNUSED".into()),
+        flavour: if gitea { Flavour::Gitea } else { Flavour::Forgejo },
+        scope: ForgejoScope::Org("acme".into()),
+        runner_version: None,
+        runner_download_url: None,
+        runner_sha256: Default::default(),
+        runner_dir: None,
+    }
+}
+
+/// Issue 22.2: the Forgejo forge against the stateful fake (runners made through the API, pages, throttling).
+#[test]
+fn forgejo_forge_conforms() {
+    let fake = super::forgejo_fake::ForgejoFake::start(false);
+    fake.add_runner("nimbus.other.p.0");
+    fake.add_runner("hand-made");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let forge = nimbus::forges::forgejo::ForgejoForge::new(
+        forgejo_config(&fake.url, false),
+        nimbus::forges::Secret::new(super::forgejo_fake::TOKEN),
+    )
+    .unwrap();
+    let throttle = |n: u32| fake.throttle(n);
+    let p = ForgePeer {
+        forge: &forge,
+        stateful: true,
+        foreign_runner_names: vec!["nimbus.other.p.0".into(), "hand-made".into()],
+        throttle: Some(&throttle),
+        pages: true,
+        relabels: false,
+    };
+    rt.block_on(run_all(&p, "t"));
+    assert!(fake.requests("GET /api/v1/orgs/acme/actions/runners") >= 3, "the list was paged");
 }

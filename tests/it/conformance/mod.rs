@@ -3,6 +3,7 @@
 
 pub mod ec2_proxy;
 pub mod forge;
+pub mod forgejo_fake;
 pub mod gitlab_fake;
 pub mod hetzner_fake;
 pub mod provider;
