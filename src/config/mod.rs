@@ -126,7 +126,20 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
     }
     if let Some(providers) = v.get("providers").and_then(|p| p.as_object()) {
         for (name, p) in providers {
-            for k in ["type", "region", "data_dir", "subnet_id", "security_group_ids", "key_name", "env_passthrough"] {
+            for k in [
+                "type",
+                "region",
+                "data_dir",
+                "subnet_id",
+                "security_group_ids",
+                "key_name",
+                "env_passthrough",
+                // Hetzner: the credential, where it goes, and what runs on every new server.
+                "token",
+                "api_url",
+                "ssh_keys",
+                "user_data",
+            ] {
                 take(format!("providers.{name}.{k}"), p.get(k));
             }
         }
