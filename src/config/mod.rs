@@ -119,6 +119,8 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
     ] {
         take(format!("forge.{k}"), v.get("forge").and_then(|s| s.get(k)));
     }
+    // Every named forge is trusted as a whole: a pull request adds, removes or changes none.
+    take("forges".into(), v.get("forges"));
     take("journal.path".into(), v.get("journal").and_then(|j| j.get("path")));
     take("reconcile.webhook_secret".into(), v.get("reconcile").and_then(|r| r.get("webhook_secret")));
     for k in ["backend", "bucket", "key", "region", "endpoint"] {
@@ -143,6 +145,10 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
                 take(format!("providers.{name}.{k}"), p.get(k));
             }
         }
+    }
+    // Which forge (and so which credential) a pool's runners register with.
+    for (i, p) in v.get("pools").and_then(|p| p.as_array()).into_iter().flatten().enumerate() {
+        take(format!("pools[{i}].forge"), p.get("forge"));
     }
     out
 }

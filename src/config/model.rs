@@ -45,6 +45,10 @@ pub struct FleetConfig {
     /// Where runners register.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forge: Option<ForgeConfig>,
+    /// More forges, by name, for a fleet whose pools register with different forges: a pool names its own
+    /// (`pools[].forge`); a pool that names none uses `forge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forges: Option<BTreeMap<String, ForgeConfig>>,
     /// How nimbus reaches machines over SSH (remote providers only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh: Option<SshConfig>,
@@ -241,6 +245,21 @@ pub enum ForgeConfig {
     Forgejo(crate::forges::forgejo::config::ForgejoConfig),
 }
 
+impl FleetConfig {
+    /// The forge of pool `pool`: the one it names in `forges`, or `forge`.
+    pub fn forge_of(&self, pool: &PoolConfig) -> Option<&ForgeConfig> {
+        match &pool.forge {
+            Some(name) => self.forges.as_ref().and_then(|f| f.get(name)),
+            None => self.forge.as_ref(),
+        }
+    }
+
+    /// Whether any forge is configured.
+    pub fn has_forge(&self) -> bool {
+        self.forge.is_some() || self.forges.as_ref().is_some_and(|f| !f.is_empty())
+    }
+}
+
 impl ForgeConfig {
     pub fn validate(&self, out: &mut Vec<super::validate::Problem>) {
         match self {
@@ -354,6 +373,9 @@ pub struct PoolConfig {
     /// When this pool's idle hosts are released (over the provider's `hosts:`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hosts: Option<HostsConfig>,
+    /// The forge (a name in `forges:`) this pool's runners register with; default: `forge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forge: Option<String>,
 }
 
 /// A pool that follows demand: desired size = clamp(busy + queued jobs it can serve + `idle`, `min`, `max`).

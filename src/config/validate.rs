@@ -180,6 +180,9 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
     if let Some(forge) = &c.forge {
         forge.validate(&mut out);
     }
+    for f in c.forges.iter().flat_map(|f| f.values()) {
+        f.validate(&mut out);
+    }
     if let Some(secret) = c.reconcile.as_ref().and_then(|r| r.webhook_secret.as_ref()) {
         secret_rules(&mut out, "reconcile.webhook_secret", secret);
     }
@@ -414,8 +417,22 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                 ));
             }
         }
+        if let Some(name) = &pool.forge
+            && c.forges.as_ref().is_none_or(|f| !f.contains_key(name))
+        {
+            out.push(problem(
+                at("forge"),
+                At::Value,
+                format!("pool `{}` names forge `{name}`, which `forges:` does not have", pool.name),
+                "unknown forge",
+                format!(
+                    "the forges are: {}",
+                    c.forges.iter().flat_map(|f| f.keys()).map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
         if let Some(r) = &pool.runner {
-            if c.forge.is_none() {
+            if c.forge_of(pool).is_none() && pool.forge.is_none() {
                 out.push(problem(
                     at("runner"),
                     At::Key,

@@ -340,11 +340,15 @@ impl Desired {
                     )
                 })
                 .collect(),
-            forge: c.forge.is_some(),
+            forge: c.has_forge(),
             interrupt_jobs: false,
             remove_first: Default::default(),
             budget: c.budget.as_ref().map(|b| b.to_budget()).unwrap_or_default(),
-            forge_cannot_relabel: c.forge.as_ref().is_some_and(|f| !f.relabels_in_place()),
+            forge_cannot_relabel: c
+                .forge
+                .iter()
+                .chain(c.forges.iter().flat_map(|f| f.values()))
+                .any(|f| !f.relabels_in_place()),
             pools: c
                 .pools
                 .iter()
@@ -389,7 +393,7 @@ impl Desired {
                         offline_grace: r.offline_grace.map(|d| d.0).unwrap_or(DEFAULT_OFFLINE_GRACE),
                         reimage_after_job: r.mode == RunnerMode::Ephemeral
                             && r.reimage != Some(crate::config::Reimage::Never),
-                        agent_version: c.forge.as_ref().map(|f| f.runner_version().to_string()),
+                        agent_version: c.forge_of(p).map(|f| f.runner_version().to_string()),
                     }),
                     setup: p
                         .setup

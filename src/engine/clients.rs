@@ -28,14 +28,43 @@ impl ClientError {
 
 /// The forge of the fleet file's `forge:` section.
 pub fn build_forge(loaded: &LoadedConfig) -> Result<Option<Arc<dyn Forge>>, ClientError> {
-    match &loaded.config.forge {
-        Some(f) => Ok(Some(crate::forges::build(f, &loaded.base_dir)?)),
-        None => Ok(None),
+    let c = &loaded.config;
+    let Some(named) = c.forges.as_ref().filter(|f| !f.is_empty()) else {
+        return match &c.forge {
+            Some(f) => Ok(Some(crate::forges::build(f, &loaded.base_dir)?)),
+            None => Ok(None),
+        };
+    };
+    // Several forges: one router over them, each serving the pools that name it (`forge` the others).
+    let pools_of = |name: Option<&str>| -> Vec<String> {
+        c.pools.iter().filter(|p| p.forge.as_deref() == name).map(|p| p.name.clone()).collect()
+    };
+    let mut all = Vec::new();
+    if let Some(f) = &c.forge {
+        all.push((
+            "forge".to_string(),
+            crate::forges::build(f, &loaded.base_dir)?,
+            crate::forges::runner_dir(f),
+            pools_of(None),
+        ));
     }
+    for (name, f) in named {
+        all.push((
+            name.clone(),
+            crate::forges::build(f, &loaded.base_dir)?,
+            crate::forges::runner_dir(f),
+            pools_of(Some(name)),
+        ));
+    }
+    Ok(Some(Arc::new(crate::forges::multi::MultiForge::new(all)?)))
 }
 
-/// Where runners are installed on machines (the forge's `runner_dir`).
+/// Where runners are installed on machines (the forge's `runner_dir`; with several forges each agent uses its
+/// own).
 pub fn runner_dir(loaded: &LoadedConfig) -> Option<String> {
+    if loaded.config.forges.as_ref().is_some_and(|f| !f.is_empty()) {
+        return None;
+    }
     loaded.config.forge.as_ref().and_then(crate::forges::runner_dir)
 }
 

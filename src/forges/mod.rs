@@ -13,6 +13,7 @@ use crate::config::ForgeConfig;
 pub mod forgejo;
 pub mod github;
 pub mod gitlab;
+pub mod multi;
 
 use async_trait::async_trait;
 

@@ -19,6 +19,7 @@ mod iam_policy;
 mod journal;
 mod kill_rerun;
 mod local_apply;
+mod mixed_fleet;
 mod planner;
 mod planner_props;
 mod policy;
