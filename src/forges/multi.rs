@@ -11,20 +11,25 @@ use crate::core::model::{ForgeRunner, QueuedJob};
 
 const SLOTS: u64 = 16;
 
+/// A member forge: its name, the forge, its `runner_dir`, and the pools it serves.
+pub type Member = (String, Arc<dyn Forge>, Option<String>, Vec<String>);
+/// A member's agent: the pools, the forge, its `runner_dir`.
+type AgentOf = (Vec<String>, Arc<dyn Forge>, Option<String>);
+
 pub struct MultiForge {
     /// (name, forge, its runner_dir, the pools it serves).
-    forges: Vec<(String, Arc<dyn Forge>, Option<String>, Vec<String>)>,
+    forges: Vec<Member>,
     agent: MultiAgent,
 }
 
 struct MultiAgent {
     /// (pools, the forge's agent, its runner_dir), by index.
-    agents: Vec<(Vec<String>, Arc<dyn Forge>, Option<String>)>,
+    agents: Vec<AgentOf>,
 }
 
 impl MultiForge {
     /// `forges`: (name, forge, runner_dir, pools). At most 16.
-    pub fn new(forges: Vec<(String, Arc<dyn Forge>, Option<String>, Vec<String>)>) -> Result<Self, ForgeError> {
+    pub fn new(forges: Vec<Member>) -> Result<Self, ForgeError> {
         if forges.len() as u64 > SLOTS {
             return Err(ForgeError::other(format!("at most {SLOTS} forges in one fleet")));
         }
@@ -114,7 +119,7 @@ impl Forge for MultiForge {
 }
 
 impl MultiAgent {
-    fn of(&self, machine: &str) -> Option<&(Vec<String>, Arc<dyn Forge>, Option<String>)> {
+    fn of(&self, machine: &str) -> Option<&AgentOf> {
         let pool = crate::core::model::parse_machine_name(machine).map(|(_, p, _)| p).unwrap_or_default();
         self.agents.iter().find(|(pools, _, _)| pools.iter().any(|p| p == pool))
     }
