@@ -43,6 +43,34 @@ impl Simulator {
     ) {
         let order = toposort(&plan.graph, None).expect("the plan is a DAG");
         let mut allocated: HashMap<usize, String> = HashMap::new();
+        // Lookups by name and id are indexed (a world of 100,000 machines must not take quadratic time).
+        let mut live: HashMap<String, usize> = HashMap::new();
+        let mut by_instance: HashMap<String, usize> = HashMap::new();
+        for (i, m) in world.machines.iter().enumerate() {
+            by_instance.insert(m.instance_id.clone(), i);
+            if let Some(n) = m.name().filter(|_| !m.state.is_gone()) {
+                live.insert(n.to_string(), i);
+            }
+        }
+        let mut host_at: HashMap<String, usize> = HashMap::new();
+        let mut hosts_tagged: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut host_of_instance: HashMap<String, usize> = HashMap::new();
+        for (i, h) in world.hosts.iter().enumerate() {
+            host_at.insert(h.id.clone(), i);
+            if let Some(m) = h.tags.get(tags::MACHINE) {
+                hosts_tagged.entry(m.clone()).or_default().push(i);
+            }
+            for inst in &h.instance_ids {
+                host_of_instance.insert(inst.clone(), i);
+            }
+        }
+        let mut runner_at: HashMap<String, usize> = HashMap::new();
+        let mut runner_by_id: HashMap<u64, usize> = HashMap::new();
+        for (i, r) in world.runners.iter().flatten().enumerate() {
+            runner_at.insert(r.name.clone(), i);
+            runner_by_id.insert(r.id, i);
+        }
+        let mut deregistered: std::collections::HashSet<u64> = Default::default();
         for idx in order.into_iter().take(limit) {
             let action = &plan.graph[idx];
             match &action.kind {
@@ -57,7 +85,7 @@ impl Simulator {
                 } => {
                     // As the provider does: a host already tagged for this machine (a killed run's) is found by
                     // its tag, unless the plan excluded it.
-                    let found = world.hosts.iter().find(|h| {
+                    let found = hosts_tagged.get(machine).into_iter().flatten().map(|i| &world.hosts[*i]).find(|h| {
                         h.provider == *provider
                             && owned_by(&h.tags, &desired.tenant)
                             && h.tags.get(tags::MACHINE) == Some(machine)
@@ -73,6 +101,8 @@ impl Simulator {
                     }
                     let id = self.id("h");
                     allocated.insert(idx.index(), id.clone());
+                    host_at.insert(id.clone(), world.hosts.len());
+                    hosts_tagged.entry(machine.clone()).or_default().push(world.hosts.len());
                     world.hosts.push(Host {
                         provider: provider.clone(),
                         id,
@@ -86,17 +116,17 @@ impl Simulator {
                     });
                 }
                 ActionKind::LaunchInstance { provider, pool, machine, spec, host } => {
-                    assert!(
-                        !world.machines.iter().any(|m| m.name() == Some(machine) && !m.state.is_gone()),
-                        "duplicate machine {machine}"
-                    );
+                    assert!(!live.contains_key(machine), "duplicate machine {machine}");
                     let instance_id = self.id("i");
                     let host_id = host.as_ref().map(|h| match h {
                         HostRef::Existing { host_id } => host_id.clone(),
                         HostRef::Allocated { action } => allocated[action].clone(),
                     });
                     if let Some(hid) = &host_id {
-                        let h = world.hosts.iter_mut().find(|h| &h.id == hid).expect("host exists");
+                        let at = *host_at.get(hid).expect("host exists");
+                        host_of_instance.insert(instance_id.clone(), at);
+                        hosts_tagged.entry(machine.clone()).or_default().push(at);
+                        let h = &mut world.hosts[at];
                         assert!(h.instance_ids.is_empty(), "host {hid} already has an instance");
                         assert_eq!(h.state, HostState::Available, "host {hid} is not available (scrubbing?)");
                         assert!(desired.host_settled(h, now), "host {hid} was used before it settled after its scrub");
@@ -104,6 +134,8 @@ impl Simulator {
                         h.instance_ids.push(instance_id.clone());
                         h.tags = machine_tags(&desired.tenant, provider, pool, machine, None);
                     }
+                    live.insert(machine.clone(), world.machines.len());
+                    by_instance.insert(instance_id.clone(), world.machines.len());
                     world.machines.push(ActualMachine {
                         provider: provider.clone(),
                         instance_id,
@@ -121,31 +153,32 @@ impl Simulator {
                 }
                 ActionKind::WaitReachable { .. } => {}
                 ActionKind::ReimageMachine { machine, image, .. } => {
-                    let m = live_mut(world, machine);
+                    let m = live_mut(world, &live, machine);
                     assert_eq!(m.state, InstanceState::Running, "reimaged {machine} while it was not running");
                     m.image = image.clone();
                     m.on_machine = OnMachine::Read { state: MachineState::default() };
                 }
                 ActionKind::RestartRunner { machine, .. } => {
-                    for r in world.runners.iter_mut().flatten().filter(|r| &r.name == machine) {
-                        r.online = true;
-                        r.offline_since = None;
+                    if let (Some(i), Some(rs)) = (runner_at.get(machine), world.runners.as_mut()) {
+                        rs[*i].online = true;
+                        rs[*i].offline_since = None;
                     }
                 }
                 ActionKind::UpdateRunnerAgent { machine, to, .. } => {
-                    let busy = world.runners.iter().flatten().any(|r| &r.name == machine && r.busy);
+                    let busy =
+                        runner_at.get(machine).is_some_and(|i| world.runners.as_ref().is_some_and(|rs| rs[*i].busy));
                     assert!(!busy, "updated the agent of {machine} under a job");
-                    if let OnMachine::Read { state } = &mut live_mut(world, machine).on_machine
+                    if let OnMachine::Read { state } = &mut live_mut(world, &live, machine).on_machine
                         && let Some(r) = &mut state.runner
                     {
                         r.agent_version = Some(to.clone());
                     }
                 }
                 ActionKind::RepairState { machine, .. } => {
-                    live_mut(world, machine).on_machine = OnMachine::Read { state: MachineState::default() };
+                    live_mut(world, &live, machine).on_machine = OnMachine::Read { state: MachineState::default() };
                 }
                 ActionKind::RunSetup { machine, steps, .. } => {
-                    let m = live_mut(world, machine);
+                    let m = live_mut(world, &live, machine);
                     let OnMachine::Read { state } = &mut m.on_machine else { panic!("setup on unread machine") };
                     for s in steps {
                         state.steps.retain(|r| r.name != s.name);
@@ -165,7 +198,7 @@ impl Simulator {
                         .find(|p| &p.name == pool)
                         .and_then(|p| p.runner.as_ref())
                         .and_then(|r| r.agent_version.clone());
-                    if let OnMachine::Read { state } = &mut live_mut(world, machine).on_machine {
+                    if let OnMachine::Read { state } = &mut live_mut(world, &live, machine).on_machine {
                         state.runner = Some(RunnerRecord {
                             name: machine.clone(),
                             labels: labels.clone(),
@@ -174,8 +207,13 @@ impl Simulator {
                         });
                     }
                     let runners = world.runners.get_or_insert_with(Vec::new);
-                    assert!(!runners.iter().any(|r| &r.name == machine), "runner {machine} registered twice");
+                    assert!(
+                        runner_at.get(machine).is_none_or(|i| deregistered.contains(&runners[*i].id)),
+                        "runner {machine} registered twice"
+                    );
                     self.next_id += 1;
+                    runner_at.insert(machine.clone(), runners.len());
+                    runner_by_id.insert(self.next_id, runners.len());
                     runners.push(ForgeRunner {
                         id: self.next_id,
                         name: machine.clone(),
@@ -187,38 +225,44 @@ impl Simulator {
                     });
                 }
                 ActionKind::UpdateRunnerLabels { runner_id, labels, .. } => {
-                    let r = world
-                        .runners
-                        .as_mut()
-                        .and_then(|rs| rs.iter_mut().find(|r| r.id == *runner_id))
+                    let i = *runner_by_id
+                        .get(runner_id)
+                        .filter(|_| !deregistered.contains(runner_id))
                         .expect("runner exists");
+                    let r = &mut world.runners.as_mut().expect("forge read")[i];
                     assert!(!r.busy || desired.interrupt_jobs, "relabelled runner {} in the middle of a job", r.name);
                     r.labels = labels.clone();
                 }
                 ActionKind::DeregisterRunner { runner_id, .. } => {
                     let rs = world.runners.as_mut().expect("forge read");
-                    if let Some(r) = rs.iter().find(|r| r.id == *runner_id) {
-                        assert!(!r.busy || desired.interrupt_jobs, "deregistered runner {} running a job", r.name);
-                    }
-                    let before = rs.len();
-                    rs.retain(|r| r.id != *runner_id);
-                    assert_eq!(before, rs.len() + 1, "runner {runner_id} did not exist");
+                    let i = runner_by_id.get(runner_id).filter(|_| !deregistered.contains(runner_id));
+                    let i = *i.unwrap_or_else(|| panic!("runner {runner_id} did not exist"));
+                    let r = &rs[i];
+                    assert!(!r.busy || desired.interrupt_jobs, "deregistered runner {} running a job", r.name);
+                    deregistered.insert(*runner_id);
                 }
                 ActionKind::TerminateInstance { instance_id, machine, .. } => {
-                    let busy = world.runners.iter().flatten().any(|r| &r.name == machine && r.busy);
+                    let busy = runner_at.get(machine).is_some_and(|i| {
+                        world.runners.as_ref().is_some_and(|rs| rs[*i].busy && !deregistered.contains(&rs[*i].id))
+                    });
                     assert!(!busy || desired.interrupt_jobs, "terminated {machine} while its runner runs a job");
-                    let m = world.machines.iter_mut().find(|m| &m.instance_id == instance_id).expect("instance exists");
+                    let i = *by_instance.get(instance_id).expect("instance exists");
+                    let m = &mut world.machines[i];
                     m.state = InstanceState::Terminated;
-                    for h in &mut world.hosts {
-                        if h.instance_ids.contains(instance_id) {
-                            // As EC2 does: the host is scrubbed after its instance ends, and unusable meanwhile.
-                            h.state = HostState::Pending;
-                        }
+                    if let Some(n) = m.name()
+                        && live.get(n) == Some(&i)
+                    {
+                        live.remove(n);
+                    }
+                    if let Some(h) = host_of_instance.remove(instance_id) {
+                        let h = &mut world.hosts[h];
+                        // As EC2 does: the host is scrubbed after its instance ends, and unusable meanwhile.
+                        h.state = HostState::Pending;
                         h.instance_ids.retain(|i| i != instance_id);
                     }
                 }
                 ActionKind::ReleaseHost { host_id, .. } => {
-                    let h = world.hosts.iter_mut().find(|h| &h.id == host_id).expect("host exists");
+                    let h = &mut world.hosts[*host_at.get(host_id).expect("host exists")];
                     assert!(h.instance_ids.is_empty(), "released host {host_id} with a live instance");
                     let window = desired
                         .providers
@@ -235,13 +279,13 @@ impl Simulator {
         }
         world.machines.retain(|m| m.state != InstanceState::Terminated);
         world.hosts.retain(|h| h.state != HostState::Released);
+        if let Some(rs) = world.runners.as_mut() {
+            rs.retain(|r| !deregistered.contains(&r.id));
+        }
     }
 }
 
-fn live_mut<'a>(world: &'a mut Actual, name: &str) -> &'a mut ActualMachine {
-    world
-        .machines
-        .iter_mut()
-        .find(|m| m.name() == Some(name) && !m.state.is_gone())
-        .unwrap_or_else(|| panic!("machine {name} is not live"))
+fn live_mut<'a>(world: &'a mut Actual, live: &HashMap<String, usize>, name: &str) -> &'a mut ActualMachine {
+    let i = *live.get(name).unwrap_or_else(|| panic!("machine {name} is not live"));
+    &mut world.machines[i]
 }
