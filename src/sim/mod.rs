@@ -190,6 +190,7 @@ pub struct LowerBound {
 ///
 /// Each is a lower bound for any schedule, so the largest of them is. The windows tried are 10 min to 1 day
 /// long; any set of lengths keeps the bound valid.
+#[allow(clippy::needless_range_loop)] // the dynamic programme reads rows i and kk+1 of one table by index
 pub fn class_bound(jobs: &[(f64, f64)], minimum: f64, w: f64, late: usize) -> (f64, u64) {
     if jobs.is_empty() {
         return (0.0, 0);
@@ -294,6 +295,7 @@ pub fn brute_force(jobs: &[(f64, f64)], minimum: f64, w: f64, total_jobs: usize)
     let late = total_jobs / 20;
     let mut best: Option<f64> = None;
     let mut assign = vec![0usize; n];
+    #[allow(clippy::too_many_arguments)] // a local recursion; a struct would only rename its arguments
     fn rec(
         k: usize,
         used: usize,

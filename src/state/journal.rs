@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS observations (
 );
 ";
 
+/// A resource a call made, not seen by discovery yet: (scope, run, id, made at).
+pub type MadeUnseenRow = (String, Option<i64>, String, String);
+
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("journal `{path}`: {source}")]
@@ -657,7 +660,7 @@ impl Journal {
     }
 
     /// Every resource a call made that discovery has not seen yet: (scope, run, id, made at).
-    pub fn made_unseen(&self) -> Result<Vec<(String, Option<i64>, String, String)>, JournalError> {
+    pub fn made_unseen(&self) -> Result<Vec<MadeUnseenRow>, JournalError> {
         let mut st = self
             .conn
             .prepare("SELECT scope, run_id, made_id, made_at FROM idempotency_keys WHERE made_id IS NOT NULL")

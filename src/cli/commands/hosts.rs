@@ -68,8 +68,8 @@ pub fn render(doc: &HostsDocument) -> String {
     }
     let _ = writeln!(
         o,
-        "{:<21} {:<17} {:<10} {:<20} {:>8} {:>9} {:<20} {}",
-        "HOST", "TYPE", "STATE", "ALLOCATED", "BILLED h", "COST", "WINDOW ENDS", "MACHINE"
+        "{:<21} {:<17} {:<10} {:<20} {:>8} {:>9} {:<20} MACHINE",
+        "HOST", "TYPE", "STATE", "ALLOCATED", "BILLED h", "COST", "WINDOW ENDS"
     );
     for e in &doc.hosts {
         let ts =

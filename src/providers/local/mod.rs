@@ -250,7 +250,7 @@ impl LocalProvider {
             // A folder of a process that is gone (its name ends in `-<pid>-<nanos>`, and sandboxes are on this
             // computer) is left over too, however fresh.
             let dead = name
-                .rsplitn(3, '-')
+                .rsplit('-')
                 .nth(1)
                 .and_then(|pid| pid.parse::<u32>().ok())
                 .is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists());
