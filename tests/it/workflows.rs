@@ -124,7 +124,7 @@ fn completions_and_man_page() {
 #[test]
 fn workflows_pass_zizmor_and_a_bad_one_does_not() {
     let Some(zizmor) = crate::common::peer_value("NIMBUS_ZIZMOR", "zizmor (PyPI)") else { return };
-    let o = Command::new(&zizmor).args(["--offline", ".github/workflows/"]).output().unwrap();
+    let o = Command::new(&zizmor).args(["--offline", ".github/workflows/", "action.yml"]).output().unwrap();
     let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "zizmor found problems in .github/workflows:\n{out}");
     assert!(out.contains("No findings"), "{out}");
@@ -188,4 +188,89 @@ fn release_packaging_is_the_workflows_own() {
     assert!(Command::new("tar").arg("xzf").arg(&archive).current_dir(out.path()).status().unwrap().success());
     let v = Command::new(out.path().join(&name).join("nimbus")).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Issue 23.6: the reusable action (composite, `action.yml`): its install step downloads a release and refuses
+/// one whose sha256 is not the pinned one; its run step plans, detects drift and applies with the exit codes the
+/// comment and issue steps rely on.
+#[test]
+fn the_action_installs_a_verified_release_and_runs_nimbus() {
+    let action: serde_json::Value = yaml_serde::from_str(&std::fs::read_to_string("action.yml").unwrap()).unwrap();
+    assert_eq!(action["runs"]["using"], "composite");
+    for input in ["command", "fleet-file", "version", "sha256", "github-token"] {
+        assert!(action["inputs"][input]["description"].is_string(), "input {input} is documented");
+    }
+    let steps = action["runs"]["steps"].as_array().unwrap();
+    let uses: Vec<&str> = steps.iter().filter_map(|s| s["uses"].as_str()).collect();
+    assert!(uses.iter().all(|u| u.split('@').nth(1).is_some_and(|r| r.len() == 40)), "pinned to commits: {uses:?}");
+    let text = std::fs::read_to_string("action.yml").unwrap();
+    assert!(text.contains("scripts/install.sh") && text.contains("scripts/action-run.sh"));
+
+    // A release of this very binary, as scripts/package.sh makes it, served from a folder.
+    let dir = tempfile::tempdir().unwrap();
+    let host = String::from_utf8(Command::new("rustc").arg("-vV").output().unwrap().stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .unwrap();
+    let rel = dir.path().join("release");
+    assert!(
+        Command::new("bash")
+            .arg("scripts/package.sh")
+            .arg(&host)
+            .arg(&rel)
+            .arg(env!("CARGO_BIN_EXE_nimbus"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let install = |sha: &str| {
+        Command::new("bash")
+            .arg("scripts/install.sh")
+            .env("VERSION", env!("CARGO_PKG_VERSION"))
+            .env("NIMBUS_TARGET", &host)
+            .env("NIMBUS_RELEASE_URL", format!("file://{}", rel.display()))
+            .env("SHA256", sha)
+            .env("PREFIX", dir.path().join("prefix"))
+            .env("GITHUB_PATH", dir.path().join("github_path"))
+            .output()
+            .unwrap()
+    };
+    let bad = install(&"0".repeat(64));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not installing it"));
+    assert!(!dir.path().join("prefix/bin/nimbus").exists(), "nothing unverified was installed");
+    let ok = install("");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let bin = dir.path().join("prefix/bin");
+    assert!(bin.join("nimbus").exists());
+    assert_eq!(std::fs::read_to_string(dir.path().join("github_path")).unwrap().trim(), bin.display().to_string());
+
+    // The run step on the quickstart: drift (2), apply, drift (0), a pull request's plan (0, Markdown).
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let fleet = work.join("fleet.yaml");
+    std::fs::copy("examples/quickstart/fleet.yaml", &fleet).unwrap();
+    let run = |command: &str| {
+        let out = work.join("github_output");
+        let _ = std::fs::remove_file(&out);
+        let st = Command::new("bash")
+            .arg(std::path::Path::new("scripts/action-run.sh").canonicalize().unwrap())
+            .current_dir(&work)
+            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+            .env("COMMAND", command)
+            .env("FLEET_FILE", &fleet)
+            .env("BASE_FLEET_FILE", &fleet)
+            .env("GITHUB_OUTPUT", &out)
+            .env("NO_COLOR", "1")
+            .status()
+            .unwrap();
+        assert!(st.success(), "{command}");
+        std::fs::read_to_string(&out).unwrap().trim().to_string()
+    };
+    assert_eq!(run("drift"), "exitcode=2");
+    assert_eq!(run("apply"), "exitcode=0");
+    assert_eq!(run("drift"), "exitcode=0");
+    assert_eq!(run("plan"), "exitcode=0");
+    assert!(std::fs::read_to_string(work.join("nimbus-plan.md")).unwrap().contains("No changes"));
 }
