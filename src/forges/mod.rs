@@ -133,6 +133,47 @@ pub struct AgentInstall {
     pub stdin: Vec<u8>,
 }
 
+/// The runner directory as a shell word: the fleet file's `runner_dir` (or `default`) with `{machine}` replaced;
+/// a leading `$HOME/` is left to the shell, anything else quoted.
+pub fn agent_dir_word(t: &AgentTarget, default: &str) -> String {
+    let dir = t.dir.unwrap_or(default).replace("{machine}", t.machine);
+    match dir.strip_prefix("$HOME/") {
+        Some(rest) => format!("\"$HOME\"/{}", crate::util::shell::quote(rest)),
+        None => crate::util::shell::quote(&dir),
+    }
+}
+
+/// The `os-arch` names the Go-built agents use (`linux`/`darwin`, `amd64`/`arm64`).
+pub fn go_platform(os: crate::config::Os, arch: crate::config::Arch) -> (&'static str, &'static str) {
+    (
+        match os {
+            crate::config::Os::Macos => "darwin",
+            crate::config::Os::Linux => "linux",
+        },
+        match arch {
+            crate::config::Arch::Arm64 => "arm64",
+            crate::config::Arch::X86_64 => "amd64",
+        },
+    )
+}
+
+/// Shell lines (in the runner directory) that download a single-binary agent from `url` into `file`, refuse it
+/// unless its sha256 is `sum` (and refuse to download at all without one: `what` names the missing setting),
+/// make it executable, and record `version` in `.nimbus-agent-version`.
+pub fn checked_download(url: &str, sum: Option<&String>, version: &str, file: &str, what: &str) -> String {
+    use crate::util::shell::quote;
+    match sum {
+        None => format!("  echo \"no sha256 is known for \"{u}\": add {what}\" >&2; exit 1\n", u = quote(url)),
+        Some(sum) => format!(
+            "  if command -v curl >/dev/null; then curl -fsSL {u} -o {f}.new; else wget -q -O {f}.new {u}; fi\n  sum=$( (sha256sum {f}.new 2>/dev/null || shasum -a 256 {f}.new) | cut -d' ' -f1)\n  if [ \"$sum\" != {want} ]; then rm -f {f}.new; echo \"the agent from \"{u}\" has sha256 $sum, not \"{want}\": not installing it\" >&2; exit 1; fi\n  chmod +x {f}.new; mv {f}.new {f}; printf '%s\\n' {v} > .nimbus-agent-version\n",
+            u = quote(url),
+            f = file,
+            want = quote(&sum.to_ascii_lowercase()),
+            v = quote(version),
+        ),
+    }
+}
+
 /// A forge's runner agent on a machine: install, register, start, and remove. The agent's own naming of
 /// OS and architecture is its business.
 pub trait RunnerAgent: Send + Sync {

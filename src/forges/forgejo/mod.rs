@@ -27,7 +27,6 @@ use async_trait::async_trait;
 
 use self::config::{Flavour, ForgejoConfig, ForgejoScope};
 use super::{AgentInstall, AgentTarget, Forge, ForgeError, Registration, RunnerAgent, Secret, tenant_runners};
-use crate::config::{Arch, Os};
 use crate::core::model::{ForgeRunner, QueuedJob};
 use crate::util::http::{Body, HyperClient};
 use crate::util::shell;
@@ -275,35 +274,14 @@ impl ForgejoAgent {
     }
 
     fn dir_word(t: &AgentTarget) -> String {
-        let dir = t.dir.unwrap_or("$HOME/forgejo-runner").replace("{machine}", t.machine);
-        match dir.strip_prefix("$HOME/") {
-            Some(rest) => format!("\"$HOME\"/{}", shell::quote(rest)),
-            None => shell::quote(&dir),
-        }
+        super::agent_dir_word(t, "$HOME/forgejo-runner")
     }
 
     fn download(&self, t: &AgentTarget) -> String {
-        let os = match t.os {
-            Os::Macos => "darwin",
-            Os::Linux => "linux",
-        };
-        let arch = match t.arch {
-            Arch::Arm64 => "arm64",
-            Arch::X86_64 => "amd64",
-        };
+        let (os, arch) = super::go_platform(t.os, t.arch);
         let url = self.download_url.replace("{os}", os).replace("{arch}", arch).replace("{version}", &self.version);
-        match self.sha256.get(&format!("{os}-{arch}")) {
-            None => format!(
-                "  echo \"no sha256 is known for the runner at \"{u}\": add forge.runner_sha256.{os}-{arch}\" >&2; exit 1\n",
-                u = shell::quote(&url)
-            ),
-            Some(sum) => format!(
-                "  if command -v curl >/dev/null; then curl -fsSL {u} -o runner.new; else wget -q -O runner.new {u}; fi\n  sum=$( (sha256sum runner.new 2>/dev/null || shasum -a 256 runner.new) | cut -d' ' -f1)\n  if [ \"$sum\" != {want} ]; then rm -f runner.new; echo \"the runner from \"{u}\" has sha256 $sum, not \"{want}\": not installing it\" >&2; exit 1; fi\n  chmod +x runner.new; mv runner.new runner; printf '%s\\n' {v} > .nimbus-agent-version\n",
-                u = shell::quote(&url),
-                want = shell::quote(&sum.to_ascii_lowercase()),
-                v = shell::quote(&self.version),
-            ),
-        }
+        let what = format!("forge.runner_sha256.{os}-{arch}");
+        super::checked_download(&url, self.sha256.get(&format!("{os}-{arch}")), &self.version, "runner", &what)
     }
 }
 

@@ -106,12 +106,7 @@ impl GithubAgent {
     }
 
     fn dir_word(t: &AgentTarget) -> String {
-        let dir = t.dir.unwrap_or(DEFAULT_RUNNER_DIR).replace("{machine}", t.machine);
-        // A runner dir given with `$HOME` is left to the shell; anything else is quoted.
-        match dir.strip_prefix("$HOME/") {
-            Some(rest) => format!("\"$HOME\"/{}", shell::quote(rest)),
-            None => shell::quote(&dir),
-        }
+        crate::forges::agent_dir_word(t, DEFAULT_RUNNER_DIR)
     }
 }
 

@@ -22,7 +22,6 @@ use serde::Deserialize;
 
 use self::config::{GitlabConfig, GitlabRunnerType};
 use super::{AgentInstall, AgentTarget, Forge, ForgeError, Registration, RunnerAgent, Secret, tenant_runners};
-use crate::config::{Arch, Os};
 use crate::core::model::{ForgeRunner, QueuedJob};
 use crate::util::http::{Body, HyperClient};
 use crate::util::shell;
@@ -269,43 +268,16 @@ impl GitlabAgent {
         }
     }
 
-    fn platform(os: Os, arch: Arch) -> (&'static str, &'static str) {
-        (
-            match os {
-                Os::Macos => "darwin",
-                Os::Linux => "linux",
-            },
-            match arch {
-                Arch::Arm64 => "arm64",
-                Arch::X86_64 => "amd64",
-            },
-        )
-    }
-
     fn dir_word(t: &AgentTarget) -> String {
-        let dir = t.dir.unwrap_or("$HOME/gitlab-runner").replace("{machine}", t.machine);
-        match dir.strip_prefix("$HOME/") {
-            Some(rest) => format!("\"$HOME\"/{}", shell::quote(rest)),
-            None => shell::quote(&dir),
-        }
+        super::agent_dir_word(t, "$HOME/gitlab-runner")
     }
 
     /// Download, verify and record the release (in the runner directory).
     fn download(&self, t: &AgentTarget) -> String {
-        let (os, arch) = Self::platform(t.os, t.arch);
+        let (os, arch) = super::go_platform(t.os, t.arch);
         let url = self.download_url.replace("{os}", os).replace("{arch}", arch).replace("{version}", &self.version);
-        match self.sha256.get(&format!("{os}-{arch}")) {
-            None => format!(
-                "  echo \"no sha256 is known for gitlab-runner at \"{u}\": add forge.runner_sha256.{os}-{arch} (from the release's release.sha256)\" >&2; exit 1\n",
-                u = shell::quote(&url)
-            ),
-            Some(sum) => format!(
-                "  if command -v curl >/dev/null; then curl -fsSL {u} -o gitlab-runner.new; else wget -q -O gitlab-runner.new {u}; fi\n  sum=$( (sha256sum gitlab-runner.new 2>/dev/null || shasum -a 256 gitlab-runner.new) | cut -d' ' -f1)\n  if [ \"$sum\" != {want} ]; then rm -f gitlab-runner.new; echo \"gitlab-runner from \"{u}\" has sha256 $sum, not \"{want}\": not installing it\" >&2; exit 1; fi\n  chmod +x gitlab-runner.new; mv gitlab-runner.new gitlab-runner; printf '%s\\n' {v} > .nimbus-agent-version\n",
-                u = shell::quote(&url),
-                want = shell::quote(&sum.to_ascii_lowercase()),
-                v = shell::quote(&self.version),
-            ),
-        }
+        let what = format!("forge.runner_sha256.{os}-{arch} (from the release's release.sha256)");
+        super::checked_download(&url, self.sha256.get(&format!("{os}-{arch}")), &self.version, "gitlab-runner", &what)
     }
 }
 
