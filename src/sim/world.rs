@@ -48,8 +48,9 @@ impl Simulator {
         let mut by_instance: HashMap<String, usize> = HashMap::new();
         for (i, m) in world.machines.iter().enumerate() {
             by_instance.insert(m.instance_id.clone(), i);
+            // Of two copies of one name, the first (as discovery lists them) is the one reached by name.
             if let Some(n) = m.name().filter(|_| !m.state.is_gone()) {
-                live.insert(n.to_string(), i);
+                live.entry(n.to_string()).or_insert(i);
             }
         }
         let mut host_at: HashMap<String, usize> = HashMap::new();
@@ -249,10 +250,14 @@ impl Simulator {
                     let i = *by_instance.get(instance_id).expect("instance exists");
                     let m = &mut world.machines[i];
                     m.state = InstanceState::Terminated;
-                    if let Some(n) = m.name()
-                        && live.get(n) == Some(&i)
+                    if let Some(n) = m.name().map(str::to_string)
+                        && live.get(&n) == Some(&i)
                     {
-                        live.remove(n);
+                        // A copy of the same name that still runs is reached by name from now on.
+                        match world.machines.iter().position(|o| o.name() == Some(n.as_str()) && !o.state.is_gone()) {
+                            Some(other) => live.insert(n, other),
+                            None => live.remove(&n),
+                        };
                     }
                     if let Some(h) = host_of_instance.remove(instance_id) {
                         let h = &mut world.hosts[h];
