@@ -467,6 +467,42 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
     out
 }
 
+/// A forge instance's URL: https, or plain http on loopback only (a test peer).
+pub fn instance_url_rules(out: &mut Vec<Problem>, path: &str, url: &str, example: &str) {
+    if !(url.starts_with("https://") || url.starts_with("http://127.") || url.starts_with("http://localhost")) {
+        out.push(problem(
+            path.into(),
+            At::Value,
+            format!("`{url}` is not an https:// URL"),
+            "not https",
+            format!("give the instance's URL, for example `{example}`"),
+        ));
+    }
+}
+
+/// The checksums of a Go-built runner agent, by its platforms (`linux-amd64`, …).
+pub fn go_agent_sha256_rules(out: &mut Vec<Problem>, sums: &std::collections::BTreeMap<String, String>, hint: &str) {
+    for (platform, sum) in sums {
+        if !["linux-amd64", "linux-arm64", "darwin-amd64", "darwin-arm64"].contains(&platform.as_str()) {
+            out.push(problem(
+                format!("forge.runner_sha256.{platform}"),
+                At::Key,
+                format!("`{platform}` is not a runner platform"),
+                "unknown platform",
+                "use linux-amd64, linux-arm64, darwin-amd64 or darwin-arm64".to_string(),
+            ));
+        } else if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
+            out.push(problem(
+                format!("forge.runner_sha256.{platform}"),
+                At::Value,
+                format!("`forge.runner_sha256.{platform}` is not a sha256"),
+                "not 64 hex digits",
+                hint.to_string(),
+            ));
+        }
+    }
+}
+
 pub fn secret_rules(out: &mut Vec<Problem>, path: &str, s: &SecretRef) {
     if let SecretRef::Env(v) = s
         && !is_env_name(v)

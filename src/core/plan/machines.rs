@@ -122,17 +122,7 @@ impl<'a> Builder<'a> {
                 deps.push(d);
                 self.runners_handled.insert(name.to_string());
             }
-            ids.push(self.add(
-                addr,
-                ActionKind::RegisterRunner {
-                    provider: pool.provider.clone(),
-                    pool: pool.name.clone(),
-                    machine: name.to_string(),
-                    labels: r.labels.clone(),
-                    mode: r.mode,
-                },
-                &deps,
-            ));
+            ids.push(self.add(addr, register_runner(pool, name, r), &deps));
         }
         ids
     }
@@ -444,17 +434,7 @@ impl<'a> Builder<'a> {
                 (Some(r), None) => {
                     why.push(UpdateCause::RunnerMissing);
                     let deps: Vec<usize> = last.into_iter().collect();
-                    ids.push(self.add(
-                        &addr,
-                        ActionKind::RegisterRunner {
-                            provider: pool.provider.clone(),
-                            pool: pool.name.clone(),
-                            machine: name.clone(),
-                            labels: r.labels.clone(),
-                            mode: r.mode,
-                        },
-                        &deps,
-                    ));
+                    ids.push(self.add(&addr, register_runner(pool, &name, r), &deps));
                 }
                 (Some(r), Some(fr)) => {
                     self.runners_handled.insert(name.clone());
@@ -478,17 +458,7 @@ impl<'a> Builder<'a> {
                         );
                         let mut deps: Vec<usize> = last.into_iter().collect();
                         deps.push(d);
-                        let reg = self.add(
-                            &addr,
-                            ActionKind::RegisterRunner {
-                                provider: pool.provider.clone(),
-                                pool: pool.name.clone(),
-                                machine: name.clone(),
-                                labels: r.labels.clone(),
-                                mode: r.mode,
-                            },
-                            &deps,
-                        );
+                        let reg = self.add(&addr, register_runner(pool, &name, r), &deps);
                         ids.extend([d, reg]);
                         last = Some(reg);
                     } else if relabel {
@@ -597,5 +567,16 @@ impl<'a> Builder<'a> {
         }
         let registered_before = matches!(&m.on_machine, OnMachine::Read { state } if state.runner.is_some());
         registered_before && m.name().is_some_and(|n| self.runner(n).is_none())
+    }
+}
+
+/// The registration of `name`'s runner as the pool declares it.
+fn register_runner(pool: &DesiredPool, name: &str, r: &RunnerSpec) -> ActionKind {
+    ActionKind::RegisterRunner {
+        provider: pool.provider.clone(),
+        pool: pool.name.clone(),
+        machine: name.to_string(),
+        labels: r.labels.clone(),
+        mode: r.mode,
     }
 }

@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SecretRef;
-use crate::config::validate::{At, Problem, problem, secret_rules};
+use crate::config::validate::{At, Problem, go_agent_sha256_rules, instance_url_rules, problem, secret_rules};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -60,18 +60,8 @@ pub struct ForgejoConfig {
 impl ForgejoConfig {
     pub fn validate(&self, out: &mut Vec<Problem>) {
         secret_rules(out, "forge.token", &self.token);
-        if !(self.url.starts_with("https://")
-            || self.url.starts_with("http://127.")
-            || self.url.starts_with("http://localhost"))
-        {
-            out.push(problem(
-                "forge.url".into(),
-                At::Value,
-                format!("`{}` is not an https:// URL", self.url),
-                "not https",
-                "give the instance's URL, for example `https://codeberg.org`".to_string(),
-            ));
-        }
+        instance_url_rules(out, "forge.url", &self.url, "https://codeberg.org");
+        go_agent_sha256_rules(out, &self.runner_sha256, "copy it from the release's checksums");
         if let ForgejoScope::Repo(r) = &self.scope
             && r.split('/').filter(|p| !p.is_empty()).count() != 2
         {

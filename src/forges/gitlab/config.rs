@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SecretRef;
-use crate::config::validate::{At, Problem, problem, secret_rules};
+use crate::config::validate::{At, Problem, go_agent_sha256_rules, instance_url_rules, problem, secret_rules};
 
 /// Whose runners nimbus makes: the instance's, a group's or a project's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -60,18 +60,7 @@ pub struct GitlabConfig {
 impl GitlabConfig {
     pub fn validate(&self, out: &mut Vec<Problem>) {
         secret_rules(out, "forge.token", &self.token);
-        if !(self.url.starts_with("https://")
-            || self.url.starts_with("http://127.")
-            || self.url.starts_with("http://localhost"))
-        {
-            out.push(problem(
-                "forge.url".into(),
-                At::Value,
-                format!("`{}` is not an https:// URL", self.url),
-                "not https",
-                "give the instance's URL, for example `https://gitlab.com`".to_string(),
-            ));
-        }
+        instance_url_rules(out, "forge.url", &self.url, "https://gitlab.com");
         let (needs, have) = match self.runner_type {
             GitlabRunnerType::Group => ("group_id", self.group_id.is_some()),
             GitlabRunnerType::Project => ("project_id", self.project_id.is_some()),
@@ -86,24 +75,6 @@ impl GitlabConfig {
                 format!("add `{needs}:` with the numeric id shown on its settings page"),
             ));
         }
-        for (platform, sum) in &self.runner_sha256 {
-            if !["linux-amd64", "linux-arm64", "darwin-amd64", "darwin-arm64"].contains(&platform.as_str()) {
-                out.push(problem(
-                    format!("forge.runner_sha256.{platform}"),
-                    At::Key,
-                    format!("`{platform}` is not a gitlab-runner platform"),
-                    "unknown platform",
-                    "use linux-amd64, linux-arm64, darwin-amd64 or darwin-arm64".to_string(),
-                ));
-            } else if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
-                out.push(problem(
-                    format!("forge.runner_sha256.{platform}"),
-                    At::Value,
-                    format!("`forge.runner_sha256.{platform}` is not a sha256"),
-                    "not 64 hex digits",
-                    "copy it from the release's `release.sha256`".to_string(),
-                ));
-            }
-        }
+        go_agent_sha256_rules(out, &self.runner_sha256, "copy it from the release's `release.sha256`");
     }
 }

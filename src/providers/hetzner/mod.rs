@@ -69,16 +69,11 @@ impl HetznerSettings {
     }
 }
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
-
 pub struct HetznerProvider {
     name: String,
     tenant: String,
     settings: HetznerSettings,
-    client: Client,
+    client: crate::util::http::HyperClient,
     fleet: Option<FleetScope>,
     transport: Option<TransportFactory>,
     /// Requests sent, by route (`GET /servers`, …), for tests and benchmarks.
@@ -219,13 +214,7 @@ fn state_of(status: &str) -> InstanceState {
 
 impl HetznerProvider {
     pub fn new(name: &str, tenant: &str, settings: HetznerSettings) -> Result<Self, ProviderError> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| ProviderError::other(name, format!("TLS roots: {e}")))?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+        let client = crate::util::http::client().map_err(|e| ProviderError::other(name, e))?;
         Ok(HetznerProvider {
             name: name.into(),
             tenant: tenant.into(),
@@ -530,15 +519,6 @@ impl HetznerProvider {
     }
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
 #[async_trait]
 impl Provider for HetznerProvider {
     fn name(&self) -> &str {
@@ -610,7 +590,7 @@ impl HetznerProvider {
     pub fn list_path(&self, selector: &str, page: u64) -> String {
         format!(
             "/servers?label_selector={}&page={page}&per_page={}",
-            urlencode(selector),
+            crate::util::http::encode(selector),
             self.settings.page_size.clamp(1, 50)
         )
     }
