@@ -480,16 +480,26 @@ pub fn instance_url_rules(out: &mut Vec<Problem>, path: &str, url: &str, example
     }
 }
 
-/// The checksums of a Go-built runner agent, by its platforms (`linux-amd64`, …).
-pub fn go_agent_sha256_rules(out: &mut Vec<Problem>, sums: &std::collections::BTreeMap<String, String>, hint: &str) {
+/// The sha256 of a runner agent's download per platform (`forge.runner_sha256`): known platform names, and 64 hex
+/// digits each.
+pub fn agent_sha256_rules(
+    out: &mut Vec<Problem>,
+    sums: &std::collections::BTreeMap<String, String>,
+    platforms: &[&str],
+    hint: &str,
+) {
+    let names = match platforms.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => platforms.join(""),
+    };
     for (platform, sum) in sums {
-        if !["linux-amd64", "linux-arm64", "darwin-amd64", "darwin-arm64"].contains(&platform.as_str()) {
+        if !platforms.contains(&platform.as_str()) {
             out.push(problem(
                 format!("forge.runner_sha256.{platform}"),
                 At::Key,
                 format!("`{platform}` is not a runner platform"),
                 "unknown platform",
-                "use linux-amd64, linux-arm64, darwin-amd64 or darwin-arm64".to_string(),
+                format!("use {names}"),
             ));
         } else if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
             out.push(problem(
@@ -502,6 +512,9 @@ pub fn go_agent_sha256_rules(out: &mut Vec<Problem>, sums: &std::collections::BT
         }
     }
 }
+
+/// The platforms of the Go-built agents (`gitlab-runner`, `forgejo-runner`, `act_runner`).
+pub const GO_AGENT_PLATFORMS: [&str; 4] = ["linux-amd64", "linux-arm64", "darwin-amd64", "darwin-arm64"];
 
 pub fn secret_rules(out: &mut Vec<Problem>, path: &str, s: &SecretRef) {
     if let SecretRef::Env(v) = s

@@ -218,3 +218,37 @@ fn cost_settings_are_checked() {
     let e = nimbus::config::parse("fleet.yaml", &base.replace("release: never", "release: sometimes")).unwrap_err();
     assert!(format!("{:?}", miette::Report::new(e)).contains("sometimes"));
 }
+
+/// Every forge checks its agent checksums the same way (one `agent_sha256_rules`): known platforms, 64 hex
+/// digits; GitLab and Forgejo also want an https instance URL.
+#[test]
+fn agent_checksums_and_instance_urls_are_checked_for_every_forge() {
+    let base = "version: 1\ntenant: t\nproviders:\n  local: {type: local}\npools:\n  - name: p\n    provider: local\n    count: 1\n    machine: {os: linux, arch: x86_64, image: img}\n    runner: {labels: [build]}\n";
+    let cases = [
+        (
+            "forge: {type: github, app_id: 1, installation_id: 2, private_key: {env: K}, org: acme, runner_sha256: {linux-x64: nothex}}\n",
+            "`forge.runner_sha256.linux-x64` is not a sha256",
+        ),
+        (
+            "forge: {type: github, app_id: 1, installation_id: 2, private_key: {env: K}, org: acme, runner_sha256: {win-x64: nothex}}\n",
+            "use linux-x64, linux-arm64, osx-x64 or osx-arm64",
+        ),
+        (
+            "forge: {type: gitlab, url: \"https://gitlab.com\", token: {env: T}, runner_type: instance, runner_sha256: {windows-amd64: x}}\n",
+            "use linux-amd64, linux-arm64, darwin-amd64 or darwin-arm64",
+        ),
+        (
+            "forge: {type: forgejo, url: \"https://codeberg.org\", token: {env: T}, scope: {org: acme}, runner_sha256: {linux-amd64: short}}\n",
+            "`forge.runner_sha256.linux-amd64` is not a sha256",
+        ),
+        (
+            "forge: {type: forgejo, url: \"http://codeberg.org\", token: {env: T}, scope: {org: acme}}\n",
+            "`http://codeberg.org` is not an https:// URL",
+        ),
+    ];
+    for (forge, want) in cases {
+        let e = nimbus::config::parse("fleet.yaml", &format!("{base}{forge}")).unwrap_err();
+        let text = format!("{:?}", miette::Report::new(e));
+        assert!(text.contains(want), "{forge}: {text}");
+    }
+}

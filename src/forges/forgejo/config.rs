@@ -6,7 +6,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SecretRef;
-use crate::config::validate::{At, Problem, go_agent_sha256_rules, instance_url_rules, problem, secret_rules};
+use crate::config::validate::{
+    At, GO_AGENT_PLATFORMS, Problem, agent_sha256_rules, instance_url_rules, problem, secret_rules,
+};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -61,7 +63,7 @@ impl ForgejoConfig {
     pub fn validate(&self, out: &mut Vec<Problem>) {
         secret_rules(out, "forge.token", &self.token);
         instance_url_rules(out, "forge.url", &self.url, "https://codeberg.org");
-        go_agent_sha256_rules(out, &self.runner_sha256, "copy it from the release's checksums");
+        agent_sha256_rules(out, &self.runner_sha256, &GO_AGENT_PLATFORMS, "copy it from the release's checksums");
         if let ForgejoScope::Repo(r) = &self.scope
             && r.split('/').filter(|p| !p.is_empty()).count() != 2
         {

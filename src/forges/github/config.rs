@@ -4,7 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SecretRef;
-use crate::config::validate::{At, Problem, problem, secret_rules};
+use crate::config::validate::{At, Problem, agent_sha256_rules, problem, secret_rules};
 
 /// GitHub, through a GitHub App installed on the organisation.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -49,24 +49,13 @@ pub struct GithubConfig {
 impl GithubConfig {
     pub fn validate(&self, out: &mut Vec<Problem>) {
         secret_rules(out, "forge.private_key", &self.private_key);
-        for (platform, sum) in self.runner_sha256.iter().flatten() {
-            if !["linux-x64", "linux-arm64", "osx-x64", "osx-arm64"].contains(&platform.as_str()) {
-                out.push(problem(
-                    format!("forge.runner_sha256.{platform}"),
-                    At::Key,
-                    format!("`{platform}` is not a runner platform"),
-                    "unknown platform",
-                    "use linux-x64, linux-arm64, osx-x64 or osx-arm64".to_string(),
-                ));
-            } else if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
-                out.push(problem(
-                    format!("forge.runner_sha256.{platform}"),
-                    At::Value,
-                    format!("`forge.runner_sha256.{platform}` is not a sha256"),
-                    "not 64 hex digits",
-                    "give the download's sha256 as 64 hex digits (`sha256sum FILE`)".to_string(),
-                ));
-            }
+        if let Some(sums) = &self.runner_sha256 {
+            agent_sha256_rules(
+                out,
+                sums,
+                &["linux-x64", "linux-arm64", "osx-x64", "osx-arm64"],
+                "give the download's sha256 as 64 hex digits (`sha256sum FILE`)",
+            );
         }
         if let Some(v) = &self.runner_version {
             let ok = v.split('.').count() == 3

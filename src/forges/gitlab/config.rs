@@ -6,7 +6,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SecretRef;
-use crate::config::validate::{At, Problem, go_agent_sha256_rules, instance_url_rules, problem, secret_rules};
+use crate::config::validate::{
+    At, GO_AGENT_PLATFORMS, Problem, agent_sha256_rules, instance_url_rules, problem, secret_rules,
+};
 
 /// Whose runners nimbus makes: the instance's, a group's or a project's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -75,6 +77,11 @@ impl GitlabConfig {
                 format!("add `{needs}:` with the numeric id shown on its settings page"),
             ));
         }
-        go_agent_sha256_rules(out, &self.runner_sha256, "copy it from the release's `release.sha256`");
+        agent_sha256_rules(
+            out,
+            &self.runner_sha256,
+            &GO_AGENT_PLATFORMS,
+            "copy it from the release's `release.sha256`",
+        );
     }
 }
