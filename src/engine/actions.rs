@@ -98,6 +98,9 @@ fn emit(event: &str, _tenant: &str, machine: &str, duration: Option<Duration>, e
 /// How long a dead apply's setup step gets between TERM and KILL.
 const STEP_STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// Shell (after `machine_db::locate`) that releases a machine's setup lock.
+const UNLOCK_SETUP: &str = "$s rm -rf \"$d/.setup.lock\"";
+
 /// Who takes machines' setup locks: the fleet's identity and the journal's run.
 #[derive(Debug, Clone, Default)]
 struct SetupOwner {
@@ -565,12 +568,15 @@ impl Applier {
     ///
     /// # Errors
     /// "another apply is running setup", naming the fleet, run, process and since when (a time, and how long ago).
+    ///
+    /// Taken at once (the common case), the same shell also reads the state database: the read's output is
+    /// returned (see [`machine_db::parse_read`]); after a takeover, `None` (read it then).
     async fn take_setup_lock(
         &self,
         t: &dyn Transport,
         machine: &str,
         stale_after: Duration,
-    ) -> Result<(), ActionError> {
+    ) -> Result<Option<crate::transport::ExecOutput>, ActionError> {
         let now = chrono::Utc::now();
         let locate = machine_db::locate(t.state_path());
         let me = &self.setup_owner;
@@ -582,15 +588,19 @@ impl Applier {
             me.who,
             now.timestamp()
         );
+        // Without sudo, the holder record is written by the shell itself (no `tee`): fewer processes per machine.
         let take = format!(
             "{locate}; l=\"$d/.setup.lock\"; [ -d \"$d\" ] || $s mkdir -p \"$d\"\n\
-             if $s mkdir \"$l\" 2>/dev/null; then printf '%s' {rec} | $s tee \"$l/holder\" >/dev/null; exit 0; fi\n\
+             if $s mkdir \"$l\" 2>/dev/null; then \
+             if [ -z \"$s\" ]; then printf '%s' {rec} > \"$l/holder\"; else printf '%s' {rec} | $s tee \"$l/holder\" >/dev/null; fi; \
+             {read}; exit $?; fi\n\
              cat \"$l/holder\" 2>/dev/null; exit 75\n",
             rec = shell::quote(&record),
+            read = machine_db::read_script(),
         );
         let out = t.exec(&take, b"", None).await?;
-        if out.code == 0 {
-            return Ok(());
+        if out.code != 75 {
+            return Ok(Some(out));
         }
         let seen = String::from_utf8_lossy(&out.stdout).to_string();
         let holder = SetupHolder::parse(&seen);
@@ -648,7 +658,7 @@ impl Applier {
                 holder.describe(now)
             )));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Whether the journal shows `run` over: finished, interrupted, or not there at all (a run killed before its
@@ -718,10 +728,12 @@ impl Applier {
         let stale_after =
             self.pool_of(machine).map(|p| p.setup.iter().map(|s| s.timeout).sum::<Duration>()).unwrap_or_default()
                 + Duration::from_secs(600);
-        self.take_setup_lock(t.as_ref(), machine, stale_after).await?;
-        let result = self.run_setup_locked(&t, provider, pool, machine, steps, log).await;
-        let locate = machine_db::locate(t.state_path());
-        let _ = t.exec(&format!("{locate}; $s rm -rf \"$d/.setup.lock\""), b"", None).await;
+        let read = self.take_setup_lock(t.as_ref(), machine, stale_after).await?;
+        let result = self.run_setup_locked(&t, provider, pool, machine, steps, log, read).await;
+        // On success the last write released the lock; otherwise release it here.
+        if result.is_err() {
+            let _ = t.exec(&format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path())), b"", None).await;
+        }
         result
     }
 
@@ -733,6 +745,7 @@ impl Applier {
         machine: &str,
         steps: &[crate::core::plan::StepRef],
         log: Option<&PathBuf>,
+        read: Option<crate::transport::ExecOutput>,
     ) -> Result<(), ActionError> {
         let t = t.clone();
         let pool_spec = self
@@ -741,7 +754,11 @@ impl Applier {
             .iter()
             .find(|p| p.name == pool)
             .ok_or_else(|| ActionError::new(format!("pool `{pool}` is not in the fleet file")))?;
-        let mut db = match machine_db::read(t.as_ref()).await? {
+        let read = match read {
+            Some(out) => machine_db::parse_read(t.as_ref(), out)?,
+            None => machine_db::read(t.as_ref()).await?,
+        };
+        let mut db = match read {
             Some(db) => db,
             None => self.first_state(provider, machine),
         };
@@ -759,8 +776,8 @@ impl Applier {
             }
             let started = Instant::now();
             emit("nimbus.setup.step_start", &self.tenant, machine, None, None);
+            // Recorded as running (and the step before as done) by the same shell that runs it, below.
             db.set_step(position as i64, &spec.name, &spec.hash, StepStatus::Running, None);
-            machine_db::write(t.as_ref(), &db).await?;
             if let Some(path) = log {
                 use std::io::Write;
                 if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
@@ -780,8 +797,11 @@ impl Applier {
             // The step's shell records its process group, so a step past its timeout can be killed whole.
             let locate = machine_db::locate(t.state_path());
             // In a subshell, so the step's own shell sees none of nimbus's variables (`$$` is still the step's).
-            let script = format!("( {locate}; echo $$ | $s tee \"$d/.setup-step.pid\" >/dev/null )\n{script}");
-            let out = match tokio::time::timeout(spec.timeout, t.exec(&script, b"", log.map(|p| p.as_path()))).await {
+            let script = format!(
+                "( {locate}; if [ -z \"$s\" ]; then echo $$ > \"$d/.setup-step.pid\"; else echo $$ | $s tee \"$d/.setup-step.pid\" >/dev/null; fi )\n{script}"
+            );
+            let run = machine_db::write_then(t.as_ref(), &db, &script, log.map(|p| p.as_path()));
+            let out = match tokio::time::timeout(spec.timeout, run).await {
                 Ok(out) => out?,
                 Err(_) => {
                     let kill = format!(
@@ -810,8 +830,8 @@ impl Applier {
             );
             if !ok {
                 db.set_step_error(&spec.name, &out.stderr_tail);
+                machine_db::write(t.as_ref(), &db).await?;
             }
-            machine_db::write(t.as_ref(), &db).await?;
             if !ok {
                 let msg = format!("setup step `{}` failed with exit code {}: {}", spec.name, out.code, out.stderr_tail);
                 emit("nimbus.setup.step_failed", &self.tenant, machine, Some(started.elapsed()), Some(&msg));
@@ -824,7 +844,9 @@ impl Applier {
         } else {
             machine_db::Lifecycle::Ready
         });
-        machine_db::write(t.as_ref(), &db).await?;
+        // The last step's record, the machine's new lifecycle, and the lock released: one shell.
+        let unlock = format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path()));
+        machine_db::write_then(t.as_ref(), &db, &unlock, None).await?;
         Ok(())
     }
 

@@ -417,7 +417,8 @@ impl StateDb {
     }
 }
 
-const MISSING: i32 = 44;
+/// The exit code of [`read_script`] when there is no database.
+pub const MISSING: i32 = 44;
 const SHORT_WRITE: i32 = 45;
 
 /// Shell that sets `p` (the state database), `d` (its folder) and `s` (`sudo -n` when it must be used, else
@@ -441,10 +442,20 @@ pub fn locate(state_path: &str) -> String {
     sh
 }
 
+/// Shell (after [`locate`]) that prints the state database, or exits [`MISSING`] when there is none.
+pub fn read_script() -> String {
+    format!("if [ -f \"$p\" ]; then $s cat \"$p\"; else exit {MISSING}; fi")
+}
+
 /// Reads the state database; `None` when the machine has none yet.
 pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
-    let script = format!("{}; if [ -f \"$p\" ]; then $s cat \"$p\"; else exit {MISSING}; fi", locate(t.state_path()));
+    let script = format!("{}; {}", locate(t.state_path()), read_script());
     let out = t.exec(&script, b"", None).await?;
+    parse_read(t, out)
+}
+
+/// What [`read_script`] printed, as a database: `None` when it exited [`MISSING`].
+pub fn parse_read(t: &dyn Transport, out: crate::transport::ExecOutput) -> Result<Option<StateDb>, StateError> {
     let (machine, path) = (t.machine().to_string(), t.state_path().to_string());
     match out.code {
         0 if out.stdout.is_empty() => Err(StateError::Empty { machine, path }),
@@ -463,24 +474,57 @@ pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
     }
 }
 
-/// Replaces the state database atomically: a temporary file of the expected size, then a rename.
-pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
-    let bytes =
-        db.to_bytes().map_err(|e| StateError::Encode { machine: t.machine().into(), message: e.to_string() })?;
-    // Few processes (cat, wc, mv): this runs twice per setup step on every machine. It also clears the pid file
-    // a finished setup step leaves beside the database (see `engine::actions`).
-    let script = format!(
+fn encode(t: &dyn Transport, db: &StateDb) -> Result<Vec<u8>, StateError> {
+    db.to_bytes().map_err(|e| StateError::Encode { machine: t.machine().into(), message: e.to_string() })
+}
+
+/// Shell that replaces the state database with the `len` bytes on its stdin, atomically: a temporary file of the
+/// expected size, then a rename. It also clears the pid file a finished setup step leaves beside the database
+/// (see `engine::actions`). It sets `set -e` and a trap: run it in a subshell when something follows.
+fn write_script(state_path: &str, len: usize) -> String {
+    // Few processes (cat, wc, mv, rm): it runs once per setup step on every machine.
+    format!(
         "set -e; {locate}; [ -d \"$d\" ] || $s mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
          trap '$s rm -f \"$t\"' EXIT; if [ -z \"$s\" ]; then cat > \"$t\"; else $s tee \"$t\" >/dev/null; fi; \
          n=$(($(wc -c < \"$t\"))); if [ \"$n\" -ne {len} ]; then exit {SHORT_WRITE}; fi; \
          $s mv -f \"$t\" \"$p\"; trap - EXIT; $s rm -f \"$d/.setup-step.pid\"",
-        locate = locate(t.state_path()),
-        len = bytes.len(),
-    );
-    let out = t.exec(&script, &bytes, None).await?;
+        locate = locate(state_path),
+    )
+}
+
+/// Replaces the state database atomically: a temporary file of the expected size, then a rename.
+pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
+    let bytes = encode(t, db)?;
+    let out = t.exec(&write_script(t.state_path(), bytes.len()), &bytes, None).await?;
     if out.code == 0 {
         Ok(())
     } else {
         Err(StateError::WriteFailed { machine: t.machine().into(), code: out.code, stderr: out.stderr_tail })
     }
+}
+
+/// What [`write_then`]'s script prints on stderr, and its exit code, when the database could not be written.
+const WRITE_FAILED_MARK: &str = "nimbus: could not write the state database on the machine";
+const WRITE_FAILED: i32 = 46;
+
+/// Writes the database as [`write`] does, then, in the same shell (one process spawn, or one SSH channel),
+/// runs `then`, which sees none of the write's variables. When the write fails, `then` does not run and the
+/// error is [`StateError::WriteFailed`]; otherwise the output is `then`'s.
+pub async fn write_then(
+    t: &dyn Transport,
+    db: &StateDb,
+    then: &str,
+    log: Option<&std::path::Path>,
+) -> Result<crate::transport::ExecOutput, StateError> {
+    let bytes = encode(t, db)?;
+    let script = format!(
+        // Not `( … ) || …`: a shell ignores `set -e` inside the left side of `||`.
+        "( {} )\nif [ $? -ne 0 ]; then echo '{WRITE_FAILED_MARK}' >&2; exit {WRITE_FAILED}; fi\n{then}",
+        write_script(t.state_path(), bytes.len())
+    );
+    let out = t.exec(&script, &bytes, log).await?;
+    if out.code == WRITE_FAILED && out.stderr_tail.contains(WRITE_FAILED_MARK) {
+        return Err(StateError::WriteFailed { machine: t.machine().into(), code: out.code, stderr: out.stderr_tail });
+    }
+    Ok(out)
 }

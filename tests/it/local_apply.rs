@@ -975,3 +975,38 @@ fn another_fleets_setup_lock_is_respected_and_named_with_times() {
     assert!(!err.contains(&since.to_string()), "epoch seconds shown: {err}");
     assert!(state.join(".setup.lock").exists(), "another fleet's lock was removed");
 }
+
+/// Issue 23.1: a setup step is recorded as running by the shell that runs it (one spawn per step). When that
+/// record cannot be written, the step does not run and the error says what failed.
+#[test]
+fn a_step_runs_only_after_its_record_is_written() {
+    use nimbus::core::model::StepStatus;
+    use nimbus::state::machine_db::{self, StateDb};
+    use nimbus::transport::local::LocalTransport;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let t = LocalTransport::new("nimbus.t.p.0", &root);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut db = StateDb::default();
+    db.machine.insert("machine".into(), "nimbus.t.p.0".into());
+    db.set_step(0, "a", "h", StepStatus::Running, None);
+    rt.block_on(async {
+        let out = machine_db::write_then(&t, &db, "echo ran > ran; echo \"p=$p d=$d\"; exit 7", None).await.unwrap();
+        assert_eq!(out.code, 7, "the step's own exit code");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "p= d=", "the step sees none of the write's variables");
+        let back = machine_db::read(&t).await.unwrap().unwrap();
+        assert_eq!(back.steps[0].status, StepStatus::Running, "recorded before the step ran");
+    });
+    assert!(root.join("ran").exists());
+    // The state folder is a file now: the record cannot be written, so the step must not run.
+    std::fs::remove_file(root.join("ran")).unwrap();
+    std::fs::remove_dir_all(root.join("var/lib/nimbus")).unwrap();
+    std::fs::write(root.join("var/lib/nimbus"), b"not a folder").unwrap();
+    let e = rt
+        .block_on(machine_db::write_then(&t, &db, "echo ran > ran", None))
+        .expect_err("the write fails")
+        .to_string();
+    assert!(e.contains("nimbus.t.p.0"), "{e}");
+    assert!(!root.join("ran").exists(), "the step ran without its record");
+}

@@ -317,8 +317,8 @@ impl<'a> Builder<'a> {
         let job_done = self.ephemeral_job_done(pool, m);
         let state = match (&m.on_machine, m.state) {
             // The machine is reimaged: it starts over from a fresh file system.
-            _ if job_done => MachineState::default(),
-            (OnMachine::Read { state }, _) => state.clone(),
+            _ if job_done => std::borrow::Cow::Owned(MachineState::default()),
+            (OnMachine::Read { state }, _) => std::borrow::Cow::Borrowed(state),
             (OnMachine::Unreachable { reason }, _) => {
                 self.warnings.push(Warning {
                     address: addr,
@@ -330,10 +330,10 @@ impl<'a> Builder<'a> {
             // The machine answered but its state database is empty or damaged: rewrite it, then set up again.
             (OnMachine::BadState { reason }, _) => {
                 bad_state = Some(reason.clone());
-                MachineState::default()
+                std::borrow::Cow::Owned(MachineState::default())
             }
             // Launched but never set up (an apply stopped early): continue from the start.
-            (OnMachine::NotRead, InstanceState::Pending) => MachineState::default(),
+            (OnMachine::NotRead, InstanceState::Pending) => std::borrow::Cow::Owned(MachineState::default()),
             // Nothing on the machine to check for this pool.
             (OnMachine::NotRead, _) if pool.setup.is_empty() && (pool.runner.is_none() || self.runners.is_none()) => {
                 return;
