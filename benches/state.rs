@@ -67,6 +67,7 @@ fn main() {
             region: None,
             endpoint: Some(url.clone()),
             lock_lease: None,
+            ..Default::default()
         };
         let s3 = S3State::from_config(&config).await.unwrap();
         s3.create_bucket().await.unwrap();

@@ -362,6 +362,23 @@ S3Response.put_object = _nimbus_atomic(S3Response.put_object)
 S3Response.delete_object = _nimbus_atomic(S3Response.delete_object)
 """
     p.write_text(s)
+
+# IAM evaluates `aws:RequestedRegion` (the region a request is signed for) in a policy's conditions; moto's access
+# control knows no condition value for an identity policy, and so passes every condition. Give it that one value,
+# from the request's credential scope, so a policy can keep an identity to its region, as IAM does (issue 24's
+# tests keep two accounts' identities apart with it). Other conditions stay as moto had them.
+import moto.iam.access_control as ac
+p = pathlib.Path(ac.__file__)
+s = p.read_text()
+marker = "# nimbus: aws:RequestedRegion"
+if marker not in s:
+    old = "            permission_result = iam_policy.is_action_permitted(self._action, resource)\n"
+    new = ("            permission_result = iam_policy.is_action_permitted(  " + marker + "\n"
+           "                self._action, resource, None, {\"aws:RequestedRegion\": self._region}\n"
+           "            )\n")
+    if s.count(old) != 1:
+        raise SystemExit("peers: moto's iam/access_control.py changed; cannot apply the RequestedRegion patch")
+    p.write_text(s.replace(old, new))
 PY
   local port
   port=$(free_port)

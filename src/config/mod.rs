@@ -123,7 +123,20 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
     take("forges".into(), v.get("forges"));
     take("journal.path".into(), v.get("journal").and_then(|j| j.get("path")));
     take("reconcile.webhook_secret".into(), v.get("reconcile").and_then(|r| r.get("webhook_secret")));
-    for k in ["backend", "bucket", "key", "region", "endpoint"] {
+    for k in [
+        "backend",
+        "bucket",
+        "key",
+        "region",
+        "endpoint",
+        // Who the S3 client acts as (issue 24).
+        "profile",
+        "role_arn",
+        "external_id",
+        "session_name",
+        "duration",
+        "web_identity",
+    ] {
         take(format!("state.{k}"), v.get("state").and_then(|s| s.get(k)));
     }
     if let Some(providers) = v.get("providers").and_then(|p| p.as_object()) {
@@ -136,6 +149,13 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
                 "security_group_ids",
                 "key_name",
                 "env_passthrough",
+                // AWS: who the provider's clients act as (issue 24).
+                "profile",
+                "role_arn",
+                "external_id",
+                "session_name",
+                "duration",
+                "web_identity",
                 // Hetzner: the credential, where it goes, and what runs on every new server.
                 "token",
                 "api_url",
@@ -554,7 +574,7 @@ fn mask_inline_secrets(index: &SpanIndex, text: &str) -> String {
 }
 
 /// Keys whose values are [`SecretRef`]s.
-const SECRET_KEYS: &[&str] = &["private_key", "key"];
+const SECRET_KEYS: &[&str] = &["private_key", "key", "web_identity"];
 
 fn type_hint(msg: &str, path: &str) -> String {
     let key = last_key(path);

@@ -40,6 +40,11 @@ pub struct FleetConfig {
     /// `ssh.env_passthrough` and a provider's `env_passthrough` add to it for their own children.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_passthrough: Option<Vec<String>>,
+    /// Your tags on every instance, host and volume nimbus makes (`team`, `cost-center`), for cost allocation;
+    /// a provider's `tags` and a pool's add to them and win. Keys `nimbus:*` and `aws:*` are reserved.
+    /// Applied by providers with tags (`aws`, `local`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
     /// Where machines come from, by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Where runners register.
@@ -119,7 +124,7 @@ pub struct HostsConfig {
 }
 
 /// Where a fleet's lock and journal live.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     /// `local` (the default) or `s3`.
@@ -141,12 +146,48 @@ pub struct StateConfig {
     /// reported as stale, never broken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_lease: Option<HumanDuration>,
+    /// A named profile of the shared AWS config (`~/.aws/config`, `AWS_CONFIG_FILE`): its credentials only,
+    /// never the environment's. Default: the standard chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// An IAM role to assume through STS, from the base credentials (`profile`, or the standard chain), e.g.
+    /// a role in another account. Temporary credentials are cached and refreshed before they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy requires (`sts:ExternalId`): text, `{env: VAR}` or `{file: path}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<crate::providers::aws::credentials::ExternalId>,
+    /// The role session's name, seen in CloudTrail (default `nimbus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_name: Option<String>,
+    /// How long a role session lasts, 15m to 12h (default: STS's, one hour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<HumanDuration>,
+    /// A CI's OIDC token exchanged for `role_arn` (`AssumeRoleWithWebIdentity`): `{file: path}` (a token file,
+    /// read again at every refresh) or `{env: VAR}` (the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_identity: Option<crate::config::SecretRef>,
+}
+
+impl StateConfig {
+    /// Who the S3 client acts as (`s3` only).
+    pub fn identity(&self) -> crate::providers::aws::credentials::AwsIdentity {
+        crate::providers::aws::credentials::AwsIdentity {
+            profile: self.profile.clone(),
+            role_arn: self.role_arn.clone(),
+            external_id: self.external_id.clone(),
+            session_name: self.session_name.clone(),
+            duration: self.duration.map(|d| d.0),
+            web_identity: self.web_identity.clone(),
+        }
+    }
 }
 
 /// A state backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StateBackend {
+    #[default]
     Local,
     S3,
 }
@@ -195,6 +236,16 @@ impl ProviderConfig {
             ProviderConfig::Local(_) => None,
             ProviderConfig::Aws(c) => c.region.as_deref().or(Some("us-east-1")),
             ProviderConfig::Hetzner(c) => c.location.as_deref(),
+        }
+    }
+
+    /// The provider's own `tags`; `None` when the provider cannot tag what it makes.
+    pub fn tags(&self) -> Option<&BTreeMap<String, String>> {
+        static NONE: std::sync::OnceLock<BTreeMap<String, String>> = std::sync::OnceLock::new();
+        match self {
+            ProviderConfig::Local(_) => Some(NONE.get_or_init(BTreeMap::new)),
+            ProviderConfig::Aws(c) => Some(&c.tags),
+            ProviderConfig::Hetzner(_) => None,
         }
     }
 
@@ -376,6 +427,9 @@ pub struct PoolConfig {
     /// The forge (a name in `forges:`) this pool's runners register with; default: `forge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forge: Option<String>,
+    /// Tags on this pool's instances, hosts and volumes, over the fleet's and the provider's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// A pool that follows demand: desired size = clamp(busy + queued jobs it can serve + `idle`, `min`, `max`).

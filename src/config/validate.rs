@@ -2,7 +2,7 @@
 //! provider that exists), uniqueness, provider-specific requirements, and
 //! well-formed names. Each problem names the path of the node it is about.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::model::*;
 
@@ -81,9 +81,14 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
     lists.extend(
         c.ssh.iter().filter_map(|s| s.env_passthrough.as_ref()).map(|l| ("ssh.env_passthrough".to_string(), l)),
     );
+    tag_rules(&mut out, "tags", &c.tags);
     for (name, p) in &c.providers {
         if let super::ProviderConfig::Hetzner(h) = p {
             h.validate(name, &mut out);
+        }
+        if let super::ProviderConfig::Aws(a) = p {
+            a.identity().validate(&format!("providers.{name}"), &mut out);
+            tag_rules(&mut out, &format!("providers.{name}.tags"), &a.tags);
         }
         if let super::ProviderConfig::Local(l) = p
             && let Some(list) = &l.env_passthrough
@@ -138,6 +143,18 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                 }
                 _ => {}
             }
+        }
+        let identity = s.identity();
+        if !s3 && !identity.is_default() {
+            out.push(problem(
+                "state.backend".into(),
+                At::Value,
+                "`state`'s credentials (`profile`, `role_arn`, `web_identity`) are for `backend: s3`".into(),
+                "not used by the local backend",
+                "remove them, or set `backend: s3`".to_string(),
+            ));
+        } else if s3 {
+            identity.validate("state", &mut out);
         }
         if !s3 && s.lock_lease.is_some() {
             out.push(problem(
@@ -395,6 +412,37 @@ pub(super) fn validate(c: &FleetConfig) -> Vec<Problem> {
                 "name the image, e.g. an AMI id `ami-0123456789abcdef0`".to_string(),
             ));
         }
+        tag_rules(&mut out, &at("tags"), &pool.tags);
+        match c.providers.get(&pool.provider).map(|p| p.tags()) {
+            Some(None) if !pool.tags.is_empty() => out.push(problem(
+                at("tags"),
+                At::Key,
+                format!("pool `{}` is on provider `{}`, which does not tag what it makes", pool.name, pool.provider),
+                "no tags on this provider",
+                "tags apply to `aws` and `local` providers; remove `tags` from this pool".to_string(),
+            )),
+            Some(Some(pt)) => {
+                // AWS allows 50 tags per resource: nimbus's own take up to 7 (a host's generation included).
+                let mut merged: BTreeMap<&String, &String> = c.tags.iter().collect();
+                merged.extend(pt.iter());
+                merged.extend(pool.tags.iter());
+                if merged.len() + NIMBUS_TAGS > MAX_TAGS {
+                    out.push(problem(
+                        if pool.tags.is_empty() { "tags".to_string() } else { at("tags") },
+                        At::Key,
+                        format!(
+                            "pool `{}` would put {} tags on each resource, and AWS allows {MAX_TAGS}: {} of yours (fleet, provider and pool merged) and {NIMBUS_TAGS} of nimbus's",
+                            pool.name,
+                            merged.len() + NIMBUS_TAGS,
+                            merged.len()
+                        ),
+                        "too many tags",
+                        format!("keep at most {} tags of your own per pool", MAX_TAGS - NIMBUS_TAGS),
+                    ));
+                }
+            }
+            _ => {}
+        }
         let mut steps: HashMap<&str, usize> = HashMap::new();
         for (j, step) in pool.setup.iter().enumerate() {
             if step.name.trim().is_empty() {
@@ -515,6 +563,65 @@ pub fn agent_sha256_rules(
 
 /// The platforms of the Go-built agents (`gitlab-runner`, `forgejo-runner`, `act_runner`).
 pub const GO_AGENT_PLATFORMS: [&str; 4] = ["linux-amd64", "linux-arm64", "darwin-amd64", "darwin-arm64"];
+
+/// AWS allows this many tags on a resource.
+pub const MAX_TAGS: usize = 50;
+/// Tags nimbus puts on a resource itself, at most (tenant, provider, pool, machine, managed-by, fleet, and a
+/// host's generation).
+pub const NIMBUS_TAGS: usize = 7;
+/// AWS's limits on a tag's key and value, in characters.
+pub const MAX_TAG_KEY: usize = 128;
+pub const MAX_TAG_VALUE: usize = 256;
+
+/// The rules of a `tags:` map (`path` is where it is): no reserved keys, AWS's lengths.
+pub fn tag_rules(out: &mut Vec<Problem>, path: &str, tags: &BTreeMap<String, String>) {
+    for (k, v) in tags {
+        let at = format!("{path}.{k}");
+        if crate::core::model::is_reserved_tag(k) {
+            let whose = if k.starts_with("nimbus:") { "nimbus's own (it finds what it made by them)" } else { "AWS's" };
+            out.push(problem(
+                at,
+                At::Key,
+                format!("tag key `{k}` is reserved: `{}*` keys are {whose}", &k[..k.find(':').map_or(0, |i| i + 1)]),
+                "reserved key",
+                "use a key of your own, e.g. `team` or `cost-center`".to_string(),
+            ));
+        } else if k.trim().is_empty() || k.chars().count() > MAX_TAG_KEY {
+            out.push(problem(
+                at,
+                At::Key,
+                format!("a tag key has 1 to {MAX_TAG_KEY} characters; this one has {}", k.chars().count()),
+                "bad key length",
+                "shorten the key, e.g. `cost-center`".to_string(),
+            ));
+        } else if v.chars().count() > MAX_TAG_VALUE {
+            out.push(problem(
+                at,
+                At::Value,
+                format!("tag `{k}`'s value has {} characters; AWS allows {MAX_TAG_VALUE}", v.chars().count()),
+                "value too long",
+                "shorten the value".to_string(),
+            ));
+        } else if k.chars().chain(v.chars()).any(char::is_control) {
+            out.push(problem(
+                at,
+                At::Value,
+                format!("tag `{}` has a control character", k.escape_debug()),
+                "control character",
+                "use letters, digits, spaces and `+ - = . _ : / @` (the characters every AWS service accepts)".to_string(),
+            ));
+        }
+    }
+    if tags.len() + NIMBUS_TAGS > MAX_TAGS {
+        out.push(problem(
+            path.to_string(),
+            At::Key,
+            format!("{} tags, with nimbus's {NIMBUS_TAGS}, are more than the {MAX_TAGS} AWS allows on a resource", tags.len()),
+            "too many tags",
+            format!("keep at most {} tags of your own", MAX_TAGS - NIMBUS_TAGS),
+        ));
+    }
+}
 
 pub fn secret_rules(out: &mut Vec<Problem>, path: &str, s: &SecretRef) {
     if let SecretRef::Env(v) = s

@@ -230,6 +230,20 @@ pub struct MachineSpec {
     /// More zones to try, in order, when `availability_zone` has no capacity.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback_zones: Vec<String>,
+    /// The user's tags (`tags:` of the fleet, provider and pool, merged; the pool's win) on the machine, its
+    /// host and its volumes. A change is made in place, never by a replacement.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The user's tags among a resource's tags: every key but nimbus's own (`nimbus:*`) and AWS's (`aws:*`).
+pub fn user_tags(t: &Tags) -> BTreeMap<String, String> {
+    t.iter().filter(|(k, _)| !is_reserved_tag(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Keys nimbus (`nimbus:`) or AWS (`aws:`, any case) reserve: never the user's.
+pub fn is_reserved_tag(key: &str) -> bool {
+    key.starts_with("nimbus:") || key.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:"))
 }
 
 impl MachineSpec {
@@ -386,6 +400,12 @@ impl Desired {
                             .clone()
                             .or_else(|| p.machine.availability_zones.as_ref().and_then(|z| z.first().cloned())),
                         fallback_zones: p.machine.availability_zones.iter().flatten().skip(1).cloned().collect(),
+                        tags: c.providers.get(&p.provider).and_then(|pc| pc.tags()).map_or_else(BTreeMap::new, |pt| {
+                            let mut t = c.tags.clone();
+                            t.extend(pt.iter().map(|(k, v)| (k.clone(), v.clone())));
+                            t.extend(p.tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+                            t
+                        }),
                     },
                     runner: p.runner.as_ref().map(|r| RunnerSpec {
                         labels: r.labels.clone(),

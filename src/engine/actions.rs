@@ -63,6 +63,9 @@ pub fn event_aliases(kind: &ActionKind) -> (&'static str, &'static str, &'static
         ActionKind::ReimageMachine { .. } => {
             ("nimbus.machine.reimage_start", "nimbus.machine.reimaged", "nimbus.machine.reimage_failed")
         }
+        ActionKind::UpdateTags { .. } => {
+            ("nimbus.machine.tag_start", "nimbus.machine.tagged", "nimbus.machine.tag_failed")
+        }
         ActionKind::LaunchInstance { .. } => {
             ("nimbus.machine.provision_start", "nimbus.machine.provision_complete", "nimbus.machine.provision_failed")
         }
@@ -874,6 +877,7 @@ impl Applier {
                     fallback_zones: fallback_zones.clone(),
                     exclude_hosts: exclude_hosts.clone(),
                     idempotency_key,
+                    tags: self.desired.pools.iter().find(|p| &p.name == pool).map(|p| p.spec.tags.clone()).unwrap_or_default(),
                 };
                 let host = self.api(provider, "allocate_host", machine, p.allocate_host_in_zone(&request)).await?;
                 // The journal records which of the pool's zones the host is in.
@@ -953,6 +957,12 @@ impl Applier {
             ActionKind::RestartRunner { provider, machine } => {
                 let log = self.log_path(id, action);
                 self.restart_runner(provider, machine, log.as_ref()).await
+            }
+            ActionKind::UpdateTags { provider, machine, instance_id, host_id, set, remove } => {
+                let mut r = self.machine_ref(machine);
+                r.instance_id = Some(instance_id.clone());
+                let p = self.provider(provider)?;
+                Ok(self.api(provider, "update_tags", machine, p.update_tags(&r, host_id.as_deref(), set, remove)).await?)
             }
             ActionKind::UpdateRunnerAgent { provider, machine, to, .. } => {
                 let log = self.log_path(id, action);

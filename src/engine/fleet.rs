@@ -61,7 +61,7 @@ pub async fn open_session(loaded: &LoadedConfig, journal_flag: Option<&Path>) ->
     let working = journal_path(loaded, journal_flag);
     match remote_state(loaded) {
         Some(state) => {
-            let s3 = crate::state::remote::S3State::from_config(state).await?;
+            let s3 = crate::state::remote::S3State::from_config_in(state, &loaded.base_dir).await?;
             Session::open_remote(s3, &working, retention(loaded)).await
         }
         None => Ok(Session::open(&working, retention(loaded))?),

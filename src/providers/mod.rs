@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::core::model::{ActualMachine, Host, MachineSpec, Unusable};
+use crate::core::model::{ActualMachine, Host, MachineSpec, Tags, Unusable};
 use crate::transport::Transport;
 
 /// Why a provider call failed, by what the caller can do about it.
@@ -68,7 +68,7 @@ impl ProviderError {
                 "the provider is limiting requests and nimbus already retried with backoff; try again later, or lower `--parallelism`"
             }
             ProviderError::Auth { .. } => {
-                "check the credentials and what they may do (for AWS: the standard chain, AWS_PROFILE; `apply` needs the policy in examples/aws-mac/iam-policy.json, `plan` only examples/aws-mac/iam-policy-plan.json)"
+                "check the credentials and what they may do (for AWS: the provider's `profile`, `role_arn` and `external_id`, else the standard chain; `apply` needs the policy in examples/aws-mac/iam-policy.json, `plan` only examples/aws-mac/iam-policy-plan.json; an assumed role also needs a trust policy that lets the base identity assume it)"
             }
             ProviderError::Capacity { .. } => {
                 "the provider has no capacity of this kind now; try again later, or another zone or instance type"
@@ -118,6 +118,8 @@ pub struct HostRequest {
     pub exclude_hosts: Vec<String>,
     /// The idempotency key the journal holds for this allocation (see [`LaunchRequest::idempotency_key`]).
     pub idempotency_key: Option<String>,
+    /// The user's tags for the host (the pool's `tags`, merged with the fleet's and the provider's).
+    pub tags: Tags,
 }
 
 /// A dedicated host allocated (or found again) for a machine, and the zone it is in.
@@ -177,6 +179,19 @@ pub trait Provider: Send + Sync {
     /// Waits until the provider reports the machine running (before trying to reach it).
     async fn wait_running(&self, _machine: &MachineRef) -> Result<(), ProviderError> {
         Ok(())
+    }
+
+    /// Sets the user's tags `set` and removes the keys `remove` on a machine's instance, its volumes and its
+    /// dedicated `host`, in place. Never touches nimbus's own tags (`nimbus:*`), nor another tenant's, provider's
+    /// or fleet's resources.
+    async fn update_tags(
+        &self,
+        machine: &MachineRef,
+        _host: Option<&str>,
+        _set: &Tags,
+        _remove: &[String],
+    ) -> Result<(), ProviderError> {
+        Err(ProviderError::other(self.name(), format!("cannot tag `{}`: this provider has no tags", machine.name)))
     }
 
     /// A shell on the machine; `None` when this fleet cannot reach machines (no `ssh:`).

@@ -178,6 +178,22 @@ impl Simulator {
                 ActionKind::RepairState { machine, .. } => {
                     live_mut(world, &live, machine).on_machine = OnMachine::Read { state: MachineState::default() };
                 }
+                ActionKind::UpdateTags { machine, host_id, set, remove, .. } => {
+                    let m = live_mut(world, &live, machine);
+                    for k in remove {
+                        assert!(!crate::core::model::is_reserved_tag(k), "removed reserved tag {k} of {machine}");
+                        m.tags.remove(k);
+                    }
+                    m.tags.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    if let Some(h) = host_id
+                        && let Some(h) = world.hosts.iter_mut().find(|x| &x.id == h)
+                    {
+                        for k in remove {
+                            h.tags.remove(k);
+                        }
+                        h.tags.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    }
+                }
                 ActionKind::RunSetup { machine, steps, .. } => {
                     let m = live_mut(world, &live, machine);
                     let OnMachine::Read { state } = &mut m.on_machine else { panic!("setup on unread machine") };

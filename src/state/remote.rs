@@ -200,8 +200,18 @@ where
 }
 
 impl S3State {
-    /// The state of a fleet file's `state: {backend: s3, …}` section.
+    /// The state of a fleet file's `state: {backend: s3, …}` section (relative `{file:}` paths against the
+    /// current folder; see [`S3State::from_config_in`]).
     pub async fn from_config(c: &crate::config::StateConfig) -> Result<S3State, RemoteError> {
+        Self::from_config_in(c, std::path::Path::new(".")).await
+    }
+
+    /// The state of a fleet file's `state:` section; `base_dir` is the fleet file's folder. The S3 client acts
+    /// as the section's own identity (`profile`, `role_arn`, `web_identity`), else the standard chain.
+    pub async fn from_config_in(
+        c: &crate::config::StateConfig,
+        base_dir: &std::path::Path,
+    ) -> Result<S3State, RemoteError> {
         let (Some(bucket), Some(key)) = (&c.bucket, &c.key) else {
             return Err(RemoteError::S3 {
                 op: "configuration",
@@ -213,7 +223,11 @@ impl S3State {
         if let Some(r) = &c.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
-        let sdk = loader.load().await;
+        let sdk = c.identity().load(loader, base_dir).await.map_err(|message| RemoteError::S3 {
+            op: "credentials",
+            target: "state".into(),
+            message,
+        })?;
         let mut b = aws_sdk_s3::config::Builder::from(&sdk);
         if sdk.region().is_none() {
             b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));

@@ -23,6 +23,7 @@ pub fn pool(name: &str, provider: &str, count: u32, instance_type: &str, image: 
             image: image.into(),
             availability_zone: Some("us-east-1a".into()),
             fallback_zones: vec![],
+            tags: Default::default(),
         },
         runner: Some(RunnerSpec::new(vec!["ci".into()], RunnerMode::Persistent)),
         setup: vec![step("base", "echo base")],

@@ -497,6 +497,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
                 fallback_zones: vec![],
                 exclude_hosts: vec![],
                 idempotency_key: None,
+                tags: Default::default(),
             })
             .await
             .unwrap();
@@ -507,6 +508,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
             image: "ami-0old".into(),
             availability_zone: Some("us-east-1a".into()),
             fallback_zones: vec![],
+            tags: Default::default(),
         };
         let id = p
             .launch(&LaunchRequest {
@@ -620,6 +622,7 @@ fn allocation_never_adopts_a_host_of_another_kind() {
             fallback_zones: vec![],
             exclude_hosts: vec![],
             idempotency_key: None,
+            tags: Default::default(),
         };
         let new = p.allocate_host(&req("mac2.metal", "us-east-1a")).await.unwrap();
         assert_ne!(new, old, "a host of the old instance type was adopted");
@@ -671,6 +674,7 @@ fn allocation_falls_back_through_the_pools_zones() {
             fallback_zones: fallback,
             exclude_hosts: vec![],
             idempotency_key: None,
+            tags: Default::default(),
         };
         let e = p.allocate_host(&req(vec![])).await.unwrap_err();
         assert!(matches!(e, ProviderError::Capacity { .. }), "{e:?}");
@@ -857,6 +861,7 @@ fn a_launch_never_retags_another_tenants_host() {
                     image: "ami-0abc".into(),
                     availability_zone: Some("us-east-1a".into()),
                     fallback_zones: vec![],
+                    tags: Default::default(),
                 },
                 host_id: Some(host.clone()),
                 idempotency_key: None,

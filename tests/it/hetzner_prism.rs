@@ -40,6 +40,7 @@ fn every_hetzner_request_validates_against_the_spec() {
             image: "ubuntu-24.04".into(),
             availability_zone: None,
             fallback_zones: vec![],
+            tags: Default::default(),
         },
         host_id: None,
         idempotency_key: None,

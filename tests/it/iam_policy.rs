@@ -37,7 +37,9 @@ fn mutating(op: &str) -> bool {
 fn own_types(op: &str) -> &'static [&'static str] {
     match op {
         "AllocateHosts" | "ReleaseHosts" => &["dedicated-host"],
-        "RunInstances" | "CreateTags" => &["instance", "dedicated-host"],
+        "RunInstances" => &["instance", "dedicated-host"],
+        // Volumes carry nimbus's tags from their creation (issue 24): their tags change like their instance's.
+        "CreateTags" | "DeleteTags" => &["instance", "dedicated-host", "volume"],
         "TerminateInstances" | "CreateReplaceRootVolumeTask" => &["instance"],
         other => panic!("no resource types known for {other}: add them here"),
     }
@@ -129,11 +131,27 @@ fn apply_policy_pins_every_mutating_action_to_the_tenant() {
     let retag = policy["Statement"].as_array().unwrap().iter().find(|s| s["Sid"] == "RetagOwnHostsOnReuse").unwrap();
     let allowed: BTreeSet<String> =
         list(&retag["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]).into_iter().collect();
-    let written: BTreeSet<String> =
+    let mut written: BTreeSet<String> =
         nimbus::core::model::machine_tags("acme", "aws", "mac", "nimbus.acme.mac.0", Some("fleet.yaml"))
             .into_keys()
             .collect();
+    // A reused host also gets the user's tags: the example fleet's (issue 24).
+    let cfg = nimbus::config::load(std::path::Path::new("examples/aws-mac/fleet.yaml")).unwrap();
+    let user: BTreeSet<String> = nimbus::core::model::Desired::from_config(&cfg.config)
+        .pools
+        .iter()
+        .flat_map(|p| p.spec.tags.keys().cloned())
+        .collect();
+    assert!(!user.is_empty(), "the example fleet shows `tags:`");
+    written.extend(user.iter().cloned());
     assert_eq!(allowed, written);
+    // The user's tags change in place on the tenant's own resources, and only the user's keys (never nimbus:*).
+    let update =
+        policy["Statement"].as_array().unwrap().iter().find(|s| s["Sid"] == "UpdateUserTagsOnOwnResources").unwrap();
+    assert_eq!(list(&update["Action"]), ["ec2:CreateTags", "ec2:DeleteTags"]);
+    let keys: BTreeSet<String> =
+        list(&update["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]).into_iter().collect();
+    assert_eq!(keys, user, "exactly the fleet's own tag keys");
 }
 
 /// The check above has teeth: each of these edits to the shipped policy is caught.

@@ -1010,3 +1010,52 @@ fn a_step_runs_only_after_its_record_is_written() {
     assert!(e.contains("nimbus.t.p.0"), "{e}");
     assert!(!root.join("ran").exists(), "the step ran without its record");
 }
+
+/// Issue 24.3: the user's tags (fleet < provider < pool) go on what is made, and a change is made in place:
+/// the keys set and the keys removed, nothing else, never a replacement.
+#[test]
+fn tags_are_applied_at_creation_and_changed_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = |fleet_tags: &str, pool_tags: &str| {
+        format!(
+            "version: 1\ntenant: tags\ntags: {{{fleet_tags}}}\nproviders:\n  local: {{type: local}}\npools:\n  - name: ci\n    provider: local\n    count: 1\n    tags: {{{pool_tags}}}\n    machine: {{os: linux, arch: x86_64, image: img}}\n"
+        )
+    };
+    let record = |dir: &Path| -> serde_json::Value {
+        let p = dir.join(".nimbus/local/nimbus.tags.ci.0/nimbus.json");
+        serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    };
+    std::fs::write(dir.path().join("fleet.yaml"), fleet("team: platform, cost-center: cc-1", "team: mobile")).unwrap();
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rec = record(dir.path());
+    assert_eq!(rec["tags"]["team"], "mobile", "the pool's wins: {rec}");
+    assert_eq!(rec["tags"]["cost-center"], "cc-1", "{rec}");
+    assert_eq!(rec["tags"]["nimbus:tenant"], "tags", "nimbus's own stay: {rec}");
+    let launched = rec["launched_at"].clone();
+
+    // One key changes, one goes: an in-place update naming both, in the plan and its JSON.
+    std::fs::write(dir.path().join("fleet.yaml"), fleet("team: platform", "team: ios")).unwrap();
+    let o = nimbus(dir.path(), &["plan", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["summary"]["change"], 1, "{}", plan["summary"]);
+    assert_eq!((plan["summary"]["add"].as_u64(), plan["summary"]["destroy"].as_u64()), (Some(0), Some(0)));
+    let a = &plan["actions"][0];
+    assert_eq!(a["type"], "update_tags", "{a}");
+    assert_eq!(a["set"], serde_json::json!({"team": "ios"}), "{a}");
+    assert_eq!(a["remove"], serde_json::json!(["cost-center"]), "{a}");
+    let change = &plan["resource_changes"][0];
+    assert_eq!(change["reason"], "tags set in place: `team`; removed: `cost-center`", "{change}");
+    assert_eq!(change["before"]["tags"], serde_json::json!({"cost-center": "cc-1", "team": "mobile"}));
+    assert_eq!(change["after"]["tags"], serde_json::json!({"team": "ios"}));
+    let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rec = record(dir.path());
+    assert_eq!(rec["tags"]["team"], "ios", "{rec}");
+    assert!(rec["tags"].get("cost-center").is_none(), "{rec}");
+    assert_eq!(rec["tags"]["nimbus:machine"], "nimbus.tags.ci.0", "{rec}");
+    assert_eq!(rec["launched_at"], launched, "the same sandbox: not replaced");
+    let o = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+    assert_eq!(o.status.code(), Some(0), "converged: {}", text(&o));
+}

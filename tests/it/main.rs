@@ -5,6 +5,7 @@
 mod common;
 
 mod api;
+mod aws_accounts;
 mod aws_moto;
 mod cli;
 mod config;

@@ -375,6 +375,7 @@ fn a_retried_upload_of_our_own_is_not_a_second_writer() {
         region: None,
         endpoint: Some(url.clone()),
         lock_lease: None,
+        ..Default::default()
     };
     rt().block_on(async {
         let s = nimbus::state::remote::S3State::from_config(&config).await.unwrap();

@@ -335,3 +335,39 @@ fn the_default_fleet_id_is_the_files_path_in_its_repository() {
     assert!(changes(&p).is_empty(), "{p}");
     assert!(p["warnings"].to_string().contains("set `fleet: fleets/mac.yaml`"), "{p}");
 }
+
+/// Issue 24.1: who an AWS provider (or the S3 state) acts as is trusted-only: a pull request cannot point a
+/// provider at another profile, role, external id or token, and nothing is contacted; a tag change plans as usual.
+#[test]
+fn a_pull_request_cannot_change_who_nimbus_acts_as() {
+    let dir = tempfile::tempdir().unwrap();
+    let aws = |keys: &str| {
+        format!(
+            "version: 1\ntenant: trust\nproviders:\n  local:\n    type: local\n  aws:\n    type: aws\n    region: us-east-1\n{keys}pools:\n  - name: linux\n    provider: local\n    count: 1\n    tags: {{team: a}}\n    machine: {{os: linux, arch: x86_64, image: ubuntu-24.04}}\n"
+        )
+    };
+    let trusted = aws("    role_arn: arn:aws:iam::123456789012:role/nimbus\n    external_id: {env: EXT}\n");
+    for (field, pr) in [
+        ("providers.aws.profile", aws("    profile: admin\n    role_arn: arn:aws:iam::123456789012:role/nimbus\n    external_id: {env: EXT}\n")),
+        ("providers.aws.role_arn", trusted.replace("role/nimbus", "role/admin")),
+        ("providers.aws.external_id", trusted.replace("{env: EXT}", "{env: OTHER}")),
+        ("providers.aws.web_identity", trusted.replace("    external_id: {env: EXT}\n", "    web_identity: {file: /tmp/token}\n")),
+        ("providers.aws.duration", trusted.replace("    external_id", "    duration: 12h\n    external_id")),
+        ("providers.aws.session_name", trusted.replace("    external_id", "    session_name: x-y\n    external_id")),
+    ] {
+        let o = plan(dir.path(), &pr, &trusted);
+        assert_eq!(o.status.code(), Some(1), "{field}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("a change to {field} must")), "{field}: {}", text(&o));
+    }
+    let state = |profile: &str| {
+        format!("{}state: {{backend: s3, bucket: b, key: k, profile: {profile}}}\n", aws(""))
+            .replace("state:", "state:")
+    };
+    let o = plan(dir.path(), &state("other"), &state("mine"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a change to state.profile must"), "{}", text(&o));
+    // A tag is for the reviewer to judge in the plan (a local fleet: nothing leaves this computer).
+    let local = base("").replace("    count: 1\n", "    count: 1\n    tags: {team: a}\n");
+    let o = plan(dir.path(), &local.replace("team: a", "team: b"), &local);
+    assert_eq!(o.status.code(), Some(2), "a tag change plans as usual: {}", text(&o));
+}

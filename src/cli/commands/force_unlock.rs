@@ -14,7 +14,7 @@ pub fn force_unlock(args: &ForceUnlockArgs) -> Result<u8, CommandError> {
         ));
     };
     let freed = runtime().block_on(async {
-        let s3 = S3State::from_config(state).await?;
+        let s3 = S3State::from_config_in(state, &loaded.base_dir).await?;
         s3.force_unlock(&args.lock_id).await
     })?;
     outln!("Lock {} is free (it was held by {}).", freed.id, crate::util::text::terminal(&freed.describe()));

@@ -138,7 +138,7 @@ pub fn read_journal(loaded: &LoadedConfig, flag: Option<&Path>) -> Result<Option
         return Ok(Some(ReadJournal { journal, source: path.display().to_string(), copy: None }));
     };
     let (image, url) = runtime().block_on(async {
-        let s3 = crate::state::remote::S3State::from_config(state).await?;
+        let s3 = crate::state::remote::S3State::from_config_in(state, &loaded.base_dir).await?;
         Ok::<_, CommandError>((s3.download().await?, s3.url()))
     })?;
     let Some((image, _)) = image else { return Ok(None) };

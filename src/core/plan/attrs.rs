@@ -27,6 +27,9 @@ pub struct MachineAttrs {
     pub host: Option<String>,
     pub labels: Option<Vec<String>>,
     pub setup: Option<Vec<String>>,
+    /// The user's tags (`tags:`), when there are any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A dedicated host's attributes.

@@ -23,6 +23,7 @@ impl<'a> Builder<'a> {
             host,
             labels: if self.desired.forge { pool.runner.as_ref().map(|r| r.labels.clone()) } else { None },
             setup: Some(pool.setup.iter().map(|s| s.name.clone()).collect()),
+            tags: (!pool.spec.tags.is_empty()).then(|| pool.spec.tags.clone()),
         }
     }
 
@@ -48,6 +49,7 @@ impl<'a> Builder<'a> {
             host: m.host_id.clone(),
             labels,
             setup,
+            tags: Some(user_tags(&m.tags)).filter(|t| !t.is_empty()),
         }
     }
 
@@ -321,11 +323,11 @@ impl<'a> Builder<'a> {
             (OnMachine::Read { state }, _) => std::borrow::Cow::Borrowed(state),
             (OnMachine::Unreachable { reason }, _) => {
                 self.warnings.push(Warning {
-                    address: addr,
+                    address: addr.clone(),
                     message: format!("`{name}` is unreachable ({reason}); its setup and runner cannot be checked"),
                     kind: WarningKind::Unreachable,
                 });
-                return;
+                return self.tags_only(pool, m, addr, name);
             }
             // The machine answered but its state database is empty or damaged: rewrite it, then set up again.
             (OnMachine::BadState { reason }, _) => {
@@ -336,15 +338,15 @@ impl<'a> Builder<'a> {
             (OnMachine::NotRead, InstanceState::Pending) => std::borrow::Cow::Owned(MachineState::default()),
             // Nothing on the machine to check for this pool.
             (OnMachine::NotRead, _) if pool.setup.is_empty() && (pool.runner.is_none() || self.runners.is_none()) => {
-                return;
+                return self.tags_only(pool, m, addr, name);
             }
             (OnMachine::NotRead, _) => {
                 self.warnings.push(Warning {
-                    address: addr,
+                    address: addr.clone(),
                     message: format!("the state of `{name}` was not read; its setup and runner were not checked"),
                     kind: WarningKind::Other,
                 });
-                return;
+                return self.tags_only(pool, m, addr, name);
             }
         };
         let mut ids = Vec::new();
@@ -525,6 +527,10 @@ impl<'a> Builder<'a> {
                 (None, None) => {}
             }
         }
+        if let Some((id, cause)) = self.tag_update(pool, m, &addr, &name) {
+            ids.push(id);
+            why.push(cause);
+        }
         if ids.is_empty() {
             return;
         }
@@ -535,6 +541,65 @@ impl<'a> Builder<'a> {
         let (before, after) = (to_value(&self.machine_before(m)), to_value(&after));
         let subject = Subject::machine(addr, name, Some(&pool.name));
         self.changes.push(ResourceChange::update(subject, why, before, after, run_steps, ids));
+    }
+
+    /// The in-place update of a machine's user tags (and its host's), when they differ from the pool's: the
+    /// action and its cause. A tag change never replaces a machine, and never waits for a job.
+    fn tag_update(&mut self, pool: &DesiredPool, m: &ActualMachine, addr: &str, name: &str) -> Option<(usize, UpdateCause)> {
+        // Providers without tags (their pools' tags are empty, and so are their machines') have nothing to do.
+        let want = &pool.spec.tags;
+        let host = m.host_id.as_deref().and_then(|h| self.hosts.get(h).copied());
+        let mut set = std::collections::BTreeMap::new();
+        let mut removed = std::collections::BTreeSet::new();
+        let mut host_differs = false;
+        for (tags, on_host) in std::iter::once((&m.tags, false)).chain(host.map(|h| (&h.tags, true))) {
+            let have = user_tags(tags);
+            let mut differs = false;
+            for (k, v) in want {
+                if have.get(k) != Some(v) {
+                    set.insert(k.clone(), v.clone());
+                    differs = true;
+                }
+            }
+            for k in have.keys().filter(|k| !want.contains_key(*k)) {
+                removed.insert(k.clone());
+                differs = true;
+            }
+            host_differs |= on_host && differs;
+        }
+        if set.is_empty() && removed.is_empty() {
+            return None;
+        }
+        let cause = UpdateCause::Tags { set: set.keys().cloned().collect(), removed: removed.iter().cloned().collect() };
+        let id = self.add(
+            addr,
+            ActionKind::UpdateTags {
+                provider: pool.provider.clone(),
+                machine: name.to_string(),
+                instance_id: m.instance_id.clone(),
+                host_id: host.filter(|_| host_differs).map(|h| h.id.clone()),
+                set,
+                remove: removed.into_iter().collect(),
+            },
+            &[],
+        );
+        Some((id, cause))
+    }
+
+    /// A machine whose state is not checked (unreachable, or nothing on it to check) still gets its tags.
+    fn tags_only(&mut self, pool: &DesiredPool, m: &'a ActualMachine, addr: String, name: String) {
+        let Some((id, cause)) = self.tag_update(pool, m, &addr, &name) else { return };
+        let mut after = self.machine_after(pool, m.host_id.clone());
+        after.instance_id = Some(m.instance_id.clone());
+        after.state = Some(m.state);
+        let mut before = self.machine_before(m);
+        // Only the tags are known to change here.
+        (after.labels, after.setup) = (before.labels.clone(), before.setup.clone());
+        before.os = after.os;
+        before.arch = after.arch;
+        let (before, after) = (to_value(&before), to_value(&after));
+        let subject = Subject::machine(addr, name, Some(&pool.name));
+        self.changes.push(ResourceChange::update(subject, vec![cause], before, after, Vec::new(), vec![id]));
     }
 
     /// The removal (or replacement) of a busy machine waits for its job, and so do everything after it: the

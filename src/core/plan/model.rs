@@ -86,6 +86,19 @@ pub enum ActionKind {
         from: String,
         to: String,
     },
+    /// Sets the user's tags `set` and removes the keys `remove` on a machine's instance, its volumes and its
+    /// `host`, in place; nimbus's own tags are never touched.
+    UpdateTags {
+        provider: String,
+        machine: String,
+        instance_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_id: Option<String>,
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        set: std::collections::BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        remove: Vec<String>,
+    },
     /// Replaces an empty or damaged on-machine state database with a fresh one (setup then runs again).
     RepairState {
         provider: String,
@@ -135,6 +148,7 @@ impl ActionKind {
             ActionKind::RepairState { .. } => "repair_state",
             ActionKind::RestartRunner { .. } => "restart_runner",
             ActionKind::UpdateRunnerAgent { .. } => "update_runner_agent",
+            ActionKind::UpdateTags { .. } => "update_tags",
             ActionKind::ReimageMachine { .. } => "reimage_machine",
             ActionKind::RunSetup { .. } => "run_setup",
             ActionKind::RegisterRunner { .. } => "register_runner",
@@ -154,6 +168,7 @@ impl ActionKind {
             | ActionKind::ReimageMachine { provider, .. }
             | ActionKind::RestartRunner { provider, .. }
             | ActionKind::UpdateRunnerAgent { provider, .. }
+            | ActionKind::UpdateTags { provider, .. }
             | ActionKind::RepairState { provider, .. }
             | ActionKind::RunSetup { provider, .. }
             | ActionKind::RegisterRunner { provider, .. }
@@ -171,6 +186,7 @@ impl ActionKind {
             | ActionKind::WaitReachable { machine, .. }
             | ActionKind::RestartRunner { machine, .. }
             | ActionKind::UpdateRunnerAgent { machine, .. }
+            | ActionKind::UpdateTags { machine, .. }
             | ActionKind::ReimageMachine { machine, .. }
             | ActionKind::RepairState { machine, .. }
             | ActionKind::RunSetup { machine, .. }

@@ -82,6 +82,11 @@ pub enum UpdateCause {
         from: String,
         to: String,
     },
+    /// The user's tags changed: these keys are set (added or changed) and removed, in place.
+    Tags {
+        set: Vec<String>,
+        removed: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -159,6 +164,14 @@ impl fmt::Display for UpdateCause {
             UpdateCause::Reimage => f.write_str(
                 "its ephemeral runner finished its job: the machine is reimaged (same instance and host), set up and registered again",
             ),
+            UpdateCause::Tags { set, removed } => {
+                let keys = |ks: &[String]| ks.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+                match (set.is_empty(), removed.is_empty()) {
+                    (false, true) => write!(f, "tags set in place: {}", keys(set)),
+                    (true, false) => write!(f, "tags removed in place: {}", keys(removed)),
+                    _ => write!(f, "tags set in place: {}; removed: {}", keys(set), keys(removed)),
+                }
+            }
             UpdateCause::AgentVersion { from, to } => {
                 write!(f, "runner agent {from} is older than forge.runner_version {to}: updated in place while idle")
             }

@@ -45,6 +45,30 @@ pub struct AwsConfig {
     /// EC2 key pair name for launched instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_name: Option<String>,
+    /// A named profile of the shared AWS config (`~/.aws/config`, `AWS_CONFIG_FILE`): its credentials only,
+    /// never the environment's. Default: the standard chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// An IAM role to assume through STS, from the base credentials (`profile`, or the standard chain), e.g.
+    /// a role in another account. Temporary credentials are cached and refreshed before they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy requires (`sts:ExternalId`): text, `{env: VAR}` or `{file: path}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<crate::providers::aws::credentials::ExternalId>,
+    /// The role session's name, seen in CloudTrail (default `nimbus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_name: Option<String>,
+    /// How long a role session lasts, 15m to 12h (default: STS's, one hour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<HumanDuration>,
+    /// A CI's OIDC token exchanged for `role_arn` (`AssumeRoleWithWebIdentity`): `{file: path}` (a token file,
+    /// read again at every refresh) or `{env: VAR}` (the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_identity: Option<crate::config::SecretRef>,
+    /// Tags on every instance, host and volume this provider makes (with the fleet's; a pool's win).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// EC2 Mac instance types (`mac*.metal`) run on dedicated hosts.
@@ -53,6 +77,18 @@ pub fn is_mac_metal(instance_type: &str) -> bool {
 }
 
 impl AwsConfig {
+    /// Who this provider's clients act as.
+    pub fn identity(&self) -> crate::providers::aws::credentials::AwsIdentity {
+        crate::providers::aws::credentials::AwsIdentity {
+            profile: self.profile.clone(),
+            role_arn: self.role_arn.clone(),
+            external_id: self.external_id.clone(),
+            session_name: self.session_name.clone(),
+            duration: self.duration.map(|d| d.0),
+            web_identity: self.web_identity.clone(),
+        }
+    }
+
     /// Mac types on dedicated hosts, billed by the second after the host's 24-hour minimum.
     pub fn capabilities(&self) -> Capabilities {
         Capabilities {

@@ -16,6 +16,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod limits;
 pub mod reach;
 mod requests;
@@ -46,6 +47,7 @@ pub const EC2_OPERATIONS: &[&str] = &[
     "AllocateHosts",
     "RunInstances",
     "CreateTags",
+    "DeleteTags",
     "TerminateInstances",
     "ReleaseHosts",
     "CreateReplaceRootVolumeTask",
@@ -68,6 +70,10 @@ pub struct AwsSettings {
     pub subnet_id: Option<String>,
     pub security_group_ids: Vec<String>,
     pub key_name: Option<String>,
+    /// Who the provider's clients act as (default: the standard chain).
+    pub identity: credentials::AwsIdentity,
+    /// Resolves relative `{file:}` paths of the identity (the fleet file's folder).
+    pub base_dir: std::path::PathBuf,
 }
 
 /// Builds a transport to a machine (SSH, in issue 5's terms); `None` when machines cannot be reached.
@@ -260,7 +266,11 @@ impl AwsProvider {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
 
-        let sdk = loader.load().await;
+        let sdk = settings
+            .identity
+            .load(loader, &settings.base_dir)
+            .await
+            .map_err(|e| ProviderError::Auth { provider: name.to_string(), message: e })?;
         if sdk.region().is_none() {
             return Err(err(name, "configuration", "no AWS region: set `region:` on the provider, or AWS_REGION"));
         }
@@ -302,6 +312,21 @@ impl AwsProvider {
     pub fn with_fleet(mut self, fleet: FleetScope) -> Self {
         self.fleet = Some(fleet);
         self
+    }
+
+    /// The service's error, as [`sdk_err`] says it; a refusal also says who this provider acted as.
+    fn sdk_err<E, R>(&self, op: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> ProviderError
+    where
+        E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        match sdk_err(&self.name, op, e) {
+            ProviderError::Auth { provider, message } => ProviderError::Auth {
+                message: format!("{message} (provider `{provider}` acts as {})", self.settings.identity.describe()),
+                provider,
+            },
+            other => other,
+        }
     }
 
     fn ownership(&self, t: &Tags) -> Ownership {
@@ -350,6 +375,8 @@ impl AwsProvider {
             subnet_id: c.subnet_id.clone(),
             security_group_ids: c.security_group_ids.clone(),
             key_name: c.key_name.clone(),
+            identity: c.identity(),
+            base_dir: ctx.base_dir.clone(),
         };
         let mut aws = AwsProvider::new(name, &ctx.tenant, settings)
             .await?
@@ -421,7 +448,7 @@ impl AwsProvider {
             } else {
                 req = req.set_host_ids(Some(ids.clone()));
             }
-            let page = req.send().await.map_err(|e| sdk_err(&self.name, "DescribeHosts", e))?;
+            let page = req.send().await.map_err(|e| self.sdk_err("DescribeHosts", e))?;
             out.extend(page.hosts().iter().filter(|h| owned_by(&tag_map(h.tags()), &self.tenant)).cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => next = Some(t.to_string()),
@@ -442,7 +469,7 @@ impl AwsProvider {
             .host_ids(id)
             .send()
             .await
-            .map_err(|e| sdk_err(&self.name, "DescribeHosts", e))?;
+            .map_err(|e| self.sdk_err("DescribeHosts", e))?;
         Ok(page.hosts().iter().find(|h| h.host_id() == Some(id)).cloned())
     }
 
@@ -464,7 +491,7 @@ impl AwsProvider {
                 .set_next_token(next.take())
                 .send()
                 .await
-                .map_err(|e| sdk_err(&self.name, "DescribeInstances", e))?;
+                .map_err(|e| self.sdk_err("DescribeInstances", e))?;
             for r in page.reservations() {
                 out.extend(r.instances().iter().filter(|i| owned_by(&tag_map(i.tags()), &self.tenant)).cloned());
             }
@@ -493,7 +520,7 @@ impl AwsProvider {
             {
                 Ok(None)
             }
-            Err(e) => Err(sdk_err(&self.name, "DescribeInstances", e)),
+            Err(e) => Err(self.sdk_err("DescribeInstances", e)),
         }
     }
 
@@ -506,7 +533,21 @@ impl AwsProvider {
             .set_tags(Some(aws_tags(t)))
             .send()
             .await
-            .map_err(|e| sdk_err(&self.name, "CreateTags", e))?;
+            .map_err(|e| self.sdk_err("CreateTags", e))?;
+        Ok(())
+    }
+
+    /// Removes the tags `keys` (whatever their values) from `resources`.
+    async fn delete_tags(&self, resources: &[String], keys: &[String]) -> Result<(), ProviderError> {
+        self.limits.mutate.acquire().await;
+        self.count("DeleteTags");
+        self.client
+            .delete_tags()
+            .set_resources(Some(resources.to_vec()))
+            .set_tags(Some(keys.iter().map(|k| Tag::builder().key(k).build()).collect()))
+            .send()
+            .await
+            .map_err(|e| self.sdk_err("DeleteTags", e))?;
         Ok(())
     }
 }
@@ -648,7 +689,9 @@ impl Provider for AwsProvider {
                 availability_zone: h.availability_zone().unwrap_or_default().to_string(),
             });
         }
-        let mut host_tags = self.tags_for(&req.pool, &req.machine);
+        // The user's tags first: nimbus's own always win (validation refuses reserved keys anyway).
+        let mut host_tags = req.tags.clone();
+        host_tags.extend(self.tags_for(&req.pool, &req.machine));
         if let Some(g) = &generation {
             host_tags.insert(tags::GENERATION.to_string(), g.clone());
         }
@@ -673,7 +716,7 @@ impl Provider for AwsProvider {
                 )
                 .send()
                 .await
-                .map_err(|e| sdk_err(&self.name, "AllocateHosts", e));
+                .map_err(|e| self.sdk_err("AllocateHosts", e));
             if sent.is_ok() {
                 crate::util::failpoint::after("AllocateHosts");
             }
@@ -701,6 +744,9 @@ impl Provider for AwsProvider {
 
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
         let tags = self.tags_for(&req.pool, &req.machine);
+        // What the instance, its volumes and a reused host carry: the user's tags, and nimbus's (which win).
+        let mut all_tags = req.spec.tags.clone();
+        all_tags.extend(tags.clone());
         let existing = self
             .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
             .await?
@@ -767,7 +813,7 @@ impl Provider for AwsProvider {
         }
         if let Some(h) = &req.host_id {
             // A reused host now belongs to this machine.
-            self.create_tags(h, &tags).await?;
+            self.create_tags(h, &all_tags).await?;
             placement = placement.host_id(h).tenancy(Tenancy::Host);
         }
         let itype =
@@ -793,18 +839,74 @@ impl Provider for AwsProvider {
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Instance)
-                    .set_tags(Some(aws_tags(&tags)))
+                    .set_tags(Some(aws_tags(&all_tags)))
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(aws_tags(&all_tags)))
                     .build(),
             )
             .send()
             .await
-            .map_err(|e| sdk_err(&self.name, "RunInstances", e))?;
+            .map_err(|e| self.sdk_err("RunInstances", e))?;
         crate::util::failpoint::after("RunInstances");
         out.instances()
             .first()
             .and_then(|i| i.instance_id())
             .map(str::to_string)
             .ok_or_else(|| err(&self.name, "RunInstances", "no instance returned"))
+    }
+
+    /// The user's tags on the instance, its EBS volumes and its host: CreateTags for the keys set, DeleteTags for
+    /// the keys removed, nothing else. Refuses a resource that is not this provider's, and a reserved key.
+    async fn update_tags(
+        &self,
+        machine: &MachineRef,
+        host: Option<&str>,
+        set: &Tags,
+        remove: &[String],
+    ) -> Result<(), ProviderError> {
+        if let Some(k) = set.keys().chain(remove).find(|k| crate::core::model::is_reserved_tag(k)) {
+            return Err(err(&self.name, "CreateTags", format!("refusing to change reserved tag `{k}`")));
+        }
+        let id = machine
+            .instance_id
+            .clone()
+            .ok_or_else(|| err(&self.name, "CreateTags", format!("`{}` has no instance id", machine.name)))?;
+        let Some(i) = self.describe_instance(&id).await? else {
+            return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("instance `{id}`") });
+        };
+        if !self.mine(&tag_map(i.tags())) {
+            return Err(self.not_mine("CreateTags", &id, &tag_map(i.tags())));
+        }
+        let mut resources = vec![id];
+        resources.extend(
+            i.block_device_mappings().iter().filter_map(|b| b.ebs().and_then(|e| e.volume_id())).map(str::to_string),
+        );
+        if let Some(h) = host {
+            match self.describe_host(h).await? {
+                Some(d) if self.mine(&tag_map(d.tags())) => resources.push(h.to_string()),
+                Some(d) => return Err(self.not_mine("CreateTags", h, &tag_map(d.tags()))),
+                None => return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("host `{h}`") }),
+            }
+        }
+        if !set.is_empty() {
+            self.limits.mutate.acquire().await;
+            self.count("CreateTags");
+            self.client
+                .create_tags()
+                .set_resources(Some(resources.clone()))
+                .set_tags(Some(aws_tags(set)))
+                .send()
+                .await
+                .map_err(|e| self.sdk_err("CreateTags", e))?;
+        }
+        if !remove.is_empty() {
+            self.delete_tags(&resources, remove).await?;
+        }
+        Ok(())
     }
 
     /// A fresh root volume from `image` (EC2's CreateReplaceRootVolumeTask): the instance and its dedicated host
@@ -831,7 +933,7 @@ impl Provider for AwsProvider {
             .client_token(self.token("reimage", &machine.name, None))
             .send()
             .await
-            .map_err(|e| sdk_err(&self.name, "CreateReplaceRootVolumeTask", e))?;
+            .map_err(|e| self.sdk_err("CreateReplaceRootVolumeTask", e))?;
         let task_id = task
             .replace_root_volume_task()
             .and_then(|t| t.replace_root_volume_task_id())
@@ -848,7 +950,7 @@ impl Provider for AwsProvider {
                 .replace_root_volume_task_ids(&task_id)
                 .send()
                 .await
-                .map_err(|e| sdk_err(&self.name, "DescribeReplaceRootVolumeTasks", e))?;
+                .map_err(|e| self.sdk_err("DescribeReplaceRootVolumeTasks", e))?;
             let state =
                 out.replace_root_volume_tasks().first().and_then(|t| t.task_state()).map(|s| s.as_str().to_string());
             match state.as_deref() {
@@ -909,7 +1011,7 @@ impl Provider for AwsProvider {
             .instance_ids(&id)
             .send()
             .await
-            .map_err(|e| sdk_err(&self.name, "TerminateInstances", e))?;
+            .map_err(|e| self.sdk_err("TerminateInstances", e))?;
         crate::util::failpoint::after("TerminateInstances");
         Ok(())
     }
@@ -958,7 +1060,7 @@ impl Provider for AwsProvider {
             .host_ids(host_id)
             .send()
             .await
-            .map_err(|e| sdk_err(&self.name, "ReleaseHosts", e))?;
+            .map_err(|e| self.sdk_err("ReleaseHosts", e))?;
         crate::util::failpoint::after("ReleaseHosts");
         if let Some(u) = out.unsuccessful().first() {
             return Err(err(&self.name, "ReleaseHosts", format!("{:?}", u.error())));

@@ -370,14 +370,11 @@ impl Provider for LocalProvider {
         std::fs::create_dir_all(&self.data_dir).map_err(|e| self.io(e))?;
         let tmp = self.data_dir.join(format!(".tmp-{}-{}", req.machine, unique_suffix()));
         std::fs::create_dir_all(tmp.join("root")).map_err(|e| self.io(e))?;
+        // The user's tags, then nimbus's own (which win).
+        let mut tags = req.spec.tags.clone();
+        tags.extend(machine_tags(&self.tenant, &self.name, &req.pool, &req.machine, self.fleet.as_ref().map(|f| f.id.as_str())));
         let rec = SandboxRecord {
-            tags: machine_tags(
-                &self.tenant,
-                &self.name,
-                &req.pool,
-                &req.machine,
-                self.fleet.as_ref().map(|f| f.id.as_str()),
-            ),
+            tags,
             image: req.spec.image.clone(),
             instance_type: req.spec.instance_type.clone(),
             state: InstanceState::Running,
@@ -450,6 +447,35 @@ impl Provider for LocalProvider {
         std::fs::rename(&tmp, dir.join(RECORD_FILE)).map_err(|e| self.io(e))?;
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
+    }
+
+    /// The user's tags in the sandbox's record (a sandbox has no volumes nor hosts).
+    async fn update_tags(
+        &self,
+        machine: &MachineRef,
+        _host: Option<&str>,
+        set: &Tags,
+        remove: &[String],
+    ) -> Result<(), ProviderError> {
+        self.pause().await;
+        if let Some(k) = set.keys().chain(remove).find(|k| crate::core::model::is_reserved_tag(k)) {
+            return Err(ProviderError::other(&self.name, format!("refusing to change reserved tag `{k}`")));
+        }
+        let dir = self.sandbox(&machine.name)?;
+        let Some(mut rec) = self.record_of(&dir)? else {
+            return Err(ProviderError::NotFound {
+                provider: self.name.clone(),
+                message: format!("sandbox `{}` does not exist", machine.name),
+            });
+        };
+        self.check_owned(&machine.name, &rec, "tag")?;
+        for k in remove {
+            rec.tags.remove(k);
+        }
+        rec.tags.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).expect("record serialises")).map_err(|e| self.io(e))?;
+        std::fs::rename(&tmp, dir.join(RECORD_FILE)).map_err(|e| self.io(e))
     }
 
     fn transport(&self, machine: &MachineRef) -> Result<Option<Arc<dyn Transport>>, ProviderError> {

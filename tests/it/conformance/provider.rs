@@ -50,6 +50,7 @@ fn launch(tenant: &str, pool: &str, i: u32, host: Option<String>, mac: bool) -> 
             image: "ami-0conform".into(),
             availability_zone: Some("us-east-1a".into()),
             fallback_zones: vec![],
+            tags: Default::default(),
         },
         host_id: host,
         idempotency_key: None,
@@ -79,6 +80,7 @@ pub async fn idempotent_create_after_interruption(peer: &dyn Peer) {
             fallback_zones: vec![],
             exclude_hosts: vec![],
             idempotency_key: None,
+            tags: Default::default(),
         };
         let first = peer.provider(&tenant).await.allocate_host(&h).await.unwrap();
         let again = peer.provider(&tenant).await.allocate_host(&h).await.unwrap();
@@ -134,6 +136,7 @@ pub async fn release_refused_inside_window(peer: &dyn Peer) {
             fallback_zones: vec![],
             exclude_hosts: vec![],
             idempotency_key: None,
+            tags: Default::default(),
         })
         .await
         .unwrap();

@@ -1,0 +1,258 @@
+//! Issue 24: one fleet, several AWS accounts. Each `aws` provider acts as its own identity (a named profile, a
+//! role assumed with an external id), against the moto that enforces IAM (with the project's patch that gives
+//! its policy conditions `aws:RequestedRegion`, as IAM does). moto keeps each account's resources apart, as AWS
+//! does: a user's keys act in its own account, an assumed role's in the role's.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use crate::common::*;
+use serde_json::{Value, json};
+
+/// The account moto puts requests in when it knows no other (and where the base user and the role live).
+const BASE_ACCOUNT: &str = "123456789012";
+/// The Mac team's account, where the profile's user lives.
+const MAC_ACCOUNT: &str = "111111111111";
+
+/// An IAM Query API call to moto, unauthenticated (after `/moto-api/reset-auth`), in `account`.
+fn iam(url: &str, account: &str, pairs: &[(&str, &str)]) -> String {
+    let addr = url.trim_start_matches("http://");
+    let body = pairs
+        .iter()
+        .chain(&[("Version", "2010-05-08")])
+        .map(|(k, v)| {
+            let enc: String = v
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!("{k}={enc}")
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         x-moto-account-id: {account}\r\nConnection: close\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=setup/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn between<'a>(s: &'a str, open: &str, close: &str) -> &'a str {
+    let start = s.find(open).unwrap_or_else(|| panic!("no {open} in {s}")) + open.len();
+    &s[start..start + s[start..].find(close).unwrap()]
+}
+
+fn reset_auth(url: &str, requests: u32) {
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let body = requests.to_string();
+    write!(
+        s,
+        "POST /moto-api/reset-auth HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.contains("\"ok\""), "{out}");
+}
+
+/// A user of `account` with one inline policy; its access key.
+fn user(url: &str, account: &str, name: &str, policy: &Value) -> (String, String) {
+    reset_auth(url, 3);
+    let r = iam(url, account, &[("Action", "CreateUser"), ("UserName", name)]);
+    assert!(r.contains("<CreateUserResult>"), "{r}");
+    let r = iam(
+        url,
+        account,
+        &[("Action", "PutUserPolicy"), ("UserName", name), ("PolicyName", "p"), ("PolicyDocument", &policy.to_string())],
+    );
+    assert!(r.contains("PutUserPolicyResponse"), "{r}");
+    let r = iam(url, account, &[("Action", "CreateAccessKey"), ("UserName", name)]);
+    (between(&r, "<AccessKeyId>", "<").to_string(), between(&r, "<SecretAccessKey>", "<").to_string())
+}
+
+/// A role of `account` that `trust` may assume, allowed `policy`.
+fn role(url: &str, account: &str, name: &str, trust: &Value, policy: &Value) -> String {
+    reset_auth(url, 2);
+    let r = iam(url, account, &[("Action", "CreateRole"), ("RoleName", name), ("AssumeRolePolicyDocument", &trust.to_string())]);
+    assert!(r.contains("<CreateRoleResult>"), "{r}");
+    let r = iam(
+        url,
+        account,
+        &[("Action", "PutRolePolicy"), ("RoleName", name), ("PolicyName", "p"), ("PolicyDocument", &policy.to_string())],
+    );
+    assert!(r.contains("PutRolePolicyResponse"), "{r}");
+    format!("arn:aws:iam::{account}:role/{name}")
+}
+
+/// EC2 in one region only: what a team's identity may do (the condition moto checks with the project's patch).
+fn ec2_in(region: &str) -> Value {
+    json!({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "ec2:*", "Resource": "*",
+        "Condition": {"StringEquals": {"aws:RequestedRegion": region}}
+    }]})
+}
+
+struct Identities {
+    /// `AWS_CONFIG_FILE` with profile `mac-<tenant>` (the Mac account's user).
+    config_file: std::path::PathBuf,
+    profile: String,
+    /// The base chain's keys (the environment): may only assume roles.
+    base: (String, String),
+    /// The Linux role (base account) and the external id its trust policy requires.
+    role_arn: String,
+    external_id: String,
+}
+
+fn identities(url: &str, tenant: &str, dir: &Path) -> Identities {
+    let mac = user(url, MAC_ACCOUNT, &format!("mac-{tenant}"), &ec2_in("us-east-1"));
+    let base_name = format!("base-{tenant}");
+    let base = user(
+        url,
+        BASE_ACCOUNT,
+        &base_name,
+        &json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]}),
+    );
+    let external_id = format!("ext-{tenant}");
+    let trust = json!({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow",
+        "Principal": {"AWS": format!("arn:aws:iam::{BASE_ACCOUNT}:user/{base_name}")},
+        "Action": "sts:AssumeRole",
+        "Condition": {"StringEquals": {"sts:ExternalId": external_id}}
+    }]});
+    let role_arn = role(url, BASE_ACCOUNT, &format!("linux-{tenant}"), &trust, &ec2_in("us-west-2"));
+    let profile = format!("mac-{tenant}");
+    let config_file = dir.join("aws-config");
+    std::fs::write(
+        &config_file,
+        format!("[profile {profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n", mac.0, mac.1),
+    )
+    .unwrap();
+    Identities { config_file, profile, base, role_arn, external_id }
+}
+
+fn env(url: &str, ids: &Identities) -> Vec<(&'static str, String)> {
+    let mut env = aws_env(url);
+    env.retain(|(k, _)| !matches!(*k, "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_CONFIG_FILE"));
+    env.push(("AWS_ACCESS_KEY_ID", ids.base.0.clone()));
+    env.push(("AWS_SECRET_ACCESS_KEY", ids.base.1.clone()));
+    env.push(("AWS_CONFIG_FILE", ids.config_file.display().to_string()));
+    env.push(("NIMBUS_LINUX_EXTERNAL_ID", ids.external_id.clone()));
+    env
+}
+
+/// `mac` (us-east-1, the Mac account through a profile) and `linux` (us-west-2, a role with an external id);
+/// `swap` gives each the other's identity.
+fn fleet(tenant: &str, ids: &Identities, swap: bool, linux: u32, team: &str) -> String {
+    let profile = format!("profile: {}", ids.profile);
+    let role = format!("role_arn: {}\n    external_id: {{env: NIMBUS_LINUX_EXTERNAL_ID}}\n    session_name: nimbus-linux", ids.role_arn);
+    let (mac_id, linux_id) = if swap { (&role, &profile) } else { (&profile, &role) };
+    format!(
+        "version: 1\ntenant: {tenant}\ntags: {{team: {team}, cost-center: cc-42}}\nproviders:\n  mac:\n    type: aws\n    region: us-east-1\n    {mac_id}\n  linux:\n    type: aws\n    region: us-west-2\n    {linux_id}\n    tags: {{cost-center: cc-7}}\npools:\n  - name: mac\n    provider: mac\n    count: 1\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: linux\n    count: {linux}\n    tags: {{pool: linux}}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-west-2a}}\n"
+    )
+}
+
+/// What the fleet's providers find, each acting as its own identity (`nimbus discover`): the live machines.
+fn machines(dir: &Path, env: &[(&str, String)]) -> Vec<Value> {
+    let o = nimbus_env(dir, &["discover", "-o", "-"], env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let inv: Value = serde_json::from_slice(&o.stdout).unwrap();
+    inv["actual"]["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| !matches!(m["state"].as_str(), Some("terminated" | "shutting-down")))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn two_providers_act_in_two_accounts_as_their_own_identities() {
+    let Some(url) = peer("NIMBUS_MOTO_IAM_URL", "moto with IAM enforced") else { return };
+    let tenant = unique_tenant("acct");
+    let dir = tempfile::tempdir().unwrap();
+    let ids = identities(&url, &tenant, dir.path());
+    let env = env(&url, &ids);
+    let write = |swap, linux, team| std::fs::write(dir.path().join("fleet.yaml"), fleet(&tenant, &ids, swap, linux, team)).unwrap();
+
+    // The base chain alone may not touch EC2: a fleet without credentials of its own is refused.
+    write(false, 1, "platform");
+    let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &env);
+    assert_eq!(o.status.code(), Some(2), "plan as each provider's identity\n{}", text(&o));
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &env);
+    assert_eq!(o.status.code(), Some(0), "apply as each provider's identity\n{}", text(&o));
+    let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode"], &env);
+    assert_eq!(o.status.code(), Some(0), "converged\n{}", text(&o));
+
+    // Nothing crossed accounts: the Mac account's user sees the Mac machine only, and the role the Linux one.
+    let found = machines(dir.path(), &env);
+    assert_eq!(found.len(), 2, "{found:?}");
+    let mac = found.iter().find(|m| m["tags"]["nimbus:pool"] == "mac").unwrap().clone();
+    let linux = found.iter().find(|m| m["tags"]["nimbus:pool"] == "linux").unwrap().clone();
+    assert_eq!(mac["provider"], "mac");
+    assert_eq!(linux["provider"], "linux");
+    // Tags merged fleet < provider < pool, on what each made.
+    assert_eq!(mac["tags"]["team"], "platform", "{mac}");
+    assert_eq!(mac["tags"]["cost-center"], "cc-42", "{mac}");
+    assert_eq!(linux["tags"]["cost-center"], "cc-7", "{linux}");
+    assert_eq!(linux["tags"]["pool"], "linux", "{linux}");
+
+    // A changed tag is an in-place update on both accounts, not a replacement.
+    write(false, 1, "mobile");
+    let o = nimbus_env(dir.path(), &["plan", "--json"], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["summary"]["change"], 2, "{}", plan["summary"]);
+    assert_eq!(plan["summary"]["add"], 0);
+    assert_eq!(plan["summary"]["destroy"], 0);
+    let kinds: Vec<&str> = plan["actions"].as_array().unwrap().iter().map(|a| a["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["update_tags", "update_tags"], "{}", plan["actions"]);
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let after = machines(dir.path(), &env);
+    for m in &after {
+        assert_eq!(m["tags"]["team"], "mobile", "{m}");
+    }
+    let ids_after: Vec<&Value> = after.iter().map(|m| &m["instance_id"]).collect();
+    assert!(ids_after.contains(&&mac["instance_id"]) && ids_after.contains(&&linux["instance_id"]), "same instances");
+
+    // Swapped, each identity is refused in the other's region: AccessDenied, naming the provider and who it was.
+    write(true, 1, "mobile");
+    let o = nimbus_env(dir.path(), &["plan"], &env);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("AccessDenied") || err.contains("UnauthorizedOperation"), "{err}");
+    assert!(err.contains("provider `mac`") || err.contains("provider `linux`"), "{err}");
+    assert!(err.contains("acts as"), "the error says who the provider acted as: {err}");
+    // A wrong external id: the role's trust policy refuses it (moto checks `sts:ExternalId`).
+    write(false, 1, "mobile");
+    let mut bad = env.clone();
+    bad.retain(|(k, _)| *k != "NIMBUS_LINUX_EXTERNAL_ID");
+    bad.push(("NIMBUS_LINUX_EXTERNAL_ID", "not-it".into()));
+    let o = nimbus_env(dir.path(), &["plan"], &bad);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("provider `linux`"), "{}", text(&o));
+    // No secret of either identity reached the output.
+    for o in [&o] {
+        let all = text(o);
+        for secret in [&ids.base.1, &ids.external_id] {
+            assert!(!all.contains(secret.as_str()), "a secret leaked: {all}");
+        }
+    }
+    // Cleanup: everything goes (each provider in its own account).
+    write(false, 0, "mobile");
+    let yaml = fleet(&tenant, &ids, false, 0, "mobile").replace("count: 1", "count: 0");
+    std::fs::write(dir.path().join("fleet.yaml"), yaml).unwrap();
+    let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
