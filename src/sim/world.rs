@@ -107,7 +107,16 @@ impl Simulator {
                     world.hosts.push(Host {
                         provider: provider.clone(),
                         id,
-                        tags: machine_tags(&desired.tenant, provider, pool, machine, None),
+                        tags: {
+                            let mut t = desired
+                                .pools
+                                .iter()
+                                .find(|p| &p.name == pool)
+                                .map(|p| p.spec.tags.clone())
+                                .unwrap_or_default();
+                            t.extend(machine_tags(&desired.tenant, provider, pool, machine, None));
+                            t
+                        },
                         instance_type: instance_type.clone(),
                         availability_zone: availability_zone.clone(),
                         state: HostState::Available,
@@ -133,14 +142,20 @@ impl Simulator {
                         assert!(desired.host_settled(h, now), "host {hid} was used before it settled after its scrub");
                         assert_eq!(Some(&h.instance_type), spec.instance_type.as_ref());
                         h.instance_ids.push(instance_id.clone());
-                        h.tags = machine_tags(&desired.tenant, provider, pool, machine, None);
+                        h.tags = spec.tags.clone();
+                        h.tags.extend(machine_tags(&desired.tenant, provider, pool, machine, None));
                     }
                     live.insert(machine.clone(), world.machines.len());
                     by_instance.insert(instance_id.clone(), world.machines.len());
                     world.machines.push(ActualMachine {
                         provider: provider.clone(),
                         instance_id,
-                        tags: machine_tags(&desired.tenant, provider, pool, machine, None),
+                        // The user's tags, and nimbus's own (which win), as the providers tag.
+                        tags: {
+                            let mut t = spec.tags.clone();
+                            t.extend(machine_tags(&desired.tenant, provider, pool, machine, None));
+                            t
+                        },
                         state: InstanceState::Running,
                         image: spec.image.clone(),
                         instance_type: spec.instance_type.clone(),

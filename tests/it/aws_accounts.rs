@@ -179,6 +179,7 @@ fn machines(dir: &Path, env: &[(&str, String)]) -> Vec<Value> {
 #[test]
 fn two_providers_act_in_two_accounts_as_their_own_identities() {
     let Some(url) = peer("NIMBUS_MOTO_IAM_URL", "moto with IAM enforced") else { return };
+    let _iam = iam_moto_lock();
     let tenant = unique_tenant("acct");
     let dir = tempfile::tempdir().unwrap();
     let ids = identities(&url, &tenant, dir.path());
@@ -255,4 +256,122 @@ fn two_providers_act_in_two_accounts_as_their_own_identities() {
     std::fs::write(dir.path().join("fleet.yaml"), yaml).unwrap();
     let o = nimbus_env(dir.path(), &["apply", "--auto-approve"], &env);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// Issue 24.2: the library facade serves two tenants in one process, each on its own credentials (a profile in
+/// its own account): each provisions in its own account and never sees the other's machine. The body runs in a
+/// child process of this test binary, so the AWS environment (moto's IAM-enforcing endpoint) is its alone.
+#[test]
+fn two_tenants_in_one_process_use_their_own_credentials() {
+    if std::env::var_os("NIMBUS_FACADE_CHILD").is_some() {
+        return facade_child();
+    }
+    let Some(url) = peer("NIMBUS_MOTO_IAM_URL", "moto with IAM enforced") else { return };
+    let _iam = iam_moto_lock();
+    let run = unique_tenant("fa");
+    let dir = tempfile::tempdir().unwrap();
+    let mut profiles = String::new();
+    for (t, account) in [("a", MAC_ACCOUNT), ("b", "222222222222")] {
+        let keys = user(&url, account, &format!("{t}-{run}"), &ec2_in("us-east-1"));
+        profiles.push_str(&format!("[profile {t}-{run}]\naws_access_key_id = {}\naws_secret_access_key = {}\n", keys.0, keys.1));
+    }
+    std::fs::write(dir.path().join("aws-config"), profiles).unwrap();
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "aws_accounts::two_tenants_in_one_process_use_their_own_credentials", "--nocapture"]);
+    for (k, v) in aws_env(&url) {
+        cmd.env(k, v);
+    }
+    // The process's own keys are nobody's: only the profiles can act.
+    cmd.env("AWS_CONFIG_FILE", dir.path().join("aws-config"))
+        .env("AWS_ACCESS_KEY_ID", "AKIANOBODY")
+        .env("AWS_SECRET_ACCESS_KEY", "nobody")
+        .env("NIMBUS_FACADE_CHILD", &run)
+        .env("NIMBUS_FACADE_DIR", dir.path());
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 passed"), "{}", text(&o));
+}
+
+fn facade_child() {
+    use nimbus::api::{MemoryStorage, Nimbus};
+    use nimbus::providers::Provider;
+    use nimbus::providers::aws::{AwsProvider, AwsSettings, credentials::AwsIdentity};
+    let run = std::env::var("NIMBUS_FACADE_CHILD").unwrap();
+    let dir = std::path::PathBuf::from(std::env::var("NIMBUS_FACADE_DIR").unwrap());
+    let storage = MemoryStorage::default();
+    let tenant = |t: &str| format!("{t}{}", run.replace('-', "").chars().rev().take(8).collect::<String>());
+    for t in ["a", "b"] {
+        let yaml = format!(
+            "version: 1\ntenant: {}\ntags: {{team: {t}}}\nproviders:\n  aws: {{type: aws, region: us-east-1, profile: {t}-{run}}}\npools:\n  - name: linux\n    provider: aws\n    count: 0\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-east-1a}}\n",
+            tenant(t)
+        );
+        // Each tenant keeps its journal (and lock) in a folder of its own.
+        let base = dir.join(t);
+        std::fs::create_dir_all(&base).unwrap();
+        storage.put(nimbus::config::parse("t", &yaml).unwrap(), &base).unwrap();
+    }
+    let n = Nimbus::new(storage);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let (ta, tb) = (tenant("a"), tenant("b"));
+        let (a, b) = tokio::join!(n.provision(&ta, "linux"), n.provision(&tb, "linux"));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        for (t, m) in [("a", &a), ("b", &b)] {
+            let listed = n.list_machines(&tenant(t)).await.unwrap();
+            assert_eq!(listed.iter().map(|m| &m.name).collect::<Vec<_>>(), [&m.name], "{t}: {listed:?}");
+        }
+        // Acting as a's profile, b's machine does not exist at all (it is in b's account), and the other way round.
+        let as_profile = |t: &str| AwsSettings {
+            region: Some("us-east-1".into()),
+            identity: AwsIdentity { profile: Some(format!("{t}-{run}")), ..Default::default() },
+            ..Default::default()
+        };
+        for (me, other, theirs) in [("a", "b", &b), ("b", "a", &a)] {
+            let p = AwsProvider::new("aws", &tenant(other), as_profile(me)).await.unwrap();
+            let seen = p.discover(&tenant(other)).await.unwrap();
+            assert!(
+                seen.machines.iter().all(|m| m.instance_id != theirs.instance_id),
+                "{me}'s credentials see {other}'s machine"
+            );
+            let own = AwsProvider::new("aws", &tenant(other), as_profile(other)).await.unwrap();
+            let seen = own.discover(&tenant(other)).await.unwrap();
+            let m = seen.machines.iter().find(|m| m.instance_id == theirs.instance_id).expect("its own credentials see it");
+            assert_eq!(m.tags["team"], other, "the tenant's tag went on with it");
+        }
+        for (t, m) in [("a", &a), ("b", &b)] {
+            n.terminate(&tenant(t), &m.name).await.unwrap();
+        }
+    });
+}
+
+/// Issue 24.1: a CI's OIDC token (`web_identity`) is exchanged for the role through STS
+/// (`AssumeRoleWithWebIdentity`, on moto), from `{env:}` or `{file:}`; the token never reaches the output, and a
+/// missing token is a clear error naming the provider.
+#[test]
+fn a_web_identity_token_is_exchanged_for_the_role() {
+    let Some(url) = peer("NIMBUS_MOTO_URL", "moto (EC2, STS)") else { return };
+    let tenant = unique_tenant("oidc");
+    let dir = tempfile::tempdir().unwrap();
+    let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJyZXBvOmFjbWUvZmxlZXQifQ.c2VjcmV0LXNpZ25hdHVyZQ";
+    let fleet = |source: &str| {
+        format!(
+            "version: 1\ntenant: {tenant}\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n    role_arn: arn:aws:iam::123456789012:role/nimbus-ci\n    web_identity: {source}\n    duration: 15m\npools:\n  - name: linux\n    provider: aws\n    count: 1\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-east-1a}}\n"
+        )
+    };
+    let mut env = aws_env(&url);
+    // No keys at all: only the token can get credentials.
+    env.retain(|(k, _)| !matches!(*k, "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY"));
+    env.push(("CI_OIDC_TOKEN", token.into()));
+    std::fs::write(dir.path().join("token"), format!("{token}\n")).unwrap();
+    for source in ["{env: CI_OIDC_TOKEN}", "{file: token}"] {
+        std::fs::write(dir.path().join("fleet.yaml"), fleet(source)).unwrap();
+        let o = nimbus_env(dir.path(), &["plan", "--detailed-exitcode", "--json"], &env);
+        assert_eq!(o.status.code(), Some(2), "{source}: {}", text(&o));
+        assert!(!text(&o).contains(token) && !text(&o).contains("c2VjcmV0LXNpZ25hdHVyZQ"), "the token leaked");
+    }
+    std::fs::remove_file(dir.path().join("token")).unwrap();
+    let o = nimbus_env(dir.path(), &["plan"], &env);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("provider `aws`") && err.contains("web_identity") && err.contains("token"), "{err}");
 }

@@ -147,3 +147,11 @@ pub async fn sdk() -> aws_sdk_ec2::Client {
 pub fn rfc3339(epoch: i64) -> String {
     chrono::DateTime::from_timestamp(epoch, 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// Held by every test that uses the IAM-enforcing moto, for its whole run: `/moto-api/reset-auth` lets the next
+/// few requests through unauthenticated, whoever sends them, so one test's setup must never let another test's
+/// requests through (nor use up its allowance).
+pub fn iam_moto_lock() -> std::sync::MutexGuard<'static, ()> {
+    static IAM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    IAM.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -316,6 +316,7 @@ fn iam_fleet(tenant: &str, mac: u32, linux: u32) -> String {
 #[test]
 fn plan_needs_only_the_read_only_policy() {
     let Some(url) = peer("NIMBUS_MOTO_IAM_URL", "moto with IAM enforced") else { return };
+    let _iam = iam_moto_lock();
     let tenant = unique_tenant("iam");
     let plan_keys = iam_user(&url, &format!("{tenant}-plan"), &load(PLAN_POLICY));
     let apply_keys = iam_user(&url, &format!("{tenant}-apply"), &for_moto(&load(APPLY_POLICY)));

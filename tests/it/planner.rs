@@ -677,3 +677,46 @@ fn a_forge_that_cannot_relabel_registers_again() {
     assert_eq!(kinds(&p), ["deregister_runner", "register_runner"]);
     assert_eq!(p.summary().change, 1);
 }
+
+/// Issue 24.3: a changed user tag is an in-place update of the machine and its host (the keys set, the keys
+/// removed), never a replacement, and it does not wait for a running job: tags do not touch the runner.
+#[test]
+fn a_changed_user_tag_is_an_in_place_update_of_machine_and_host() {
+    let mut d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1"), pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    for p in &mut d.pools {
+        p.spec.tags = [("team".to_string(), "a".to_string()), ("old".to_string(), "x".to_string())].into();
+    }
+    let (mut world, _) = built(&d, t0());
+    assert!(world.machines.iter().all(|m| m.tags["team"] == "a"), "tagged at creation");
+    assert!(world.hosts.iter().all(|h| h.tags["team"] == "a"), "hosts too");
+    assert_eq!(plan(&d, &world, t0()).summary().change, 0, "converged");
+    // Both runners are busy: a tag change still goes ahead, in place.
+    for r in world.runners.as_mut().unwrap() {
+        r.busy = true;
+    }
+    for p in &mut d.pools {
+        p.spec.tags = [("team".to_string(), "b".to_string())].into();
+    }
+    let p = plan(&d, &world, t0());
+    assert_eq!((p.summary().add, p.summary().change, p.summary().destroy), (0, 2, 0));
+    assert_eq!(kinds(&p), ["update_tags", "update_tags"]);
+    let mac_host = world.hosts[0].id.clone();
+    let updates: Vec<(Option<String>, Vec<String>)> = p
+        .actions()
+        .map(|(_, a)| match &a.kind {
+            ActionKind::UpdateTags { host_id, set, remove, .. } => {
+                assert_eq!(set, &[("team".to_string(), "b".to_string())].into());
+                (host_id.clone(), remove.clone())
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(updates.contains(&(Some(mac_host), vec!["old".to_string()])), "the Mac machine's host too: {updates:?}");
+    assert!(updates.contains(&(None, vec!["old".to_string()])), "{updates:?}");
+    assert!(p.deferred.is_empty(), "no job to wait for: {:?}", p.deferred);
+    let mut sim = Simulator::default();
+    sim.apply(&d, &mut world, &p, t0());
+    assert_eq!(plan(&d, &world, t0()).summary().change, 0, "converged after the update");
+    // nimbus's own tags are never the user's: they are not removed.
+    assert!(world.machines.iter().all(|m| m.tags.contains_key("nimbus:tenant") && m.tags["team"] == "b"));
+}
