@@ -272,7 +272,9 @@ fn two_tenants_in_one_process_use_their_own_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let mut profiles = String::new();
     for (t, account) in [("a", MAC_ACCOUNT), ("b", "222222222222")] {
-        let keys = user(&url, account, &format!("{t}-{run}"), &ec2_in("us-east-1"));
+        let mut policy = ec2_in("us-east-1");
+        policy["Statement"][0]["Action"] = json!(["ec2:*", "s3:*"]);
+        let keys = user(&url, account, &format!("{t}-{run}"), &policy);
         profiles.push_str(&format!("[profile {t}-{run}]\naws_access_key_id = {}\naws_secret_access_key = {}\n", keys.0, keys.1));
     }
     std::fs::write(dir.path().join("aws-config"), profiles).unwrap();
@@ -341,6 +343,25 @@ fn facade_child() {
         for (t, m) in [("a", &a), ("b", &b)] {
             n.terminate(&tenant(t), &m.name).await.unwrap();
         }
+        // The S3 state backend acts as its own `profile` too: the process's own keys are nobody's, so a's journal
+        // is written and read only through a's profile. (moto's S3 does not keep accounts' buckets apart, as
+        // AWS's ownership rules would; that part is AWS's to enforce.)
+        let state = |profile: &str| nimbus::config::StateConfig {
+            backend: nimbus::config::StateBackend::S3,
+            bucket: Some(format!("state-{run}")),
+            key: Some("journal.db".into()),
+            endpoint: std::env::var("AWS_ENDPOINT_URL").ok(),
+            profile: Some(format!("{profile}-{run}")),
+            ..Default::default()
+        };
+        let s3 = nimbus::state::remote::S3State::from_config_in(&state("a"), &dir).await.unwrap();
+        s3.create_bucket().await.unwrap();
+        s3.upload(b"a's journal".to_vec(), None).await.unwrap();
+        let (body, _) = s3.download().await.unwrap().expect("a reads its journal");
+        assert_eq!(body, b"a's journal");
+        let without = nimbus::config::StateConfig { profile: None, ..state("a") };
+        let nobody = nimbus::state::remote::S3State::from_config_in(&without, &dir).await.unwrap();
+        assert!(nobody.download().await.is_err(), "the process's own keys are refused: the profile did the work");
     });
 }
 
