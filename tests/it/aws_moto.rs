@@ -1152,3 +1152,105 @@ fn the_ledger_costs_and_budgets_on_moto() {
     assert_eq!(kinds(&plan).iter().filter(|k| *k == "allocate_host").count(), 1);
     assert!(plan["deferred"].as_array().unwrap().iter().all(|d| d["kind"] != "budget"));
 }
+
+/// Issue 24.3: the user's tags go on the instance, its volumes and its dedicated host at creation, and a change
+/// is CreateTags for the keys set and DeleteTags for the keys removed, on those resources only, never touching
+/// nimbus's own tags; another tenant's instance is never retagged.
+#[test]
+fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
+    use nimbus::providers::{HostRequest, LaunchRequest, MachineRef};
+    let Some(url) = moto() else { return };
+    let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
+    let tenant = unique_tenant("tags");
+    let machine = format!("nimbus.{tenant}.mac.0");
+    let user: nimbus::core::model::Tags =
+        [("team".to_string(), "mobile".to_string()), ("cost-center".to_string(), "cc-1".to_string())].into();
+    rt().block_on(async {
+        let settings = || AwsSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(proxy.url.clone()),
+            ..Default::default()
+        };
+        let p = AwsProvider::new("aws", &tenant, settings()).await.unwrap();
+        let host = p
+            .allocate_host(&HostRequest {
+                tenant: tenant.clone(),
+                pool: "mac".into(),
+                machine: machine.clone(),
+                instance_type: "mac2.metal".into(),
+                availability_zone: "us-east-1a".into(),
+                fallback_zones: vec![],
+                exclude_hosts: vec![],
+                idempotency_key: None,
+                tags: user.clone(),
+            })
+            .await
+            .unwrap();
+        let spec = nimbus::core::model::MachineSpec {
+            os: nimbus::config::Os::Macos,
+            arch: nimbus::config::Arch::Arm64,
+            instance_type: Some("mac2.metal".into()),
+            image: "ami-0abc".into(),
+            availability_zone: Some("us-east-1a".into()),
+            fallback_zones: vec![],
+            tags: user.clone(),
+        };
+        let id = p
+            .launch(&LaunchRequest {
+                tenant: tenant.clone(),
+                pool: "mac".into(),
+                machine: machine.clone(),
+                spec,
+                host_id: Some(host.clone()),
+                idempotency_key: None,
+            })
+            .await
+            .unwrap();
+        let c = sdk().await;
+        let tags_of = |ts: &[Tag]| -> BTreeMap<String, String> {
+            ts.iter().map(|t| (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string())).collect()
+        };
+        let all = || async {
+            let i = c.describe_instances().instance_ids(&id).send().await.unwrap().reservations()[0].instances()[0].clone();
+            let vols: Vec<String> = i
+                .block_device_mappings()
+                .iter()
+                .filter_map(|b| b.ebs().and_then(|e| e.volume_id()).map(str::to_string))
+                .collect();
+            assert!(!vols.is_empty(), "the instance has a volume");
+            let v = c.describe_volumes().set_volume_ids(Some(vols)).send().await.unwrap();
+            let h = c.describe_hosts().host_ids(&host).send().await.unwrap();
+            let mut out = vec![("instance", tags_of(i.tags()))];
+            out.extend(v.volumes().iter().map(|v| ("volume", tags_of(v.tags()))));
+            out.push(("host", tags_of(h.hosts()[0].tags())));
+            out
+        };
+        for (what, t) in all().await {
+            assert_eq!(t.get("team").map(String::as_str), Some("mobile"), "{what}: {t:?}");
+            assert_eq!(t.get("cost-center").map(String::as_str), Some("cc-1"), "{what}: {t:?}");
+            assert_eq!(t.get("nimbus:tenant"), Some(&tenant), "{what}: {t:?}");
+        }
+        let r = MachineRef { name: machine.clone(), instance_id: Some(id.clone()), address: None };
+        let set: nimbus::core::model::Tags = [("team".to_string(), "ios".to_string())].into();
+        p.update_tags(&r, Some(&host), &set, &["cost-center".to_string()]).await.unwrap();
+        for (what, t) in all().await {
+            assert_eq!(t.get("team").map(String::as_str), Some("ios"), "{what}: {t:?}");
+            assert!(!t.contains_key("cost-center"), "{what}: {t:?}");
+            assert_eq!(t.get("nimbus:machine"), Some(&machine), "{what}: nimbus's own tags stay: {t:?}");
+        }
+        // Refused: a reserved key, and another tenant's instance.
+        let reserved: nimbus::core::model::Tags = [("nimbus:tenant".to_string(), "x".to_string())].into();
+        assert!(p.update_tags(&r, None, &reserved, &[]).await.is_err());
+        let other = AwsProvider::new("aws", "someone-else", settings()).await.unwrap();
+        let e = other.update_tags(&r, None, &set, &[]).await.unwrap_err().to_string();
+        assert!(e.contains("refusing"), "{e}");
+    });
+    // The requests: CreateTags and DeleteTags carry the user's keys only.
+    let st = proxy.state.lock().unwrap();
+    let updates: Vec<&String> =
+        st.bodies.iter().filter(|b| b.contains("Action=DeleteTags") || (b.contains("Action=CreateTags") && b.contains("ios"))).collect();
+    assert_eq!(updates.len(), 2, "{updates:?}");
+    for b in updates {
+        assert!(!b.contains("nimbus%3A") && !b.contains("nimbus:"), "nimbus's tags untouched: {b}");
+    }
+}
