@@ -591,6 +591,17 @@ impl Applier {
             me.who,
             now.timestamp()
         );
+        // A sandbox on this computer: the same lock, taken with file operations (no process spawned).
+        if let Some(d) = machine_db::local_dir(t) {
+            let l = d.join(".setup.lock");
+            let taken = std::fs::create_dir_all(&d).and_then(|()| std::fs::create_dir(&l));
+            if taken.is_ok() && std::fs::write(l.join("holder"), &record).is_ok() {
+                return Ok(Some(machine_db::read_local(&d.join(
+                    std::path::Path::new(t.state_path()).file_name().unwrap_or_default(),
+                ))));
+            }
+            // Held already (or odd): the shell below says by whom, and takes over a dead run's lock.
+        }
         // Without sudo, the holder record is written by the shell itself (no `tee`): fewer processes per machine.
         let take = format!(
             "{locate}; l=\"$d/.setup.lock\"; [ -d \"$d\" ] || $s mkdir -p \"$d\"\n\
@@ -735,7 +746,14 @@ impl Applier {
         let result = self.run_setup_locked(&t, provider, pool, machine, steps, log, read).await;
         // On success the last write released the lock; otherwise release it here.
         if result.is_err() {
-            let _ = t.exec(&format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path())), b"", None).await;
+            match machine_db::local_dir(t.as_ref()) {
+                Some(d) => {
+                    let _ = std::fs::remove_dir_all(d.join(".setup.lock"));
+                }
+                None => {
+                    let _ = t.exec(&format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path())), b"", None).await;
+                }
+            }
         }
         result
     }
@@ -848,8 +866,16 @@ impl Applier {
             machine_db::Lifecycle::Ready
         });
         // The last step's record, the machine's new lifecycle, and the lock released: one shell.
-        let unlock = format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path()));
-        machine_db::write_then(t.as_ref(), &db, &unlock, None).await?;
+        match machine_db::local_dir(t.as_ref()) {
+            Some(d) => {
+                machine_db::write(t.as_ref(), &db).await?;
+                let _ = std::fs::remove_dir_all(d.join(".setup.lock"));
+            }
+            None => {
+                let unlock = format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path()));
+                machine_db::write_then(t.as_ref(), &db, &unlock, None).await?;
+            }
+        }
         Ok(())
     }
 

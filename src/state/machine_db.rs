@@ -447,8 +447,44 @@ pub fn read_script() -> String {
     format!("if [ -f \"$p\" ]; then $s cat \"$p\"; else exit {MISSING}; fi")
 }
 
+/// The folder holding the state database when the machine is a folder on this computer (a `local` sandbox):
+/// its bookkeeping is then file operations, with the shell scripts' semantics and no process spawned.
+pub fn local_dir(t: &dyn Transport) -> Option<std::path::PathBuf> {
+    t.local_path(t.state_path()).and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+}
+
+/// What [`read_script`] prints for the database at `path` on this computer, without a shell.
+pub fn read_local(path: &std::path::Path) -> crate::transport::ExecOutput {
+    let (code, stdout, stderr_tail) = match std::fs::read(path) {
+        Ok(bytes) => (0, bytes, String::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (MISSING, Vec::new(), String::new()),
+        Err(e) => (1, Vec::new(), e.to_string()),
+    };
+    crate::transport::ExecOutput { code, stdout, stderr_tail }
+}
+
+/// [`write_script`] without a shell, for a database on this computer: a temporary file, then a rename; the pid
+/// file of a finished setup step goes.
+fn write_local(t: &dyn Transport, path: &std::path::Path, bytes: &[u8]) -> Result<(), StateError> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let fail = |e: std::io::Error| StateError::WriteFailed { machine: t.machine().into(), code: 1, stderr: e.to_string() };
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".state.db.tmp.{}.{n}", std::process::id()));
+    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(e));
+    }
+    let _ = std::fs::remove_file(dir.join(".setup-step.pid"));
+    Ok(())
+}
+
 /// Reads the state database; `None` when the machine has none yet.
 pub async fn read(t: &dyn Transport) -> Result<Option<StateDb>, StateError> {
+    if let Some(p) = t.local_path(t.state_path()) {
+        return parse_read(t, read_local(&p));
+    }
     let script = format!("{}; {}", locate(t.state_path()), read_script());
     let out = t.exec(&script, b"", None).await?;
     parse_read(t, out)
@@ -495,6 +531,9 @@ fn write_script(state_path: &str, len: usize) -> String {
 /// Replaces the state database atomically: a temporary file of the expected size, then a rename.
 pub async fn write(t: &dyn Transport, db: &StateDb) -> Result<(), StateError> {
     let bytes = encode(t, db)?;
+    if let Some(p) = t.local_path(t.state_path()) {
+        return write_local(t, &p, &bytes);
+    }
     let out = t.exec(&write_script(t.state_path(), bytes.len()), &bytes, None).await?;
     if out.code == 0 {
         Ok(())
@@ -517,6 +556,10 @@ pub async fn write_then(
     log: Option<&std::path::Path>,
 ) -> Result<crate::transport::ExecOutput, StateError> {
     let bytes = encode(t, db)?;
+    if let Some(p) = t.local_path(t.state_path()) {
+        write_local(t, &p, &bytes)?;
+        return Ok(t.exec(then, b"", log).await?);
+    }
     let script = format!(
         // Not `( … ) || …`: a shell ignores `set -e` inside the left side of `||`.
         "( {} )\nif [ $? -ne 0 ]; then echo '{WRITE_FAILED_MARK}' >&2; exit {WRITE_FAILED}; fi\n{then}",

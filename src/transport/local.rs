@@ -46,6 +46,24 @@ impl Transport for LocalTransport {
         LOCAL_STATE_PATH
     }
 
+    /// A sandbox path is a path under its root (an absolute one too: the sandbox is its own `/`). `None` once the
+    /// sandbox is gone, so that nothing recreates it (the shell then says it is unreachable).
+    fn local_path(&self, path: &str) -> Option<PathBuf> {
+        self.root.is_dir().then(|| self.root.join(path.trim_start_matches('/')))
+    }
+
+    /// A sandbox answers when its root exists: nothing to spawn.
+    async fn probe(&self) -> Result<(), TransportError> {
+        if self.root.is_dir() {
+            Ok(())
+        } else {
+            Err(TransportError::Unreachable {
+                machine: self.machine.clone(),
+                message: format!("sandbox `{}` does not exist", self.root.display()),
+            })
+        }
+    }
+
     async fn exec(&self, script: &str, stdin: &[u8], log: Option<&Path>) -> Result<ExecOutput, TransportError> {
         if !self.root.is_dir() {
             return Err(TransportError::Unreachable {

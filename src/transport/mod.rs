@@ -58,6 +58,13 @@ pub trait Transport: Send + Sync {
     /// use connects again.
     async fn close(&self) {}
 
+    /// The folder on this computer that a path on the machine is, when the machine is a folder here (a `local`
+    /// sandbox): its state bookkeeping (the state database, the setup lock) is then done with file operations of
+    /// the same semantics as the shell's, with no process spawned. `None` (the default): only the shell.
+    fn local_path(&self, _path: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Checks that the machine answers.
     async fn probe(&self) -> Result<(), TransportError> {
         let out = self.exec("echo nimbus-ok", b"", None).await?;

@@ -257,10 +257,37 @@ impl LocalProvider {
             if (name.starts_with(".tmp-") || name.starts_with(".trash-")) && (stale || dead) {
                 std::fs::remove_dir_all(entry.path()).map_err(|e| self.io(e))?;
                 n += 1;
+            } else if !name.starts_with('.') {
+                n += sweep_state_dir(&entry.path().join("root").join(LOCAL_STATE_DIR));
             }
         }
         Ok(n)
     }
+}
+
+/// A sandbox's state folder, under its root.
+const LOCAL_STATE_DIR: &str = "var/lib/nimbus";
+
+/// Removes the temporary state databases a killed apply left in a sandbox's state folder (a write is a temporary
+/// file, then a rename: `.state.db.tmp.<pid>.<n>`), those of a process that is gone or an hour old. Returns how
+/// many.
+fn sweep_state_dir(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".state.db.tmp.") else { continue };
+        let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
+        let dead = pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists());
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600));
+        if (dead || stale) && std::fs::remove_file(entry.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
 }
 
 impl SandboxEntry {
