@@ -134,7 +134,11 @@ impl<'a> Builder<'a> {
             }
         }
         for v in by_pool.values_mut() {
-            v.sort_by_key(|m| (machine_index(m), m.instance_id.clone()));
+            // Keys computed once per machine (the name is parsed), not per comparison.
+            v.sort_by_cached_key(|m| {
+                let m: &ActualMachine = m;
+                (machine_index(m), m.instance_id.as_str())
+            });
         }
         let runners = match (&actual.runners, desired.forge) {
             (Some(rs), true) => Some(rs.iter().map(|r| (r.name.as_str(), r)).collect()),
@@ -214,7 +218,7 @@ impl<'a> Builder<'a> {
             .values()
             .filter(|h| h.state == HostState::Available && h.instance_ids.is_empty() && settled(h))
             .collect();
-        idle.sort_by_key(|h| (h.allocated_at, h.id.clone()));
+        idle.sort_by(|a, b| (a.allocated_at, &a.id).cmp(&(b.allocated_at, &b.id)));
         for h in idle {
             idle_by_kind
                 .entry((h.provider.clone(), h.instance_type.clone(), h.availability_zone.clone()))
@@ -308,7 +312,7 @@ impl<'a> Builder<'a> {
 
     fn finish(self) -> Plan {
         let mut changes = self.changes;
-        changes.sort_by_key(|a| address_key(&a.address));
+        changes.sort_by(|x, y| address_key(&x.address).cmp(&address_key(&y.address)));
         let mut deferred = self.deferred;
         deferred.sort_by(|a, b| a.address.cmp(&b.address));
         Plan {
@@ -323,12 +327,12 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Sorts `pool[10]` after `pool[9]`.
-fn address_key(a: &str) -> (String, u64, String) {
+/// Sorts `pool[10]` after `pool[9]` (without allocating: it runs for every comparison).
+fn address_key(a: &str) -> (&str, u64) {
     if let Some((p, rest)) = a.split_once('[')
         && let Ok(i) = rest.trim_end_matches(']').parse::<u64>()
     {
-        return (p.to_string(), i, String::new());
+        return (p, i);
     }
-    (a.to_string(), 0, String::new())
+    (a, 0)
 }

@@ -166,7 +166,10 @@ impl<'a> Builder<'a> {
             }
             out.push(kept);
         }
-        out.sort_by_key(|m| (machine_index(m), m.instance_id.clone()));
+        out.sort_by_cached_key(|m| {
+            let m: &'a ActualMachine = m;
+            (machine_index(m), m.instance_id.as_str())
+        });
         out
     }
 

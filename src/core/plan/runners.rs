@@ -31,7 +31,7 @@ impl<'a> Builder<'a> {
                     .is_none_or(|k| k.contains(pool) || self.desired.pools.iter().any(|p| p.name == pool))
             })
             .collect();
-        ghosts.sort_by_key(|r| (r.name.clone(), r.id));
+        ghosts.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
         for r in ghosts {
             let addr = String::from(Address::runner(&r.name));
             if self.must_wait_for_job(&r.name) {
