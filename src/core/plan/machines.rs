@@ -549,6 +549,11 @@ impl<'a> Builder<'a> {
         // Providers without tags (their pools' tags are empty, and so are their machines') have nothing to do.
         let want = &pool.spec.tags;
         let host = m.host_id.as_deref().and_then(|h| self.hosts.get(h).copied());
+        // The common case, without allocating: no tags wanted, and none of the user's on the machine or its host.
+        let untagged = |t: &Tags| t.keys().all(|k| is_reserved_tag(k));
+        if want.is_empty() && untagged(&m.tags) && host.is_none_or(|h| untagged(&h.tags)) {
+            return None;
+        }
         let mut set = std::collections::BTreeMap::new();
         let mut removed = std::collections::BTreeSet::new();
         let mut host_differs = false;

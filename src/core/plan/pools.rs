@@ -119,6 +119,11 @@ impl<'a> Builder<'a> {
     /// its name (it is the kept machine's); it waits for a running job when the job may be the copy's; its host is
     /// released only when the copy was the host's only instance, by the usual window rules.
     pub(super) fn remove_copies(&mut self, machines: Vec<&'a ActualMachine>) -> Vec<&'a ActualMachine> {
+        // The common case: no two machines share a name (one pass over a pool, no map).
+        let mut seen: HashSet<&str> = HashSet::with_capacity(machines.len());
+        if machines.iter().filter_map(|m| m.name()).all(|n| seen.insert(n)) {
+            return machines;
+        }
         let mut by_name: BTreeMap<&str, Vec<&'a ActualMachine>> = BTreeMap::new();
         let mut out = Vec::new();
         for m in machines {
