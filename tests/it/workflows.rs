@@ -13,28 +13,28 @@ fn steps(file: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
     (wf, steps)
 }
 
-/// Runs a step's `run:` script with bash, `nimbus` on PATH, in `dir`.
-fn run_step(step: &serde_json::Value, dir: &Path, fleet: &Path) -> (i32, String) {
-    let script = step["run"].as_str().unwrap();
+/// Runs the action's command step (`scripts/action-run.sh`) as a workflow step that `uses: ./` does: with its
+/// `command` and `fleet-file` inputs, `nimbus` on PATH, in `dir`. Returns the exit code it reports and its status.
+fn run_action_step(step: &serde_json::Value, dir: &Path) -> (Option<i32>, bool) {
+    assert_eq!(step["uses"], "./", "the repository's own workflows use its action: {step}");
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_nimbus")).parent().unwrap();
+    let fleet = dir.join("fleet.yaml");
     let out_file = dir.join("github_output");
     let _ = std::fs::remove_file(&out_file);
     let status = Command::new("bash")
-        .arg("-e")
-        .arg("-c")
-        .arg(script)
+        .arg(Path::new("scripts/action-run.sh").canonicalize().unwrap())
         .current_dir(dir)
         .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()))
-        .env("FLEET_FILE", fleet)
-        .env("BASE_FLEET_FILE", fleet)
+        .env("COMMAND", step["with"]["command"].as_str().unwrap())
+        .env("FLEET_FILE", &fleet)
+        .env("BASE_FLEET_FILE", &fleet)
         .env("GITHUB_OUTPUT", &out_file)
         .env("NO_COLOR", "1")
         .status()
         .unwrap();
-    assert!(status.success(), "step {} failed", step["name"]);
-    let outputs = std::fs::read_to_string(&out_file).unwrap();
-    let code = outputs.lines().find_map(|l| l.strip_prefix("exitcode=")).unwrap().parse().unwrap();
-    (code, outputs)
+    let outputs = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let code = outputs.lines().find_map(|l| l.strip_prefix("exitcode=")).map(|c| c.parse().unwrap());
+    (code, status.success())
 }
 
 #[test]
@@ -44,16 +44,22 @@ fn workflow_commands_work_on_the_quickstart() {
     std::fs::copy("examples/quickstart/fleet.yaml", &fleet).unwrap();
 
     for (file, id, md) in [
-        (".github/workflows/nimbus-plan-comment.yml", "plan", "plan.md"),
-        (".github/workflows/nimbus-drift.yml", "drift", "drift.md"),
+        (".github/workflows/nimbus-plan-comment.yml", "plan", "nimbus-plan.md"),
+        (".github/workflows/nimbus-drift.yml", "drift", "nimbus-drift.md"),
     ] {
         let (wf, steps) = steps(file);
         assert!(wf["concurrency"]["group"].as_str().unwrap().starts_with("nimbus-fleet-"), "{file}");
         assert_eq!(wf["concurrency"]["cancel-in-progress"], false, "{file}: an apply must never be cancelled halfway");
         let step = steps.iter().find(|s| s["id"] == id).unwrap_or_else(|| panic!("{file}: no step `{id}`"));
+        assert_eq!(step["with"]["command"], id, "{file}");
+        assert_eq!(step["with"]["fleet-file"], "examples/quickstart/fleet.yaml", "{file}");
+        // No workflow builds nimbus from source any more: the action installs a release.
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(!text.contains("cargo install") && !text.contains("rust-toolchain"), "{file} builds from source");
         let _ = std::fs::remove_dir_all(dir.path().join(".nimbus"));
-        let (code, _) = run_step(step, dir.path(), &fleet);
-        assert_eq!(code, 2, "{file}: a fresh quickstart has changes");
+        let (code, ok) = run_action_step(step, dir.path());
+        assert!(ok, "{file}");
+        assert_eq!(code, Some(2), "{file}: a fresh quickstart has changes");
         let body = std::fs::read_to_string(dir.path().join(md)).unwrap();
         assert!(body.starts_with("<!-- nimbus-plan -->"), "{file}: the comment marker leads the body");
         assert!(body.contains("Plan: 2 to add, 0 to change, 0 to destroy."));
@@ -64,45 +70,30 @@ fn workflow_commands_work_on_the_quickstart() {
             .output()
             .unwrap();
         assert!(o.status.success());
-        let (code, _) = run_step(step, dir.path(), &fleet);
-        assert_eq!(code, 0, "{file}: no drift after apply");
+        let (code, _) = run_action_step(step, dir.path());
+        assert_eq!(code, Some(0), "{file}: no drift after apply");
         assert!(std::fs::read_to_string(dir.path().join(md)).unwrap().contains("No changes."));
     }
 
-    // Issue 13: the plan comment runs on `pull_request` only, passes the base branch's fleet file as the
-    // trusted base, and updates only a comment of its own identity.
-    let text = std::fs::read_to_string(".github/workflows/nimbus-plan-comment.yml").unwrap();
-    let (wf, plan_steps) = self::steps(".github/workflows/nimbus-plan-comment.yml");
+    // Issue 13: the plan comment runs on `pull_request` only; the action passes the base branch's fleet file as
+    // the trusted base, and updates only a comment of its own identity.
+    let (wf, _) = self::steps(".github/workflows/nimbus-plan-comment.yml");
     let on = wf["on"].as_object().unwrap();
     assert!(on.contains_key("pull_request") && !on.contains_key("pull_request_target"), "{on:?}");
-    let plan = plan_steps.iter().find(|s| s["id"] == "plan").unwrap()["run"].as_str().unwrap().to_string();
-    assert!(plan.contains("--trusted-base \"$BASE_FLEET_FILE\""), "{plan}");
-    assert!(text.contains("git show \"origin/$GITHUB_BASE_REF:$FLEET_FILE\" > \"$BASE_FLEET_FILE\""));
-    assert!(text.contains("c.user.login === 'github-actions[bot]'"), "the comment finder checks the author");
     assert_eq!(wf["permissions"]["contents"], "read");
+    let run = std::fs::read_to_string("scripts/action-run.sh").unwrap();
+    assert!(run.contains("--trusted-base \"$BASE_FLEET_FILE\""), "{run}");
+    let action = std::fs::read_to_string("action.yml").unwrap();
+    assert!(action.contains("git show \"origin/$BASE_REF:$FLEET_FILE\" > \"$BASE_FLEET_FILE\""));
+    assert!(action.contains("c.user.login === 'github-actions[bot]'"), "the comment finder checks the author");
 
     // A broken fleet file makes the step itself fail (exit 1), never report "drift".
     std::fs::write(&fleet, "version: 1\ntenant: Bad Name\nproviders: {}\n").unwrap();
     let (_, steps) = self::steps(".github/workflows/nimbus-drift.yml");
     let step = steps.iter().find(|s| s["id"] == "drift").unwrap();
-    let status = Command::new("bash")
-        .arg("-e")
-        .arg("-c")
-        .arg(step["run"].as_str().unwrap())
-        .current_dir(dir.path())
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                Path::new(env!("CARGO_BIN_EXE_nimbus")).parent().unwrap().display(),
-                std::env::var("PATH").unwrap()
-            ),
-        )
-        .env("FLEET_FILE", &fleet)
-        .env("GITHUB_OUTPUT", dir.path().join("out"))
-        .status()
-        .unwrap();
-    assert!(!status.success());
+    let (code, ok) = run_action_step(step, dir.path());
+    assert!(!ok, "a broken fleet file fails the step");
+    assert_eq!(code, Some(1));
 }
 
 #[test]
