@@ -45,7 +45,9 @@ fn timed(cmd: &mut Command) -> (f64, f64, f64, i32) {
 
 fn main() {
     let Ok(moto) = std::env::var("NIMBUS_MOTO_URL") else {
-        println!("discovery benchmark: NIMBUS_MOTO_URL is not set (start the peers: `source scripts/peers.sh; peers_start`)");
+        println!(
+            "discovery benchmark: NIMBUS_MOTO_URL is not set (start the peers: `source scripts/peers.sh; peers_start`)"
+        );
         return;
     };
     assert!(moto.starts_with("http://127."), "moto must be on loopback: {moto}");
@@ -91,7 +93,8 @@ fn main() {
             cmd.env(k, v);
         }
         let (wall, cpu, rss, code) = timed(&mut cmd);
-        let boto: Vec<String> = py(&["time", &moto, region, &tenant, fleet]).split_whitespace().map(String::from).collect();
+        let boto: Vec<String> =
+            py(&["time", &moto, region, &tenant, fleet]).split_whitespace().map(String::from).collect();
         let boto_wall: f64 = boto[0].parse().unwrap();
         println!(
             "round {round}: nimbus plan (exit {code}: 0 = converged) wall {wall:.2} s, CPU {cpu:.2} s, peak RSS {rss:.1} MB; boto3 paginated DescribeInstances of the same {} instances: {boto_wall:.2} s; ratio {:.2}",

@@ -123,20 +123,8 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
     take("forges".into(), v.get("forges"));
     take("journal.path".into(), v.get("journal").and_then(|j| j.get("path")));
     take("reconcile.webhook_secret".into(), v.get("reconcile").and_then(|r| r.get("webhook_secret")));
-    for k in [
-        "backend",
-        "bucket",
-        "key",
-        "region",
-        "endpoint",
-        // Who the S3 client acts as (issue 24).
-        "profile",
-        "role_arn",
-        "external_id",
-        "session_name",
-        "duration",
-        "web_identity",
-    ] {
+    // Who the S3 client acts as is trusted like where it goes (issue 24).
+    for k in ["backend", "bucket", "key", "region", "endpoint"].into_iter().chain(AWS_IDENTITY_KEYS) {
         take(format!("state.{k}"), v.get("state").and_then(|s| s.get(k)));
     }
     if let Some(providers) = v.get("providers").and_then(|p| p.as_object()) {
@@ -149,19 +137,16 @@ pub fn trusted_fields(c: &FleetConfig) -> BTreeMap<String, serde_json::Value> {
                 "security_group_ids",
                 "key_name",
                 "env_passthrough",
-                // AWS: who the provider's clients act as (issue 24).
-                "profile",
-                "role_arn",
-                "external_id",
-                "session_name",
-                "duration",
-                "web_identity",
                 // Hetzner: the credential, where it goes, and what runs on every new server.
                 "token",
                 "api_url",
                 "ssh_keys",
                 "user_data",
-            ] {
+            ]
+            // AWS: who the provider's clients act as (issue 24).
+            .into_iter()
+            .chain(AWS_IDENTITY_KEYS)
+            {
                 take(format!("providers.{name}.{k}"), p.get(k));
             }
         }
@@ -572,6 +557,9 @@ fn mask_inline_secrets(index: &SpanIndex, text: &str) -> String {
     // multi-byte character becomes several `*`, which is still valid UTF-8.
     String::from_utf8(bytes).unwrap_or_else(|_| text.to_string())
 }
+
+/// The keys of an AWS identity (an `aws` provider's, or the S3 state's): all trusted-only.
+const AWS_IDENTITY_KEYS: [&str; 6] = ["profile", "role_arn", "external_id", "session_name", "duration", "web_identity"];
 
 /// Keys whose values are [`SecretRef`]s.
 const SECRET_KEYS: &[&str] = &["private_key", "key", "web_identity"];

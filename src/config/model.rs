@@ -172,14 +172,14 @@ pub struct StateConfig {
 impl StateConfig {
     /// Who the S3 client acts as (`s3` only).
     pub fn identity(&self) -> crate::providers::aws::credentials::AwsIdentity {
-        crate::providers::aws::credentials::AwsIdentity {
-            profile: self.profile.clone(),
-            role_arn: self.role_arn.clone(),
-            external_id: self.external_id.clone(),
-            session_name: self.session_name.clone(),
-            duration: self.duration.map(|d| d.0),
-            web_identity: self.web_identity.clone(),
-        }
+        crate::providers::aws::credentials::AwsIdentity::from_fields(
+            &self.profile,
+            &self.role_arn,
+            &self.external_id,
+            &self.session_name,
+            self.duration,
+            &self.web_identity,
+        )
     }
 }
 

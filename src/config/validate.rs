@@ -608,7 +608,8 @@ pub fn tag_rules(out: &mut Vec<Problem>, path: &str, tags: &BTreeMap<String, Str
                 At::Value,
                 format!("tag `{}` has a control character", k.escape_debug()),
                 "control character",
-                "use letters, digits, spaces and `+ - = . _ : / @` (the characters every AWS service accepts)".to_string(),
+                "use letters, digits, spaces and `+ - = . _ : / @` (the characters every AWS service accepts)"
+                    .to_string(),
             ));
         }
     }
@@ -616,7 +617,10 @@ pub fn tag_rules(out: &mut Vec<Problem>, path: &str, tags: &BTreeMap<String, Str
         out.push(problem(
             path.to_string(),
             At::Key,
-            format!("{} tags, with nimbus's {NIMBUS_TAGS}, are more than the {MAX_TAGS} AWS allows on a resource", tags.len()),
+            format!(
+                "{} tags, with nimbus's {NIMBUS_TAGS}, are more than the {MAX_TAGS} AWS allows on a resource",
+                tags.len()
+            ),
             "too many tags",
             format!("keep at most {} tags of your own", MAX_TAGS - NIMBUS_TAGS),
         ));

@@ -596,9 +596,9 @@ impl Applier {
             let l = d.join(".setup.lock");
             let taken = std::fs::create_dir_all(&d).and_then(|()| std::fs::create_dir(&l));
             if taken.is_ok() && std::fs::write(l.join("holder"), &record).is_ok() {
-                return Ok(Some(machine_db::read_local(&d.join(
-                    std::path::Path::new(t.state_path()).file_name().unwrap_or_default(),
-                ))));
+                return Ok(Some(machine_db::read_local(
+                    &d.join(std::path::Path::new(t.state_path()).file_name().unwrap_or_default()),
+                )));
             }
             // Held already (or odd): the shell below says by whom, and takes over a dead run's lock.
         }
@@ -903,7 +903,13 @@ impl Applier {
                     fallback_zones: fallback_zones.clone(),
                     exclude_hosts: exclude_hosts.clone(),
                     idempotency_key,
-                    tags: self.desired.pools.iter().find(|p| &p.name == pool).map(|p| p.spec.tags.clone()).unwrap_or_default(),
+                    tags: self
+                        .desired
+                        .pools
+                        .iter()
+                        .find(|p| &p.name == pool)
+                        .map(|p| p.spec.tags.clone())
+                        .unwrap_or_default(),
                 };
                 let host = self.api(provider, "allocate_host", machine, p.allocate_host_in_zone(&request)).await?;
                 // The journal records which of the pool's zones the host is in.
@@ -988,7 +994,9 @@ impl Applier {
                 let mut r = self.machine_ref(machine);
                 r.instance_id = Some(instance_id.clone());
                 let p = self.provider(provider)?;
-                Ok(self.api(provider, "update_tags", machine, p.update_tags(&r, host_id.as_deref(), set, remove)).await?)
+                Ok(self
+                    .api(provider, "update_tags", machine, p.update_tags(&r, host_id.as_deref(), set, remove))
+                    .await?)
             }
             ActionKind::UpdateRunnerAgent { provider, machine, to, .. } => {
                 let log = self.log_path(id, action);

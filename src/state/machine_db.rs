@@ -467,7 +467,8 @@ pub fn read_local(path: &std::path::Path) -> crate::transport::ExecOutput {
 /// file of a finished setup step goes.
 fn write_local(t: &dyn Transport, path: &std::path::Path, bytes: &[u8]) -> Result<(), StateError> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let fail = |e: std::io::Error| StateError::WriteFailed { machine: t.machine().into(), code: 1, stderr: e.to_string() };
+    let fail =
+        |e: std::io::Error| StateError::WriteFailed { machine: t.machine().into(), code: 1, stderr: e.to_string() };
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(fail)?;
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::common::*;
+use crate::iam_policy::{between, form};
 use serde_json::{Value, json};
 
 /// The account moto puts requests in when it knows no other (and where the base user and the role live).
@@ -17,21 +18,7 @@ const MAC_ACCOUNT: &str = "111111111111";
 /// An IAM Query API call to moto, unauthenticated (after `/moto-api/reset-auth`), in `account`.
 fn iam(url: &str, account: &str, pairs: &[(&str, &str)]) -> String {
     let addr = url.trim_start_matches("http://");
-    let body = pairs
-        .iter()
-        .chain(&[("Version", "2010-05-08")])
-        .map(|(k, v)| {
-            let enc: String = v
-                .bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-                    _ => format!("%{b:02X}"),
-                })
-                .collect();
-            format!("{k}={enc}")
-        })
-        .collect::<Vec<_>>()
-        .join("&");
+    let body = form(&[pairs, &[("Version", "2010-05-08")]].concat());
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
@@ -44,11 +31,6 @@ fn iam(url: &str, account: &str, pairs: &[(&str, &str)]) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
-}
-
-fn between<'a>(s: &'a str, open: &str, close: &str) -> &'a str {
-    let start = s.find(open).unwrap_or_else(|| panic!("no {open} in {s}")) + open.len();
-    &s[start..start + s[start..].find(close).unwrap()]
 }
 
 fn reset_auth(url: &str, requests: u32) {
@@ -74,7 +56,12 @@ fn user(url: &str, account: &str, name: &str, policy: &Value) -> (String, String
     let r = iam(
         url,
         account,
-        &[("Action", "PutUserPolicy"), ("UserName", name), ("PolicyName", "p"), ("PolicyDocument", &policy.to_string())],
+        &[
+            ("Action", "PutUserPolicy"),
+            ("UserName", name),
+            ("PolicyName", "p"),
+            ("PolicyDocument", &policy.to_string()),
+        ],
     );
     assert!(r.contains("PutUserPolicyResponse"), "{r}");
     let r = iam(url, account, &[("Action", "CreateAccessKey"), ("UserName", name)]);
@@ -84,12 +71,21 @@ fn user(url: &str, account: &str, name: &str, policy: &Value) -> (String, String
 /// A role of `account` that `trust` may assume, allowed `policy`.
 fn role(url: &str, account: &str, name: &str, trust: &Value, policy: &Value) -> String {
     reset_auth(url, 2);
-    let r = iam(url, account, &[("Action", "CreateRole"), ("RoleName", name), ("AssumeRolePolicyDocument", &trust.to_string())]);
+    let r = iam(
+        url,
+        account,
+        &[("Action", "CreateRole"), ("RoleName", name), ("AssumeRolePolicyDocument", &trust.to_string())],
+    );
     assert!(r.contains("<CreateRoleResult>"), "{r}");
     let r = iam(
         url,
         account,
-        &[("Action", "PutRolePolicy"), ("RoleName", name), ("PolicyName", "p"), ("PolicyDocument", &policy.to_string())],
+        &[
+            ("Action", "PutRolePolicy"),
+            ("RoleName", name),
+            ("PolicyName", "p"),
+            ("PolicyDocument", &policy.to_string()),
+        ],
     );
     assert!(r.contains("PutRolePolicyResponse"), "{r}");
     format!("arn:aws:iam::{account}:role/{name}")
@@ -155,7 +151,10 @@ fn env(url: &str, ids: &Identities) -> Vec<(&'static str, String)> {
 /// `swap` gives each the other's identity.
 fn fleet(tenant: &str, ids: &Identities, swap: bool, linux: u32, team: &str) -> String {
     let profile = format!("profile: {}", ids.profile);
-    let role = format!("role_arn: {}\n    external_id: {{env: NIMBUS_LINUX_EXTERNAL_ID}}\n    session_name: nimbus-linux", ids.role_arn);
+    let role = format!(
+        "role_arn: {}\n    external_id: {{env: NIMBUS_LINUX_EXTERNAL_ID}}\n    session_name: nimbus-linux",
+        ids.role_arn
+    );
     let (mac_id, linux_id) = if swap { (&role, &profile) } else { (&profile, &role) };
     format!(
         "version: 1\ntenant: {tenant}\ntags: {{team: {team}, cost-center: cc-42}}\nproviders:\n  mac:\n    type: aws\n    region: us-east-1\n    {mac_id}\n  linux:\n    type: aws\n    region: us-west-2\n    {linux_id}\n    tags: {{cost-center: cc-7}}\npools:\n  - name: mac\n    provider: mac\n    count: 1\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0abc, availability_zone: us-east-1a}}\n  - name: linux\n    provider: linux\n    count: {linux}\n    tags: {{pool: linux}}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-0def, availability_zone: us-west-2a}}\n"
@@ -184,7 +183,9 @@ fn two_providers_act_in_two_accounts_as_their_own_identities() {
     let dir = tempfile::tempdir().unwrap();
     let ids = identities(&url, &tenant, dir.path());
     let env = env(&url, &ids);
-    let write = |swap, linux, team| std::fs::write(dir.path().join("fleet.yaml"), fleet(&tenant, &ids, swap, linux, team)).unwrap();
+    let write = |swap, linux, team| {
+        std::fs::write(dir.path().join("fleet.yaml"), fleet(&tenant, &ids, swap, linux, team)).unwrap()
+    };
 
     // The base chain alone may not touch EC2: a fleet without credentials of its own is refused.
     write(false, 1, "platform");
@@ -275,7 +276,10 @@ fn two_tenants_in_one_process_use_their_own_credentials() {
         let mut policy = ec2_in("us-east-1");
         policy["Statement"][0]["Action"] = json!(["ec2:*", "s3:*"]);
         let keys = user(&url, account, &format!("{t}-{run}"), &policy);
-        profiles.push_str(&format!("[profile {t}-{run}]\naws_access_key_id = {}\naws_secret_access_key = {}\n", keys.0, keys.1));
+        profiles.push_str(&format!(
+            "[profile {t}-{run}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            keys.0, keys.1
+        ));
     }
     std::fs::write(dir.path().join("aws-config"), profiles).unwrap();
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
@@ -337,7 +341,8 @@ fn facade_child() {
             );
             let own = AwsProvider::new("aws", &tenant(other), as_profile(other)).await.unwrap();
             let seen = own.discover(&tenant(other)).await.unwrap();
-            let m = seen.machines.iter().find(|m| m.instance_id == theirs.instance_id).expect("its own credentials see it");
+            let m =
+                seen.machines.iter().find(|m| m.instance_id == theirs.instance_id).expect("its own credentials see it");
             assert_eq!(m.tags["team"], other, "the tenant's tag went on with it");
         }
         for (t, m) in [("a", &a), ("b", &b)] {

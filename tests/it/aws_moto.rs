@@ -1208,10 +1208,13 @@ fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
             .unwrap();
         let c = sdk().await;
         let tags_of = |ts: &[Tag]| -> BTreeMap<String, String> {
-            ts.iter().map(|t| (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string())).collect()
+            ts.iter()
+                .map(|t| (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string()))
+                .collect()
         };
         let all = || async {
-            let i = c.describe_instances().instance_ids(&id).send().await.unwrap().reservations()[0].instances()[0].clone();
+            let i =
+                c.describe_instances().instance_ids(&id).send().await.unwrap().reservations()[0].instances()[0].clone();
             let vols: Vec<String> = i
                 .block_device_mappings()
                 .iter()
@@ -1247,8 +1250,11 @@ fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
     });
     // The requests: CreateTags and DeleteTags carry the user's keys only.
     let st = proxy.state.lock().unwrap();
-    let updates: Vec<&String> =
-        st.bodies.iter().filter(|b| b.contains("Action=DeleteTags") || (b.contains("Action=CreateTags") && b.contains("ios"))).collect();
+    let updates: Vec<&String> = st
+        .bodies
+        .iter()
+        .filter(|b| b.contains("Action=DeleteTags") || (b.contains("Action=CreateTags") && b.contains("ios")))
+        .collect();
     assert_eq!(updates.len(), 2, "{updates:?}");
     for b in updates {
         assert!(!b.contains("nimbus%3A") && !b.contains("nimbus:"), "nimbus's tags untouched: {b}");

@@ -262,8 +262,7 @@ fn bad_tags_are_refused_with_their_line_and_column() {
         "version: 1\ntenant: acme\ntags:\n  nimbus:owner: me\n  team: platform\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n    tags:\n      AWS:cost: x\n      {long_key}: y\npools:\n  - name: linux\n    provider: aws\n    count: 1\n    tags:\n      cost-center: {long_value}\n    machine: {{os: linux, arch: x86_64, instance_type: t3.large, image: ami-1}}\n"
     );
     let Err(ConfigError::Invalid { diagnostics, .. }) = config::parse("f.yaml", &text) else { panic!("accepted") };
-    let found: Vec<(String, (usize, usize))> =
-        diagnostics.iter().map(|d| (d.message.clone(), d.line_col())).collect();
+    let found: Vec<(String, (usize, usize))> = diagnostics.iter().map(|d| (d.message.clone(), d.line_col())).collect();
     assert_eq!(found.len(), 4, "{found:#?}");
     assert!(found[0].0.contains("`nimbus:owner` is reserved") && found[0].1 == (4, 3), "{found:#?}");
     assert!(found[1].0.contains("`AWS:cost` is reserved") && found[1].1 == (11, 7), "{found:#?}");
@@ -282,7 +281,11 @@ fn bad_tags_are_refused_with_their_line_and_column() {
     assert!(config::parse("f.yaml", &fleet(20, 23)).is_ok(), "43 of the user's fit");
     let Err(ConfigError::Invalid { diagnostics, .. }) = config::parse("f.yaml", &fleet(20, 24)) else { panic!() };
     assert_eq!(diagnostics.len(), 1);
-    assert!(diagnostics[0].message.contains("51 tags") && diagnostics[0].message.contains("AWS allows 50"), "{}", diagnostics[0].message);
+    assert!(
+        diagnostics[0].message.contains("51 tags") && diagnostics[0].message.contains("AWS allows 50"),
+        "{}",
+        diagnostics[0].message
+    );
     assert_eq!(diagnostics[0].line_col().0, 3 + 20 + 7, "at the pool's `tags` (after 20 fleet tags)");
     // A Hetzner pool takes no tags.
     let text = "version: 1\ntenant: acme\nproviders:\n  h: {type: hetzner, token: {env: HCLOUD_TOKEN}}\npools:\n  - name: p\n    provider: h\n    count: 1\n    tags: {team: a}\n    machine: {os: linux, arch: x86_64, instance_type: cx22, image: ubuntu-24.04}\n";
@@ -294,9 +297,7 @@ fn bad_tags_are_refused_with_their_line_and_column() {
 #[test]
 fn aws_credentials_are_checked() {
     let provider = |keys: &str| {
-        format!(
-            "version: 1\ntenant: acme\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n{keys}pools: []\n"
-        )
+        format!("version: 1\ntenant: acme\nproviders:\n  aws:\n    type: aws\n    region: us-east-1\n{keys}pools: []\n")
     };
     let ok = provider(
         "    role_arn: arn:aws:iam::123456789012:role/nimbus\n    external_id: {env: EXT}\n    session_name: nimbus-mac\n    duration: 2h\n",
@@ -307,13 +308,21 @@ fn aws_credentials_are_checked() {
         ("    external_id: abc\n", "`external_id` applies to an assumed role", (7, 5)),
         ("    role_arn: arn:aws:iam::1234:role/x\n", "is not an IAM role ARN", (7, 15)),
         ("    role_arn: arn:aws:iam::123456789012:role/x\n    duration: 13h\n", "15 minutes to 12 hours", (8, 15)),
-        ("    role_arn: arn:aws:iam::123456789012:role/x\n    session_name: \"a b\"\n", "not a role session name", (8, 19)),
+        (
+            "    role_arn: arn:aws:iam::123456789012:role/x\n    session_name: \"a b\"\n",
+            "not a role session name",
+            (8, 19),
+        ),
         (
             "    profile: p\n    role_arn: arn:aws:iam::123456789012:role/x\n    web_identity: {file: token}\n",
             "use one",
             (9, 5),
         ),
-        ("    role_arn: arn:aws:iam::123456789012:role/x\n    web_identity: eyJhbGciOi\n", "must not be written inline", (8, 19)),
+        (
+            "    role_arn: arn:aws:iam::123456789012:role/x\n    web_identity: eyJhbGciOi\n",
+            "must not be written inline",
+            (8, 19),
+        ),
     ] {
         let Err(ConfigError::Invalid { diagnostics, .. }) = config::parse("f.yaml", &provider(keys)) else {
             panic!("accepted: {keys}")

@@ -246,7 +246,7 @@ fn post(url: &str, path: &str, content_type: &str, body: &str) -> String {
     out
 }
 
-fn form(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn form(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
         .map(|(k, v)| {
@@ -263,7 +263,7 @@ fn form(pairs: &[(&str, &str)]) -> String {
         .join("&")
 }
 
-fn between<'a>(s: &'a str, open: &str, close: &str) -> &'a str {
+pub(crate) fn between<'a>(s: &'a str, open: &str, close: &str) -> &'a str {
     let start = s.find(open).unwrap_or_else(|| panic!("no {open} in {s}")) + open.len();
     &s[start..start + s[start..].find(close).unwrap()]
 }

@@ -1003,10 +1003,8 @@ fn a_step_runs_only_after_its_record_is_written() {
     std::fs::remove_file(root.join("ran")).unwrap();
     std::fs::remove_dir_all(root.join("var/lib/nimbus")).unwrap();
     std::fs::write(root.join("var/lib/nimbus"), b"not a folder").unwrap();
-    let e = rt
-        .block_on(machine_db::write_then(&t, &db, "echo ran > ran", None))
-        .expect_err("the write fails")
-        .to_string();
+    let e =
+        rt.block_on(machine_db::write_then(&t, &db, "echo ran > ran", None)).expect_err("the write fails").to_string();
     assert!(e.contains("nimbus.t.p.0"), "{e}");
     assert!(!root.join("ran").exists(), "the step ran without its record");
 }

@@ -682,7 +682,10 @@ fn a_forge_that_cannot_relabel_registers_again() {
 /// removed), never a replacement, and it does not wait for a running job: tags do not touch the runner.
 #[test]
 fn a_changed_user_tag_is_an_in_place_update_of_machine_and_host() {
-    let mut d = desired("acme", vec![pool("mac", "aws", 1, "mac2.metal", "ami-1"), pool("linux", "aws", 1, "t3.large", "ami-1")]);
+    let mut d = desired(
+        "acme",
+        vec![pool("mac", "aws", 1, "mac2.metal", "ami-1"), pool("linux", "aws", 1, "t3.large", "ami-1")],
+    );
     for p in &mut d.pools {
         p.spec.tags = [("team".to_string(), "a".to_string()), ("old".to_string(), "x".to_string())].into();
     }

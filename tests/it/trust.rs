@@ -348,16 +348,28 @@ fn a_pull_request_cannot_change_who_nimbus_acts_as() {
     };
     let trusted = aws("    role_arn: arn:aws:iam::123456789012:role/nimbus\n    external_id: {env: EXT}\n");
     for (field, pr) in [
-        ("providers.aws.profile", aws("    profile: admin\n    role_arn: arn:aws:iam::123456789012:role/nimbus\n    external_id: {env: EXT}\n")),
+        (
+            "providers.aws.profile",
+            aws(
+                "    profile: admin\n    role_arn: arn:aws:iam::123456789012:role/nimbus\n    external_id: {env: EXT}\n",
+            ),
+        ),
         ("providers.aws.role_arn", trusted.replace("role/nimbus", "role/admin")),
         ("providers.aws.external_id", trusted.replace("{env: EXT}", "{env: OTHER}")),
-        ("providers.aws.web_identity", trusted.replace("    external_id: {env: EXT}\n", "    web_identity: {file: /tmp/token}\n")),
+        (
+            "providers.aws.web_identity",
+            trusted.replace("    external_id: {env: EXT}\n", "    web_identity: {file: /tmp/token}\n"),
+        ),
         ("providers.aws.duration", trusted.replace("    external_id", "    duration: 12h\n    external_id")),
         ("providers.aws.session_name", trusted.replace("    external_id", "    session_name: x-y\n    external_id")),
     ] {
         let o = plan(dir.path(), &pr, &trusted);
         assert_eq!(o.status.code(), Some(1), "{field}: {}", text(&o));
-        assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("a change to {field} must")), "{field}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(&format!("a change to {field} must")),
+            "{field}: {}",
+            text(&o)
+        );
     }
     let state = |profile: &str| {
         format!("{}state: {{backend: s3, bucket: b, key: k, profile: {profile}}}\n", aws(""))

@@ -545,7 +545,13 @@ impl<'a> Builder<'a> {
 
     /// The in-place update of a machine's user tags (and its host's), when they differ from the pool's: the
     /// action and its cause. A tag change never replaces a machine, and never waits for a job.
-    fn tag_update(&mut self, pool: &DesiredPool, m: &ActualMachine, addr: &str, name: &str) -> Option<(usize, UpdateCause)> {
+    fn tag_update(
+        &mut self,
+        pool: &DesiredPool,
+        m: &ActualMachine,
+        addr: &str,
+        name: &str,
+    ) -> Option<(usize, UpdateCause)> {
         // Providers without tags (their pools' tags are empty, and so are their machines') have nothing to do.
         let want = &pool.spec.tags;
         let host = m.host_id.as_deref().and_then(|h| self.hosts.get(h).copied());
@@ -575,7 +581,8 @@ impl<'a> Builder<'a> {
         if set.is_empty() && removed.is_empty() {
             return None;
         }
-        let cause = UpdateCause::Tags { set: set.keys().cloned().collect(), removed: removed.iter().cloned().collect() };
+        let cause =
+            UpdateCause::Tags { set: set.keys().cloned().collect(), removed: removed.iter().cloned().collect() };
         let id = self.add(
             addr,
             ActionKind::UpdateTags {

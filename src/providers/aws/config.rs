@@ -79,14 +79,14 @@ pub fn is_mac_metal(instance_type: &str) -> bool {
 impl AwsConfig {
     /// Who this provider's clients act as.
     pub fn identity(&self) -> crate::providers::aws::credentials::AwsIdentity {
-        crate::providers::aws::credentials::AwsIdentity {
-            profile: self.profile.clone(),
-            role_arn: self.role_arn.clone(),
-            external_id: self.external_id.clone(),
-            session_name: self.session_name.clone(),
-            duration: self.duration.map(|d| d.0),
-            web_identity: self.web_identity.clone(),
-        }
+        crate::providers::aws::credentials::AwsIdentity::from_fields(
+            &self.profile,
+            &self.role_arn,
+            &self.external_id,
+            &self.session_name,
+            self.duration,
+            &self.web_identity,
+        )
     }
 
     /// Mac types on dedicated hosts, billed by the second after the host's 24-hour minimum.

@@ -50,6 +50,26 @@ pub struct AwsIdentity {
 }
 
 impl AwsIdentity {
+    /// From the fields as the fleet file has them (an `aws` provider's, or `state:`'s: serde cannot share them
+    /// through `flatten` in a section that refuses unknown keys).
+    pub fn from_fields(
+        profile: &Option<String>,
+        role_arn: &Option<String>,
+        external_id: &Option<ExternalId>,
+        session_name: &Option<String>,
+        duration: Option<crate::config::HumanDuration>,
+        web_identity: &Option<SecretRef>,
+    ) -> AwsIdentity {
+        AwsIdentity {
+            profile: profile.clone(),
+            role_arn: role_arn.clone(),
+            external_id: external_id.clone(),
+            session_name: session_name.clone(),
+            duration: duration.map(|d| d.0),
+            web_identity: web_identity.clone(),
+        }
+    }
+
     pub fn is_default(&self) -> bool {
         self == &AwsIdentity::default()
     }
@@ -133,9 +153,7 @@ impl AwsIdentity {
             ));
         }
         if let Some(s) = &self.session_name
-            && (s.len() < 2
-                || s.len() > 64
-                || !s.chars().all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c)))
+            && (s.len() < 2 || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c)))
         {
             out.push(problem(
                 at("session_name"),
@@ -278,7 +296,13 @@ impl WebIdentity {
             })?;
         let c = out.credentials.ok_or_else(|| CredentialsError::unhandled("STS answered without credentials"))?;
         let expires = std::time::SystemTime::try_from(c.expiration).ok();
-        Ok(Credentials::new(c.access_key_id, c.secret_access_key, Some(c.session_token), expires, "nimbus-web-identity"))
+        Ok(Credentials::new(
+            c.access_key_id,
+            c.secret_access_key,
+            Some(c.session_token),
+            expires,
+            "nimbus-web-identity",
+        ))
     }
 }
 

@@ -463,13 +463,8 @@ impl AwsProvider {
     async fn describe_host(&self, id: &str) -> Result<Option<aws_sdk_ec2::types::Host>, ProviderError> {
         self.limits.describe.acquire().await;
         self.count("DescribeHosts");
-        let page = self
-            .client
-            .describe_hosts()
-            .host_ids(id)
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("DescribeHosts", e))?;
+        let page =
+            self.client.describe_hosts().host_ids(id).send().await.map_err(|e| self.sdk_err("DescribeHosts", e))?;
         Ok(page.hosts().iter().find(|h| h.host_id() == Some(id)).cloned())
     }
 
@@ -889,7 +884,9 @@ impl Provider for AwsProvider {
             match self.describe_host(h).await? {
                 Some(d) if self.mine(&tag_map(d.tags())) => resources.push(h.to_string()),
                 Some(d) => return Err(self.not_mine("CreateTags", h, &tag_map(d.tags()))),
-                None => return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("host `{h}`") }),
+                None => {
+                    return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("host `{h}`") });
+                }
             }
         }
         if !set.is_empty() {
@@ -1054,13 +1051,8 @@ impl Provider for AwsProvider {
         }
         self.limits.mutate.acquire().await;
         self.count("ReleaseHosts");
-        let out = self
-            .client
-            .release_hosts()
-            .host_ids(host_id)
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("ReleaseHosts", e))?;
+        let out =
+            self.client.release_hosts().host_ids(host_id).send().await.map_err(|e| self.sdk_err("ReleaseHosts", e))?;
         crate::util::failpoint::after("ReleaseHosts");
         if let Some(u) = out.unsuccessful().first() {
             return Err(err(&self.name, "ReleaseHosts", format!("{:?}", u.error())));

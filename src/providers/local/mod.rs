@@ -278,7 +278,8 @@ fn sweep_state_dir(dir: &Path) -> usize {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix(".state.db.tmp.") else { continue };
         let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
-        let dead = pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists());
+        let dead =
+            pid.is_some_and(|pid| pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists());
         let stale = entry
             .metadata()
             .and_then(|m| m.modified())
@@ -399,7 +400,13 @@ impl Provider for LocalProvider {
         std::fs::create_dir_all(tmp.join("root")).map_err(|e| self.io(e))?;
         // The user's tags, then nimbus's own (which win).
         let mut tags = req.spec.tags.clone();
-        tags.extend(machine_tags(&self.tenant, &self.name, &req.pool, &req.machine, self.fleet.as_ref().map(|f| f.id.as_str())));
+        tags.extend(machine_tags(
+            &self.tenant,
+            &self.name,
+            &req.pool,
+            &req.machine,
+            self.fleet.as_ref().map(|f| f.id.as_str()),
+        ));
         let rec = SandboxRecord {
             tags,
             image: req.spec.image.clone(),
