@@ -293,6 +293,9 @@ impl<'a> Builder<'a> {
 
     /// Whether an idle, usable host of the pool's kind is waiting to be reused.
     pub(super) fn has_usable_idle_host(&self, pool: &DesiredPool) -> bool {
+        if self.idle_by_kind.is_empty() {
+            return false;
+        }
         let itype = pool.spec.instance_type.clone().unwrap_or_default();
         let mut zones = pool.spec.zones();
         if zones.is_empty() {

@@ -110,7 +110,10 @@ impl<'a> Builder<'a> {
             .collect();
         let mut by_pool: BTreeMap<&str, Vec<&ActualMachine>> = BTreeMap::new();
         let mut warnings = Vec::new();
-        for m in actual.machines.iter().filter(|m| owned_by(&m.tags, tenant) && !m.state.is_gone()) {
+        // This tenant's live machines (every provider, every pool), found once.
+        let live_machines: Vec<&ActualMachine> =
+            actual.machines.iter().filter(|m| !m.state.is_gone() && owned_by(&m.tags, tenant)).collect();
+        for &m in &live_machines {
             if !configured(&m.provider) {
                 warnings.push(Warning {
                     address: machine_address(m),
@@ -247,11 +250,16 @@ impl<'a> Builder<'a> {
             held_for_jobs: HashSet::new(),
             jobs_interrupted: 0,
             made_unseen: &actual.made_unseen,
-            live_machines: actual.machines.iter().filter(|m| owned_by(&m.tags, tenant) && !m.state.is_gone()).collect(),
+            live_machines,
             hosts_per_type: {
                 let mut m: HashMap<String, u32> = HashMap::new();
-                for h in actual.hosts.iter().filter(|h| owned_by(&h.tags, tenant) && h.state != HostState::Released) {
-                    *m.entry(h.instance_type.clone()).or_default() += 1;
+                for h in actual.hosts.iter().filter(|h| h.state != HostState::Released && owned_by(&h.tags, tenant)) {
+                    match m.get_mut(h.instance_type.as_str()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            m.insert(h.instance_type.clone(), 1);
+                        }
+                    }
                 }
                 m
             },

@@ -230,8 +230,9 @@ impl<'a> Builder<'a> {
             why.push(ReplaceCause::Stopped);
         }
         // An ephemeral runner's job is over and the provider cannot reimage this machine in place: a fresh one.
-        let in_place = self.desired.providers[&pool.provider].reimages_in_place(pool.spec.instance_type.as_deref());
-        if self.ephemeral_job_done(pool, m) && !in_place {
+        if self.ephemeral_job_done(pool, m)
+            && !self.desired.providers[&pool.provider].reimages_in_place(pool.spec.instance_type.as_deref())
+        {
             why.push(ReplaceCause::JobDone);
         }
         // Unreachable for longer than the grace period, and no sign of life from its runner either.

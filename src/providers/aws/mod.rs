@@ -885,7 +885,10 @@ impl Provider for AwsProvider {
                 Some(d) if self.mine(&tag_map(d.tags())) => resources.push(h.to_string()),
                 Some(d) => return Err(self.not_mine("CreateTags", h, &tag_map(d.tags()))),
                 None => {
-                    return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("host `{h}`") });
+                    return Err(ProviderError::NotFound {
+                        provider: self.name.clone(),
+                        message: format!("host `{h}`"),
+                    });
                 }
             }
         }
