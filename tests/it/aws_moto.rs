@@ -1115,7 +1115,7 @@ fn the_ledger_costs_and_budgets_on_moto() {
     };
     write("budget:\n  max_hosts: {mac2.metal: 1}\n");
     let plan = f.plan_json(&[]);
-    assert_eq!(plan["format_version"], "1.6");
+    assert_eq!(plan["format_version"], "1.7");
     assert_eq!(kinds(&plan).iter().filter(|k| *k == "allocate_host").count(), 1, "the budget allows one host");
     let deferred = plan["deferred"].as_array().unwrap();
     assert!(

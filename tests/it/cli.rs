@@ -74,7 +74,7 @@ fn plan_exit_codes_and_forms() {
 
     let json = nimbus(dir.path(), &["plan", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(v["format_version"], "1.6");
+    assert_eq!(v["format_version"], "1.7");
     assert_eq!(v["summary"]["add"], 2);
     assert_eq!(v["actions"].as_array().unwrap().len(), 6);
 

@@ -85,7 +85,7 @@ fn empty_plan_says_no_changes() {
 fn json_document() {
     let doc = mixed_document();
     let json: serde_json::Value = serde_json::from_str(&doc.to_json()).unwrap();
-    assert_eq!(json["format_version"], "1.6");
+    assert_eq!(json["format_version"], "1.7");
     // `actions` is always a list, also on a single action.
     for c in json["resource_changes"].as_array().unwrap() {
         assert!(c["actions"].is_array());

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::plan::{Action, Deferred, Plan, ResourceChange, Summary, Warning};
 
 /// `format_version` of the JSON plan. Minor versions only add keys; consumers ignore unknown keys.
-pub const PLAN_FORMAT_VERSION: &str = "1.6";
+pub const PLAN_FORMAT_VERSION: &str = "1.7";
 
 /// The JSON plan document (`nimbus plan --json`, and the saved plan of `-out`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
