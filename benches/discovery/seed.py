@@ -52,15 +52,24 @@ if cmd == "seed":
             Placement={"HostId": host, "Tenancy": "host", "AvailabilityZone": az},
             TagSpecifications=[{"ResourceType": "instance", "Tags": tags("mac", i)}],
         )
-    for i in range(linux):
-        ec2.run_instances(
+    # Linux instances in batches (one RunInstances per 500, as moto's per-call cost grows with what exists),
+    # then each its own machine tag.
+    done = 0
+    while done < linux:
+        n = min(500, linux - done)
+        common = [t for t in tags("linux", 0) if t["Key"] != "nimbus:machine"]
+        out = ec2.run_instances(
             ImageId="ami-0def",
             InstanceType="t3.large",
-            MinCount=1,
-            MaxCount=1,
+            MinCount=n,
+            MaxCount=n,
             Placement={"AvailabilityZone": az},
-            TagSpecifications=[{"ResourceType": "instance", "Tags": tags("linux", i)}],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": common}],
         )
+        for j, inst in enumerate(out["Instances"]):
+            machine = f"nimbus.{tenant}.linux.{done + j}"
+            ec2.create_tags(Resources=[inst["InstanceId"]], Tags=[{"Key": "nimbus:machine", "Value": machine}])
+        done += n
 elif cmd == "time":
     filters = [
         {"Name": "tag:nimbus:tenant", "Values": [tenant]},
