@@ -5,7 +5,10 @@
 //! Needs the moto peer: run it under the peers, e.g. `source scripts/peers.sh; peers_start; cargo bench --bench
 //! discovery` (without `NIMBUS_MOTO_URL` it says so and does nothing). Seeding goes through boto3 in moto's venv
 //! (`NIMBUS_PEERS_PYTHON`, else `.peers/venv/bin/python`); sizes from `NIMBUS_BENCH_MACS` (200) and
-//! `NIMBUS_BENCH_LINUX` (9,800). Figures are printed, never asserted.
+//! `NIMBUS_BENCH_LINUX` (9,800), in `NIMBUS_BENCH_REGION` (eu-west-3), `NIMBUS_BENCH_ROUNDS` (3) rounds. Figures
+//! are printed, never asserted. moto's own tag filters cost grows with every resource of the region (each
+//! resource's tags are looked up among all), so at 10,000 instances a single page takes moto minutes: the
+//! ratio then measures moto more than either client.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -54,7 +57,8 @@ fn main() {
     let (macs, linux) = (env_num("NIMBUS_BENCH_MACS", 200), env_num("NIMBUS_BENCH_LINUX", 9_800));
     // A region no test uses (and not the peers' read-lag regions), and a tenant of its own: the figures are this
     // fleet's alone.
-    let region = "eu-west-3";
+    let region = std::env::var("NIMBUS_BENCH_REGION").unwrap_or_else(|_| "eu-west-3".into());
+    let region = region.as_str();
     let tenant = format!("disco{}", std::process::id());
     let fleet = "discovery-bench";
     let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/discovery/seed.py");
@@ -79,7 +83,7 @@ fn main() {
     )
     .unwrap();
     let nimbus = env!("CARGO_BIN_EXE_nimbus");
-    for round in 1..=3 {
+    for round in 1..=env_num("NIMBUS_BENCH_ROUNDS", 3) {
         let mut cmd = Command::new(nimbus);
         cmd.args(["plan", "--detailed-exitcode", "-f", "fleet.yaml"]).current_dir(dir.path());
         for (k, v) in [
