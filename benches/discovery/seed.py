@@ -11,6 +11,7 @@ import sys
 import time
 
 import boto3
+from botocore.config import Config
 
 cmd, endpoint, region, tenant, fleet = sys.argv[1:6]
 ec2 = boto3.client(
@@ -19,6 +20,8 @@ ec2 = boto3.client(
     region_name=region,
     aws_access_key_id="testing",
     aws_secret_access_key="testing",
+    # moto answers a filtered page of thousands of instances slowly; never time out, never retry.
+    config=Config(read_timeout=3600, retries={"max_attempts": 1}),
 )
 az = region + "a"
 

@@ -743,7 +743,15 @@ impl Applier {
             self.pool_of(machine).map(|p| p.setup.iter().map(|s| s.timeout).sum::<Duration>()).unwrap_or_default()
                 + Duration::from_secs(600);
         let read = self.take_setup_lock(t.as_ref(), machine, stale_after).await?;
-        let result = self.run_setup_locked(&t, provider, pool, machine, steps, log, read).await;
+        let result = async {
+            let found = match read {
+                Some(out) => machine_db::parse_read(t.as_ref(), out)?,
+                None => machine_db::read(t.as_ref()).await?,
+            };
+            let db = found.unwrap_or_else(|| self.first_state(provider, machine));
+            self.run_setup_locked(&t, pool, machine, steps, log, db).await
+        }
+        .await;
         // On success the last write released the lock; otherwise release it here.
         if result.is_err() {
             match machine_db::local_dir(t.as_ref()) {
@@ -761,12 +769,11 @@ impl Applier {
     async fn run_setup_locked(
         &self,
         t: &Arc<dyn Transport>,
-        provider: &str,
         pool: &str,
         machine: &str,
         steps: &[crate::core::plan::StepRef],
         log: Option<&PathBuf>,
-        read: Option<crate::transport::ExecOutput>,
+        mut db: StateDb,
     ) -> Result<(), ActionError> {
         let t = t.clone();
         let pool_spec = self
@@ -775,14 +782,6 @@ impl Applier {
             .iter()
             .find(|p| p.name == pool)
             .ok_or_else(|| ActionError::new(format!("pool `{pool}` is not in the fleet file")))?;
-        let read = match read {
-            Some(out) => machine_db::parse_read(t.as_ref(), out)?,
-            None => machine_db::read(t.as_ref()).await?,
-        };
-        let mut db = match read {
-            Some(db) => db,
-            None => self.first_state(provider, machine),
-        };
         db.set_lifecycle(machine_db::Lifecycle::ImageInstalling);
         for step in steps {
             let (position, spec) =
