@@ -816,10 +816,17 @@ impl Applier {
             );
             // The step's shell records its process group, so a step past its timeout can be killed whole.
             let locate = machine_db::locate(t.state_path());
-            // In a subshell, so the step's own shell sees none of nimbus's variables (`$$` is still the step's).
-            let script = format!(
-                "( {locate}; if [ -z \"$s\" ]; then echo $$ > \"$d/.setup-step.pid\"; else echo $$ | $s tee \"$d/.setup-step.pid\" >/dev/null; fi )\n{script}"
-            );
+            let script = match machine_db::local_dir(t.as_ref()) {
+                // A sandbox here: its state folder is known, so the shell writes the pid itself (no subshell, no
+                // variable).
+                Some(d) => {
+                    format!("echo $$ > {}\n{script}", shell::quote(&d.join(".setup-step.pid").to_string_lossy()))
+                }
+                // In a subshell, so the step's own shell sees none of nimbus's variables (`$$` is still the step's).
+                None => format!(
+                    "( {locate}; if [ -z \"$s\" ]; then echo $$ > \"$d/.setup-step.pid\"; else echo $$ | $s tee \"$d/.setup-step.pid\" >/dev/null; fi )\n{script}"
+                ),
+            };
             let run = machine_db::write_then(t.as_ref(), &db, &script, log.map(|p| p.as_path()));
             let out = match tokio::time::timeout(spec.timeout, run).await {
                 Ok(out) => out?,
