@@ -182,6 +182,13 @@ pub fn parse_machine_name(name: &str) -> Option<(&str, &str, u32)> {
     Some((tenant, pool, index.parse().ok()?))
 }
 
+/// What a resource nimbus makes carries: the user's tags (`tags:`), and nimbus's own `own` over them.
+pub fn with_user_tags(user: &Tags, own: Tags) -> Tags {
+    let mut t = user.clone();
+    t.extend(own);
+    t
+}
+
 /// The standard tags for a machine (and its host); `fleet` is the fleet's id, when the provider works for one.
 pub fn machine_tags(tenant: &str, provider: &str, pool: &str, machine: &str, fleet: Option<&str>) -> Tags {
     let mut t = Tags::from([

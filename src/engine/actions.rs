@@ -101,8 +101,24 @@ fn emit(event: &str, _tenant: &str, machine: &str, duration: Option<Duration>, e
 /// How long a dead apply's setup step gets between TERM and KILL.
 const STEP_STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// A machine's setup lock: a folder beside its state database.
+const SETUP_LOCK: &str = ".setup.lock";
+
 /// Shell (after `machine_db::locate`) that releases a machine's setup lock.
 const UNLOCK_SETUP: &str = "$s rm -rf \"$d/.setup.lock\"";
+
+/// Releases a machine's setup lock: a file operation on a sandbox here, a command otherwise (best effort: a lock
+/// left behind is this fleet's own, taken back by its next setup).
+async fn release_setup_lock(t: &dyn Transport) {
+    match machine_db::local_dir(t) {
+        Some(d) => {
+            let _ = std::fs::remove_dir_all(d.join(SETUP_LOCK));
+        }
+        None => {
+            let _ = t.exec(&format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path())), b"", None).await;
+        }
+    }
+}
 
 /// Who takes machines' setup locks: the fleet's identity and the journal's run.
 #[derive(Debug, Clone, Default)]
@@ -592,13 +608,13 @@ impl Applier {
             now.timestamp()
         );
         // A sandbox on this computer: the same lock, taken with file operations (no process spawned).
-        if let Some(d) = machine_db::local_dir(t) {
-            let l = d.join(".setup.lock");
-            let taken = std::fs::create_dir_all(&d).and_then(|()| std::fs::create_dir(&l));
+        if let Some(db) = t.local_path(t.state_path())
+            && let Some(d) = db.parent()
+        {
+            let l = d.join(SETUP_LOCK);
+            let taken = std::fs::create_dir_all(d).and_then(|()| std::fs::create_dir(&l));
             if taken.is_ok() && std::fs::write(l.join("holder"), &record).is_ok() {
-                return Ok(Some(machine_db::read_local(
-                    &d.join(std::path::Path::new(t.state_path()).file_name().unwrap_or_default()),
-                )));
+                return Ok(Some(machine_db::read_local(&db)));
             }
             // Held already (or odd): the shell below says by whom, and takes over a dead run's lock.
         }
@@ -754,14 +770,7 @@ impl Applier {
         .await;
         // On success the last write released the lock; otherwise release it here.
         if result.is_err() {
-            match machine_db::local_dir(t.as_ref()) {
-                Some(d) => {
-                    let _ = std::fs::remove_dir_all(d.join(".setup.lock"));
-                }
-                None => {
-                    let _ = t.exec(&format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path())), b"", None).await;
-                }
-            }
+            release_setup_lock(t.as_ref()).await;
         }
         result
     }
@@ -871,16 +880,14 @@ impl Applier {
         } else {
             machine_db::Lifecycle::Ready
         });
-        // The last step's record, the machine's new lifecycle, and the lock released: one shell.
-        match machine_db::local_dir(t.as_ref()) {
-            Some(d) => {
-                machine_db::write(t.as_ref(), &db).await?;
-                let _ = std::fs::remove_dir_all(d.join(".setup.lock"));
-            }
-            None => {
-                let unlock = format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path()));
-                machine_db::write_then(t.as_ref(), &db, &unlock, None).await?;
-            }
+        // The last step's record, the machine's new lifecycle, and the lock released: one shell (over SSH), or
+        // file operations (a sandbox here).
+        if machine_db::local_dir(t.as_ref()).is_some() {
+            machine_db::write(t.as_ref(), &db).await?;
+            release_setup_lock(t.as_ref()).await;
+        } else {
+            let unlock = format!("{}; {UNLOCK_SETUP}", machine_db::locate(t.state_path()));
+            machine_db::write_then(t.as_ref(), &db, &unlock, None).await?;
         }
         Ok(())
     }

@@ -157,6 +157,23 @@ pub fn go_platform(os: crate::config::Os, arch: crate::config::Arch) -> (&'stati
     )
 }
 
+/// [`checked_download`] of a Go-built agent for `t`'s platform: `template`'s `{os}`, `{arch}` and `{version}`
+/// filled in, its sum looked up as `os-arch` in `sums` (`forge.runner_sha256`); `note` follows the missing
+/// setting's name in the error.
+pub fn go_agent_download(
+    template: &str,
+    version: &str,
+    sums: &std::collections::BTreeMap<String, String>,
+    t: &AgentTarget,
+    file: &str,
+    note: &str,
+) -> String {
+    let (os, arch) = go_platform(t.os, t.arch);
+    let url = template.replace("{os}", os).replace("{arch}", arch).replace("{version}", version);
+    let what = format!("forge.runner_sha256.{os}-{arch}{note}");
+    checked_download(&url, sums.get(&format!("{os}-{arch}")), version, file, &what)
+}
+
 /// Shell lines (in the runner directory) that download a single-binary agent from `url` into `file`, refuse it
 /// unless its sha256 is `sum` (and refuse to download at all without one: `what` names the missing setting),
 /// make it executable, and record `version` in `.nimbus-agent-version`.

@@ -79,6 +79,14 @@ impl ProviderError {
     }
 }
 
+/// A provider's refusal to change a reserved tag (`nimbus:*`, `aws:*`) through `Provider::update_tags`.
+pub fn refuse_reserved_tags(provider: &str, set: &Tags, remove: &[String]) -> Result<(), ProviderError> {
+    match set.keys().chain(remove).find(|k| crate::core::model::is_reserved_tag(k)) {
+        Some(k) => Err(ProviderError::conflict(provider, format!("refusing to change reserved tag `{k}`"))),
+        None => Ok(()),
+    }
+}
+
 /// What a provider found for one tenant.
 #[derive(Debug, Default, Clone)]
 pub struct Discovered {

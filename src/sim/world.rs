@@ -107,16 +107,15 @@ impl Simulator {
                     world.hosts.push(Host {
                         provider: provider.clone(),
                         id,
-                        tags: {
-                            let mut t = desired
+                        tags: with_user_tags(
+                            &desired
                                 .pools
                                 .iter()
                                 .find(|p| &p.name == pool)
                                 .map(|p| p.spec.tags.clone())
-                                .unwrap_or_default();
-                            t.extend(machine_tags(&desired.tenant, provider, pool, machine, None));
-                            t
-                        },
+                                .unwrap_or_default(),
+                            machine_tags(&desired.tenant, provider, pool, machine, None),
+                        ),
                         instance_type: instance_type.clone(),
                         availability_zone: availability_zone.clone(),
                         state: HostState::Available,
@@ -142,8 +141,8 @@ impl Simulator {
                         assert!(desired.host_settled(h, now), "host {hid} was used before it settled after its scrub");
                         assert_eq!(Some(&h.instance_type), spec.instance_type.as_ref());
                         h.instance_ids.push(instance_id.clone());
-                        h.tags = spec.tags.clone();
-                        h.tags.extend(machine_tags(&desired.tenant, provider, pool, machine, None));
+                        h.tags =
+                            with_user_tags(&spec.tags, machine_tags(&desired.tenant, provider, pool, machine, None));
                     }
                     live.insert(machine.clone(), world.machines.len());
                     by_instance.insert(instance_id.clone(), world.machines.len());
@@ -151,11 +150,7 @@ impl Simulator {
                         provider: provider.clone(),
                         instance_id,
                         // The user's tags, and nimbus's own (which win), as the providers tag.
-                        tags: {
-                            let mut t = spec.tags.clone();
-                            t.extend(machine_tags(&desired.tenant, provider, pool, machine, None));
-                            t
-                        },
+                        tags: with_user_tags(&spec.tags, machine_tags(&desired.tenant, provider, pool, machine, None)),
                         state: InstanceState::Running,
                         image: spec.image.clone(),
                         instance_type: spec.instance_type.clone(),

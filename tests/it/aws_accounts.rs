@@ -3,11 +3,10 @@
 //! its policy conditions `aws:RequestedRegion`, as IAM does). moto keeps each account's resources apart, as AWS
 //! does: a user's keys act in its own account, an assumed role's in the role's.
 
-use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::common::*;
-use crate::iam_policy::{between, form};
+use crate::iam_policy::{between, form, post_in};
 use serde_json::{Value, json};
 
 /// The account moto puts requests in when it knows no other (and where the base user and the role live).
@@ -17,34 +16,12 @@ const MAC_ACCOUNT: &str = "111111111111";
 
 /// An IAM Query API call to moto, unauthenticated (after `/moto-api/reset-auth`), in `account`.
 fn iam(url: &str, account: &str, pairs: &[(&str, &str)]) -> String {
-    let addr = url.trim_start_matches("http://");
     let body = form(&[pairs, &[("Version", "2010-05-08")]].concat());
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
-         x-moto-account-id: {account}\r\nConnection: close\r\n\
-         Authorization: AWS4-HMAC-SHA256 Credential=setup/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    post_in(url, Some(account), "/", "application/x-www-form-urlencoded", &body)
 }
 
 fn reset_auth(url: &str, requests: u32) {
-    let addr = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let body = requests.to_string();
-    write!(
-        s,
-        "POST /moto-api/reset-auth HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = post_in(url, None, "/moto-api/reset-auth", "text/plain", &requests.to_string());
     assert!(out.contains("\"ok\""), "{out}");
 }
 

@@ -232,11 +232,17 @@ fn plan_policy_allows_the_describe_calls_only() {
 
 /// A POST to the moto peer; the body of the answer.
 fn post(url: &str, path: &str, content_type: &str, body: &str) -> String {
+    post_in(url, None, path, content_type, body)
+}
+
+/// A request to moto, in `account` when given (moto's `x-moto-account-id`), else its default account.
+pub(crate) fn post_in(url: &str, account: Option<&str>, path: &str, content_type: &str, body: &str) -> String {
     let addr = url.trim_start_matches("http://");
+    let account = account.map(|a| format!("x-moto-account-id: {a}\r\n")).unwrap_or_default();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{account}\
          Authorization: AWS4-HMAC-SHA256 Credential=setup/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0\r\n\r\n{body}",
         body.len()
     )

@@ -278,10 +278,7 @@ impl ForgejoAgent {
     }
 
     fn download(&self, t: &AgentTarget) -> String {
-        let (os, arch) = super::go_platform(t.os, t.arch);
-        let url = self.download_url.replace("{os}", os).replace("{arch}", arch).replace("{version}", &self.version);
-        let what = format!("forge.runner_sha256.{os}-{arch}");
-        super::checked_download(&url, self.sha256.get(&format!("{os}-{arch}")), &self.version, "runner", &what)
+        super::go_agent_download(&self.download_url, &self.version, &self.sha256, t, "runner", "")
     }
 }
 

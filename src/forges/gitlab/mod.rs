@@ -274,10 +274,8 @@ impl GitlabAgent {
 
     /// Download, verify and record the release (in the runner directory).
     fn download(&self, t: &AgentTarget) -> String {
-        let (os, arch) = super::go_platform(t.os, t.arch);
-        let url = self.download_url.replace("{os}", os).replace("{arch}", arch).replace("{version}", &self.version);
-        let what = format!("forge.runner_sha256.{os}-{arch} (from the release's release.sha256)");
-        super::checked_download(&url, self.sha256.get(&format!("{os}-{arch}")), &self.version, "gitlab-runner", &what)
+        let note = " (from the release's release.sha256)";
+        super::go_agent_download(&self.download_url, &self.version, &self.sha256, t, "gitlab-runner", note)
     }
 }
 

@@ -35,7 +35,7 @@ use chrono::{DateTime, Utc};
 use super::{AllocatedHost, Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::core::model::{
     ActualMachine, FleetScope, Host, HostState, InstanceState, OnMachine, OtherFleetResource, Ownership, Tags,
-    Unusable, machine_tags, owned_by, ownership, tags,
+    Unusable, machine_tags, owned_by, ownership, tags, with_user_tags,
 };
 use crate::transport::Transport;
 pub use limits::{Limits, TokenBucket};
@@ -519,12 +519,12 @@ impl AwsProvider {
         }
     }
 
-    async fn create_tags(&self, id: &str, t: &Tags) -> Result<(), ProviderError> {
+    async fn create_tags(&self, resources: &[String], t: &Tags) -> Result<(), ProviderError> {
         self.limits.mutate.acquire().await;
         self.count("CreateTags");
         self.client
             .create_tags()
-            .resources(id)
+            .set_resources(Some(resources.to_vec()))
             .set_tags(Some(aws_tags(t)))
             .send()
             .await
@@ -684,9 +684,8 @@ impl Provider for AwsProvider {
                 availability_zone: h.availability_zone().unwrap_or_default().to_string(),
             });
         }
-        // The user's tags first: nimbus's own always win (validation refuses reserved keys anyway).
-        let mut host_tags = req.tags.clone();
-        host_tags.extend(self.tags_for(&req.pool, &req.machine));
+        // nimbus's own tags always win over the user's (validation refuses reserved keys anyway).
+        let mut host_tags = with_user_tags(&req.tags, self.tags_for(&req.pool, &req.machine));
         if let Some(g) = &generation {
             host_tags.insert(tags::GENERATION.to_string(), g.clone());
         }
@@ -740,8 +739,7 @@ impl Provider for AwsProvider {
     async fn launch(&self, req: &LaunchRequest) -> Result<String, ProviderError> {
         let tags = self.tags_for(&req.pool, &req.machine);
         // What the instance, its volumes and a reused host carry: the user's tags, and nimbus's (which win).
-        let mut all_tags = req.spec.tags.clone();
-        all_tags.extend(tags.clone());
+        let all_tags = with_user_tags(&req.spec.tags, tags.clone());
         let existing = self
             .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
             .await?
@@ -808,7 +806,7 @@ impl Provider for AwsProvider {
         }
         if let Some(h) = &req.host_id {
             // A reused host now belongs to this machine.
-            self.create_tags(h, &all_tags).await?;
+            self.create_tags(std::slice::from_ref(h), &all_tags).await?;
             placement = placement.host_id(h).tenancy(Tenancy::Host);
         }
         let itype =
@@ -863,9 +861,7 @@ impl Provider for AwsProvider {
         set: &Tags,
         remove: &[String],
     ) -> Result<(), ProviderError> {
-        if let Some(k) = set.keys().chain(remove).find(|k| crate::core::model::is_reserved_tag(k)) {
-            return Err(err(&self.name, "CreateTags", format!("refusing to change reserved tag `{k}`")));
-        }
+        super::refuse_reserved_tags(&self.name, set, remove)?;
         let id = machine
             .instance_id
             .clone()
@@ -893,15 +889,7 @@ impl Provider for AwsProvider {
             }
         }
         if !set.is_empty() {
-            self.limits.mutate.acquire().await;
-            self.count("CreateTags");
-            self.client
-                .create_tags()
-                .set_resources(Some(resources.clone()))
-                .set_tags(Some(aws_tags(set)))
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("CreateTags", e))?;
+            self.create_tags(&resources, set).await?;
         }
         if !remove.is_empty() {
             self.delete_tags(&resources, remove).await?;

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::{Discovered, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::core::model::{
     ActualMachine, FleetScope, InstanceState, OnMachine, OtherFleetResource, Ownership, Tags, Unusable, machine_tags,
-    ownership, parse_machine_name,
+    ownership, parse_machine_name, with_user_tags,
 };
 use crate::transport::Transport;
 use crate::transport::local::LocalTransport;
@@ -398,17 +398,17 @@ impl Provider for LocalProvider {
         std::fs::create_dir_all(&self.data_dir).map_err(|e| self.io(e))?;
         let tmp = self.data_dir.join(format!(".tmp-{}-{}", req.machine, unique_suffix()));
         std::fs::create_dir_all(tmp.join("root")).map_err(|e| self.io(e))?;
-        // The user's tags, then nimbus's own (which win).
-        let mut tags = req.spec.tags.clone();
-        tags.extend(machine_tags(
-            &self.tenant,
-            &self.name,
-            &req.pool,
-            &req.machine,
-            self.fleet.as_ref().map(|f| f.id.as_str()),
-        ));
         let rec = SandboxRecord {
-            tags,
+            tags: with_user_tags(
+                &req.spec.tags,
+                machine_tags(
+                    &self.tenant,
+                    &self.name,
+                    &req.pool,
+                    &req.machine,
+                    self.fleet.as_ref().map(|f| f.id.as_str()),
+                ),
+            ),
             image: req.spec.image.clone(),
             instance_type: req.spec.instance_type.clone(),
             state: InstanceState::Running,
@@ -492,9 +492,7 @@ impl Provider for LocalProvider {
         remove: &[String],
     ) -> Result<(), ProviderError> {
         self.pause().await;
-        if let Some(k) = set.keys().chain(remove).find(|k| crate::core::model::is_reserved_tag(k)) {
-            return Err(ProviderError::other(&self.name, format!("refusing to change reserved tag `{k}`")));
-        }
+        super::refuse_reserved_tags(&self.name, set, remove)?;
         let dir = self.sandbox(&machine.name)?;
         let Some(mut rec) = self.record_of(&dir)? else {
             return Err(ProviderError::NotFound {
