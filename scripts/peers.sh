@@ -61,6 +61,24 @@ if marker not in s:
         raise SystemExit("peers: moto's hosts.py changed; cannot apply the tag filter patch")
     p.write_text(s.replace(old, new))
 
+# moto finds a resource's tags by scanning every tag of every resource with a regular expression
+# (`describe_tags(filters={"resource-id": [id]})`), once per resource per filter and again to render it: a
+# DescribeInstances over 10,000 tagged instances never ends. The resource's own tags are one dict lookup; same
+# results (an id has no wildcard, and fnmatch anchors the pattern), only not quadratic. Performance only.
+import moto.ec2.models.core as mc
+p = pathlib.Path(mc.__file__)
+s = p.read_text()
+marker = "# nimbus: tags by id"
+if marker not in s:
+    old = '            tags = self.ec2_backend.describe_tags(filters={"resource-id": [self.id]})  # type: ignore[attr-defined]\n'
+    new = ('            from ..utils import EC2_PREFIX_TO_RESOURCE, get_prefix  ' + marker + '\n'
+           '            own = self.ec2_backend.tags.get(self.id) or {}  # type: ignore[attr-defined]\n'
+           '            kind = EC2_PREFIX_TO_RESOURCE.get(get_prefix(self.id), "")  # type: ignore[attr-defined]\n'
+           '            tags = [{"resource_id": self.id, "key": k, "value": v, "resource_type": kind} for k, v in own.items()]  # type: ignore[attr-defined]\n')
+    if old not in s:
+        raise SystemExit("peers: moto's ec2/models/core.py changed; cannot apply the tags-by-id patch")
+    p.write_text(s.replace(old, new))
+
 # EC2 scrubs a Mac dedicated host after its instance ends: the host is `pending` (unusable) for a while, then
 # `available` again. moto leaves it available; with NIMBUS_MOTO_SCRUB_SECONDS set (the test script sets it),
 # terminating an instance on a host holds the host pending for that many seconds.
