@@ -6,8 +6,9 @@ use crate::cli::views::value_str;
 /// Attribute-level differences of a change: (name, before, after, forces replacement).
 pub fn attribute_diff(c: &ResourceChange) -> Vec<(String, Option<String>, Option<String>, bool)> {
     let empty = serde_json::Map::new();
-    let before = c.before.as_ref().and_then(|v| v.as_object()).unwrap_or(&empty);
-    let after = c.after.as_ref().and_then(|v| v.as_object()).unwrap_or(&empty);
+    let (before, after) = (c.before.as_ref().map(|a| a.to_json()), c.after.as_ref().map(|a| a.to_json()));
+    let before = before.as_ref().and_then(|v| v.as_object()).unwrap_or(&empty);
+    let after = after.as_ref().and_then(|v| v.as_object()).unwrap_or(&empty);
     let mut keys: Vec<&String> = after.keys().collect();
     for k in before.keys() {
         if !after.contains_key(k) {

@@ -92,6 +92,8 @@ pub fn check_against(schema_text: &str, doc: &serde_json::Value) -> Result<(), S
 }
 
 /// A resource change with Terraform's fields: `type`, `provider_name` and the `change` object.
+use super::attrs::Attrs;
+
 fn terraform_shaped(plan: &Plan, c: &ResourceChange) -> ResourceChange {
     use crate::core::plan::ResourceKind;
     let mut c = c.clone();
@@ -106,12 +108,18 @@ fn terraform_shaped(plan: &Plan, c: &ResourceChange) -> ResourceChange {
         .iter()
         .filter_map(|id| plan.graph.node_weight(petgraph::graph::NodeIndex::new(*id)))
         .find_map(|a| a.kind.provider().map(str::to_string))
-        .or_else(|| c.after.as_ref().or(c.before.as_ref()).and_then(|v| v["provider"].as_str()).map(str::to_string))
+        .or_else(|| {
+            c.after
+                .as_ref()
+                .or(c.before.as_ref())
+                .map(Attrs::to_json)
+                .and_then(|v| v["provider"].as_str().map(str::to_string))
+        })
         .unwrap_or_else(|| "forge".into());
     c.change = Some(crate::core::plan::TerraformChange {
         actions: c.actions.clone(),
-        before: c.before.clone(),
-        after: c.after.clone(),
+        before: c.before.as_ref().map(Attrs::to_json),
+        after: c.after.as_ref().map(Attrs::to_json),
         replace_paths: c.replace_paths.iter().map(|p| vec![p.clone()]).collect(),
     });
     c

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::attrs::{HostAttrs, to_value};
+use super::attrs::{Attrs, HostAttrs};
 use super::model::*;
 use super::reason::ChangeReason;
 use super::*;
@@ -249,7 +249,7 @@ impl<'a> Builder<'a> {
                             name: h.id.clone(),
                             pool: h.tags.get(tags::POOL).cloned(),
                         };
-                        let before = to_value(&HostAttrs {
+                        let before = Attrs::from(HostAttrs {
                             instance_type: h.instance_type.clone(),
                             availability_zone: h.availability_zone.clone(),
                             state: h.state,

@@ -1,7 +1,7 @@
 //! Machines: the create chain (launch → wait → setup → register), the teardown chain (deregister →
 //! terminate), replacement, and in-place convergence (setup steps, runner registration and labels).
 
-use super::attrs::{MachineAttrs, to_value};
+use super::attrs::{Attrs, MachineAttrs};
 use super::model::*;
 use super::reason::{ChangeReason, ReplaceCause, StepWhy, UpdateCause};
 use super::runners::same_labels;
@@ -201,7 +201,7 @@ impl<'a> Builder<'a> {
         let mut ids = deps.clone();
         ids.extend(self.bring_up(pool, &name, &addr, host, deps));
         ids.sort_unstable();
-        let after = to_value(&self.machine_after(pool, host_attr));
+        let after = Attrs::from(self.machine_after(pool, host_attr));
         let run_steps = pool.setup.iter().map(|s| s.name.clone()).collect();
         let subject = Subject::machine(addr, name, Some(&pool.name));
         self.changes.push(ResourceChange::create(subject, cause, after, run_steps, ids));
@@ -247,7 +247,7 @@ impl<'a> Builder<'a> {
             self.release_or_defer(&h, &[t], &mut ids);
         }
         let subject = Subject::machine(addr, m.name().unwrap_or(&m.instance_id).to_string(), m.pool());
-        self.changes.push(ResourceChange::delete(subject, cause, to_value(&self.machine_before(m)), ids));
+        self.changes.push(ResourceChange::delete(subject, cause, Attrs::from(self.machine_before(m)), ids));
     }
 
     pub(super) fn replace(&mut self, pool: &DesiredPool, m: &'a ActualMachine, causes: Vec<ReplaceCause>) {
@@ -294,7 +294,7 @@ impl<'a> Builder<'a> {
                 ids.sort_unstable();
                 let subject = Subject::machine(addr, name, Some(&pool.name));
                 let cause = ChangeReason::Replace { causes };
-                self.changes.push(ResourceChange::delete(subject, cause, to_value(&self.machine_before(m)), ids));
+                self.changes.push(ResourceChange::delete(subject, cause, Attrs::from(self.machine_before(m)), ids));
                 return;
             }
         } else if let Some(h) = m.host_id.clone() {
@@ -305,7 +305,7 @@ impl<'a> Builder<'a> {
         deps.push(t);
         ids.extend(self.bring_up(pool, &name, &addr, host, deps));
         ids.sort_unstable();
-        let (before, after) = (to_value(&self.machine_before(m)), to_value(&self.machine_after(pool, host_attr)));
+        let (before, after) = (Attrs::from(self.machine_before(m)), Attrs::from(self.machine_after(pool, host_attr)));
         let run_steps = pool.setup.iter().map(|s| s.name.clone()).collect();
         let subject = Subject::machine(addr, name, Some(&pool.name));
         self.changes.push(ResourceChange::replace(subject, causes, before, after, run_steps, ids));
@@ -538,7 +538,7 @@ impl<'a> Builder<'a> {
         let mut after = self.machine_after(pool, m.host_id.clone());
         after.instance_id = Some(m.instance_id.clone());
         after.state = Some(m.state);
-        let (before, after) = (to_value(&self.machine_before(m)), to_value(&after));
+        let (before, after) = (Attrs::from(self.machine_before(m)), Attrs::from(after));
         let subject = Subject::machine(addr, name, Some(&pool.name));
         self.changes.push(ResourceChange::update(subject, why, before, after, run_steps, ids));
     }
@@ -609,7 +609,7 @@ impl<'a> Builder<'a> {
         (after.labels, after.setup) = (before.labels.clone(), before.setup.clone());
         before.os = after.os;
         before.arch = after.arch;
-        let (before, after) = (to_value(&before), to_value(&after));
+        let (before, after) = (Attrs::from(before), Attrs::from(after));
         let subject = Subject::machine(addr, name, Some(&pool.name));
         self.changes.push(ResourceChange::update(subject, vec![cause], before, after, Vec::new(), vec![id]));
     }

@@ -6,8 +6,8 @@ use petgraph::Direction;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::{Deserialize, Serialize};
 
+use super::attrs::Attrs;
 use crate::config::RunnerMode;
-use serde_json::Value;
 
 use super::reason::{ChangeReason, ReplaceCause, UpdateCause};
 use crate::core::model::MachineSpec;
@@ -252,9 +252,9 @@ pub struct ResourceChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<ChangeReason>,
     /// Attributes before (null for a create).
-    pub before: Option<serde_json::Value>,
+    pub before: Option<Attrs>,
     /// Attributes after (null for a delete).
-    pub after: Option<serde_json::Value>,
+    pub after: Option<Attrs>,
     /// Attributes whose change forces the replacement.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replace_paths: Vec<String>,
@@ -316,7 +316,7 @@ impl ResourceChange {
     }
 
     /// `+`: a resource that does not exist yet.
-    pub fn create(s: Subject, cause: ChangeReason, after: Value, run_steps: Vec<String>, ids: Vec<usize>) -> Self {
+    pub fn create(s: Subject, cause: ChangeReason, after: Attrs, run_steps: Vec<String>, ids: Vec<usize>) -> Self {
         ResourceChange {
             after: Some(after),
             run_steps,
@@ -329,8 +329,8 @@ impl ResourceChange {
     pub fn update(
         s: Subject,
         causes: Vec<UpdateCause>,
-        before: Value,
-        after: Value,
+        before: Attrs,
+        after: Attrs,
         run_steps: Vec<String>,
         ids: Vec<usize>,
     ) -> Self {
@@ -347,8 +347,8 @@ impl ResourceChange {
     pub fn replace(
         s: Subject,
         causes: Vec<ReplaceCause>,
-        before: Value,
-        after: Value,
+        before: Attrs,
+        after: Attrs,
         run_steps: Vec<String>,
         ids: Vec<usize>,
     ) -> Self {
@@ -364,7 +364,7 @@ impl ResourceChange {
     }
 
     /// `-`: a resource that goes.
-    pub fn delete(s: Subject, cause: ChangeReason, before: Value, ids: Vec<usize>) -> Self {
+    pub fn delete(s: Subject, cause: ChangeReason, before: Attrs, ids: Vec<usize>) -> Self {
         ResourceChange { before: Some(before), action_ids: ids, ..Self::new(s, vec![ChangeAction::Delete], cause) }
     }
 

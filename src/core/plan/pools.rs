@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use super::attrs::to_value;
+use super::attrs::Attrs;
 
 use super::reason::{ChangeReason, ReplaceCause};
 use super::*;
@@ -207,7 +207,7 @@ impl<'a> Builder<'a> {
             self.release_or_defer(&h, &[t], &mut ids);
         }
         let subject = Subject::machine(addr, name, m.pool());
-        self.changes.push(ResourceChange::delete(subject, cause, to_value(&self.machine_before(m)), ids));
+        self.changes.push(ResourceChange::delete(subject, cause, Attrs::from(self.machine_before(m)), ids));
     }
 
     /// Why a kept machine must be replaced.

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use super::attrs::{RunnerAttrs, to_value};
+use super::attrs::{Attrs, RunnerAttrs};
 use super::model::*;
 use super::reason::ChangeReason;
 use super::*;
@@ -47,7 +47,7 @@ impl<'a> Builder<'a> {
                 name: r.name.clone(),
                 pool: parse_machine_name(&r.name).map(|(_, p, _)| p.to_string()),
             };
-            let before = to_value(&RunnerAttrs { id: r.id, labels: r.labels.clone(), online: r.online });
+            let before = Attrs::from(RunnerAttrs { id: r.id, labels: r.labels.clone(), online: r.online });
             self.changes.push(ResourceChange::delete(subject, ChangeReason::GhostRunner, before, vec![id]));
         }
     }
@@ -55,6 +55,10 @@ impl<'a> Builder<'a> {
 
 /// Forge labels compare case-insensitively and as sets.
 pub(super) fn same_labels(a: &[String], b: &[String]) -> bool {
+    // The common case (nothing changed) without allocating.
+    if a == b {
+        return true;
+    }
     let norm = |v: &[String]| v.iter().map(|s| s.to_lowercase()).collect::<BTreeSet<_>>();
     norm(a) == norm(b)
 }
