@@ -246,7 +246,7 @@ impl<S: Storage> Nimbus<S> {
                     instance_type: h.instance_type.clone(),
                     availability_zone: h.availability_zone.clone(),
                     state: state.into(),
-                    machine: h.tags.get(crate::core::names::tags::MACHINE).cloned(),
+                    machine: h.tags.get(crate::core::names::tags::MACHINE).map(str::to_string),
                     allocated_at: h.allocated_at,
                     releasable_at,
                 }

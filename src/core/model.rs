@@ -238,7 +238,7 @@ pub struct MachineSpec {
 
 /// The user's tags among a resource's tags: every key but nimbus's own (`nimbus:*`) and AWS's (`aws:*`).
 pub fn user_tags(t: &Tags) -> BTreeMap<String, String> {
-    t.iter().filter(|(k, _)| !is_reserved_tag(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    t.iter().filter(|(k, _)| !is_reserved_tag(k)).map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// Keys nimbus (`nimbus:`) or AWS (`aws:`, any case) reserve: never the user's.
@@ -601,10 +601,10 @@ pub struct ActualMachine {
 
 impl ActualMachine {
     pub fn name(&self) -> Option<&str> {
-        self.tags.get(tags::MACHINE).map(String::as_str)
+        self.tags.get(tags::MACHINE)
     }
     pub fn pool(&self) -> Option<&str> {
-        self.tags.get(tags::POOL).map(String::as_str)
+        self.tags.get(tags::POOL)
     }
 }
 

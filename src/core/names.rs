@@ -94,12 +94,14 @@ pub mod tags {
     pub const MANAGED_BY_VALUE: &str = "nimbus";
 }
 
-pub type Tags = BTreeMap<String, String>;
+pub use super::tagset::Tags;
+
+/// The user's own tags (`tags:` in the fleet file), as the fleet file and the plan hold them.
+pub type UserTags = BTreeMap<String, String>;
 
 /// True when `tags` mark a resource as nimbus-managed and owned by `tenant`.
 pub fn owned_by(tags: &Tags, tenant: &str) -> bool {
-    tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
-        && tags.get(tags::TENANT).map(String::as_str) == Some(tenant)
+    tags.get(tags::MANAGED_BY) == Some(tags::MANAGED_BY_VALUE) && tags.get(tags::TENANT) == Some(tenant)
 }
 
 /// Which fleet file a provider works for.
@@ -118,7 +120,7 @@ impl FleetScope {
     /// Whether a resource with `tags` (already known to be this tenant's and this provider's) is this fleet's.
     pub fn claims(&self, tags: &Tags) -> bool {
         match tags.get(tags::FLEET) {
-            Some(f) => *f == self.id || self.adopt.contains(f),
+            Some(f) => f == self.id || self.adopt.iter().any(|a| a == f),
             None => tags.get(tags::POOL).is_some_and(|p| self.pools.contains(p)),
         }
     }
@@ -183,23 +185,23 @@ pub fn parse_machine_name(name: &str) -> Option<(&str, &str, u32)> {
 }
 
 /// What a resource nimbus makes carries: the user's tags (`tags:`), and nimbus's own `own` over them.
-pub fn with_user_tags(user: &Tags, own: Tags) -> Tags {
-    let mut t = user.clone();
-    t.extend(own);
+pub fn with_user_tags(user: &BTreeMap<String, String>, own: Tags) -> Tags {
+    let mut t = Tags::from(user);
+    t.extend(own.iter());
     t
 }
 
 /// The standard tags for a machine (and its host); `fleet` is the fleet's id, when the provider works for one.
 pub fn machine_tags(tenant: &str, provider: &str, pool: &str, machine: &str, fleet: Option<&str>) -> Tags {
     let mut t = Tags::from([
-        (tags::TENANT.to_string(), tenant.to_string()),
-        (tags::PROVIDER.to_string(), provider.to_string()),
-        (tags::POOL.to_string(), pool.to_string()),
-        (tags::MACHINE.to_string(), machine.to_string()),
-        (tags::MANAGED_BY.to_string(), tags::MANAGED_BY_VALUE.to_string()),
+        (tags::TENANT, tenant),
+        (tags::PROVIDER, provider),
+        (tags::POOL, pool),
+        (tags::MACHINE, machine),
+        (tags::MANAGED_BY, tags::MANAGED_BY_VALUE),
     ]);
     if let Some(f) = fleet {
-        t.insert(tags::FLEET.to_string(), f.to_string());
+        t.insert(tags::FLEET, f);
     }
     t
 }

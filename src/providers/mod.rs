@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::core::model::{ActualMachine, Host, MachineSpec, Tags, Unusable};
+use crate::core::model::{ActualMachine, Host, MachineSpec, Unusable, UserTags};
 use crate::transport::Transport;
 
 /// Why a provider call failed, by what the caller can do about it.
@@ -80,7 +80,7 @@ impl ProviderError {
 }
 
 /// A provider's refusal to change a reserved tag (`nimbus:*`, `aws:*`) through `Provider::update_tags`.
-pub fn refuse_reserved_tags(provider: &str, set: &Tags, remove: &[String]) -> Result<(), ProviderError> {
+pub fn refuse_reserved_tags(provider: &str, set: &UserTags, remove: &[String]) -> Result<(), ProviderError> {
     match set.keys().chain(remove).find(|k| crate::core::model::is_reserved_tag(k)) {
         Some(k) => Err(ProviderError::conflict(provider, format!("refusing to change reserved tag `{k}`"))),
         None => Ok(()),
@@ -127,7 +127,7 @@ pub struct HostRequest {
     /// The idempotency key the journal holds for this allocation (see [`LaunchRequest::idempotency_key`]).
     pub idempotency_key: Option<String>,
     /// The user's tags for the host (the pool's `tags`, merged with the fleet's and the provider's).
-    pub tags: Tags,
+    pub tags: UserTags,
 }
 
 /// A dedicated host allocated (or found again) for a machine, and the zone it is in.
@@ -196,7 +196,7 @@ pub trait Provider: Send + Sync {
         &self,
         machine: &MachineRef,
         _host: Option<&str>,
-        _set: &Tags,
+        _set: &UserTags,
         _remove: &[String],
     ) -> Result<(), ProviderError> {
         Err(ProviderError::other(self.name(), format!("cannot tag `{}`: this provider has no tags", machine.name)))

@@ -59,7 +59,7 @@ impl Simulator {
         for (i, h) in world.hosts.iter().enumerate() {
             host_at.insert(h.id.clone(), i);
             if let Some(m) = h.tags.get(tags::MACHINE) {
-                hosts_tagged.entry(m.clone()).or_default().push(i);
+                hosts_tagged.entry(m.to_string()).or_default().push(i);
             }
             for inst in &h.instance_ids {
                 host_of_instance.insert(inst.clone(), i);

@@ -400,7 +400,7 @@ fn two_aws_providers_keep_their_own_machines() {
             .unwrap();
             let found = p.discover(&f.tenant).await.unwrap();
             assert_eq!(found.machines.len(), 1, "{region}: the `mac` provider sees its own machine only");
-            assert!(found.machines.iter().all(|m| m.tags["nimbus:provider"] == "mac"));
+            assert!(found.machines.iter().all(|m| &m.tags["nimbus:provider"] == "mac"));
             assert_eq!(found.hosts.len(), 1);
             assert!(found.unusable.is_empty());
         });
@@ -1163,7 +1163,7 @@ fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
     let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
     let tenant = unique_tenant("tags");
     let machine = format!("nimbus.{tenant}.mac.0");
-    let user: nimbus::core::model::Tags =
+    let user: nimbus::core::model::UserTags =
         [("team".to_string(), "mobile".to_string()), ("cost-center".to_string(), "cc-1".to_string())].into();
     rt().block_on(async {
         let settings = || AwsSettings {
@@ -1234,7 +1234,7 @@ fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
             assert_eq!(t.get("nimbus:tenant"), Some(&tenant), "{what}: {t:?}");
         }
         let r = MachineRef { name: machine.clone(), instance_id: Some(id.clone()), address: None };
-        let set: nimbus::core::model::Tags = [("team".to_string(), "ios".to_string())].into();
+        let set: nimbus::core::model::UserTags = [("team".to_string(), "ios".to_string())].into();
         p.update_tags(&r, Some(&host), &set, &["cost-center".to_string()]).await.unwrap();
         for (what, t) in all().await {
             assert_eq!(t.get("team").map(String::as_str), Some("ios"), "{what}: {t:?}");
@@ -1242,7 +1242,7 @@ fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
             assert_eq!(t.get("nimbus:machine"), Some(&machine), "{what}: nimbus's own tags stay: {t:?}");
         }
         // Refused: a reserved key, and another tenant's instance.
-        let reserved: nimbus::core::model::Tags = [("nimbus:tenant".to_string(), "x".to_string())].into();
+        let reserved: nimbus::core::model::UserTags = [("nimbus:tenant".to_string(), "x".to_string())].into();
         assert!(p.update_tags(&r, None, &reserved, &[]).await.is_err());
         let other = AwsProvider::new("aws", "someone-else", settings()).await.unwrap();
         let e = other.update_tags(&r, None, &set, &[]).await.unwrap_err().to_string();

@@ -690,8 +690,8 @@ fn a_changed_user_tag_is_an_in_place_update_of_machine_and_host() {
         p.spec.tags = [("team".to_string(), "a".to_string()), ("old".to_string(), "x".to_string())].into();
     }
     let (mut world, _) = built(&d, t0());
-    assert!(world.machines.iter().all(|m| m.tags["team"] == "a"), "tagged at creation");
-    assert!(world.hosts.iter().all(|h| h.tags["team"] == "a"), "hosts too");
+    assert!(world.machines.iter().all(|m| &m.tags["team"] == "a"), "tagged at creation");
+    assert!(world.hosts.iter().all(|h| &h.tags["team"] == "a"), "hosts too");
     assert_eq!(plan(&d, &world, t0()).summary().change, 0, "converged");
     // Both runners are busy: a tag change still goes ahead, in place.
     for r in world.runners.as_mut().unwrap() {
@@ -721,5 +721,5 @@ fn a_changed_user_tag_is_an_in_place_update_of_machine_and_host() {
     sim.apply(&d, &mut world, &p, t0());
     assert_eq!(plan(&d, &world, t0()).summary().change, 0, "converged after the update");
     // nimbus's own tags are never the user's: they are not removed.
-    assert!(world.machines.iter().all(|m| m.tags.contains_key("nimbus:tenant") && m.tags["team"] == "b"));
+    assert!(world.machines.iter().all(|m| m.tags.contains_key("nimbus:tenant") && &m.tags["team"] == "b"));
 }

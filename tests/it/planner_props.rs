@@ -175,7 +175,7 @@ fn foreign(world: &mut Actual) -> Actual {
     let mut half_tagged = theirs.machines[0].clone();
     half_tagged.instance_id = "foreign-half-tagged".into();
     half_tagged.tags.remove(tags::MANAGED_BY);
-    half_tagged.tags.insert(tags::TENANT.into(), "acme".into());
+    half_tagged.tags.insert(tags::TENANT, "acme");
     theirs.machines.push(half_tagged);
     theirs.runners.as_mut().unwrap().push(ForgeRunner {
         id: 7_000_000,

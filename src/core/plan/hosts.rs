@@ -221,9 +221,7 @@ impl<'a> Builder<'a> {
             // one name, one host. It is not that machine's; it is reused or goes by the window rules like any idle
             // host, and the plan says so.
             let copy_of = h.tags.get(tags::MACHINE).filter(|name| {
-                self.live_machines
-                    .iter()
-                    .any(|m| m.name() == Some(name.as_str()) && m.host_id.as_deref() != Some(h.id.as_str()))
+                self.live_machines.iter().any(|m| m.name() == Some(name) && m.host_id.as_deref() != Some(h.id.as_str()))
             });
             if let Some(name) = copy_of
                 && !(h.state == HostState::Available && window_end(self.desired, h) <= self.now)
@@ -247,7 +245,7 @@ impl<'a> Builder<'a> {
                             address: addr,
                             kind: ResourceKind::Host,
                             name: h.id.clone(),
-                            pool: h.tags.get(tags::POOL).cloned(),
+                            pool: h.tags.get(tags::POOL).map(str::to_string),
                         };
                         let before = Attrs::from(HostAttrs {
                             instance_type: h.instance_type.clone(),

@@ -210,7 +210,7 @@ impl<'a> Builder<'a> {
         let mut hosts_by_machine_tag: HashMap<&str, Vec<&str>> = HashMap::new();
         for h in hosts.values() {
             if let Some(m) = h.tags.get(tags::MACHINE) {
-                hosts_by_machine_tag.entry(m.as_str()).or_default().push(h.id.as_str());
+                hosts_by_machine_tag.entry(m).or_default().push(h.id.as_str());
             }
         }
         let mut idle_by_kind: HashMap<(String, String, String), Vec<String>> = HashMap::new();

@@ -211,7 +211,7 @@ where
 }
 
 fn tag_map(ts: &[Tag]) -> Tags {
-    ts.iter().filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))).collect()
+    ts.iter().filter_map(|t| Some((t.key()?, t.value().unwrap_or("")))).collect()
 }
 
 fn aws_tags(t: &Tags) -> Vec<Tag> {
@@ -344,11 +344,11 @@ impl AwsProvider {
     fn not_mine(&self, what: &str, id: &str, t: &Tags) -> ProviderError {
         let why = match self.ownership(t) {
             Ownership::OtherProvider => {
-                format!("it belongs to provider `{}`", t.get(tags::PROVIDER).map(String::as_str).unwrap_or("?"))
+                format!("it belongs to provider `{}`", t.get(tags::PROVIDER).unwrap_or("?"))
             }
             Ownership::Unattributed => "it has no `nimbus:provider` tag".to_string(),
             Ownership::OtherFleet => {
-                format!("it belongs to fleet `{}`", t.get(tags::FLEET).map(String::as_str).unwrap_or("?"))
+                format!("it belongs to fleet `{}`", t.get(tags::FLEET).unwrap_or("?"))
             }
             _ => "it is not tagged for this tenant".to_string(),
         };
@@ -566,7 +566,7 @@ impl Provider for AwsProvider {
                 unusable.push(Unusable {
                     provider: self.name.clone(),
                     id: id.to_string(),
-                    machine: t.get(tags::MACHINE).cloned(),
+                    machine: t.get(tags::MACHINE).map(str::to_string),
                     reason: format!(
                         "`{id}` has no `{}` tag, and the fleet has more than one `aws` provider",
                         tags::PROVIDER
@@ -583,8 +583,8 @@ impl Provider for AwsProvider {
                 other_fleets.push(OtherFleetResource {
                     provider: self.name.clone(),
                     id: id.to_string(),
-                    machine: t.get(tags::MACHINE).cloned(),
-                    fleet: t.get(tags::FLEET).cloned().unwrap_or_default(),
+                    machine: t.get(tags::MACHINE).map(str::to_string),
+                    fleet: t.get(tags::FLEET).map(str::to_string).unwrap_or_default(),
                 });
                 false
             }
@@ -858,7 +858,7 @@ impl Provider for AwsProvider {
         &self,
         machine: &MachineRef,
         host: Option<&str>,
-        set: &Tags,
+        set: &crate::core::model::UserTags,
         remove: &[String],
     ) -> Result<(), ProviderError> {
         super::refuse_reserved_tags(&self.name, set, remove)?;
@@ -889,7 +889,7 @@ impl Provider for AwsProvider {
             }
         }
         if !set.is_empty() {
-            self.create_tags(&resources, set).await?;
+            self.create_tags(&resources, &Tags::from(set)).await?;
         }
         if !remove.is_empty() {
             self.delete_tags(&resources, remove).await?;

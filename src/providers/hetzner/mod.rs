@@ -443,12 +443,12 @@ impl HetznerProvider {
             .filter_map(|(k, v)| k.strip_prefix("nimbus/").map(|rest| (format!("nimbus:{rest}"), from_label_value(v))))
             .collect();
         // A fleet id too long for a label was cut: it is this fleet's when it is this fleet's id, cut the same way.
-        if let (Some(f), Some(fleet)) = (t.get(tags::FLEET).cloned(), &self.fleet)
+        if let (Some(f), Some(fleet)) = (t.get(tags::FLEET).map(str::to_string), &self.fleet)
             && let Some(own) = Some(fleet.id.as_str())
             && f != own
             && label_value(own) == label_value(&f)
         {
-            t.insert(tags::FLEET.into(), own.to_string());
+            t.insert(tags::FLEET, own);
         }
         t
     }
@@ -461,8 +461,8 @@ impl HetznerProvider {
             Some(f) if !f.claims(t) => Err(Some(OtherFleetResource {
                 provider: self.name.clone(),
                 id: String::new(),
-                machine: t.get(tags::MACHINE).cloned(),
-                fleet: t.get(tags::FLEET).cloned().unwrap_or_default(),
+                machine: t.get(tags::MACHINE).map(str::to_string),
+                fleet: t.get(tags::FLEET).map(str::to_string).unwrap_or_default(),
             })),
             _ => Ok(true),
         }

@@ -216,12 +216,12 @@ impl LocalProvider {
                     match other {
                         Ownership::OtherProvider => format!(
                             "it belongs to provider `{}`",
-                            rec.tags.get(crate::core::model::tags::PROVIDER).map(String::as_str).unwrap_or("?")
+                            rec.tags.get(crate::core::model::tags::PROVIDER).unwrap_or("?")
                         ),
                         Ownership::Unattributed => "it has no `nimbus:provider` tag".to_string(),
                         Ownership::OtherFleet => format!(
                             "it belongs to fleet `{}`",
-                            rec.tags.get(crate::core::model::tags::FLEET).map(String::as_str).unwrap_or("?")
+                            rec.tags.get(crate::core::model::tags::FLEET).unwrap_or("?")
                         ),
                         _ => "another tenant's, or not managed by nimbus".to_string(),
                     }
@@ -329,7 +329,7 @@ impl Provider for LocalProvider {
                     Ownership::Unattributed => unusable.push(Unusable {
                         provider: self.name.clone(),
                         id: folder(&path),
-                        machine: rec.tags.get(crate::core::model::tags::MACHINE).cloned(),
+                        machine: rec.tags.get(crate::core::model::tags::MACHINE).map(str::to_string),
                         reason: format!(
                             "sandbox `{}` has no `nimbus:provider` tag, and more than one `local` provider shares its folder",
                             path.display()
@@ -343,8 +343,8 @@ impl Provider for LocalProvider {
                     Ownership::OtherFleet => other_fleets.push(OtherFleetResource {
                         provider: self.name.clone(),
                         id: folder(&path),
-                        machine: rec.tags.get(crate::core::model::tags::MACHINE).cloned(),
-                        fleet: rec.tags.get(crate::core::model::tags::FLEET).cloned().unwrap_or_default(),
+                        machine: rec.tags.get(crate::core::model::tags::MACHINE).map(str::to_string),
+                        fleet: rec.tags.get(crate::core::model::tags::FLEET).map(str::to_string).unwrap_or_default(),
                     }),
                     Ownership::OtherProvider | Ownership::NotOurs => {}
                 },
@@ -488,7 +488,7 @@ impl Provider for LocalProvider {
         &self,
         machine: &MachineRef,
         _host: Option<&str>,
-        set: &Tags,
+        set: &crate::core::model::UserTags,
         remove: &[String],
     ) -> Result<(), ProviderError> {
         self.pause().await;
