@@ -71,7 +71,7 @@ impl Transport for LocalTransport {
                 message: format!("sandbox `{}` does not exist", self.root.display()),
             });
         }
-        let mut cmd = Command::new("sh");
+        let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c").arg(script).current_dir(&self.root).stdin(Stdio::piped()).kill_on_drop(true);
         // Its own process group, as sshd gives each command its own session: a stuck step can be killed whole.
         cmd.process_group(0);

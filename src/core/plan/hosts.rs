@@ -40,14 +40,14 @@ impl<'a> Builder<'a> {
         });
         // Then an idle host of the same type, in the pool's zones in order; the one allocated last (the most
         // paid-for time left).
-        let mut idle = tagged.map(str::to_string);
+        let mut idle: Option<&'a str> = tagged;
         for kind in &kinds {
             if idle.is_some() {
                 break;
             }
             idle = self.idle_by_kind.get_mut(kind).and_then(|v| {
                 while let Some(id) = v.pop() {
-                    if !self.claimed_hosts.contains(&id) {
+                    if !self.claimed_hosts.contains(id) {
                         return Some(id);
                     }
                 }
@@ -55,8 +55,8 @@ impl<'a> Builder<'a> {
             });
         }
         if let Some(id) = idle {
-            self.claimed_hosts.insert(id.clone());
-            return (Some(HostRef::Existing { host_id: id.clone() }), Vec::new(), Some(id));
+            self.claimed_hosts.insert(id);
+            return (Some(HostRef::Existing { host_id: id.to_string() }), Vec::new(), Some(id.to_string()));
         }
         let a = self.add(
             addr,
@@ -83,7 +83,7 @@ impl<'a> Builder<'a> {
     /// kept and when it goes, with the money either way.
     pub(super) fn release_or_defer(&mut self, host_id: &str, after: &[usize], ids: &mut Vec<usize>) {
         let Some(h) = self.hosts.get(host_id).copied() else { return };
-        self.claimed_hosts.insert(h.id.clone());
+        self.claimed_hosts.insert(h.id.as_str());
         let window = window_end(self.desired, h);
         let addr = String::from(Address::host(&h.id));
         let kind = ActionKind::ReleaseHost { provider: h.provider.clone(), host_id: h.id.clone() };
@@ -208,12 +208,13 @@ impl<'a> Builder<'a> {
 
     /// Owned hosts with no instance that nothing claimed: release when due, else defer.
     pub(super) fn idle_hosts(&mut self) {
-        let idle: Vec<&'a Host> = self
+        let mut idle: Vec<&'a Host> = self
             .hosts
             .values()
             .copied()
-            .filter(|h| h.instance_ids.is_empty() && !self.claimed_hosts.contains(&h.id))
+            .filter(|h| h.instance_ids.is_empty() && !self.claimed_hosts.contains(h.id.as_str()))
             .collect();
+        idle.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         for h in idle {
             let addr = String::from(Address::host(&h.id));
             let due = window_end(self.desired, h);
@@ -307,7 +308,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The host tagged for `name`, of the pool's kind, that is being scrubbed or has not settled yet.
-    pub(super) fn own_host_not_ready(&self, pool: &DesiredPool, name: &str) -> Option<String> {
+    pub(super) fn own_host_not_ready(&self, pool: &DesiredPool, name: &str) -> Option<&'a str> {
         self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find_map(|id| {
             let h = self.hosts.get(id)?;
             let fits = Some(&h.instance_type) == pool.spec.instance_type.as_ref()
@@ -318,7 +319,7 @@ impl<'a> Builder<'a> {
                     let delay = self.host_policy_of(id).map(|p| p.post_available_delay).unwrap_or_default();
                     window_end_at(t, delay) > self.now
                 });
-            (fits && idle && (h.state == HostState::Pending || settling)).then(|| id.to_string())
+            (fits && idle && (h.state == HostState::Pending || settling)).then_some(id)
         })
     }
 

@@ -167,9 +167,9 @@ impl<'a> Builder<'a> {
                 pool: pool.name.clone(),
                 machine: name.clone(),
                 spec: pool.spec.clone(),
-                host: Some(HostRef::Existing { host_id: h.clone() }),
+                host: Some(HostRef::Existing { host_id: h.to_string() }),
             };
-            self.claimed_hosts.insert(h.clone());
+            self.claimed_hosts.insert(h);
             self.deferred.push(Deferred {
                 address: addr,
                 action,
@@ -262,15 +262,16 @@ impl<'a> Builder<'a> {
         // The old host still fits: once its instance ends, the host is scrubbed (unusable for 50 minutes to
         // hours on EC2). Take another idle usable host now, or (`mac_replacement: allocate`) a new one; otherwise
         // the new instance waits for the old host, and no new host is paid for.
-        let fits = m.host_id.as_ref().filter(|h| {
-            self.hosts.get(h.as_str()).is_some_and(|h| {
+        let fits = m.host_id.as_deref().filter(|h| {
+            self.hosts.get(h).is_some_and(|h| {
                 Some(&h.instance_type) == pool.spec.instance_type.as_ref()
                     && pool.spec.availability_zone.is_some()
                     && pool.spec.allows_zone(Some(&h.availability_zone))
             })
         });
-        if let Some(old) = fits.cloned() {
-            self.claimed_hosts.insert(old.clone());
+        if let Some(old) = fits {
+            self.claimed_hosts.insert(old);
+            let old = old.to_string();
             if !pool.allocate_on_replace && !self.has_usable_idle_host(pool) {
                 let expected = self.scrub_expected(&old);
                 let action = ActionKind::LaunchInstance {
@@ -630,8 +631,8 @@ impl<'a> Builder<'a> {
             instance_id: m.instance_id.clone(),
         };
         self.defer_for_job(addr, &name, t, "the machine is terminated after its runner is removed");
-        if let Some(h) = &m.host_id {
-            self.claimed_hosts.insert(h.clone());
+        if let Some(h) = m.host_id.as_deref() {
+            self.claimed_hosts.insert(h);
         }
     }
 

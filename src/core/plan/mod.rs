@@ -19,7 +19,9 @@ mod runners;
 
 pub use model::*;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::core::model::*;
 use chrono::{DateTime, Utc};
@@ -46,11 +48,11 @@ struct Builder<'a> {
     deferred: Vec<Deferred>,
     warnings: Vec<Warning>,
     /// Owned hosts by id.
-    hosts: BTreeMap<&'a str, &'a Host>,
+    hosts: HashMap<&'a str, &'a Host>,
     /// Hosts already spoken for (a kept machine runs on it, it is reused, or released).
-    claimed_hosts: HashSet<String>,
+    claimed_hosts: HashSet<&'a str>,
     /// Available hosts with no instance, by (provider, type, zone), oldest allocation first.
-    idle_by_kind: HashMap<(String, String, String), Vec<String>>,
+    idle_by_kind: HashMap<(String, String, String), Vec<&'a str>>,
     /// Owned, live machines by pool tag.
     by_pool: BTreeMap<&'a str, Vec<&'a ActualMachine>>,
     /// Forge runners by name (only when a forge is configured and was read).
@@ -102,7 +104,8 @@ impl<'a> Builder<'a> {
     fn new(desired: &'a Desired, actual: &'a Actual, now: DateTime<Utc>) -> Self {
         let tenant = desired.tenant.as_str();
         let configured = |p: &str| desired.providers.contains_key(p);
-        let hosts: BTreeMap<&str, &Host> = actual
+        // Looked up by id; where their order shows (idle hosts), it is sorted there.
+        let hosts: HashMap<&str, &Host> = actual
             .hosts
             .iter()
             .filter(|h| owned_by(&h.tags, tenant) && configured(&h.provider) && h.state != HostState::Released)
@@ -155,7 +158,7 @@ impl<'a> Builder<'a> {
             }
             _ => None,
         };
-        let mut occupied: HashMap<String, BTreeSet<u32>> = HashMap::new();
+        let mut occupied: HashMap<String, BTreeSet<u32>> = HashMap::default();
         for u in &actual.unusable {
             let named = u.machine.as_deref().and_then(parse_machine_name).filter(|(t, _, _)| *t == tenant);
             if let Some((_, pool, index)) = named {
@@ -170,8 +173,8 @@ impl<'a> Builder<'a> {
                 kind: WarningKind::Unusable,
             });
         }
-        let mut reserved: HashMap<String, BTreeSet<u32>> = HashMap::new();
-        let mut other_fleet_names = HashSet::new();
+        let mut reserved: HashMap<String, BTreeSet<u32>> = HashMap::default();
+        let mut other_fleet_names = HashSet::default();
         let mut shared: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
         for o in &actual.other_fleets {
             let Some(name) = o.machine.as_deref() else { continue };
@@ -207,13 +210,17 @@ impl<'a> Builder<'a> {
                 kind: WarningKind::Other,
             });
         }
-        let mut hosts_by_machine_tag: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut hosts_by_machine_tag: HashMap<&str, Vec<&str>> = HashMap::default();
         for h in hosts.values() {
             if let Some(m) = h.tags.get(tags::MACHINE) {
                 hosts_by_machine_tag.entry(m).or_default().push(h.id.as_str());
             }
         }
-        let mut idle_by_kind: HashMap<(String, String, String), Vec<String>> = HashMap::new();
+        // In id order, whatever the map's.
+        for v in hosts_by_machine_tag.values_mut().filter(|v| v.len() > 1) {
+            v.sort_unstable();
+        }
+        let mut idle_by_kind: HashMap<(String, String, String), Vec<&str>> = HashMap::default();
         // Reusable: available, empty, and past the settling time after a scrub (EC2 Mac hosts are unusable for a
         // few minutes after they report available).
         let settled = |h: &Host| desired.host_settled(h, now);
@@ -226,7 +233,7 @@ impl<'a> Builder<'a> {
             idle_by_kind
                 .entry((h.provider.clone(), h.instance_type.clone(), h.availability_zone.clone()))
                 .or_default()
-                .push(h.id.clone());
+                .push(h.id.as_str());
         }
         Builder {
             desired,
@@ -236,23 +243,23 @@ impl<'a> Builder<'a> {
             deferred: Vec::new(),
             warnings,
             hosts,
-            claimed_hosts: HashSet::new(),
+            claimed_hosts: HashSet::default(),
             idle_by_kind,
             by_pool,
             runners,
-            runners_handled: HashSet::new(),
+            runners_handled: HashSet::default(),
             occupied,
             reserved,
             other_fleet_names,
             known_pools: actual.known_pools.as_ref(),
-            teardowns: HashMap::new(),
+            teardowns: HashMap::default(),
             hosts_by_machine_tag,
-            held_for_jobs: HashSet::new(),
+            held_for_jobs: HashSet::default(),
             jobs_interrupted: 0,
             made_unseen: &actual.made_unseen,
             live_machines,
             hosts_per_type: {
-                let mut m: HashMap<String, u32> = HashMap::new();
+                let mut m: HashMap<String, u32> = HashMap::default();
                 for h in actual.hosts.iter().filter(|h| h.state != HostState::Released && owned_by(&h.tags, tenant)) {
                     match m.get_mut(h.instance_type.as_str()) {
                         Some(n) => *n += 1,

@@ -1,6 +1,8 @@
 //! Pools: which machines stay, which go (scale-down order, moved and removed pools), which are created.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashSet as HashSet;
 
 use super::attrs::Attrs;
 
@@ -15,9 +17,9 @@ impl<'a> Builder<'a> {
         pools.sort_by(|a, b| a.name.cmp(&b.name));
         // Hosts that kept machines run on are not idle.
         for p in &pools {
-            for m in self.by_pool.get(p.name.as_str()).into_iter().flatten() {
-                if let Some(h) = &m.host_id {
-                    self.claimed_hosts.insert(h.clone());
+            for &m in self.by_pool.get(p.name.as_str()).into_iter().flatten() {
+                if let Some(h) = m.host_id.as_deref() {
+                    self.claimed_hosts.insert(h);
                 }
             }
         }
@@ -120,7 +122,7 @@ impl<'a> Builder<'a> {
     /// released only when the copy was the host's only instance, by the usual window rules.
     pub(super) fn remove_copies(&mut self, machines: Vec<&'a ActualMachine>) -> Vec<&'a ActualMachine> {
         // The common case: no two machines share a name (one pass over a pool, no map).
-        let mut seen: HashSet<&str> = HashSet::with_capacity(machines.len());
+        let mut seen: HashSet<&str> = HashSet::with_capacity_and_hasher(machines.len(), Default::default());
         if machines.iter().filter_map(|m| m.name()).all(|n| seen.insert(n)) {
             return machines;
         }
@@ -191,8 +193,8 @@ impl<'a> Builder<'a> {
         if !job_is_kepts && self.must_wait_for_job(&name) {
             self.defer_for_job(&addr, &name, terminate, &format!("then this copy is removed ({cause})"));
             self.held_for_jobs.insert(name.clone());
-            if let Some(h) = &m.host_id {
-                self.claimed_hosts.insert(h.clone());
+            if let Some(h) = m.host_id.as_deref() {
+                self.claimed_hosts.insert(h);
             }
             return;
         }

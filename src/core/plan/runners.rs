@@ -1,6 +1,8 @@
 //! Runners: ghost runners (registered, named for this tenant, with no machine) and label comparison.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashSet as HashSet;
 
 use super::attrs::{Attrs, RunnerAttrs};
 use super::model::*;
@@ -11,15 +13,23 @@ use crate::core::model::*;
 impl<'a> Builder<'a> {
     /// Runners that carry this tenant's names but have no machine.
     pub(super) fn ghost_runners(&mut self) {
-        let Some(runners) = self.runners.clone() else { return };
-        let tenant = self.desired.tenant.clone();
-        // A runner whose machine exists is never a ghost, even when that machine is unreachable.
-        let live: HashSet<&str> = self.by_pool.values().flatten().filter_map(|m| m.name()).collect();
-        let mut ghosts: Vec<&ForgeRunner> = runners
+        let Some(runners) = &self.runners else { return };
+        let tenant = self.desired.tenant.as_str();
+        // Runners no chain handled (every kept machine's is): few, so the set of live names is made only for them.
+        let unhandled: Vec<&'a ForgeRunner> = runners
             .values()
             .copied()
+            .filter(|r| !self.runners_handled.contains(&r.name))
             .filter(|r| parse_machine_name(&r.name).is_some_and(|(t, _, _)| t == tenant))
-            .filter(|r| !self.runners_handled.contains(&r.name) && !live.contains(r.name.as_str()))
+            .collect();
+        if unhandled.is_empty() {
+            return;
+        }
+        // A runner whose machine exists is never a ghost, even when that machine is unreachable.
+        let live: HashSet<&str> = self.by_pool.values().flatten().filter_map(|m| m.name()).collect();
+        let mut ghosts: Vec<&'a ForgeRunner> = unhandled
+            .into_iter()
+            .filter(|r| !live.contains(r.name.as_str()))
             // Another fleet file's machine has this runner: not a ghost, not ours.
             .filter(|r| !self.other_fleet_names.contains(&r.name))
             // Nor is a runner of a pool this fleet never declared nor acted on (another fleet file's, on providers
