@@ -109,7 +109,7 @@ impl<'a> Builder<'a> {
                 && self.must_wait_for_job(name)
             {
                 // A runner of this name is running a job somewhere: registering replaces it, so wait.
-                self.runners_handled.insert(name.to_string());
+                self.runners_handled.insert(name.to_string().into());
                 let a = ActionKind::DeregisterRunner { runner_id: old.id, runner_name: old.name.clone() };
                 self.defer_for_job(addr, name, a, "then the new machine's runner registers");
                 return ids;
@@ -122,7 +122,7 @@ impl<'a> Builder<'a> {
                 );
                 ids.push(d);
                 deps.push(d);
-                self.runners_handled.insert(name.to_string());
+                self.runners_handled.insert(name.to_string().into());
             }
             ids.push(self.add(addr, register_runner(pool, name, r), &deps));
         }
@@ -213,11 +213,11 @@ impl<'a> Builder<'a> {
         let name = m.name().unwrap_or(&m.instance_id).to_string();
         let mut deps = Vec::new();
         // One runner per name: of two instances of one name (copies) going away, only one deregisters it.
-        if let Some(r) = self.runner(&name).filter(|_| !self.runners_handled.contains(&name)) {
+        if let Some(r) = self.runner(&name).filter(|_| !self.runners_handled.contains(name.as_str())) {
             let d = self.add(addr, ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() }, &[]);
             ids.push(d);
             deps.push(d);
-            self.runners_handled.insert(name.clone());
+            self.runners_handled.insert(name.clone().into());
         }
         let t = self.add(
             addr,
@@ -440,7 +440,7 @@ impl<'a> Builder<'a> {
                     ids.push(self.add(&addr, register_runner(pool, &name, r), &deps));
                 }
                 (Some(r), Some(fr)) => {
-                    self.runners_handled.insert(name.clone());
+                    self.runners_handled.insert(std::borrow::Cow::Borrowed(m.name().unwrap_or(&m.instance_id)));
                     let relabel = !same_labels(&r.labels, &fr.labels);
                     // New labels change which jobs the runner may take: never in the middle of one.
                     if relabel && self.must_wait_for_job(&name) {
@@ -516,7 +516,7 @@ impl<'a> Builder<'a> {
                     }
                 }
                 (None, Some(fr)) => {
-                    self.runners_handled.insert(name.clone());
+                    self.runners_handled.insert(name.clone().into());
                     let a = ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() };
                     if self.must_wait_for_job(&name) {
                         self.defer_for_job(&addr, &name, a, "then the runner is removed (the pool no longer has one)");
@@ -620,7 +620,7 @@ impl<'a> Builder<'a> {
     pub(super) fn hold_for_job(&mut self, m: &'a ActualMachine, addr: &str, what: &str) {
         let name = m.name().unwrap_or(&m.instance_id).to_string();
         self.held_for_jobs.insert(name.clone());
-        self.runners_handled.insert(name.clone());
+        self.runners_handled.insert(name.clone().into());
         if let Some(r) = self.runner(&name) {
             let a = ActionKind::DeregisterRunner { runner_id: r.id, runner_name: r.name.clone() };
             self.defer_for_job(addr, &name, a, what);

@@ -58,7 +58,7 @@ struct Builder<'a> {
     /// Forge runners by name (only when a forge is configured and was read).
     runners: Option<HashMap<&'a str, &'a ForgeRunner>>,
     /// Runner names handled by some chain.
-    runners_handled: HashSet<String>,
+    runners_handled: HashSet<std::borrow::Cow<'a, str>>,
     /// Machine indexes held by unusable resources, by pool: never reused, never created again.
     occupied: HashMap<String, BTreeSet<u32>>,
     /// Machine indexes other fleet files' machines hold, by pool: not this fleet's, never created here.
@@ -105,12 +105,14 @@ impl<'a> Builder<'a> {
         let tenant = desired.tenant.as_str();
         let configured = |p: &str| desired.providers.contains_key(p);
         // Looked up by id; where their order shows (idle hosts), it is sorted there.
-        let hosts: HashMap<&str, &Host> = actual
-            .hosts
-            .iter()
-            .filter(|h| owned_by(&h.tags, tenant) && configured(&h.provider) && h.state != HostState::Released)
-            .map(|h| (h.id.as_str(), h))
-            .collect();
+        let mut hosts: HashMap<&str, &Host> = HashMap::with_capacity_and_hasher(actual.hosts.len(), Default::default());
+        hosts.extend(
+            actual
+                .hosts
+                .iter()
+                .filter(|h| owned_by(&h.tags, tenant) && configured(&h.provider) && h.state != HostState::Released)
+                .map(|h| (h.id.as_str(), h)),
+        );
         let mut by_pool: BTreeMap<&str, Vec<&ActualMachine>> = BTreeMap::new();
         let mut warnings = Vec::new();
         // This tenant's live machines (every provider, every pool), found once.
@@ -147,7 +149,12 @@ impl<'a> Builder<'a> {
             });
         }
         let runners = match (&actual.runners, desired.forge) {
-            (Some(rs), true) => Some(rs.iter().map(|r| (r.name.as_str(), r)).collect()),
+            (Some(rs), true) => {
+                let mut m: HashMap<&str, &ForgeRunner> =
+                    HashMap::with_capacity_and_hasher(rs.len(), Default::default());
+                m.extend(rs.iter().map(|r| (r.name.as_str(), r)));
+                Some(m)
+            }
             (None, true) => {
                 warnings.push(Warning {
                     address: "forge".into(),

@@ -19,7 +19,7 @@ impl<'a> Builder<'a> {
         let unhandled: Vec<&'a ForgeRunner> = runners
             .values()
             .copied()
-            .filter(|r| !self.runners_handled.contains(&r.name))
+            .filter(|r| !self.runners_handled.contains(r.name.as_str()))
             .filter(|r| parse_machine_name(&r.name).is_some_and(|(t, _, _)| t == tenant))
             .collect();
         if unhandled.is_empty() {
