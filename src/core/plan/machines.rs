@@ -315,7 +315,7 @@ impl<'a> Builder<'a> {
     /// In-place changes for a kept machine: unfinished or changed setup steps, runner registration and labels.
     pub(super) fn converge(&mut self, pool: &DesiredPool, m: &'a ActualMachine) {
         let addr = machine_address(m);
-        let name = m.name().unwrap_or(&m.instance_id).to_string();
+        let name: &'a str = m.name().unwrap_or(&m.instance_id);
         let mut bad_state = None;
         let job_done = self.ephemeral_job_done(pool, m);
         let state = match (&m.on_machine, m.state) {
@@ -328,7 +328,7 @@ impl<'a> Builder<'a> {
                     message: format!("`{name}` is unreachable ({reason}); its setup and runner cannot be checked"),
                     kind: WarningKind::Unreachable,
                 });
-                return self.tags_only(pool, m, addr, name);
+                return self.tags_only(pool, m, addr, name.to_string());
             }
             // The machine answered but its state database is empty or damaged: rewrite it, then set up again.
             (OnMachine::BadState { reason }, _) => {
@@ -339,7 +339,7 @@ impl<'a> Builder<'a> {
             (OnMachine::NotRead, InstanceState::Pending) => std::borrow::Cow::Owned(MachineState::default()),
             // Nothing on the machine to check for this pool.
             (OnMachine::NotRead, _) if pool.setup.is_empty() && (pool.runner.is_none() || self.runners.is_none()) => {
-                return self.tags_only(pool, m, addr, name);
+                return self.tags_only(pool, m, addr, name.to_string());
             }
             (OnMachine::NotRead, _) => {
                 self.warnings.push(Warning {
@@ -347,7 +347,7 @@ impl<'a> Builder<'a> {
                     message: format!("the state of `{name}` was not read; its setup and runner were not checked"),
                     kind: WarningKind::Other,
                 });
-                return self.tags_only(pool, m, addr, name);
+                return self.tags_only(pool, m, addr, name.to_string());
             }
         };
         let mut ids = Vec::new();
@@ -356,7 +356,7 @@ impl<'a> Builder<'a> {
         if m.state == InstanceState::Pending {
             let w = self.add(
                 &addr,
-                ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.clone() },
+                ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.to_string() },
                 &[],
             );
             ids.push(w);
@@ -371,7 +371,7 @@ impl<'a> Builder<'a> {
                 &addr,
                 ActionKind::ReimageMachine {
                     provider: pool.provider.clone(),
-                    machine: name.clone(),
+                    machine: name.to_string(),
                     instance_id: m.instance_id.clone(),
                     image: pool.spec.image.clone(),
                 },
@@ -379,7 +379,7 @@ impl<'a> Builder<'a> {
             );
             let w = self.add(
                 &addr,
-                ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.clone() },
+                ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.to_string() },
                 &[r],
             );
             ids.extend([r, w]);
@@ -390,7 +390,7 @@ impl<'a> Builder<'a> {
             let deps: Vec<usize> = last.into_iter().collect();
             let r = self.add(
                 &addr,
-                ActionKind::RepairState { provider: pool.provider.clone(), machine: name.clone() },
+                ActionKind::RepairState { provider: pool.provider.clone(), machine: name.to_string() },
                 &deps,
             );
             ids.push(r);
@@ -403,7 +403,7 @@ impl<'a> Builder<'a> {
         let mut run_steps = Vec::new();
         if let Some(i) = first_todo {
             let steps: Vec<StepRef> =
-                pool.setup[i..].iter().map(|s| StepRef { name: s.name.clone(), hash: s.hash.clone() }).collect();
+                pool.setup[i..].iter().map(|s| StepRef { name: s.name.to_string(), hash: s.hash.clone() }).collect();
             for s in &steps {
                 let old = state.steps.iter().find(|r| r.name == s.name);
                 let what = match old {
@@ -414,16 +414,16 @@ impl<'a> Builder<'a> {
                     Some(r) if r.hash != s.hash => StepWhy::Changed,
                     Some(_) => StepWhy::AfterAChangedStep,
                 };
-                why.push(UpdateCause::Step { name: s.name.clone(), why: what });
-                run_steps.push(s.name.clone());
+                why.push(UpdateCause::Step { name: s.name.to_string(), why: what });
+                run_steps.push(s.name.to_string());
             }
             let deps: Vec<usize> = last.into_iter().collect();
             let s = self.add(
                 &addr,
                 ActionKind::RunSetup {
                     provider: pool.provider.clone(),
-                    pool: pool.name.clone(),
-                    machine: name.clone(),
+                    pool: pool.name.to_string(),
+                    machine: name.to_string(),
                     steps,
                 },
                 &deps,
@@ -432,36 +432,36 @@ impl<'a> Builder<'a> {
             last = Some(s);
         }
         if self.runners.is_some() {
-            let registered = self.runner(&name);
+            let registered = self.runner(name);
             match (&pool.runner, registered) {
                 (Some(r), None) => {
                     why.push(UpdateCause::RunnerMissing);
                     let deps: Vec<usize> = last.into_iter().collect();
-                    ids.push(self.add(&addr, register_runner(pool, &name, r), &deps));
+                    ids.push(self.add(&addr, register_runner(pool, name, r), &deps));
                 }
                 (Some(r), Some(fr)) => {
                     self.runners_handled.insert(std::borrow::Cow::Borrowed(m.name().unwrap_or(&m.instance_id)));
                     let relabel = !same_labels(&r.labels, &fr.labels);
                     // New labels change which jobs the runner may take: never in the middle of one.
-                    if relabel && self.must_wait_for_job(&name) {
+                    if relabel && self.must_wait_for_job(name) {
                         let a = ActionKind::UpdateRunnerLabels {
-                            machine: name.clone(),
+                            machine: name.to_string(),
                             runner_id: fr.id,
                             labels: r.labels.clone(),
                             previous: fr.labels.clone(),
                         };
-                        self.defer_for_job(&addr, &name, a, "then its labels change");
+                        self.defer_for_job(&addr, name, a, "then its labels change");
                     } else if relabel && self.desired.forge_cannot_relabel {
                         // The runner declares its labels (Forgejo, Gitea): register it again with the new ones.
                         why.push(UpdateCause::Labels);
                         let d = self.add(
                             &addr,
-                            ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() },
+                            ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.to_string() },
                             &[],
                         );
                         let mut deps: Vec<usize> = last.into_iter().collect();
                         deps.push(d);
-                        let reg = self.add(&addr, register_runner(pool, &name, r), &deps);
+                        let reg = self.add(&addr, register_runner(pool, name, r), &deps);
                         ids.extend([d, reg]);
                         last = Some(reg);
                     } else if relabel {
@@ -469,7 +469,7 @@ impl<'a> Builder<'a> {
                         ids.push(self.add(
                             &addr,
                             ActionKind::UpdateRunnerLabels {
-                                machine: name.clone(),
+                                machine: name.to_string(),
                                 runner_id: fr.id,
                                 labels: r.labels.clone(),
                                 previous: fr.labels.clone(),
@@ -486,12 +486,12 @@ impl<'a> Builder<'a> {
                     {
                         let a = ActionKind::UpdateRunnerAgent {
                             provider: pool.provider.clone(),
-                            machine: name.clone(),
+                            machine: name.to_string(),
                             from: have.to_string(),
                             to: want.to_string(),
                         };
-                        if fr.busy || self.busy(&name) {
-                            self.defer_for_job(&addr, &name, a, "then its runner agent is updated");
+                        if fr.busy || self.busy(name) {
+                            self.defer_for_job(&addr, name, a, "then its runner agent is updated");
                         } else {
                             why.push(UpdateCause::AgentVersion { from: have.to_string(), to: want.to_string() });
                             let deps: Vec<usize> = last.into_iter().collect();
@@ -510,16 +510,16 @@ impl<'a> Builder<'a> {
                         let deps: Vec<usize> = last.into_iter().collect();
                         ids.push(self.add(
                             &addr,
-                            ActionKind::RestartRunner { provider: pool.provider.clone(), machine: name.clone() },
+                            ActionKind::RestartRunner { provider: pool.provider.clone(), machine: name.to_string() },
                             &deps,
                         ));
                     }
                 }
                 (None, Some(fr)) => {
-                    self.runners_handled.insert(name.clone().into());
-                    let a = ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.clone() };
-                    if self.must_wait_for_job(&name) {
-                        self.defer_for_job(&addr, &name, a, "then the runner is removed (the pool no longer has one)");
+                    self.runners_handled.insert(name.to_string().into());
+                    let a = ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.to_string() };
+                    if self.must_wait_for_job(name) {
+                        self.defer_for_job(&addr, name, a, "then the runner is removed (the pool no longer has one)");
                     } else {
                         why.push(UpdateCause::RunnerRemoved);
                         ids.push(self.add(&addr, a, &[]));
@@ -528,7 +528,7 @@ impl<'a> Builder<'a> {
                 (None, None) => {}
             }
         }
-        if let Some((id, cause)) = self.tag_update(pool, m, &addr, &name) {
+        if let Some((id, cause)) = self.tag_update(pool, m, &addr, name) {
             ids.push(id);
             why.push(cause);
         }
@@ -540,7 +540,7 @@ impl<'a> Builder<'a> {
         after.instance_id = Some(m.instance_id.clone());
         after.state = Some(m.state);
         let (before, after) = (Attrs::from(self.machine_before(m)), Attrs::from(after));
-        let subject = Subject::machine(addr, name, Some(&pool.name));
+        let subject = Subject::machine(addr, name.to_string(), Some(&pool.name));
         self.changes.push(ResourceChange::update(subject, why, before, after, run_steps, ids));
     }
 

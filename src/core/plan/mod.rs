@@ -118,6 +118,10 @@ impl<'a> Builder<'a> {
         // This tenant's live machines (every provider, every pool), found once.
         let live_machines: Vec<&ActualMachine> =
             actual.machines.iter().filter(|m| !m.state.is_gone() && owned_by(&m.tags, tenant)).collect();
+        // (pool, index, instance id, machine) of every named machine, sorted once: each pool's machines in index
+        // order, each pool's list allocated once (growing 20 lists one push at a time was a tenth of a
+        // 100,000-machine plan).
+        let mut named_machines: Vec<(&str, u32, &str, &ActualMachine)> = Vec::with_capacity(live_machines.len());
         for &m in &live_machines {
             if !configured(&m.provider) {
                 warnings.push(Warning {
@@ -129,7 +133,7 @@ impl<'a> Builder<'a> {
             }
             let named = m.name().and_then(parse_machine_name).filter(|(t, p, _)| *t == tenant && Some(*p) == m.pool());
             match named {
-                Some((_, pool, _)) => by_pool.entry(pool).or_default().push(m),
+                Some((_, pool, index)) => named_machines.push((pool, index, m.instance_id.as_str(), m)),
                 None => warnings.push(Warning {
                     address: machine_address(m),
                     message: format!(
@@ -141,12 +145,9 @@ impl<'a> Builder<'a> {
                 }),
             }
         }
-        for v in by_pool.values_mut() {
-            // Keys computed once per machine (the name is parsed), not per comparison.
-            v.sort_by_cached_key(|m| {
-                let m: &ActualMachine = m;
-                (machine_index(m), m.instance_id.as_str())
-            });
+        named_machines.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        for run in named_machines.chunk_by(|a, b| a.0 == b.0) {
+            by_pool.insert(run[0].0, run.iter().map(|x| x.3).collect());
         }
         let runners = match (&actual.runners, desired.forge) {
             (Some(rs), true) => {
