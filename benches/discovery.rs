@@ -6,9 +6,9 @@
 //! discovery` (without `NIMBUS_MOTO_URL` it says so and does nothing). Seeding goes through boto3 in moto's venv
 //! (`NIMBUS_PEERS_PYTHON`, else `.peers/venv/bin/python`); sizes from `NIMBUS_BENCH_MACS` (200) and
 //! `NIMBUS_BENCH_LINUX` (9,800), in `NIMBUS_BENCH_REGION` (eu-west-3), `NIMBUS_BENCH_ROUNDS` (3) rounds. Figures
-//! are printed, never asserted. moto's own tag filters cost grows with every resource of the region (each
-//! resource's tags are looked up among all), so at 10,000 instances a single page takes moto minutes: the
-//! ratio then measures moto more than either client.
+//! are printed, never asserted. moto looked each resource's tags up among every tag of the region, which made a
+//! page of 10,000 instances take minutes; the project's moto patch (`scripts/peers.sh`, "tags by id") looks
+//! them up by id.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -121,7 +121,7 @@ impl<'a> Builder<'a> {
         // (pool, index, instance id, machine) of every named machine, sorted once: each pool's machines in index
         // order, each pool's list allocated once (growing 20 lists one push at a time was a tenth of a
         // 100,000-machine plan).
-        let mut named_machines: Vec<(&str, u32, &str, &ActualMachine)> = Vec::with_capacity(live_machines.len());
+        let mut named_machines: Vec<(&str, u32, &str, usize, &ActualMachine)> = Vec::with_capacity(live_machines.len());
         for &m in &live_machines {
             if !configured(&m.provider) {
                 warnings.push(Warning {
@@ -133,7 +133,9 @@ impl<'a> Builder<'a> {
             }
             let named = m.name().and_then(parse_machine_name).filter(|(t, p, _)| *t == tenant && Some(*p) == m.pool());
             match named {
-                Some((_, pool, index)) => named_machines.push((pool, index, m.instance_id.as_str(), m)),
+                Some((_, pool, index)) => {
+                    named_machines.push((pool, index, m.instance_id.as_str(), named_machines.len(), m))
+                }
                 None => warnings.push(Warning {
                     address: machine_address(m),
                     message: format!(
@@ -145,10 +147,12 @@ impl<'a> Builder<'a> {
                 }),
             }
         }
-        named_machines.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        // Unique keys (the position last), so an unstable sort, which needs no buffer, orders as a stable one.
+        named_machines.sort_unstable_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
         for run in named_machines.chunk_by(|a, b| a.0 == b.0) {
-            by_pool.insert(run[0].0, run.iter().map(|x| x.3).collect());
+            by_pool.insert(run[0].0, run.iter().map(|x| x.4).collect());
         }
+        drop(named_machines);
         let runners = match (&actual.runners, desired.forge) {
             (Some(rs), true) => {
                 let mut m: HashMap<&str, &ForgeRunner> =

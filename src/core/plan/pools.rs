@@ -239,10 +239,9 @@ impl<'a> Builder<'a> {
         }
         // Unreachable for longer than the grace period, and no sign of life from its runner either.
         let grace = pool.runner.as_ref().map(|r| r.offline_grace).unwrap_or(DEFAULT_OFFLINE_GRACE);
-        let runner_online = m.name().and_then(|n| self.runner(n)).is_some_and(|r| r.online);
         if let (OnMachine::Unreachable { .. }, Some(since)) = (&m.on_machine, m.unreachable_since)
             && since + chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX) <= self.now
-            && !runner_online
+            && !m.name().and_then(|n| self.runner(n)).is_some_and(|r| r.online)
         {
             why.push(ReplaceCause::Unreachable { since });
         }
