@@ -34,7 +34,7 @@ impl<'a> Builder<'a> {
         let kinds: Vec<(String, String, String)> =
             zones.iter().map(|z| (pool.provider.clone(), itype.clone(), z.clone())).collect();
         // An idle host left tagged for this very machine (a killed apply allocated it) comes first.
-        let tagged = self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find(|id| {
+        let tagged = self.hosts_by_machine_tag.get(name).into_iter().flat_map(HostIds::iter).find(|id| {
             !self.claimed_hosts.contains(*id)
                 && kinds.iter().any(|k| self.idle_by_kind.get(k).is_some_and(|v| v.iter().any(|x| x == id)))
         });
@@ -68,8 +68,13 @@ impl<'a> Builder<'a> {
                 availability_zone: az,
                 fallback_zones: pool.spec.fallback_zones.clone(),
                 exclude_hosts: {
-                    let mut v: Vec<String> =
-                        self.hosts_by_machine_tag.get(name).into_iter().flatten().map(|h| h.to_string()).collect();
+                    let mut v: Vec<String> = self
+                        .hosts_by_machine_tag
+                        .get(name)
+                        .into_iter()
+                        .flat_map(HostIds::iter)
+                        .map(str::to_string)
+                        .collect();
                     v.sort();
                     v
                 },
@@ -309,7 +314,7 @@ impl<'a> Builder<'a> {
 
     /// The host tagged for `name`, of the pool's kind, that is being scrubbed or has not settled yet.
     pub(super) fn own_host_not_ready(&self, pool: &DesiredPool, name: &str) -> Option<&'a str> {
-        self.hosts_by_machine_tag.get(name).into_iter().flatten().copied().find_map(|id| {
+        self.hosts_by_machine_tag.get(name).into_iter().flat_map(HostIds::iter).find_map(|id| {
             let h = self.hosts.get(id)?;
             let fits = Some(&h.instance_type) == pool.spec.instance_type.as_ref()
                 && pool.spec.allows_zone(Some(&h.availability_zone));

@@ -314,7 +314,9 @@ impl<'a> Builder<'a> {
 
     /// In-place changes for a kept machine: unfinished or changed setup steps, runner registration and labels.
     pub(super) fn converge(&mut self, pool: &DesiredPool, m: &'a ActualMachine) {
-        let addr = machine_address(m);
+        // Made only when something is planned (most machines need nothing).
+        let addr_cell = std::cell::OnceCell::new();
+        let addr = || addr_cell.get_or_init(|| machine_address(m)).as_str();
         let name: &'a str = m.name().unwrap_or(&m.instance_id);
         let mut bad_state = None;
         let job_done = self.ephemeral_job_done(pool, m);
@@ -324,11 +326,11 @@ impl<'a> Builder<'a> {
             (OnMachine::Read { state }, _) => std::borrow::Cow::Borrowed(state),
             (OnMachine::Unreachable { reason }, _) => {
                 self.warnings.push(Warning {
-                    address: addr.clone(),
+                    address: addr().to_string(),
                     message: format!("`{name}` is unreachable ({reason}); its setup and runner cannot be checked"),
                     kind: WarningKind::Unreachable,
                 });
-                return self.tags_only(pool, m, addr, name.to_string());
+                return self.tags_only(pool, m, addr().to_string(), name.to_string());
             }
             // The machine answered but its state database is empty or damaged: rewrite it, then set up again.
             (OnMachine::BadState { reason }, _) => {
@@ -339,15 +341,15 @@ impl<'a> Builder<'a> {
             (OnMachine::NotRead, InstanceState::Pending) => std::borrow::Cow::Owned(MachineState::default()),
             // Nothing on the machine to check for this pool.
             (OnMachine::NotRead, _) if pool.setup.is_empty() && (pool.runner.is_none() || self.runners.is_none()) => {
-                return self.tags_only(pool, m, addr, name.to_string());
+                return self.tags_only(pool, m, addr().to_string(), name.to_string());
             }
             (OnMachine::NotRead, _) => {
                 self.warnings.push(Warning {
-                    address: addr.clone(),
+                    address: addr().to_string(),
                     message: format!("the state of `{name}` was not read; its setup and runner were not checked"),
                     kind: WarningKind::Other,
                 });
-                return self.tags_only(pool, m, addr, name.to_string());
+                return self.tags_only(pool, m, addr().to_string(), name.to_string());
             }
         };
         let mut ids = Vec::new();
@@ -355,7 +357,7 @@ impl<'a> Builder<'a> {
         let mut last = None;
         if m.state == InstanceState::Pending {
             let w = self.add(
-                &addr,
+                addr(),
                 ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.to_string() },
                 &[],
             );
@@ -368,7 +370,7 @@ impl<'a> Builder<'a> {
             why.push(UpdateCause::Reimage);
             let deps: Vec<usize> = last.into_iter().collect();
             let r = self.add(
-                &addr,
+                addr(),
                 ActionKind::ReimageMachine {
                     provider: pool.provider.clone(),
                     machine: name.to_string(),
@@ -378,7 +380,7 @@ impl<'a> Builder<'a> {
                 &deps,
             );
             let w = self.add(
-                &addr,
+                addr(),
                 ActionKind::WaitReachable { provider: pool.provider.clone(), machine: name.to_string() },
                 &[r],
             );
@@ -389,7 +391,7 @@ impl<'a> Builder<'a> {
             why.push(UpdateCause::BadState { reason: reason.clone() });
             let deps: Vec<usize> = last.into_iter().collect();
             let r = self.add(
-                &addr,
+                addr(),
                 ActionKind::RepairState { provider: pool.provider.clone(), machine: name.to_string() },
                 &deps,
             );
@@ -419,7 +421,7 @@ impl<'a> Builder<'a> {
             }
             let deps: Vec<usize> = last.into_iter().collect();
             let s = self.add(
-                &addr,
+                addr(),
                 ActionKind::RunSetup {
                     provider: pool.provider.clone(),
                     pool: pool.name.to_string(),
@@ -437,7 +439,7 @@ impl<'a> Builder<'a> {
                 (Some(r), None) => {
                     why.push(UpdateCause::RunnerMissing);
                     let deps: Vec<usize> = last.into_iter().collect();
-                    ids.push(self.add(&addr, register_runner(pool, name, r), &deps));
+                    ids.push(self.add(addr(), register_runner(pool, name, r), &deps));
                 }
                 (Some(r), Some(fr)) => {
                     self.runners_handled.insert(std::borrow::Cow::Borrowed(m.name().unwrap_or(&m.instance_id)));
@@ -450,24 +452,24 @@ impl<'a> Builder<'a> {
                             labels: r.labels.clone(),
                             previous: fr.labels.clone(),
                         };
-                        self.defer_for_job(&addr, name, a, "then its labels change");
+                        self.defer_for_job(addr(), name, a, "then its labels change");
                     } else if relabel && self.desired.forge_cannot_relabel {
                         // The runner declares its labels (Forgejo, Gitea): register it again with the new ones.
                         why.push(UpdateCause::Labels);
                         let d = self.add(
-                            &addr,
+                            addr(),
                             ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.to_string() },
                             &[],
                         );
                         let mut deps: Vec<usize> = last.into_iter().collect();
                         deps.push(d);
-                        let reg = self.add(&addr, register_runner(pool, name, r), &deps);
+                        let reg = self.add(addr(), register_runner(pool, name, r), &deps);
                         ids.extend([d, reg]);
                         last = Some(reg);
                     } else if relabel {
                         why.push(UpdateCause::Labels);
                         ids.push(self.add(
-                            &addr,
+                            addr(),
                             ActionKind::UpdateRunnerLabels {
                                 machine: name.to_string(),
                                 runner_id: fr.id,
@@ -491,11 +493,11 @@ impl<'a> Builder<'a> {
                             to: want.to_string(),
                         };
                         if fr.busy || self.busy(name) {
-                            self.defer_for_job(&addr, name, a, "then its runner agent is updated");
+                            self.defer_for_job(addr(), name, a, "then its runner agent is updated");
                         } else {
                             why.push(UpdateCause::AgentVersion { from: have.to_string(), to: want.to_string() });
                             let deps: Vec<usize> = last.into_iter().collect();
-                            let u = self.add(&addr, a, &deps);
+                            let u = self.add(addr(), a, &deps);
                             ids.push(u);
                             last = Some(u);
                         }
@@ -509,7 +511,7 @@ impl<'a> Builder<'a> {
                         why.push(UpdateCause::RunnerOffline { since });
                         let deps: Vec<usize> = last.into_iter().collect();
                         ids.push(self.add(
-                            &addr,
+                            addr(),
                             ActionKind::RestartRunner { provider: pool.provider.clone(), machine: name.to_string() },
                             &deps,
                         ));
@@ -519,16 +521,16 @@ impl<'a> Builder<'a> {
                     self.runners_handled.insert(name.to_string().into());
                     let a = ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.to_string() };
                     if self.must_wait_for_job(name) {
-                        self.defer_for_job(&addr, name, a, "then the runner is removed (the pool no longer has one)");
+                        self.defer_for_job(addr(), name, a, "then the runner is removed (the pool no longer has one)");
                     } else {
                         why.push(UpdateCause::RunnerRemoved);
-                        ids.push(self.add(&addr, a, &[]));
+                        ids.push(self.add(addr(), a, &[]));
                     }
                 }
                 (None, None) => {}
             }
         }
-        if let Some((id, cause)) = self.tag_update(pool, m, &addr, name) {
+        if let Some((id, cause)) = self.tag_update(pool, m, name) {
             ids.push(id);
             why.push(cause);
         }
@@ -540,19 +542,13 @@ impl<'a> Builder<'a> {
         after.instance_id = Some(m.instance_id.clone());
         after.state = Some(m.state);
         let (before, after) = (Attrs::from(self.machine_before(m)), Attrs::from(after));
-        let subject = Subject::machine(addr, name.to_string(), Some(&pool.name));
+        let subject = Subject::machine(addr().to_string(), name.to_string(), Some(&pool.name));
         self.changes.push(ResourceChange::update(subject, why, before, after, run_steps, ids));
     }
 
     /// The in-place update of a machine's user tags (and its host's), when they differ from the pool's: the
     /// action and its cause. A tag change never replaces a machine, and never waits for a job.
-    fn tag_update(
-        &mut self,
-        pool: &DesiredPool,
-        m: &ActualMachine,
-        addr: &str,
-        name: &str,
-    ) -> Option<(usize, UpdateCause)> {
+    fn tag_update(&mut self, pool: &DesiredPool, m: &ActualMachine, name: &str) -> Option<(usize, UpdateCause)> {
         // Providers without tags (their pools' tags are empty, and so are their machines') have nothing to do.
         let want = &pool.spec.tags;
         let host = m.host_id.as_deref().and_then(|h| self.hosts.get(h).copied());
@@ -585,7 +581,7 @@ impl<'a> Builder<'a> {
         let cause =
             UpdateCause::Tags { set: set.keys().cloned().collect(), removed: removed.iter().cloned().collect() };
         let id = self.add(
-            addr,
+            &machine_address(m),
             ActionKind::UpdateTags {
                 provider: pool.provider.clone(),
                 machine: name.to_string(),
@@ -601,7 +597,7 @@ impl<'a> Builder<'a> {
 
     /// A machine whose state is not checked (unreachable, or nothing on it to check) still gets its tags.
     fn tags_only(&mut self, pool: &DesiredPool, m: &'a ActualMachine, addr: String, name: String) {
-        let Some((id, cause)) = self.tag_update(pool, m, &addr, &name) else { return };
+        let Some((id, cause)) = self.tag_update(pool, m, &name) else { return };
         let mut after = self.machine_after(pool, m.host_id.clone());
         after.instance_id = Some(m.instance_id.clone());
         after.state = Some(m.state);

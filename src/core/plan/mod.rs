@@ -70,7 +70,7 @@ struct Builder<'a> {
     /// The terminate action of each machine being torn down, by name: a new machine of the same name waits for it.
     teardowns: HashMap<String, Vec<usize>>,
     /// Known hosts by the machine their tag names.
-    hosts_by_machine_tag: HashMap<&'a str, Vec<&'a str>>,
+    hosts_by_machine_tag: HashMap<&'a str, HostIds<'a>>,
     /// Machines whose removal waits for their runner's job: a new machine of the same name waits too.
     held_for_jobs: HashSet<String>,
     /// Running jobs this plan kills (`interrupt_jobs`).
@@ -83,6 +83,36 @@ struct Builder<'a> {
     hosts_per_type: HashMap<String, u32>,
     /// Dollars this plan commits so far (for `budget.max_commit_per_plan`).
     committed: f64,
+}
+
+/// The ids of the hosts tagged for one machine: almost always one, kept without an allocation.
+#[derive(Default)]
+struct HostIds<'a> {
+    first: Option<&'a str>,
+    more: Vec<&'a str>,
+}
+
+impl<'a> HostIds<'a> {
+    fn push(&mut self, id: &'a str) {
+        match self.first {
+            None => self.first = Some(id),
+            Some(_) => self.more.push(id),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.first.into_iter().chain(self.more.iter().copied())
+    }
+
+    /// In id order.
+    fn sort(&mut self) {
+        if !self.more.is_empty() {
+            let mut all: Vec<&'a str> = self.iter().collect();
+            all.sort_unstable();
+            self.first = Some(all[0]);
+            self.more = all.split_off(1);
+        }
+    }
 }
 
 fn machine_index(m: &ActualMachine) -> Option<u32> {
@@ -222,15 +252,16 @@ impl<'a> Builder<'a> {
                 kind: WarningKind::Other,
             });
         }
-        let mut hosts_by_machine_tag: HashMap<&str, Vec<&str>> = HashMap::default();
+        let mut hosts_by_machine_tag: HashMap<&str, HostIds> =
+            HashMap::with_capacity_and_hasher(hosts.len(), Default::default());
         for h in hosts.values() {
             if let Some(m) = h.tags.get(tags::MACHINE) {
                 hosts_by_machine_tag.entry(m).or_default().push(h.id.as_str());
             }
         }
         // In id order, whatever the map's.
-        for v in hosts_by_machine_tag.values_mut().filter(|v| v.len() > 1) {
-            v.sort_unstable();
+        for v in hosts_by_machine_tag.values_mut() {
+            v.sort();
         }
         let mut idle_by_kind: HashMap<(String, String, String), Vec<&str>> = HashMap::default();
         // Reusable: available, empty, and past the settling time after a scrub (EC2 Mac hosts are unusable for a
