@@ -194,7 +194,7 @@ impl<S: Storage> Nimbus<S> {
         let runner = actual.runners.as_ref().and_then(|rs| rs.iter().find(|r| r.name == name));
         Machine {
             pool: m.pool().unwrap_or_default().to_string(),
-            provider: m.provider.clone(),
+            provider: m.provider.to_string(),
             instance_id: m.instance_id.clone(),
             state: serde_json::to_value(m.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             host_id: m.host_id.clone(),

@@ -580,14 +580,14 @@ impl InstanceState {
 /// One machine: an instance (or sandbox) plus what it says about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ActualMachine {
-    pub provider: String,
+    pub provider: Sym,
     /// Provider id (EC2 instance id, sandbox folder).
     pub instance_id: String,
     pub tags: Tags,
     pub state: InstanceState,
-    pub image: String,
-    pub instance_type: Option<String>,
-    pub availability_zone: Option<String>,
+    pub image: Sym,
+    pub instance_type: Option<Sym>,
+    pub availability_zone: Option<Sym>,
     pub host_id: Option<String>,
     pub launched_at: DateTime<Utc>,
     /// When nimbus first failed to reach it (kept in the journal across runs); `None` while reachable.

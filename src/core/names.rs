@@ -94,7 +94,7 @@ pub mod tags {
     pub const MANAGED_BY_VALUE: &str = "nimbus";
 }
 
-pub use super::tagset::Tags;
+pub use super::tagset::{Sym, Tags};
 
 /// The user's own tags (`tags:` in the fleet file), as the fleet file and the plan hold them.
 pub type UserTags = BTreeMap<String, String>;

@@ -537,7 +537,13 @@ pub fn run(config: &FleetConfig, trace: &[TraceJob], seed: u64, name: &str) -> P
                     let on_host = m.host_id.is_some();
                     inst_bill.insert(
                         m.instance_id.clone(),
-                        (m.instance_type.clone().unwrap_or_default(), m.provider.clone(), t, None, on_host),
+                        (
+                            m.instance_type.as_deref().unwrap_or_default().to_string(),
+                            m.provider.to_string(),
+                            t,
+                            None,
+                            on_host,
+                        ),
                     );
                     let mac = m.instance_type.as_deref().is_some_and(crate::providers::aws::config::is_mac_metal);
                     let boot = if mac { rng.between(360.0, 1200.0) } else { rng.between(45.0, 90.0) };

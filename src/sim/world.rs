@@ -147,14 +147,14 @@ impl Simulator {
                     live.insert(machine.clone(), world.machines.len());
                     by_instance.insert(instance_id.clone(), world.machines.len());
                     world.machines.push(ActualMachine {
-                        provider: provider.clone(),
+                        provider: provider.as_str().into(),
                         instance_id,
                         // The user's tags, and nimbus's own (which win), as the providers tag.
                         tags: with_user_tags(&spec.tags, machine_tags(&desired.tenant, provider, pool, machine, None)),
                         state: InstanceState::Running,
-                        image: spec.image.clone(),
-                        instance_type: spec.instance_type.clone(),
-                        availability_zone: spec.availability_zone.clone(),
+                        image: spec.image.as_str().into(),
+                        instance_type: spec.instance_type.as_deref().map(Sym::from),
+                        availability_zone: spec.availability_zone.as_deref().map(Sym::from),
                         host_id,
                         launched_at: now,
                         address: None,
@@ -166,7 +166,7 @@ impl Simulator {
                 ActionKind::ReimageMachine { machine, image, .. } => {
                     let m = live_mut(world, &live, machine);
                     assert_eq!(m.state, InstanceState::Running, "reimaged {machine} while it was not running");
-                    m.image = image.clone();
+                    m.image = image.as_str().into();
                     m.on_machine = OnMachine::Read { state: MachineState::default() };
                 }
                 ActionKind::RestartRunner { machine, .. } => {

@@ -38,14 +38,14 @@ impl<'a> Builder<'a> {
         let labels = m.name().and_then(|n| self.runner(n)).map(|r| r.labels.clone()).or(labels);
         MachineAttrs {
             pool: m.pool().map(str::to_string),
-            provider: m.provider.clone(),
+            provider: m.provider.to_string(),
             instance_id: Some(m.instance_id.clone()),
             state: Some(m.state),
             os: None,
             arch: None,
-            image: m.image.clone(),
-            instance_type: m.instance_type.clone(),
-            availability_zone: m.availability_zone.clone(),
+            image: m.image.to_string(),
+            instance_type: m.instance_type.as_deref().map(str::to_string),
+            availability_zone: m.availability_zone.as_deref().map(str::to_string),
             host: m.host_id.clone(),
             labels,
             setup,
@@ -222,7 +222,7 @@ impl<'a> Builder<'a> {
         let t = self.add(
             addr,
             ActionKind::TerminateInstance {
-                provider: m.provider.clone(),
+                provider: m.provider.to_string(),
                 machine: name,
                 instance_id: m.instance_id.clone(),
             },
@@ -622,7 +622,7 @@ impl<'a> Builder<'a> {
             self.defer_for_job(addr, &name, a, what);
         }
         let t = ActionKind::TerminateInstance {
-            provider: m.provider.clone(),
+            provider: m.provider.to_string(),
             machine: name.clone(),
             instance_id: m.instance_id.clone(),
         };

@@ -46,7 +46,7 @@ impl<'a> Builder<'a> {
         for m in moved {
             let cause = ChangeReason::PoolMoved {
                 pool: pool.name.clone(),
-                from: m.provider.clone(),
+                from: m.provider.to_string(),
                 to: pool.provider.clone(),
             };
             self.destroy(m, cause);
@@ -185,7 +185,7 @@ impl<'a> Builder<'a> {
         let name = m.name().unwrap_or(&m.instance_id).to_string();
         let addr = format!("{}#{}", machine_address(m), m.instance_id);
         let terminate = ActionKind::TerminateInstance {
-            provider: m.provider.clone(),
+            provider: m.provider.to_string(),
             machine: name.clone(),
             instance_id: m.instance_id.clone(),
         };
@@ -217,14 +217,17 @@ impl<'a> Builder<'a> {
         let s = &pool.spec;
         let mut why = Vec::new();
         if m.image != s.image {
-            why.push(ReplaceCause::Image { from: m.image.clone(), to: s.image.clone() });
+            why.push(ReplaceCause::Image { from: m.image.to_string(), to: s.image.clone() });
         }
-        if s.instance_type.is_some() && m.instance_type != s.instance_type {
-            why.push(ReplaceCause::InstanceType { from: m.instance_type.clone(), to: s.instance_type.clone() });
+        if s.instance_type.is_some() && m.instance_type.as_deref() != s.instance_type.as_deref() {
+            why.push(ReplaceCause::InstanceType {
+                from: m.instance_type.as_deref().map(str::to_string),
+                to: s.instance_type.clone(),
+            });
         }
         if s.availability_zone.is_some() && !s.allows_zone(m.availability_zone.as_deref()) {
             why.push(ReplaceCause::AvailabilityZone {
-                from: m.availability_zone.clone(),
+                from: m.availability_zone.as_deref().map(str::to_string),
                 to: s.availability_zone.clone(),
             });
         }

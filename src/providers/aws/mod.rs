@@ -607,13 +607,13 @@ impl Provider for AwsProvider {
                 on_host.entry(h.clone()).or_default().push(id.clone());
             }
             machines.push(ActualMachine {
-                provider: self.name.clone(),
+                provider: self.name.as_str().into(),
                 instance_id: id,
                 tags: tag_map(i.tags()),
                 state,
-                image: i.image_id().unwrap_or_default().to_string(),
-                instance_type: i.instance_type().map(|t| t.as_str().to_string()),
-                availability_zone: i.placement().and_then(|p| p.availability_zone()).map(str::to_string),
+                image: i.image_id().unwrap_or_default().into(),
+                instance_type: i.instance_type().map(|t| t.as_str().into()),
+                availability_zone: i.placement().and_then(|p| p.availability_zone()).map(crate::core::model::Sym::from),
                 host_id,
                 launched_at: to_chrono(i.launch_time()),
                 address: i.private_ip_address().map(str::to_string),

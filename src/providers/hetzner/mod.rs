@@ -470,13 +470,18 @@ impl HetznerProvider {
 
     fn machine_of(&self, s: &Server, t: Tags) -> ActualMachine {
         ActualMachine {
-            provider: self.name.clone(),
+            provider: self.name.as_str().into(),
             instance_id: s.id.to_string(),
             tags: t,
             state: state_of(&s.status),
-            image: s.image.as_ref().and_then(|i| i.name.clone()).unwrap_or_default(),
-            instance_type: s.server_type.as_ref().and_then(|t| t.name.clone()),
-            availability_zone: s.datacenter.as_ref().and_then(|d| d.location.as_ref()).and_then(|l| l.name.clone()),
+            image: s.image.as_ref().and_then(|i| i.name.clone()).unwrap_or_default().into(),
+            instance_type: s.server_type.as_ref().and_then(|t| t.name.clone()).map(crate::core::model::Sym::from),
+            availability_zone: s
+                .datacenter
+                .as_ref()
+                .and_then(|d| d.location.as_ref())
+                .and_then(|l| l.name.clone())
+                .map(crate::core::model::Sym::from),
             host_id: None,
             launched_at: s.created.unwrap_or_else(Utc::now),
             address: s

@@ -370,12 +370,12 @@ impl Provider for LocalProvider {
         let machines = mine
             .into_iter()
             .map(|(path, rec)| ActualMachine {
-                provider: self.name.clone(),
+                provider: self.name.as_str().into(),
                 instance_id: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                 tags: rec.tags,
                 state: rec.state,
-                image: rec.image,
-                instance_type: rec.instance_type,
+                image: rec.image.into(),
+                instance_type: rec.instance_type.map(crate::core::model::Sym::from),
                 availability_zone: None,
                 host_id: None,
                 launched_at: rec.launched_at,
