@@ -5,6 +5,10 @@
 //!
 //! Run: `cargo bench --bench apply` (figures are printed, never asserted).
 
+/// The allocator the `nimbus` binary uses (`src/main.rs`), so that the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

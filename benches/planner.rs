@@ -6,6 +6,10 @@
 //! Run: `cargo bench --bench planner` (each size runs in its own process so
 //! that its memory is its own). Figures are printed, never asserted.
 
+/// The allocator the `nimbus` binary uses (`src/main.rs`), so that the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,19 +27,15 @@ fn status_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Hands freed memory back to the system (mimalloc's `mi_collect`), so that what is measured is what is live.
 fn release_free_memory() {
     unsafe extern "C" {
-        fn malloc_trim(pad: usize) -> i32;
+        // mimalloc's own, in the library the `mimalloc` crate links.
+        fn mi_collect(force: bool);
     }
-    // SAFETY: glibc's malloc_trim only returns free heap pages to the system.
-    unsafe {
-        malloc_trim(0);
-    }
+    // SAFETY: mi_collect only frees mimalloc's own unused pages.
+    unsafe { mi_collect(true) }
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
 
 /// One size, in this process: prints a line of figures.
 fn run_size(n: u32) {
@@ -72,8 +72,8 @@ fn run_size(n: u32) {
     want.pools[1].runner.as_mut().unwrap().labels.push("new".into());
     let now = t0 + chrono::Duration::hours(2);
 
-    // Building the world planned and applied every machine's creation: that plan is gone, but glibc keeps its
-    // freed memory. Hand it back, so that what is measured is the world and the plan, as in a real `nimbus plan`
+    // Building the world planned and applied every machine's creation: that plan is gone, but the allocator keeps
+    // its freed memory. Hand it back, so that what is measured is the world and the plan, as in a real `nimbus plan`
     // (discovery, then one plan).
     release_free_memory();
     let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset the RSS high-water mark
@@ -86,8 +86,7 @@ fn run_size(n: u32) {
         times.push(start.elapsed());
         actions = p.graph.node_count();
         // Untimed: the plan's memory goes back, so that the next plan starts from the heap the first one had (a
-        // `nimbus plan` makes one plan; glibc would otherwise charge the next plan for sorting the hundreds of
-        // thousands of chunks this one freed).
+        // `nimbus plan` makes one plan).
         drop(p);
         release_free_memory();
     }

@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc rather than the C library's allocator: a plan of a large fleet is mostly small allocations, where
+/// glibc's malloc spent a third of the time and musl's (the static release builds) more.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = nimbus::cli::normalize_args(std::env::args());
     let cli = match nimbus::cli::Cli::try_parse_from(args) {
