@@ -178,7 +178,7 @@ impl Desired {
     /// The release policy for a host: its pool's (by the host's pool tag), else its provider's, else `asap`.
     pub fn release_policy(&self, host: &Host) -> ReleasePolicy {
         let pool = host.tags.get(super::names::tags::POOL);
-        pool.and_then(|p| self.pools.iter().find(|d| &d.name == p && d.provider == host.provider))
+        pool.and_then(|p| self.pools.iter().find(|d| d.name == p && d.provider == host.provider))
             .and_then(|p| p.host_release)
             .or_else(|| self.providers.get(&host.provider).and_then(|p| p.host_release))
             .unwrap_or_default()

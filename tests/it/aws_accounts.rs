@@ -320,7 +320,7 @@ fn facade_child() {
             let seen = own.discover(&tenant(other)).await.unwrap();
             let m =
                 seen.machines.iter().find(|m| m.instance_id == theirs.instance_id).expect("its own credentials see it");
-            assert_eq!(m.tags.get("team"), Some(other.as_ref()), "the tenant's tag went on with it");
+            assert_eq!(m.tags.get("team"), Some(other), "the tenant's tag went on with it");
         }
         for (t, m) in [("a", &a), ("b", &b)] {
             n.terminate(&tenant(t), &m.name).await.unwrap();

@@ -161,7 +161,7 @@ impl<'a> Builder<'a> {
             && !pool.allocate_on_replace
             && !self.has_usable_idle_host(pool)
         {
-            let expected = self.scrub_expected(&h);
+            let expected = self.scrub_expected(h);
             let action = ActionKind::LaunchInstance {
                 provider: pool.provider.clone(),
                 pool: pool.name.clone(),
@@ -553,7 +553,7 @@ impl<'a> Builder<'a> {
         let want = &pool.spec.tags;
         let host = m.host_id.as_deref().and_then(|h| self.hosts.get(h).copied());
         // The common case, without allocating: no tags wanted, and none of the user's on the machine or its host.
-        let untagged = |t: &Tags| t.keys().all(|k| is_reserved_tag(k));
+        let untagged = |t: &Tags| t.keys().all(is_reserved_tag);
         if want.is_empty() && untagged(&m.tags) && host.is_none_or(|h| untagged(&h.tags)) {
             return None;
         }

@@ -687,7 +687,7 @@ impl Provider for AwsProvider {
         // nimbus's own tags always win over the user's (validation refuses reserved keys anyway).
         let mut host_tags = with_user_tags(&req.tags, self.tags_for(&req.pool, &req.machine));
         if let Some(g) = &generation {
-            host_tags.insert(tags::GENERATION.to_string(), g.clone());
+            host_tags.insert(tags::GENERATION, g.clone());
         }
         // The pool's zones in order: a zone without capacity gives way to the next.
         let zones: Vec<&String> = std::iter::once(&req.availability_zone).chain(req.fallback_zones.iter()).collect();
