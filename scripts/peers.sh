@@ -49,35 +49,49 @@ start_moto() {
   fi
   "$venv/bin/python" - <<'PY'
 import pathlib, moto.ec2.models.hosts as h
-p = pathlib.Path(h.__file__)
-s = p.read_text()
-marker = "# nimbus: tag filters"
-if marker not in s:
-    old = '        if filter_name == "instance-type":\n            return self.instance_type\n        return None\n'
-    new = ('        if filter_name == "instance-type":\n            return self.instance_type\n'
-           '        if filter_name.startswith("tag:"):  ' + marker + '\n'
-           '            return super().get_filter_value(filter_name, method_name)\n        return None\n')
-    if old not in s:
-        raise SystemExit("peers: moto's hosts.py changed; cannot apply the tag filter patch")
+
+
+def replace_once(module, marker, old, new, file, patch):
+    """Replaces `old`, which must be in the module's source exactly once, with `new` (which carries `marker`),
+    unless an earlier start already did."""
+    p = pathlib.Path(module.__file__)
+    s = p.read_text()
+    if marker in s:
+        return
+    if s.count(old) != 1:
+        raise SystemExit(f"peers: moto's {file} changed; cannot apply the {patch} patch")
     p.write_text(s.replace(old, new))
+
+
+marker = "# nimbus: tag filters"
+replace_once(
+    h,
+    marker,
+    '        if filter_name == "instance-type":\n            return self.instance_type\n        return None\n',
+    ('        if filter_name == "instance-type":\n            return self.instance_type\n'
+     '        if filter_name.startswith("tag:"):  ' + marker + '\n'
+     '            return super().get_filter_value(filter_name, method_name)\n        return None\n'),
+    "hosts.py",
+    "tag filter",
+)
 
 # moto finds a resource's tags by scanning every tag of every resource with a regular expression
 # (`describe_tags(filters={"resource-id": [id]})`), once per resource per filter and again to render it: a
 # DescribeInstances over 10,000 tagged instances never ends. The resource's own tags are one dict lookup; same
 # results (an id has no wildcard, and fnmatch anchors the pattern), only not quadratic. Performance only.
 import moto.ec2.models.core as mc
-p = pathlib.Path(mc.__file__)
-s = p.read_text()
 marker = "# nimbus: tags by id"
-if marker not in s:
-    old = '            tags = self.ec2_backend.describe_tags(filters={"resource-id": [self.id]})  # type: ignore[attr-defined]\n'
-    new = ('            from ..utils import EC2_PREFIX_TO_RESOURCE, get_prefix  ' + marker + '\n'
-           '            own = self.ec2_backend.tags.get(self.id) or {}  # type: ignore[attr-defined]\n'
-           '            kind = EC2_PREFIX_TO_RESOURCE.get(get_prefix(self.id), "")  # type: ignore[attr-defined]\n'
-           '            tags = [{"resource_id": self.id, "key": k, "value": v, "resource_type": kind} for k, v in own.items()]  # type: ignore[attr-defined]\n')
-    if old not in s:
-        raise SystemExit("peers: moto's ec2/models/core.py changed; cannot apply the tags-by-id patch")
-    p.write_text(s.replace(old, new))
+replace_once(
+    mc,
+    marker,
+    '            tags = self.ec2_backend.describe_tags(filters={"resource-id": [self.id]})  # type: ignore[attr-defined]\n',
+    ('            from ..utils import EC2_PREFIX_TO_RESOURCE, get_prefix  ' + marker + '\n'
+     '            own = self.ec2_backend.tags.get(self.id) or {}  # type: ignore[attr-defined]\n'
+     '            kind = EC2_PREFIX_TO_RESOURCE.get(get_prefix(self.id), "")  # type: ignore[attr-defined]\n'
+     '            tags = [{"resource_id": self.id, "key": k, "value": v, "resource_type": kind} for k, v in own.items()]  # type: ignore[attr-defined]\n'),
+    "ec2/models/core.py",
+    "tags-by-id",
+)
 
 # EC2 scrubs a Mac dedicated host after its instance ends: the host is `pending` (unusable) for a while, then
 # `available` again. moto leaves it available; with NIMBUS_MOTO_SCRUB_SECONDS set (the test script sets it),
@@ -386,17 +400,17 @@ S3Response.delete_object = _nimbus_atomic(S3Response.delete_object)
 # from the request's credential scope, so a policy can keep an identity to its region, as IAM does (issue 24's
 # tests keep two accounts' identities apart with it). Other conditions stay as moto had them.
 import moto.iam.access_control as ac
-p = pathlib.Path(ac.__file__)
-s = p.read_text()
 marker = "# nimbus: aws:RequestedRegion"
-if marker not in s:
-    old = "            permission_result = iam_policy.is_action_permitted(self._action, resource)\n"
-    new = ("            permission_result = iam_policy.is_action_permitted(  " + marker + "\n"
-           "                self._action, resource, None, {\"aws:RequestedRegion\": self._region}\n"
-           "            )\n")
-    if s.count(old) != 1:
-        raise SystemExit("peers: moto's iam/access_control.py changed; cannot apply the RequestedRegion patch")
-    p.write_text(s.replace(old, new))
+replace_once(
+    ac,
+    marker,
+    "            permission_result = iam_policy.is_action_permitted(self._action, resource)\n",
+    ("            permission_result = iam_policy.is_action_permitted(  " + marker + "\n"
+     "                self._action, resource, None, {\"aws:RequestedRegion\": self._region}\n"
+     "            )\n"),
+    "iam/access_control.py",
+    "RequestedRegion",
+)
 PY
   local port
   port=$(free_port)
