@@ -62,6 +62,57 @@ fn kinds(plan: &serde_json::Value) -> Vec<String> {
     plan["actions"].as_array().unwrap().iter().map(|a| a["type"].as_str().unwrap().to_string()).collect()
 }
 
+/// A mac2.metal spec in us-east-1a of `image`, with the user's `tags`.
+fn mac_spec(image: &str, tags: nimbus::core::model::UserTags) -> nimbus::core::model::MachineSpec {
+    nimbus::core::model::MachineSpec {
+        os: nimbus::config::Os::Macos,
+        arch: nimbus::config::Arch::Arm64,
+        instance_type: Some("mac2.metal".into()),
+        image: image.into(),
+        availability_zone: Some("us-east-1a".into()),
+        fallback_zones: vec![],
+        tags,
+    }
+}
+
+/// Allocates a dedicated host for `machine` of pool `mac` and launches it there from `image`, both with the
+/// user's `tags`, through `p`; returns the host and instance ids.
+async fn mac_on_its_own_host(
+    p: &AwsProvider,
+    tenant: &str,
+    machine: &str,
+    image: &str,
+    tags: nimbus::core::model::UserTags,
+) -> (String, String) {
+    use nimbus::providers::{HostRequest, LaunchRequest};
+    let host = p
+        .allocate_host(&HostRequest {
+            tenant: tenant.to_string(),
+            pool: "mac".into(),
+            machine: machine.to_string(),
+            instance_type: "mac2.metal".into(),
+            availability_zone: "us-east-1a".into(),
+            fallback_zones: vec![],
+            exclude_hosts: vec![],
+            idempotency_key: None,
+            tags: tags.clone(),
+        })
+        .await
+        .unwrap();
+    let id = p
+        .launch(&LaunchRequest {
+            tenant: tenant.to_string(),
+            pool: "mac".into(),
+            machine: machine.to_string(),
+            spec: mac_spec(image, tags),
+            host_id: Some(host.clone()),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    (host, id)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -469,7 +520,7 @@ fn aws_errors_show_code_and_message_only() {
 /// nimbus's request is checked against the EC2 service model botocore ships (the official API description).
 #[test]
 fn a_mac_is_reimaged_on_its_own_host() {
-    use nimbus::providers::{HostRequest, LaunchRequest, MachineRef};
+    use nimbus::providers::MachineRef;
     let Some(url) = moto() else { return };
     let model_path = std::env::var("NIMBUS_EC2_SERVICE_MODEL").expect("scripts/peers.sh exports the EC2 model");
     let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
@@ -487,40 +538,7 @@ fn a_mac_is_reimaged_on_its_own_host() {
         )
         .await
         .unwrap();
-        let host = p
-            .allocate_host(&HostRequest {
-                tenant: tenant.clone(),
-                pool: "mac".into(),
-                machine: machine.clone(),
-                instance_type: "mac2.metal".into(),
-                availability_zone: "us-east-1a".into(),
-                fallback_zones: vec![],
-                exclude_hosts: vec![],
-                idempotency_key: None,
-                tags: Default::default(),
-            })
-            .await
-            .unwrap();
-        let spec = nimbus::core::model::MachineSpec {
-            os: nimbus::config::Os::Macos,
-            arch: nimbus::config::Arch::Arm64,
-            instance_type: Some("mac2.metal".into()),
-            image: "ami-0old".into(),
-            availability_zone: Some("us-east-1a".into()),
-            fallback_zones: vec![],
-            tags: Default::default(),
-        };
-        let id = p
-            .launch(&LaunchRequest {
-                tenant: tenant.clone(),
-                pool: "mac".into(),
-                machine: machine.clone(),
-                spec,
-                host_id: Some(host.clone()),
-                idempotency_key: None,
-            })
-            .await
-            .unwrap();
+        let (host, id) = mac_on_its_own_host(&p, &tenant, &machine, "ami-0old", Default::default()).await;
         let c = sdk().await;
         let root = |i: &aws_sdk_ec2::types::Instance| {
             i.block_device_mappings().iter().find_map(|b| b.ebs().and_then(|e| e.volume_id()).map(str::to_string))
@@ -854,15 +872,7 @@ fn a_launch_never_retags_another_tenants_host() {
                 tenant: intruder.clone(),
                 pool: "mac".into(),
                 machine: format!("nimbus.{intruder}.mac.0"),
-                spec: nimbus::core::model::MachineSpec {
-                    os: nimbus::config::Os::Macos,
-                    arch: nimbus::config::Arch::Arm64,
-                    instance_type: Some("mac2.metal".into()),
-                    image: "ami-0abc".into(),
-                    availability_zone: Some("us-east-1a".into()),
-                    fallback_zones: vec![],
-                    tags: Default::default(),
-                },
+                spec: mac_spec("ami-0abc", Default::default()),
                 host_id: Some(host.clone()),
                 idempotency_key: None,
             })
@@ -1158,7 +1168,7 @@ fn the_ledger_costs_and_budgets_on_moto() {
 /// nimbus's own tags; another tenant's instance is never retagged.
 #[test]
 fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
-    use nimbus::providers::{HostRequest, LaunchRequest, MachineRef};
+    use nimbus::providers::MachineRef;
     let Some(url) = moto() else { return };
     let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
     let tenant = unique_tenant("tags");
@@ -1172,40 +1182,7 @@ fn user_tags_go_on_instance_volumes_and_host_and_change_in_place() {
             ..Default::default()
         };
         let p = AwsProvider::new("aws", &tenant, settings()).await.unwrap();
-        let host = p
-            .allocate_host(&HostRequest {
-                tenant: tenant.clone(),
-                pool: "mac".into(),
-                machine: machine.clone(),
-                instance_type: "mac2.metal".into(),
-                availability_zone: "us-east-1a".into(),
-                fallback_zones: vec![],
-                exclude_hosts: vec![],
-                idempotency_key: None,
-                tags: user.clone(),
-            })
-            .await
-            .unwrap();
-        let spec = nimbus::core::model::MachineSpec {
-            os: nimbus::config::Os::Macos,
-            arch: nimbus::config::Arch::Arm64,
-            instance_type: Some("mac2.metal".into()),
-            image: "ami-0abc".into(),
-            availability_zone: Some("us-east-1a".into()),
-            fallback_zones: vec![],
-            tags: user.clone(),
-        };
-        let id = p
-            .launch(&LaunchRequest {
-                tenant: tenant.clone(),
-                pool: "mac".into(),
-                machine: machine.clone(),
-                spec,
-                host_id: Some(host.clone()),
-                idempotency_key: None,
-            })
-            .await
-            .unwrap();
+        let (host, id) = mac_on_its_own_host(&p, &tenant, &machine, "ami-0abc", user.clone()).await;
         let c = sdk().await;
         let tags_of = |ts: &[Tag]| -> BTreeMap<String, String> {
             ts.iter()
