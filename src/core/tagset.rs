@@ -309,9 +309,13 @@ impl<'a> IntoIterator for &'a Tags {
 
 impl IntoIterator for Tags {
     type Item = (String, String);
-    type IntoIter = std::vec::IntoIter<(String, String)>;
+    type IntoIter =
+        std::iter::Map<std::vec::IntoIter<(Arc<str>, Arc<str>)>, fn((Arc<str>, Arc<str>)) -> (String, String)>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+        fn owned((k, v): (Arc<str>, Arc<str>)) -> (String, String) {
+            (k.to_string(), v.to_string())
+        }
+        self.0.into_iter().map(owned)
     }
 }
 

@@ -62,6 +62,15 @@ pub enum Attrs {
 }
 
 impl Attrs {
+    /// The `provider` attribute, where the side has one (a machine's), without building its JSON.
+    pub fn provider(&self) -> Option<&str> {
+        match self {
+            Attrs::Machine(a) => Some(&a.provider),
+            Attrs::Host(_) | Attrs::Runner(_) => None,
+            Attrs::Json(v) => v["provider"].as_str(),
+        }
+    }
+
     /// The document's JSON object.
     pub fn to_json(&self) -> serde_json::Value {
         match self {

@@ -108,13 +108,7 @@ fn terraform_shaped(plan: &Plan, c: &ResourceChange) -> ResourceChange {
         .iter()
         .filter_map(|id| plan.graph.node_weight(petgraph::graph::NodeIndex::new(*id)))
         .find_map(|a| a.kind.provider().map(str::to_string))
-        .or_else(|| {
-            c.after
-                .as_ref()
-                .or(c.before.as_ref())
-                .map(Attrs::to_json)
-                .and_then(|v| v["provider"].as_str().map(str::to_string))
-        })
+        .or_else(|| c.after.as_ref().or(c.before.as_ref()).and_then(Attrs::provider).map(str::to_string))
         .unwrap_or_else(|| "forge".into());
     c.change = Some(crate::core::plan::TerraformChange {
         actions: c.actions.clone(),
