@@ -442,7 +442,7 @@ impl<'a> Builder<'a> {
                     ids.push(self.add(addr(), register_runner(pool, name, r), &deps));
                 }
                 (Some(r), Some(fr)) => {
-                    self.runners_handled.insert(std::borrow::Cow::Borrowed(m.name().unwrap_or(&m.instance_id)));
+                    self.runners_handled.insert(name.into());
                     let relabel = !same_labels(&r.labels, &fr.labels);
                     // New labels change which jobs the runner may take: never in the middle of one.
                     if relabel && self.must_wait_for_job(name) {
@@ -518,7 +518,7 @@ impl<'a> Builder<'a> {
                     }
                 }
                 (None, Some(fr)) => {
-                    self.runners_handled.insert(name.to_string().into());
+                    self.runners_handled.insert(name.into());
                     let a = ActionKind::DeregisterRunner { runner_id: fr.id, runner_name: fr.name.to_string() };
                     if self.must_wait_for_job(name) {
                         self.defer_for_job(addr(), name, a, "then the runner is removed (the pool no longer has one)");
