@@ -3,11 +3,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextRef;
-use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::config_bag::ConfigBag;
 use chrono::{DateTime, Utc};
 
 /// The last skew seen: the provider's time minus this computer's, when a response carried a `Date`.
@@ -18,23 +13,11 @@ impl ClockWatch {
     pub fn skew(&self) -> Option<chrono::Duration> {
         *self.0.lock().expect("lock")
     }
-}
 
-impl Intercept for ClockWatch {
-    fn name(&self) -> &'static str {
-        "nimbus.ClockWatch"
-    }
-
-    fn read_before_deserialization(
-        &self,
-        context: &BeforeDeserializationInterceptorContextRef<'_>,
-        _: &RuntimeComponents,
-        _: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        let theirs = context.response().headers().get("date").and_then(|d| DateTime::parse_from_rfc2822(d).ok());
-        if let Some(t) = theirs {
+    /// An answer's `Date` header (RFC 2822 / IMF-fixdate); one that does not parse is ignored.
+    pub fn observe(&self, date: &str) {
+        if let Ok(t) = DateTime::parse_from_rfc2822(date) {
             *self.0.lock().expect("lock") = Some(t.with_timezone(&Utc) - Utc::now());
         }
-        Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! The `aws` provider: EC2 Mac dedicated hosts and Linux instances through
-//! aws-sdk-ec2.
+//! nimbus's own small EC2 client ([`ec2`]; credentials and region from aws-config).
 //!
 //! - Credentials and region come from the standard AWS chain; the endpoint
 //!   from `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_EC2` (how tests reach moto).
@@ -8,18 +8,18 @@
 //!   the server and again here, so another tenant's resources never get
 //!   through even when a server ignores a filter.
 //! - Every create first looks for the resource by its deterministic tags, so
-//!   a re-run never allocates or launches twice; a ClientToken covers SDK retries.
+//!   a re-run never allocates or launches twice; a ClientToken covers retries.
 //! - nimbus enforces its own rules before releasing a host: it must be ours,
 //!   idle, and past its minimum allocation window.
-//! - Throttling (`RequestLimitExceeded`) is retried with backoff by the SDK;
+//! - Throttling (`RequestLimitExceeded`) is retried with backoff by the client;
 //!   a client-side token bucket keeps within EC2's request buckets.
 
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod ec2;
 pub mod limits;
 pub mod reach;
-mod requests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -27,10 +27,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
-use aws_config::retry::RetryConfig;
-use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{Filter, Placement, ResourceType, Tag, TagSpecification, Tenancy};
 use chrono::{DateTime, Utc};
+use ec2::{Ec2Client, Ec2Error, Ec2Host, Ec2Instance, Filter, Params};
 
 use super::{AllocatedHost, Discovered, HostRequest, LaunchRequest, MachineRef, Provider, ProviderError};
 use crate::core::model::{
@@ -82,7 +80,7 @@ pub type TransportFactory = Arc<dyn Fn(&MachineRef) -> Option<Arc<dyn Transport>
 pub struct AwsProvider {
     name: String,
     tenant: String,
-    client: Client,
+    client: Ec2Client,
     settings: AwsSettings,
     limits: Limits,
     calls: Mutex<BTreeMap<&'static str, u64>>,
@@ -110,17 +108,15 @@ fn err(provider: &str, op: &str, e: impl std::fmt::Display) -> ProviderError {
     }
 }
 
-/// The service's error code and message (`InsufficientHostCapacity: ...`); the SDK's raw form, with its
-/// HTTP headers, goes to the debug log only.
-fn sdk_err<E, R>(provider: &str, op: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> ProviderError
-where
-    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    tracing::debug!(provider, op, error = %aws_sdk_ec2::error::DisplayErrorContext(&e), "EC2 call failed");
-    let message = format!("{op}: {}", describe_sdk_error(&e));
+/// The service's error code and message (`InsufficientHostCapacity: ...`), by what the caller can do about it.
+fn ec2_err(provider: &str, op: &str, e: Ec2Error) -> ProviderError {
+    tracing::debug!(provider, op, error = ?e, "EC2 call failed");
+    let message = format!("{op}: {e}");
     let provider = provider.to_string();
-    match e.as_service_error().and_then(|s| s.code()).map(classify) {
+    if matches!(e, Ec2Error::Credentials(_)) {
+        return ProviderError::Auth { provider, message };
+    }
+    match e.code().map(classify) {
         Some(Class::NotFound) => ProviderError::NotFound { provider, message },
         Some(Class::Throttled) => ProviderError::Throttled { provider, message },
         Some(Class::Auth) => ProviderError::Auth { provider, message },
@@ -142,7 +138,7 @@ enum Class {
 /// EC2 error codes by what the caller can do about them.
 fn classify(code: &str) -> Class {
     match code {
-        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => Class::Throttled,
+        c if ec2::THROTTLING_CODES.contains(&c) => Class::Throttled,
         "AuthFailure"
         | "UnauthorizedOperation"
         | "InvalidClientTokenId"
@@ -165,94 +161,13 @@ fn classify(code: &str) -> Class {
     }
 }
 
-/// A one-line description of an SDK error, without HTTP details.
-pub fn describe_sdk_error<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
-where
-    E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static,
-    R: std::fmt::Debug,
-{
-    use aws_sdk_ec2::error::SdkError;
-    match e {
-        SdkError::ServiceError(s) => {
-            let inner = s.err();
-            match (inner.code(), inner.message()) {
-                (Some(c), Some(m)) => format!("{c}: {m}"),
-                (Some(c), None) => c.to_string(),
-                (None, Some(m)) => m.to_string(),
-                (None, None) => "the service returned an error without a code".to_string(),
-            }
-        }
-        SdkError::TimeoutError(_) => "the request to EC2 timed out".to_string(),
-        SdkError::DispatchFailure(d) => {
-            let why = if d.is_io() {
-                "a network error"
-            } else if d.is_timeout() {
-                "a timeout"
-            } else {
-                "a connection error"
-            };
-            let mut msg = format!("cannot reach the EC2 endpoint ({why})");
-            // The innermost cause is short and says what happened ("Connection refused").
-            let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-            let mut last = None;
-            while let Some(s) = src {
-                last = Some(s.to_string());
-                src = s.source();
-            }
-            if let Some(l) = last {
-                msg.push_str(&format!(": {}", l.chars().take(200).collect::<String>()));
-            }
-            msg
-        }
-        SdkError::ResponseError(_) => "EC2 sent a response nimbus could not read".to_string(),
-        SdkError::ConstructionFailure(_) => "the request could not be built".to_string(),
-        _ => "the EC2 call failed".to_string(),
-    }
-}
-
-fn tag_map(ts: &[Tag]) -> Tags {
-    ts.iter().filter_map(|t| Some((t.key()?, t.value().unwrap_or("")))).collect()
-}
-
-fn aws_tags(t: &Tags) -> Vec<Tag> {
-    t.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
-}
-
 fn filter(name: &str, values: &[&str]) -> Filter {
-    Filter::builder().name(name).set_values(Some(values.iter().map(|v| v.to_string()).collect())).build()
+    Filter::new(name, values)
 }
 
 /// A host's allocation time; one that is missing or unreadable is never releasable (fail closed).
-fn allocation_time(t: Option<&aws_smithy_types::DateTime>) -> DateTime<Utc> {
-    t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
-        .unwrap_or(crate::core::model::UNKNOWN_ALLOCATION)
-}
-
-fn to_chrono(t: Option<&aws_smithy_types::DateTime>) -> DateTime<Utc> {
-    t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())).unwrap_or(DateTime::UNIX_EPOCH)
-}
-
-fn host_state(s: Option<&aws_sdk_ec2::types::AllocationState>) -> HostState {
-    use aws_sdk_ec2::types::AllocationState as A;
-    match s {
-        Some(A::Available) => HostState::Available,
-        Some(A::Pending) => HostState::Pending,
-        Some(A::UnderAssessment) => HostState::UnderAssessment,
-        Some(A::PermanentFailure) => HostState::PermanentFailure,
-        _ => HostState::Released,
-    }
-}
-
-fn instance_state(s: Option<&aws_sdk_ec2::types::InstanceStateName>) -> InstanceState {
-    use aws_sdk_ec2::types::InstanceStateName as I;
-    match s {
-        Some(I::Pending) => InstanceState::Pending,
-        Some(I::Running) => InstanceState::Running,
-        Some(I::Stopping) => InstanceState::Stopping,
-        Some(I::Stopped) => InstanceState::Stopped,
-        Some(I::ShuttingDown) => InstanceState::ShuttingDown,
-        _ => InstanceState::Terminated,
-    }
+fn allocation_time(h: &Ec2Host) -> DateTime<Utc> {
+    h.allocated_at.unwrap_or(crate::core::model::UNKNOWN_ALLOCATION)
 }
 
 const LIVE_STATES: &[&str] = &["pending", "running", "stopping", "stopped", "shutting-down"];
@@ -260,8 +175,7 @@ const LIVE_STATES: &[&str] = &["pending", "running", "stopping", "stopped", "shu
 impl AwsProvider {
     /// Loads the AWS configuration (credentials, region, endpoint) from the standard chain.
     pub async fn new(name: &str, tenant: &str, settings: AwsSettings) -> Result<Self, ProviderError> {
-        let retry = RetryConfig::standard().with_max_attempts(settings.max_attempts.unwrap_or(8));
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(retry);
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(r) = &settings.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
@@ -271,24 +185,27 @@ impl AwsProvider {
             .load(loader, &settings.base_dir)
             .await
             .map_err(|e| ProviderError::Auth { provider: name.to_string(), message: e })?;
-        if sdk.region().is_none() {
+        let Some(region) = sdk.region().map(|r| r.to_string()) else {
             return Err(err(name, "configuration", "no AWS region: set `region:` on the provider, or AWS_REGION"));
-        }
+        };
         let run_token = format!("{:x}", Utc::now().timestamp_millis());
         let clock = clock::ClockWatch::default();
+        // An explicit endpoint is set on the client, above any AWS_ENDPOINT_URL* setting.
+        let endpoint = ec2::resolve_endpoint(settings.endpoint_url.as_deref(), &sdk, &region);
+        let client = Ec2Client::new(
+            endpoint,
+            region,
+            sdk.credentials_provider(),
+            settings.max_attempts.unwrap_or(8),
+            name,
+            tenant,
+            clock.clone(),
+        )
+        .map_err(|e| err(name, "configuration", e))?;
         Ok(AwsProvider {
             name: name.to_string(),
             tenant: tenant.to_string(),
-            client: {
-                // An explicit endpoint is set on the client, above any AWS_ENDPOINT_URL* setting.
-                let mut b = aws_sdk_ec2::config::Builder::from(&sdk)
-                    .interceptor(clock.clone())
-                    .interceptor(requests::RequestWatch { provider: name.to_string(), tenant: tenant.to_string() });
-                if let Some(u) = &settings.endpoint_url {
-                    b = b.endpoint_url(u);
-                }
-                Client::from_conf(b.build())
-            },
+            client,
             settings,
             limits: Limits::default(),
             calls: Mutex::new(BTreeMap::new()),
@@ -314,13 +231,9 @@ impl AwsProvider {
         self
     }
 
-    /// The service's error, as [`sdk_err`] says it; a refusal also says who this provider acted as.
-    fn sdk_err<E, R>(&self, op: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> ProviderError
-    where
-        E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + Send + Sync + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
-    {
-        match sdk_err(&self.name, op, e) {
+    /// The service's error, as [`ec2_err`] says it; a refusal also says who this provider acted as.
+    fn ec2_err(&self, op: &str, e: Ec2Error) -> ProviderError {
+        match ec2_err(&self.name, op, e) {
             ProviderError::Auth { provider, message } => ProviderError::Auth {
                 message: format!("{message} (provider `{provider}` acts as {})", self.settings.identity.describe()),
                 provider,
@@ -430,29 +343,26 @@ impl AwsProvider {
     }
 
     /// This tenant's hosts (paginated; one call per page).
-    async fn list_hosts(
-        &self,
-        extra: Vec<Filter>,
-        ids: Vec<String>,
-    ) -> Result<Vec<aws_sdk_ec2::types::Host>, ProviderError> {
+    async fn list_hosts(&self, extra: Vec<Filter>, ids: Vec<String>) -> Result<Vec<Ec2Host>, ProviderError> {
         let mut out = Vec::new();
         let mut next: Option<String> = None;
         loop {
             self.limits.describe.acquire().await;
             self.count("DescribeHosts");
-            let mut req = self.client.describe_hosts().set_next_token(next.take());
+            let mut req = Params::new("DescribeHosts");
             if ids.is_empty() {
-                req = req
-                    .set_filter(Some(self.tenant_filters().into_iter().chain(extra.clone()).collect()))
-                    .max_results(self.settings.page_size.unwrap_or(100));
+                let filters: Vec<Filter> = self.tenant_filters().into_iter().chain(extra.iter().cloned()).collect();
+                req = req.filters(&filters).set("MaxResults", self.settings.page_size.unwrap_or(100).to_string());
             } else {
-                req = req.set_host_ids(Some(ids.clone()));
+                req = req.list("HostId", &ids);
             }
-            let page = req.send().await.map_err(|e| self.sdk_err("DescribeHosts", e))?;
-            out.extend(page.hosts().iter().filter(|h| owned_by(&tag_map(h.tags()), &self.tenant)).cloned());
-            match page.next_token() {
-                Some(t) if !t.is_empty() => next = Some(t.to_string()),
-                _ => break,
+            let req = req.set_opt("NextToken", next.take());
+            let (hosts, token) =
+                self.client.call(&req, ec2::read_hosts).await.map_err(|e| self.ec2_err("DescribeHosts", e))?;
+            out.extend(hosts.into_iter().filter(|h| owned_by(&h.tags, &self.tenant)));
+            match token {
+                Some(t) => next = Some(t),
+                None => break,
             }
         }
         Ok(out)
@@ -460,90 +370,63 @@ impl AwsProvider {
 
     /// One host by id, whoever owns it (the caller checks): a host of another tenant is refused as such, not
     /// mistaken for one EC2 does not show yet.
-    async fn describe_host(&self, id: &str) -> Result<Option<aws_sdk_ec2::types::Host>, ProviderError> {
+    async fn describe_host(&self, id: &str) -> Result<Option<Ec2Host>, ProviderError> {
         self.limits.describe.acquire().await;
         self.count("DescribeHosts");
-        let page =
-            self.client.describe_hosts().host_ids(id).send().await.map_err(|e| self.sdk_err("DescribeHosts", e))?;
-        Ok(page.hosts().iter().find(|h| h.host_id() == Some(id)).cloned())
+        let req = Params::new("DescribeHosts").list("HostId", &[id]);
+        let (hosts, _) = self.client.call(&req, ec2::read_hosts).await.map_err(|e| self.ec2_err("DescribeHosts", e))?;
+        Ok(hosts.into_iter().find(|h| h.id == id))
     }
 
     /// This tenant's live instances (paginated; one call per page).
-    async fn list_instances(&self, extra: Vec<Filter>) -> Result<Vec<aws_sdk_ec2::types::Instance>, ProviderError> {
+    async fn list_instances(&self, extra: Vec<Filter>) -> Result<Vec<Ec2Instance>, ProviderError> {
         let mut out = Vec::new();
         let mut next: Option<String> = None;
+        let mut filters = self.tenant_filters();
+        filters.push(filter("instance-state-name", LIVE_STATES));
+        filters.extend(extra);
         loop {
             self.limits.describe.acquire().await;
             self.count("DescribeInstances");
-            let mut filters = self.tenant_filters();
-            filters.push(filter("instance-state-name", LIVE_STATES));
-            filters.extend(extra.clone());
-            let page = self
-                .client
-                .describe_instances()
-                .set_filters(Some(filters))
-                .max_results(self.settings.page_size.unwrap_or(1000))
-                .set_next_token(next.take())
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("DescribeInstances", e))?;
-            for r in page.reservations() {
-                out.extend(r.instances().iter().filter(|i| owned_by(&tag_map(i.tags()), &self.tenant)).cloned());
-            }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => next = Some(t.to_string()),
-                _ => break,
+            let req = Params::new("DescribeInstances")
+                .filters(&filters)
+                .set("MaxResults", self.settings.page_size.unwrap_or(1000).to_string())
+                .set_opt("NextToken", next.take());
+            let (instances, token) =
+                self.client.call(&req, ec2::read_instances).await.map_err(|e| self.ec2_err("DescribeInstances", e))?;
+            out.extend(instances.into_iter().filter(|i| owned_by(&i.tags, &self.tenant)));
+            match token {
+                Some(t) => next = Some(t),
+                None => break,
             }
         }
         Ok(out)
     }
 
-    async fn describe_instance(&self, id: &str) -> Result<Option<aws_sdk_ec2::types::Instance>, ProviderError> {
+    async fn describe_instance(&self, id: &str) -> Result<Option<Ec2Instance>, ProviderError> {
         self.limits.describe.acquire().await;
         self.count("DescribeInstances");
-        let r = self.client.describe_instances().instance_ids(id).send().await;
-        match r {
-            Ok(page) => Ok(page
-                .reservations()
-                .iter()
-                .flat_map(|r| r.instances())
-                .find(|i| i.instance_id() == Some(id))
-                .cloned()),
-            Err(e)
-                if format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e))
-                    .contains("InvalidInstanceID.NotFound") =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(self.sdk_err("DescribeInstances", e)),
+        let req = Params::new("DescribeInstances").list("InstanceId", &[id]);
+        match self.client.call(&req, ec2::read_instances).await {
+            Ok((instances, _)) => Ok(instances.into_iter().find(|i| i.id == id)),
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(None),
+            Err(e) => Err(self.ec2_err("DescribeInstances", e)),
         }
     }
 
     async fn create_tags(&self, resources: &[String], t: &Tags) -> Result<(), ProviderError> {
         self.limits.mutate.acquire().await;
         self.count("CreateTags");
-        self.client
-            .create_tags()
-            .set_resources(Some(resources.to_vec()))
-            .set_tags(Some(aws_tags(t)))
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("CreateTags", e))?;
-        Ok(())
+        let req = Params::new("CreateTags").list("ResourceId", resources).tags("Tag", t);
+        self.client.call(&req, ec2::read_nothing).await.map_err(|e| self.ec2_err("CreateTags", e))
     }
 
     /// Removes the tags `keys` (whatever their values) from `resources`.
     async fn delete_tags(&self, resources: &[String], keys: &[String]) -> Result<(), ProviderError> {
         self.limits.mutate.acquire().await;
         self.count("DeleteTags");
-        self.client
-            .delete_tags()
-            .set_resources(Some(resources.to_vec()))
-            .set_tags(Some(keys.iter().map(|k| Tag::builder().key(k).build()).collect()))
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("DeleteTags", e))?;
-        Ok(())
+        let req = Params::new("DeleteTags").list("ResourceId", resources).tag_keys("Tag", keys);
+        self.client.call(&req, ec2::read_nothing).await.map_err(|e| self.ec2_err("DeleteTags", e))
     }
 }
 
@@ -590,33 +473,28 @@ impl Provider for AwsProvider {
             }
             Ownership::OtherProvider | Ownership::NotOurs => false,
         };
-        let hosts: Vec<_> =
-            hosts.into_iter().filter(|h| keep(h.host_id().unwrap_or_default(), &tag_map(h.tags()))).collect();
-        let instances: Vec<_> =
-            instances.into_iter().filter(|i| keep(i.instance_id().unwrap_or_default(), &tag_map(i.tags()))).collect();
+        let hosts: Vec<_> = hosts.into_iter().filter(|h| keep(&h.id, &h.tags)).collect();
+        let instances: Vec<_> = instances.into_iter().filter(|i| keep(&i.id, &i.tags)).collect();
         // Which instance runs on which host: from the host, and from the instance's placement.
         let mut on_host: HashMap<String, Vec<String>> = HashMap::new();
         let mut machines = Vec::new();
-        for i in &instances {
-            let id = i.instance_id().unwrap_or_default().to_string();
-            let host_id = i.placement().and_then(|p| p.host_id()).map(str::to_string);
-            let state = instance_state(i.state().and_then(|s| s.name()));
-            if let Some(h) = &host_id
-                && !state.is_gone()
+        for i in instances {
+            if let Some(h) = &i.host_id
+                && !i.state.is_gone()
             {
-                on_host.entry(h.clone()).or_default().push(id.clone());
+                on_host.entry(h.clone()).or_default().push(i.id.clone());
             }
             machines.push(ActualMachine {
                 provider: self.name.as_str().into(),
-                instance_id: id,
-                tags: tag_map(i.tags()),
-                state,
-                image: i.image_id().unwrap_or_default().into(),
-                instance_type: i.instance_type().map(|t| t.as_str().into()),
-                availability_zone: i.placement().and_then(|p| p.availability_zone()).map(crate::core::model::Sym::from),
-                host_id,
-                launched_at: to_chrono(i.launch_time()),
-                address: i.private_ip_address().map(str::to_string),
+                instance_id: i.id,
+                tags: i.tags,
+                state: i.state,
+                image: i.image_id.as_str().into(),
+                instance_type: i.instance_type.as_deref().map(crate::core::model::Sym::from),
+                availability_zone: i.availability_zone.as_deref().map(crate::core::model::Sym::from),
+                host_id: i.host_id,
+                launched_at: i.launched_at.unwrap_or(DateTime::UNIX_EPOCH),
+                address: i.private_ip,
                 on_machine: OnMachine::NotRead,
                 unreachable_since: None,
             });
@@ -624,24 +502,23 @@ impl Provider for AwsProvider {
         let hosts = hosts
             .into_iter()
             .map(|h| {
-                let id = h.host_id().unwrap_or_default().to_string();
-                let mut instance_ids: Vec<String> =
-                    h.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
-                for i in on_host.remove(&id).unwrap_or_default() {
+                let allocated_at = allocation_time(&h);
+                let mut instance_ids = h.instances;
+                for i in on_host.remove(&h.id).unwrap_or_default() {
                     if !instance_ids.contains(&i) {
                         instance_ids.push(i);
                     }
                 }
                 Host {
                     provider: self.name.clone(),
-                    instance_type: h.host_properties().and_then(|p| p.instance_type()).unwrap_or_default().to_string(),
-                    availability_zone: h.availability_zone().unwrap_or_default().to_string(),
-                    state: host_state(h.state()),
-                    allocated_at: allocation_time(h.allocation_time()),
+                    instance_type: h.instance_type.unwrap_or_default(),
+                    availability_zone: h.availability_zone,
+                    state: h.state,
+                    allocated_at,
                     available_since: None,
-                    tags: tag_map(h.tags()),
+                    tags: h.tags,
                     instance_ids,
-                    id,
+                    id: h.id,
                 }
             })
             .filter(|h| h.state != HostState::Released)
@@ -661,28 +538,24 @@ impl Provider for AwsProvider {
             .await?
             .into_iter()
             .find(|h| {
-                let t = tag_map(h.tags());
+                let t = &h.tags;
                 // Hosts the plan knows about are decided already (kept, reused, or released): a stale tag on
                 // one of them must not promise it to this machine too.
-                !req.exclude_hosts.iter().any(|x| Some(x.as_str()) == h.host_id())
-                    && self.mine(&t)
+                !req.exclude_hosts.contains(&h.id)
+                    && self.mine(t)
                     && t.get(tags::MACHINE) == Some(&req.machine)
                     // With a journaled key, only this creation's host (a killed run's): not an earlier one's.
                     && generation.as_ref().is_none_or(|g| t.get(tags::GENERATION) == Some(g))
-                    && h.instances().is_empty()
+                    && h.instances.is_empty()
                     // Only a usable host of the kind asked for: never one being scrubbed (it cannot take an
                     // instance for hours), never one of an old instance type or another zone.
-                    && host_state(h.state()) == HostState::Available
-                    && h.host_properties().and_then(|p| p.instance_type()) == Some(req.instance_type.as_str())
-                    && h.availability_zone().is_some_and(|z| {
-                        z == req.availability_zone || req.fallback_zones.iter().any(|f| f == z)
-                    })
+                    && h.state == HostState::Available
+                    && h.instance_type.as_deref() == Some(req.instance_type.as_str())
+                    && (h.availability_zone == req.availability_zone
+                        || req.fallback_zones.contains(&h.availability_zone))
             });
         if let Some(h) = existing {
-            return Ok(AllocatedHost {
-                host_id: h.host_id().unwrap_or_default().to_string(),
-                availability_zone: h.availability_zone().unwrap_or_default().to_string(),
-            });
+            return Ok(AllocatedHost { host_id: h.id, availability_zone: h.availability_zone });
         }
         // nimbus's own tags always win over the user's (validation refuses reserved keys anyway).
         let mut host_tags = with_user_tags(&req.tags, self.tags_for(&req.pool, &req.machine));
@@ -695,31 +568,21 @@ impl Provider for AwsProvider {
         for (i, zone) in zones.iter().enumerate() {
             self.limits.mutate.acquire().await;
             self.count("AllocateHosts");
-            let sent = self
-                .client
-                .allocate_hosts()
-                .instance_type(&req.instance_type)
-                .availability_zone(zone.as_str())
-                .quantity(1)
-                .client_token(self.token(&format!("host@{zone}"), &req.machine, req.idempotency_key.as_deref()))
-                .tag_specifications(
-                    TagSpecification::builder()
-                        .resource_type(ResourceType::DedicatedHost)
-                        .set_tags(Some(aws_tags(&host_tags)))
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("AllocateHosts", e));
+            let call = Params::new("AllocateHosts")
+                .set("InstanceType", req.instance_type.as_str())
+                .set("AvailabilityZone", zone.as_str())
+                .set("Quantity", "1")
+                .set("ClientToken", self.token(&format!("host@{zone}"), &req.machine, req.idempotency_key.as_deref()))
+                .tag_specification(1, "dedicated-host", &host_tags);
+            let sent = self.client.call(&call, ec2::read_host_ids).await.map_err(|e| self.ec2_err("AllocateHosts", e));
             if sent.is_ok() {
                 crate::util::failpoint::after("AllocateHosts");
             }
             match sent {
                 Ok(out) => {
                     let id = out
-                        .host_ids()
-                        .first()
-                        .cloned()
+                        .into_iter()
+                        .next()
                         .ok_or_else(|| err(&self.name, "AllocateHosts", "no host id returned"))?;
                     if i > 0 {
                         tracing::warn!(event = "nimbus.host.zone_fallback", machine = %req.machine, zone = %zone, host = %id, "allocated `{id}` for `{}` in {zone}: the zones before it had no capacity", req.machine);
@@ -744,14 +607,9 @@ impl Provider for AwsProvider {
             .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
             .await?
             .into_iter()
-            .find(|i| {
-                let t = tag_map(i.tags());
-                self.mine(&t)
-                    && t.get(tags::MACHINE) == Some(&req.machine)
-                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
-            });
+            .find(|i| self.mine(&i.tags) && i.tags.get(tags::MACHINE) == Some(&req.machine) && !i.state.is_gone());
         if let Some(i) = existing {
-            return Ok(i.instance_id().unwrap_or_default().to_string());
+            return Ok(i.id);
         }
         if let Some(h) = &req.host_id {
             // EC2 places one instance on a Mac host (moto allows more): never ask for a second.
@@ -765,17 +623,17 @@ impl Provider for AwsProvider {
                 host = self.describe_host(h).await?;
             }
             match host {
-                Some(host) if self.mine(&tag_map(host.tags())) && host_state(host.state()) != HostState::Available => {
+                Some(host) if self.mine(&host.tags) && host.state != HostState::Available => {
                     return Err(ProviderError::Conflict {
                         provider: self.name.clone(),
                         message: format!(
                             "RunInstances: host `{h}` is {:?} (being scrubbed after its last instance); plan again once it is available",
-                            host_state(host.state())
+                            host.state
                         ),
                     });
                 }
-                Some(host) if self.mine(&tag_map(host.tags())) => {}
-                Some(host) => return Err(self.not_mine("RunInstances", h, &tag_map(host.tags()))),
+                Some(host) if self.mine(&host.tags) => {}
+                Some(host) => return Err(self.not_mine("RunInstances", h, &host.tags)),
                 None => {
                     return Err(err(
                         &self.name,
@@ -784,72 +642,48 @@ impl Provider for AwsProvider {
                     ));
                 }
             }
-            let occupied = self.list_instances(vec![]).await?.into_iter().find(|i| {
-                i.placement().and_then(|p| p.host_id()) == Some(h.as_str())
-                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
-            });
+            let occupied = self
+                .list_instances(vec![])
+                .await?
+                .into_iter()
+                .find(|i| i.host_id.as_deref() == Some(h.as_str()) && !i.state.is_gone());
             if let Some(i) = occupied {
                 return Err(err(
                     &self.name,
                     "RunInstances",
-                    format!(
-                        "refusing: host `{h}` already runs instance `{}`; plan again",
-                        i.instance_id().unwrap_or_default()
-                    ),
+                    format!("refusing: host `{h}` already runs instance `{}`; plan again", i.id),
                 ));
             }
         }
-        let mut placement = Placement::builder();
+        let itype =
+            req.spec.instance_type.clone().ok_or_else(|| err(&self.name, "RunInstances", "no instance_type"))?;
+        let mut call = Params::new("RunInstances")
+            .set("ImageId", req.spec.image.as_str())
+            .set("InstanceType", itype)
+            .set("MinCount", "1")
+            .set("MaxCount", "1")
+            .set("ClientToken", self.token("instance", &req.machine, req.idempotency_key.as_deref()));
         // On a host, the host decides the zone (it may be a fallback zone).
         if let (Some(az), None) = (&req.spec.availability_zone, &req.host_id) {
-            placement = placement.availability_zone(az);
+            call = call.set("Placement.AvailabilityZone", az.as_str());
         }
         if let Some(h) = &req.host_id {
             // A reused host now belongs to this machine.
             self.create_tags(std::slice::from_ref(h), &all_tags).await?;
-            placement = placement.host_id(h).tenancy(Tenancy::Host);
+            call = call.set("Placement.HostId", h.as_str()).set("Placement.Tenancy", "host");
         }
-        let itype =
-            req.spec.instance_type.clone().ok_or_else(|| err(&self.name, "RunInstances", "no instance_type"))?;
+        let call = call
+            .set_opt("SubnetId", self.settings.subnet_id.clone())
+            .list("SecurityGroupId", &self.settings.security_group_ids)
+            .set_opt("KeyName", self.settings.key_name.clone())
+            .tag_specification(1, "instance", &all_tags)
+            .tag_specification(2, "volume", &all_tags);
         self.limits.run_instances.acquire().await;
         self.count("RunInstances");
-        let out = self
-            .client
-            .run_instances()
-            .image_id(&req.spec.image)
-            .instance_type(aws_sdk_ec2::types::InstanceType::from(itype.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .client_token(self.token("instance", &req.machine, req.idempotency_key.as_deref()))
-            .placement(placement.build())
-            .set_subnet_id(self.settings.subnet_id.clone())
-            .set_security_group_ids(if self.settings.security_group_ids.is_empty() {
-                None
-            } else {
-                Some(self.settings.security_group_ids.clone())
-            })
-            .set_key_name(self.settings.key_name.clone())
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(aws_tags(&all_tags)))
-                    .build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Volume)
-                    .set_tags(Some(aws_tags(&all_tags)))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("RunInstances", e))?;
+        let out =
+            self.client.call(&call, ec2::read_run_instances).await.map_err(|e| self.ec2_err("RunInstances", e))?;
         crate::util::failpoint::after("RunInstances");
-        out.instances()
-            .first()
-            .and_then(|i| i.instance_id())
-            .map(str::to_string)
-            .ok_or_else(|| err(&self.name, "RunInstances", "no instance returned"))
+        out.into_iter().next().ok_or_else(|| err(&self.name, "RunInstances", "no instance returned"))
     }
 
     /// The user's tags on the instance, its EBS volumes and its host: CreateTags for the keys set, DeleteTags for
@@ -869,17 +703,15 @@ impl Provider for AwsProvider {
         let Some(i) = self.describe_instance(&id).await? else {
             return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("instance `{id}`") });
         };
-        if !self.mine(&tag_map(i.tags())) {
-            return Err(self.not_mine("CreateTags", &id, &tag_map(i.tags())));
+        if !self.mine(&i.tags) {
+            return Err(self.not_mine("CreateTags", &id, &i.tags));
         }
         let mut resources = vec![id];
-        resources.extend(
-            i.block_device_mappings().iter().filter_map(|b| b.ebs().and_then(|e| e.volume_id())).map(str::to_string),
-        );
+        resources.extend(i.volume_ids);
         if let Some(h) = host {
             match self.describe_host(h).await? {
-                Some(d) if self.mine(&tag_map(d.tags())) => resources.push(h.to_string()),
-                Some(d) => return Err(self.not_mine("CreateTags", h, &tag_map(d.tags()))),
+                Some(d) if self.mine(&d.tags) => resources.push(h.to_string()),
+                Some(d) => return Err(self.not_mine("CreateTags", h, &d.tags)),
                 None => {
                     return Err(ProviderError::NotFound {
                         provider: self.name.clone(),
@@ -907,40 +739,33 @@ impl Provider for AwsProvider {
         let Some(i) = self.describe_instance(&id).await? else {
             return Err(ProviderError::NotFound { provider: self.name.clone(), message: format!("instance `{id}`") });
         };
-        if !self.mine(&tag_map(i.tags())) {
-            return Err(self.not_mine("CreateReplaceRootVolumeTask", &id, &tag_map(i.tags())));
+        if !self.mine(&i.tags) {
+            return Err(self.not_mine("CreateReplaceRootVolumeTask", &id, &i.tags));
         }
         self.limits.mutate.acquire().await;
         self.count("CreateReplaceRootVolumeTask");
-        let task = self
+        let call = Params::new("CreateReplaceRootVolumeTask")
+            .set("InstanceId", id.as_str())
+            .set("ImageId", image)
+            .set("DeleteReplacedRootVolume", "true")
+            .set("ClientToken", self.token("reimage", &machine.name, None));
+        let task_id = self
             .client
-            .create_replace_root_volume_task()
-            .instance_id(&id)
-            .image_id(image)
-            .delete_replaced_root_volume(true)
-            .client_token(self.token("reimage", &machine.name, None))
-            .send()
+            .call(&call, ec2::read_replace_task_id)
             .await
-            .map_err(|e| self.sdk_err("CreateReplaceRootVolumeTask", e))?;
-        let task_id = task
-            .replace_root_volume_task()
-            .and_then(|t| t.replace_root_volume_task_id())
-            .ok_or_else(|| err(&self.name, "CreateReplaceRootVolumeTask", "no task id returned"))?
-            .to_string();
+            .map_err(|e| self.ec2_err("CreateReplaceRootVolumeTask", e))?
+            .ok_or_else(|| err(&self.name, "CreateReplaceRootVolumeTask", "no task id returned"))?;
         let deadline = Instant::now() + Duration::from_secs(1800);
         let mut delay = Duration::from_millis(200);
         loop {
             self.limits.describe.acquire().await;
             self.count("DescribeReplaceRootVolumeTasks");
-            let out = self
+            let call = Params::new("DescribeReplaceRootVolumeTasks").list("ReplaceRootVolumeTaskId", &[&task_id]);
+            let state = self
                 .client
-                .describe_replace_root_volume_tasks()
-                .replace_root_volume_task_ids(&task_id)
-                .send()
+                .call(&call, ec2::read_replace_task_state)
                 .await
-                .map_err(|e| self.sdk_err("DescribeReplaceRootVolumeTasks", e))?;
-            let state =
-                out.replace_root_volume_tasks().first().and_then(|t| t.task_state()).map(|s| s.as_str().to_string());
+                .map_err(|e| self.ec2_err("DescribeReplaceRootVolumeTasks", e))?;
             match state.as_deref() {
                 Some("succeeded") => break,
                 Some(s @ ("failed" | "failed-detached" | "failing" | "failing-detached")) => {
@@ -969,7 +794,7 @@ impl Provider for AwsProvider {
         let deadline = Instant::now() + Duration::from_secs(900);
         let mut delay = Duration::from_millis(200);
         loop {
-            let state = self.describe_instance(&id).await?.map(|i| instance_state(i.state().and_then(|s| s.name())));
+            let state = self.describe_instance(&id).await?.map(|i| i.state);
             match state {
                 Some(InstanceState::Running) => return Ok(()),
                 Some(InstanceState::Pending) | None if Instant::now() < deadline => {}
@@ -986,20 +811,16 @@ impl Provider for AwsProvider {
             .clone()
             .ok_or_else(|| err(&self.name, "terminate", format!("`{}` has no instance id", machine.name)))?;
         let Some(i) = self.describe_instance(&id).await? else { return Ok(()) };
-        if !self.mine(&tag_map(i.tags())) {
-            return Err(self.not_mine("TerminateInstances", &id, &tag_map(i.tags())));
+        if !self.mine(&i.tags) {
+            return Err(self.not_mine("TerminateInstances", &id, &i.tags));
         }
-        if instance_state(i.state().and_then(|s| s.name())).is_gone() {
+        if i.state.is_gone() {
             return Ok(());
         }
         self.limits.mutate.acquire().await;
         self.count("TerminateInstances");
-        self.client
-            .terminate_instances()
-            .instance_ids(&id)
-            .send()
-            .await
-            .map_err(|e| self.sdk_err("TerminateInstances", e))?;
+        let call = Params::new("TerminateInstances").list("InstanceId", &[&id]);
+        self.client.call(&call, ec2::read_nothing).await.map_err(|e| self.ec2_err("TerminateInstances", e))?;
         crate::util::failpoint::after("TerminateInstances");
         Ok(())
     }
@@ -1014,22 +835,23 @@ impl Provider for AwsProvider {
                 format!("refusing: host `{host_id}` is not tagged for tenant `{}`", self.tenant),
             ));
         };
-        if !self.mine(&tag_map(h.tags())) {
-            return Err(self.not_mine("ReleaseHosts", host_id, &tag_map(h.tags())));
+        if !self.mine(&h.tags) {
+            return Err(self.not_mine("ReleaseHosts", host_id, &h.tags));
         }
-        if host_state(h.state()) == HostState::Released {
+        if h.state == HostState::Released {
             return Ok(());
         }
-        let busy = !h.instances().is_empty()
-            || self.list_instances(vec![]).await?.iter().any(|i| {
-                i.placement().and_then(|p| p.host_id()) == Some(host_id)
-                    && !instance_state(i.state().and_then(|s| s.name())).is_gone()
-            });
+        let busy = !h.instances.is_empty()
+            || self
+                .list_instances(vec![])
+                .await?
+                .iter()
+                .any(|i| i.host_id.as_deref() == Some(host_id) && !i.state.is_gone());
         if busy {
             return Err(err(&self.name, "ReleaseHosts", format!("refusing: host `{host_id}` still has an instance")));
         }
-        let itype = h.host_properties().and_then(|p| p.instance_type()).unwrap_or_default();
-        let due = crate::core::model::window_end_at(allocation_time(h.allocation_time()), self.window(itype));
+        let itype = h.instance_type.as_deref().unwrap_or_default();
+        let due = crate::core::model::window_end_at(allocation_time(&h), self.window(itype));
         if due > Utc::now() {
             return Err(err(
                 &self.name,
@@ -1042,11 +864,12 @@ impl Provider for AwsProvider {
         }
         self.limits.mutate.acquire().await;
         self.count("ReleaseHosts");
-        let out =
-            self.client.release_hosts().host_ids(host_id).send().await.map_err(|e| self.sdk_err("ReleaseHosts", e))?;
+        let call = Params::new("ReleaseHosts").list("HostId", &[host_id]);
+        let unsuccessful =
+            self.client.call(&call, ec2::read_unsuccessful).await.map_err(|e| self.ec2_err("ReleaseHosts", e))?;
         crate::util::failpoint::after("ReleaseHosts");
-        if let Some(u) = out.unsuccessful().first() {
-            return Err(err(&self.name, "ReleaseHosts", format!("{:?}", u.error())));
+        if let Some((id, why)) = unsuccessful.first() {
+            return Err(err(&self.name, "ReleaseHosts", format!("`{id}` was not released: {why}")));
         }
         Ok(())
     }
