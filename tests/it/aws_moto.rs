@@ -522,7 +522,6 @@ fn aws_errors_show_code_and_message_only() {
 fn a_mac_is_reimaged_on_its_own_host() {
     use nimbus::providers::MachineRef;
     let Some(url) = moto() else { return };
-    let model_path = std::env::var("NIMBUS_EC2_SERVICE_MODEL").expect("scripts/peers.sh exports the EC2 model");
     let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
     let tenant = unique_tenant("reimage");
     let machine = format!("nimbus.{tenant}.mac.0");
@@ -577,11 +576,6 @@ fn a_mac_is_reimaged_on_its_own_host() {
         assert!(other.reimage(&r, "ami-0evil").await.is_err());
     });
     // The request, against the official API description.
-    let json = std::process::Command::new("gzip").arg("-dc").arg(&model_path).output().unwrap();
-    let model: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    let input =
-        &model["shapes"][model["operations"]["CreateReplaceRootVolumeTask"]["input"]["shape"].as_str().unwrap()];
-    let members = input["members"].as_object().unwrap();
     let body = proxy
         .state
         .lock()
@@ -591,15 +585,209 @@ fn a_mac_is_reimaged_on_its_own_host() {
         .find(|b| b.contains("Action=CreateReplaceRootVolumeTask"))
         .cloned()
         .unwrap();
-    let sent: Vec<&str> =
-        body.split('&').filter_map(|kv| kv.split('=').next()).filter(|k| *k != "Action" && *k != "Version").collect();
-    for k in &sent {
-        assert!(members.contains_key(*k), "`{k}` is not a member of CreateReplaceRootVolumeTaskRequest");
-    }
-    for req in input["required"].as_array().unwrap() {
-        assert!(sent.contains(&req.as_str().unwrap()), "required `{req}` missing from {body}");
-    }
+    check_against_model(&ec2_model(), &body).unwrap();
+    let sent: Vec<&str> = body.split('&').filter_map(|kv| kv.split('=').next()).collect();
     assert!(sent.contains(&"ImageId") && sent.contains(&"DeleteReplacedRootVolume"), "{body}");
+}
+
+/// botocore's EC2 service model (the official API description), as scripts/peers.sh finds it.
+fn ec2_model() -> serde_json::Value {
+    let path = std::env::var("NIMBUS_EC2_SERVICE_MODEL").expect("scripts/peers.sh exports the EC2 model");
+    let json = std::process::Command::new("gzip").arg("-dc").arg(&path).output().unwrap();
+    serde_json::from_slice(&json.stdout).unwrap()
+}
+
+/// One Query request (`Action=…&Version=…&…`) resolved through its operation's input shape, as botocore's EC2
+/// serializer writes it: a member by its `queryName`, else its `locationName` capitalised, else its name; a list
+/// flattened as `Name.N` (N from 1); each value of an enum one of its values; every required member present.
+fn check_against_model(model: &serde_json::Value, body: &str) -> Result<(), String> {
+    let decode = |v: &str| {
+        let bytes = v.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                out.push(u8::from_str_radix(&v[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    };
+    let pairs: Vec<(String, String)> = body
+        .split('&')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let action = get("Action").ok_or(format!("no Action in {body}"))?;
+    if get("Version").as_deref() != Some(model["metadata"]["apiVersion"].as_str().unwrap()) {
+        return Err(format!("{action}: Version is not the model's {}", model["metadata"]["apiVersion"]));
+    }
+    let op = &model["operations"][&action];
+    let input = op["input"]["shape"].as_str().ok_or(format!("`{action}` is not an EC2 operation"))?;
+    let shapes = &model["shapes"];
+    let serialized = |name: &str, m: &serde_json::Value| -> String {
+        if let Some(q) = m["queryName"].as_str() {
+            return q.to_string();
+        }
+        match m["locationName"].as_str() {
+            Some(l) => l[..1].to_uppercase() + &l[1..],
+            None => name.to_string(),
+        }
+    };
+    for (key, value) in pairs.iter().filter(|(k, _)| k != "Action" && k != "Version") {
+        let mut shape = &shapes[input];
+        for seg in key.split('.') {
+            shape = match shape["type"].as_str() {
+                Some("structure") => {
+                    let member = shape["members"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .find(|(n, m)| serialized(n, m) == seg)
+                        .map(|(_, m)| m)
+                        .ok_or(format!("{action}: `{key}`: `{seg}` is not a member"))?;
+                    &shapes[member["shape"].as_str().unwrap()]
+                }
+                Some("list") => {
+                    seg.parse::<usize>()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .ok_or(format!("{action}: `{key}`: `{seg}` is not a list index"))?;
+                    &shapes[shape["member"]["shape"].as_str().unwrap()]
+                }
+                t => return Err(format!("{action}: `{key}`: `{seg}` is below a {t:?}")),
+            };
+        }
+        let t = shape["type"].as_str().unwrap_or_default();
+        if matches!(t, "structure" | "list" | "map") {
+            return Err(format!("{action}: `{key}` names a {t}, not a value"));
+        }
+        if let Some(values) = shape["enum"].as_array()
+            && !values.iter().any(|v| v == value)
+        {
+            return Err(format!("{action}: `{key}={value}` is not one of {values:?}"));
+        }
+        if t == "integer" && value.parse::<i64>().is_err()
+            || t == "boolean" && !["true", "false"].contains(&value.as_str())
+        {
+            return Err(format!("{action}: `{key}={value}` is not a {t}"));
+        }
+    }
+    let members = shapes[input]["members"].as_object().unwrap();
+    for req in shapes[input]["required"].as_array().into_iter().flatten() {
+        let name = serialized(req.as_str().unwrap(), &members[req.as_str().unwrap()]);
+        if !pairs.iter().any(|(k, _)| k == &name || k.starts_with(&format!("{name}."))) {
+            return Err(format!("{action}: the required `{name}` is missing"));
+        }
+    }
+    Ok(())
+}
+
+/// Issue 23: nimbus writes its own EC2 requests, so each one it sends over a machine's whole life (allocate,
+/// launch on the host, discover, retag, reimage, terminate, release; a Linux launch with subnet, security groups
+/// and key) is checked against botocore's EC2 model, and every operation in `EC2_OPERATIONS` is among them.
+#[test]
+fn every_ec2_request_fits_the_service_model() {
+    use nimbus::providers::{HostRequest, LaunchRequest, MachineRef};
+    let Some(url) = moto() else { return };
+    let model = ec2_model();
+    let proxy = crate::conformance::ec2_proxy::Ec2Proxy::start(&url);
+    let tenant = unique_tenant("model");
+    let settings = || AwsSettings {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(proxy.url.clone()),
+        min_allocation: Some(Duration::ZERO),
+        window_margin: Some(Duration::ZERO),
+        page_size: Some(5),
+        ..Default::default()
+    };
+    rt().block_on(async {
+        let p = AwsProvider::new("aws", &tenant, settings()).await.unwrap();
+        let machine = format!("nimbus.{tenant}.mac.0");
+        let tags: nimbus::core::model::UserTags = [("team".to_string(), "a b&c".to_string())].into();
+        let (host, id) = mac_on_its_own_host(&p, &tenant, &machine, "ami-0old", tags).await;
+        assert_eq!(p.discover(&tenant).await.unwrap().machines.len(), 1);
+        let r = MachineRef { name: machine.clone(), instance_id: Some(id), address: None };
+        let set: nimbus::core::model::UserTags = [("team".to_string(), "b".to_string())].into();
+        p.update_tags(&r, Some(&host), &set, &["gone".to_string()]).await.unwrap();
+        p.reimage(&r, "ami-0fresh").await.unwrap();
+        p.terminate(&r).await.unwrap();
+        // A second, unused host is released (its window is zero here).
+        let spare = p
+            .allocate_host(&HostRequest {
+                tenant: tenant.clone(),
+                pool: "mac".into(),
+                machine: format!("nimbus.{tenant}.mac.1"),
+                instance_type: "mac2.metal".into(),
+                availability_zone: "us-east-1a".into(),
+                fallback_zones: vec![],
+                exclude_hosts: vec![],
+                idempotency_key: Some("k".into()),
+                tags: Default::default(),
+            })
+            .await
+            .unwrap();
+        p.release_host(&spare).await.unwrap();
+        // A Linux instance in a subnet with security groups and a key pair: moto refuses the made-up ids, but
+        // the request is what EC2 would get.
+        let linux = AwsProvider::new(
+            "aws",
+            &tenant,
+            AwsSettings {
+                subnet_id: Some("subnet-0abc".into()),
+                security_group_ids: vec!["sg-01".into(), "sg-02".into()],
+                key_name: Some("ops".into()),
+                ..settings()
+            },
+        )
+        .await
+        .unwrap();
+        let _ = linux
+            .launch(&LaunchRequest {
+                tenant: tenant.clone(),
+                pool: "linux".into(),
+                machine: format!("nimbus.{tenant}.linux.0"),
+                spec: nimbus::core::model::MachineSpec {
+                    os: nimbus::config::Os::Linux,
+                    arch: nimbus::config::Arch::X86_64,
+                    instance_type: Some("t3.large".into()),
+                    image: "ami-0linux".into(),
+                    availability_zone: Some("us-east-1b".into()),
+                    fallback_zones: vec![],
+                    tags: Default::default(),
+                },
+                host_id: None,
+                idempotency_key: None,
+            })
+            .await;
+    });
+    let bodies = proxy.state.lock().unwrap().bodies.clone();
+    for b in &bodies {
+        check_against_model(&model, b).unwrap();
+    }
+    let linux = bodies.iter().find(|b| b.contains("SecurityGroupId.2=sg-02")).expect("the Linux launch was sent");
+    for k in ["SubnetId=subnet-0abc", "KeyName=ops", "Placement.AvailabilityZone=us-east-1b"] {
+        assert!(linux.contains(k), "{k} in {linux}");
+    }
+    for op in nimbus::providers::aws::EC2_OPERATIONS {
+        assert!(bodies.iter().any(|b| b.starts_with(&format!("Action={op}&"))), "{op} was not sent: {bodies:?}");
+    }
+    // The checker has teeth: a misspelt member, a list without its index and a bad enum value are refused.
+    for bad in [
+        "Action=CreateTags&Version=2016-11-15&ResourceId.1=i-1&Tags.1.Key=a",
+        "Action=TerminateInstances&Version=2016-11-15&InstanceId=i-1",
+        "Action=AllocateHosts&Version=2016-11-15&InstanceType=mac2.metal&AvailabilityZone=a&Quantity=1&TagSpecification.1.ResourceType=host",
+        "Action=DescribeHosts&Version=2016-11-15&MaxResults=many",
+        "Action=RunInstances&Version=2016-11-15&MinCount=1&ImageId=ami-1",
+    ] {
+        assert!(check_against_model(&model, bad).is_err(), "{bad}");
+    }
 }
 
 /// Issue 12: the allocation's lookup by tag takes only a usable host of the kind asked for: a host left tagged
