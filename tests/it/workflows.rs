@@ -132,6 +132,34 @@ fn workflows_pass_zizmor_and_a_bad_one_does_not() {
     assert!(out.contains("template-injection") && out.contains("dangerous-triggers"), "{out}");
 }
 
+/// Issue 23.7: every workflow passes actionlint (upstream rhysd/actionlint, installed by the test script) with
+/// no findings, and the check has teeth: a workflow with an undefined input of a known action, a bad expression
+/// and a malformed timeout gets each reported with its line.
+#[test]
+fn workflows_pass_actionlint_and_a_bad_one_does_not() {
+    let Some(actionlint) = crate::common::peer_value("NIMBUS_ACTIONLINT", "actionlint (rhysd/actionlint)") else {
+        return;
+    };
+    let o = Command::new(&actionlint).arg(".github/workflows/*.yml").output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "actionlint found problems in .github/workflows:\n{out}");
+    let workflows = std::fs::read_dir(".github/workflows").unwrap().count();
+    assert!(out.contains(&format!("Checking {workflows} workflow file(s)")), "every workflow was checked: {out}");
+    assert!(out.contains("All workflow files passed"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yml"),
+        "name: bad\non: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    timeout-minutes: soon\n    steps:\n      - uses: actions/checkout@v4\n        with:\n          reff: main\n      - run: echo \"${{ matrix.nothing }}\"\n",
+    )
+    .unwrap();
+    let o = Command::new(&actionlint).arg("bad.yml").current_dir(dir.path()).output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "actionlint found nothing in a broken workflow:\n{out}");
+    for finding in ["bad.yml:6:", "bad.yml:10:11 input \"reff\" is not defined", "bad.yml:11:"] {
+        assert!(out.contains(finding), "{finding} in:\n{out}");
+    }
+}
+
 /// Issue 23.5: the release workflow builds the three targets with `--locked` through `scripts/package.sh`, and
 /// attests and publishes what it makes; the same script, run here for this machine's own target (on the test
 /// binary, to spare a release build), makes an archive of the promised layout whose sum checks out and whose
