@@ -601,26 +601,11 @@ fn ec2_model() -> serde_json::Value {
 /// serializer writes it: a member by its `queryName`, else its `locationName` capitalised, else its name; a list
 /// flattened as `Name.N` (N from 1); each value of an enum one of its values; every required member present.
 fn check_against_model(model: &serde_json::Value, body: &str) -> Result<(), String> {
-    let decode = |v: &str| {
-        let bytes = v.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' {
-                out.push(u8::from_str_radix(&v[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            } else {
-                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-                i += 1;
-            }
-        }
-        String::from_utf8(out).unwrap()
-    };
     let pairs: Vec<(String, String)> = body
         .split('&')
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (decode(k), decode(v))
+            (percent_decode(k), percent_decode(v))
         })
         .collect();
     let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());

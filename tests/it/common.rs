@@ -155,3 +155,23 @@ pub fn iam_moto_lock() -> std::sync::MutexGuard<'static, ()> {
     static IAM: std::sync::Mutex<()> = std::sync::Mutex::new(());
     IAM.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A percent-encoded query or form value, decoded (an escape that is not one is kept as it is).
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(h) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(h);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

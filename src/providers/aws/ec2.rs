@@ -340,8 +340,8 @@ impl Ec2Client {
         Ok(c)
     }
 
-    /// One operation, tried up to `max_attempts` times; `read` turns the answer's document into the result.
-    pub async fn call<T>(&self, params: &Params, read: impl Fn(&El<'_>) -> Result<T, String>) -> Result<T, Ec2Error> {
+    /// One operation, tried up to `max_attempts` times; `read` takes what nimbus uses from the answer's document.
+    pub async fn call<T>(&self, params: &Params, read: impl Fn(&El<'_>) -> T) -> Result<T, Ec2Error> {
         let body = params.body();
         let op = params.action();
         let machine = api_machine();
@@ -350,10 +350,7 @@ impl Ec2Client {
             api_request_start(&self.tenant, &self.provider, op, &machine);
             let started = Instant::now();
             let answer = self.attempt(&body).await;
-            let result = answer.and_then(|text| {
-                let doc = parse(&text).map_err(Ec2Error::Response)?;
-                read(&doc).map_err(Ec2Error::Response)
-            });
+            let result = answer.and_then(|text| parse(&text).map(|doc| read(&doc)).map_err(Ec2Error::Response));
             let failed = result.as_ref().err().map(|e| match e.status() {
                 Some(s) => format!("HTTP {s}: {e}").chars().take(300).collect::<String>(),
                 None => e.to_string().chars().take(300).collect(),
@@ -618,7 +615,7 @@ fn tag_set(el: &El<'_>) -> Tags {
 }
 
 /// EC2's `AllocationState`; a state nimbus does not know is read as released (never used, never counted).
-pub fn host_state(s: &str) -> HostState {
+fn host_state(s: &str) -> HostState {
     match s {
         "available" => HostState::Available,
         "pending" => HostState::Pending,
@@ -629,7 +626,7 @@ pub fn host_state(s: &str) -> HostState {
 }
 
 /// EC2's `InstanceStateName`; one nimbus does not know is read as terminated.
-pub fn instance_state(s: &str) -> InstanceState {
+fn instance_state(s: &str) -> InstanceState {
     match s {
         "pending" => InstanceState::Pending,
         "running" => InstanceState::Running,
@@ -672,30 +669,29 @@ fn read_instance(i: &El<'_>) -> Ec2Instance {
 }
 
 /// One page of DescribeHosts: the hosts and the next page's token.
-pub fn read_hosts(doc: &El<'_>) -> Result<(Vec<Ec2Host>, Option<String>), String> {
-    Ok((doc.items("hostSet").map(read_host).collect(), nonempty(doc.text_of("nextToken"))))
+pub fn read_hosts(doc: &El<'_>) -> (Vec<Ec2Host>, Option<String>) {
+    (doc.items("hostSet").map(read_host).collect(), nonempty(doc.text_of("nextToken")))
 }
 
 /// One page of DescribeInstances: the instances of every reservation, and the next page's token.
-pub fn read_instances(doc: &El<'_>) -> Result<(Vec<Ec2Instance>, Option<String>), String> {
+pub fn read_instances(doc: &El<'_>) -> (Vec<Ec2Instance>, Option<String>) {
     let instances = doc.items("reservationSet").flat_map(|r| r.items("instancesSet")).map(read_instance).collect();
-    Ok((instances, nonempty(doc.text_of("nextToken"))))
+    (instances, nonempty(doc.text_of("nextToken")))
 }
 
 /// RunInstances: the instances launched.
-pub fn read_run_instances(doc: &El<'_>) -> Result<Vec<String>, String> {
-    Ok(doc.items("instancesSet").filter_map(|i| nonempty(i.text_of("instanceId"))).collect())
+pub fn read_run_instances(doc: &El<'_>) -> Vec<String> {
+    doc.items("instancesSet").filter_map(|i| nonempty(i.text_of("instanceId"))).collect()
 }
 
 /// AllocateHosts: the hosts allocated.
-pub fn read_host_ids(doc: &El<'_>) -> Result<Vec<String>, String> {
-    Ok(doc.items("hostIdSet").filter_map(|i| nonempty(Some(i.text.as_ref()))).collect())
+pub fn read_host_ids(doc: &El<'_>) -> Vec<String> {
+    doc.items("hostIdSet").filter_map(|i| nonempty(Some(i.text.as_ref()))).collect()
 }
 
 /// ReleaseHosts: each host that was not released, with EC2's reason.
-pub fn read_unsuccessful(doc: &El<'_>) -> Result<Vec<(String, String)>, String> {
-    Ok(doc
-        .items("unsuccessful")
+pub fn read_unsuccessful(doc: &El<'_>) -> Vec<(String, String)> {
+    doc.items("unsuccessful")
         .map(|u| {
             let e = u.child("error");
             let why = service_message(
@@ -704,23 +700,21 @@ pub fn read_unsuccessful(doc: &El<'_>) -> Result<Vec<(String, String)>, String> 
             );
             (u.text_of("resourceId").unwrap_or_default().to_string(), why)
         })
-        .collect())
+        .collect()
 }
 
 /// CreateReplaceRootVolumeTask: the task's id.
-pub fn read_replace_task_id(doc: &El<'_>) -> Result<Option<String>, String> {
-    Ok(nonempty(doc.child("replaceRootVolumeTask").and_then(|t| t.text_of("replaceRootVolumeTaskId"))))
+pub fn read_replace_task_id(doc: &El<'_>) -> Option<String> {
+    nonempty(doc.child("replaceRootVolumeTask").and_then(|t| t.text_of("replaceRootVolumeTaskId")))
 }
 
 /// DescribeReplaceRootVolumeTasks: the first task's state.
-pub fn read_replace_task_state(doc: &El<'_>) -> Result<Option<String>, String> {
-    Ok(doc.items("replaceRootVolumeTaskSet").next().and_then(|t| nonempty(t.text_of("taskState"))))
+pub fn read_replace_task_state(doc: &El<'_>) -> Option<String> {
+    doc.items("replaceRootVolumeTaskSet").next().and_then(|t| nonempty(t.text_of("taskState")))
 }
 
 /// Nothing to read (CreateTags, DeleteTags, TerminateInstances).
-pub fn read_nothing(_: &El<'_>) -> Result<(), String> {
-    Ok(())
-}
+pub fn read_nothing(_: &El<'_>) {}
 
 #[cfg(test)]
 mod tests {
@@ -742,7 +736,7 @@ mod tests {
   </item></instancesSet></item></reservationSet>
   <nextToken>n2</nextToken>
 </DescribeInstancesResponse>"#;
-        let (is, next) = read_instances(&parse(doc).unwrap()).unwrap();
+        let (is, next) = read_instances(&parse(doc).unwrap());
         assert_eq!(next.as_deref(), Some("n2"));
         let i = &is[0];
         assert_eq!((i.id.as_str(), i.image_id.as_str(), i.state), ("i-1", "ami-1", InstanceState::Running));

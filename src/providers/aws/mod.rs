@@ -161,10 +161,6 @@ fn classify(code: &str) -> Class {
     }
 }
 
-fn filter(name: &str, values: &[&str]) -> Filter {
-    Filter::new(name, values)
-}
-
 /// A host's allocation time; one that is missing or unreadable is never releasable (fail closed).
 fn allocation_time(h: &Ec2Host) -> DateTime<Utc> {
     h.allocated_at.unwrap_or(crate::core::model::UNKNOWN_ALLOCATION)
@@ -337,35 +333,44 @@ impl AwsProvider {
 
     fn tenant_filters(&self) -> Vec<Filter> {
         vec![
-            filter(&format!("tag:{}", tags::TENANT), &[&self.tenant]),
-            filter(&format!("tag:{}", tags::MANAGED_BY), &[tags::MANAGED_BY_VALUE]),
+            Filter::new(&format!("tag:{}", tags::TENANT), &[&self.tenant]),
+            Filter::new(&format!("tag:{}", tags::MANAGED_BY), &[tags::MANAGED_BY_VALUE]),
         ]
     }
 
-    /// This tenant's hosts (paginated; one call per page).
-    async fn list_hosts(&self, extra: Vec<Filter>, ids: Vec<String>) -> Result<Vec<Ec2Host>, ProviderError> {
+    /// Every page of a Describe* call (`req` without its NextToken), one call per page, keeping only this
+    /// tenant's resources (again here, should a server ignore a filter).
+    async fn describe_all<T>(
+        &self,
+        req: Params,
+        read: impl Fn(&ec2::El<'_>) -> (Vec<T>, Option<String>),
+        tags: impl Fn(&T) -> &Tags,
+    ) -> Result<Vec<T>, ProviderError> {
         let mut out = Vec::new();
         let mut next: Option<String> = None;
         loop {
             self.limits.describe.acquire().await;
-            self.count("DescribeHosts");
-            let mut req = Params::new("DescribeHosts");
-            if ids.is_empty() {
-                let filters: Vec<Filter> = self.tenant_filters().into_iter().chain(extra.iter().cloned()).collect();
-                req = req.filters(&filters).set("MaxResults", self.settings.page_size.unwrap_or(100).to_string());
-            } else {
-                req = req.list("HostId", &ids);
-            }
-            let req = req.set_opt("NextToken", next.take());
-            let (hosts, token) =
-                self.client.call(&req, ec2::read_hosts).await.map_err(|e| self.ec2_err("DescribeHosts", e))?;
-            out.extend(hosts.into_iter().filter(|h| owned_by(&h.tags, &self.tenant)));
+            self.count(req.action());
+            let page = req.clone().set_opt("NextToken", next.take());
+            let (items, token) = self.client.call(&page, &read).await.map_err(|e| self.ec2_err(req.action(), e))?;
+            out.extend(items.into_iter().filter(|i| owned_by(tags(i), &self.tenant)));
             match token {
                 Some(t) => next = Some(t),
-                None => break,
+                None => return Ok(out),
             }
         }
-        Ok(out)
+    }
+
+    /// This tenant's hosts (paginated; one call per page).
+    async fn list_hosts(&self, extra: Vec<Filter>, ids: Vec<String>) -> Result<Vec<Ec2Host>, ProviderError> {
+        let mut req = Params::new("DescribeHosts");
+        if ids.is_empty() {
+            let filters: Vec<Filter> = self.tenant_filters().into_iter().chain(extra).collect();
+            req = req.filters(&filters).set("MaxResults", self.settings.page_size.unwrap_or(100).to_string());
+        } else {
+            req = req.list("HostId", &ids);
+        }
+        self.describe_all(req, ec2::read_hosts, |h| &h.tags).await
     }
 
     /// One host by id, whoever owns it (the caller checks): a host of another tenant is refused as such, not
@@ -380,27 +385,13 @@ impl AwsProvider {
 
     /// This tenant's live instances (paginated; one call per page).
     async fn list_instances(&self, extra: Vec<Filter>) -> Result<Vec<Ec2Instance>, ProviderError> {
-        let mut out = Vec::new();
-        let mut next: Option<String> = None;
         let mut filters = self.tenant_filters();
-        filters.push(filter("instance-state-name", LIVE_STATES));
+        filters.push(Filter::new("instance-state-name", LIVE_STATES));
         filters.extend(extra);
-        loop {
-            self.limits.describe.acquire().await;
-            self.count("DescribeInstances");
-            let req = Params::new("DescribeInstances")
-                .filters(&filters)
-                .set("MaxResults", self.settings.page_size.unwrap_or(1000).to_string())
-                .set_opt("NextToken", next.take());
-            let (instances, token) =
-                self.client.call(&req, ec2::read_instances).await.map_err(|e| self.ec2_err("DescribeInstances", e))?;
-            out.extend(instances.into_iter().filter(|i| owned_by(&i.tags, &self.tenant)));
-            match token {
-                Some(t) => next = Some(t),
-                None => break,
-            }
-        }
-        Ok(out)
+        let req = Params::new("DescribeInstances")
+            .filters(&filters)
+            .set("MaxResults", self.settings.page_size.unwrap_or(1000).to_string());
+        self.describe_all(req, ec2::read_instances, |i| &i.tags).await
     }
 
     async fn describe_instance(&self, id: &str) -> Result<Option<Ec2Instance>, ProviderError> {
@@ -534,7 +525,7 @@ impl Provider for AwsProvider {
         let generation = req.idempotency_key.as_deref().map(generation);
         // Found by its tags first: a re-run never allocates twice.
         let existing = self
-            .list_hosts(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])], vec![])
+            .list_hosts(vec![Filter::new(&format!("tag:{}", tags::MACHINE), &[&req.machine])], vec![])
             .await?
             .into_iter()
             .find(|h| {
@@ -604,7 +595,7 @@ impl Provider for AwsProvider {
         // What the instance, its volumes and a reused host carry: the user's tags, and nimbus's (which win).
         let all_tags = with_user_tags(&req.spec.tags, tags.clone());
         let existing = self
-            .list_instances(vec![filter(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
+            .list_instances(vec![Filter::new(&format!("tag:{}", tags::MACHINE), &[&req.machine])])
             .await?
             .into_iter()
             .find(|i| self.mine(&i.tags) && i.tags.get(tags::MACHINE) == Some(&req.machine) && !i.state.is_gone());

@@ -110,25 +110,6 @@ fn selected(labels: &serde_json::Value, selector: &str) -> bool {
     })
 }
 
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(h) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(h);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn serve(mut stream: std::net::TcpStream, state: &Mutex<State>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut first = String::new();
@@ -153,8 +134,11 @@ fn serve(mut stream: std::net::TcpStream, state: &Mutex<State>) {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let path = path.strip_prefix("/v1").unwrap_or(path);
-    let q: BTreeMap<String, String> =
-        query.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), decode(v))).collect();
+    let q: BTreeMap<String, String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), crate::common::percent_decode(v)))
+        .collect();
     let route = {
         let shape: Vec<&str> = path
             .split('/')
