@@ -473,11 +473,18 @@ fn write_local(t: &dyn Transport, path: &std::path::Path, bytes: &[u8]) -> Resul
     std::fs::create_dir_all(dir).map_err(fail)?;
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".state.db.tmp.{}.{n}", std::process::id()));
-    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+    // The pid file goes before the rename: killed in between, the state still shows the step running (so the next
+    // setup runs it again) and nothing is left behind; the other way round, a state that says "done" would keep a
+    // stale pid file on a machine no later setup touches.
+    let written = std::fs::write(&tmp, bytes).and_then(|()| {
+        let _ = std::fs::remove_file(dir.join(".setup-step.pid"));
+        std::fs::rename(&tmp, path)
+    });
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(fail(e));
     }
-    let _ = std::fs::remove_file(dir.join(".setup-step.pid"));
+    crate::util::failpoint::after("state-write");
     Ok(())
 }
 
@@ -517,14 +524,15 @@ fn encode(t: &dyn Transport, db: &StateDb) -> Result<Vec<u8>, StateError> {
 
 /// Shell that replaces the state database with the `len` bytes on its stdin, atomically: a temporary file of the
 /// expected size, then a rename. It also clears the pid file a finished setup step leaves beside the database
-/// (see `engine::actions`). It sets `set -e` and a trap: run it in a subshell when something follows.
+/// (see `engine::actions`), before the rename, as [`write_local`] does. It sets `set -e` and a trap: run it in a
+/// subshell when something follows.
 fn write_script(state_path: &str, len: usize) -> String {
     // Few processes (cat, wc, mv, rm): it runs once per setup step on every machine.
     format!(
         "set -e; {locate}; [ -d \"$d\" ] || $s mkdir -p \"$d\"; t=\"$d/.state.db.tmp.$$\"; \
          trap '$s rm -f \"$t\"' EXIT; if [ -z \"$s\" ]; then cat > \"$t\"; else $s tee \"$t\" >/dev/null; fi; \
          n=$(($(wc -c < \"$t\"))); if [ \"$n\" -ne {len} ]; then exit {SHORT_WRITE}; fi; \
-         $s mv -f \"$t\" \"$p\"; trap - EXIT; $s rm -f \"$d/.setup-step.pid\"",
+         $s rm -f \"$d/.setup-step.pid\"; $s mv -f \"$t\" \"$p\"; trap - EXIT",
         locate = locate(state_path),
     )
 }

@@ -5,8 +5,9 @@
 //!   Points: `journal-write` (the journal's record of an action starting or finishing).
 //! - `NIMBUS_FAILPOINT=after:<operation>:<n>` aborts the process right after the `n`-th call of a provider's
 //!   mutating operation returns successfully (`RunInstances`, `AllocateHosts`, `TerminateInstances`,
-//!   `ReleaseHosts`): a crash at the worst moment, with the cloud changed and nimbus not yet told. Tests kill
-//!   an apply at every such boundary and show the rerun converges without duplicates.
+//!   `ReleaseHosts`), or right after a sandbox's state database was replaced (`state-write`): a crash at the
+//!   worst moment, with the world changed and nimbus not yet told. Tests kill an apply at every such boundary
+//!   and show the rerun converges without duplicates or leftovers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

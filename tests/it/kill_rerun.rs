@@ -104,3 +104,42 @@ fn killed_applies_converge_on_rerun() {
     assert!(partial_seen >= 3, "kills should land mid-run (only {partial_seen} did)");
     assert!(orphaned_seen >= 1, "no kill left an EXECUTING action to orphan");
 }
+
+/// An apply aborted right after each replacement of a sandbox's state database (the `after:state-write`
+/// failpoint): the rerun converges and no machine keeps a setup step's pid file. The file goes before the state
+/// that says its step is done: killed after that state but before the file went, no later setup would come back
+/// to remove it.
+#[test]
+fn an_apply_killed_after_any_state_write_leaves_no_pid_file() {
+    const ONE: &str = "version: 1\ntenant: pidfile\nproviders:\n  local:\n    type: local\npools:\n  - name: p\n    provider: local\n    count: 1\n    machine: {os: linux, arch: x86_64, image: img}\n    setup:\n      - name: a\n        run: echo a >> a.count\n      - name: b\n        run: echo b >> b.count\n";
+    let mut aborted = 0;
+    for n in 1..=8 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fleet.yaml"), ONE).unwrap();
+        let killed = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .args(["apply", "--auto-approve"])
+            .current_dir(dir.path())
+            .env("NIMBUS_FAILPOINT", format!("after:state-write:{n}"))
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&killed.stderr).contains("failpoint after:state-write") {
+            aborted += 1;
+        }
+        let o = nimbus(dir.path(), &["apply", "--auto-approve"]);
+        assert_eq!(o.status.code(), Some(0), "abort after state write {n}: {}", String::from_utf8_lossy(&o.stderr));
+        let state = dir.path().join(".nimbus/local/nimbus.pidfile.p.0/root/var/lib/nimbus");
+        let left = entries(&state);
+        assert!(
+            !left.contains(&".setup-step.pid".to_string()),
+            "abort after state write {n}: a setup step's pid file is left: {left:?}"
+        );
+        let plan = nimbus(dir.path(), &["plan", "--detailed-exitcode"]);
+        assert_eq!(
+            plan.status.code(),
+            Some(0),
+            "abort after state write {n}: {}",
+            String::from_utf8_lossy(&plan.stdout)
+        );
+    }
+    assert!(aborted >= 3, "the failpoint aborted the apply after the state writes ({aborted} times)");
+}
